@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up moeprune on a Debian machine with Python 3.11: a virtual environment in .venv with
+# the pinned dependencies, and the pinned llama.cpp build (cached under ~/.cache/moeprune).
+# Idempotent: a second run only checks that everything is in place.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+"$PYTHON" - <<'PY' || { echo "moeprune needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+import sys
+sys.exit(0 if sys.version_info >= (3, 11) else 1)
+PY
+
+# torch is pinned here, before the project, so that pip keeps this build: a range that admits a
+# newer release would pull a multi-GB CUDA build on machines that have the CPU wheel at hand.
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "$TORCH_SPEC"
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+
+# Build (or reuse) the pinned llama.cpp tools.
+if .venv/bin/invoke --list 2>/dev/null | grep -q '^  llamacpp'; then
+    .venv/bin/invoke llamacpp
+fi
+echo "moeprune is set up: activate with '. .venv/bin/activate'"

@@ -1,0 +1,388 @@
+"""The recipe: one typed model holding every setting of every stage.
+
+A recipe is a TOML file (``recipes/*.toml``). Relative paths inside it are resolved against the
+directory of the recipe file, so a recipe means the same thing whatever the working directory.
+``schemas/recipe.schema.json`` is generated from :class:`Recipe` (``invoke schema``) and a test
+keeps the two in sync.
+
+Loading is strict: unknown fields, wrong types and out-of-range values fail before any work,
+with a message naming the file, the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moeprune.errors import RecipeError
+
+RECIPE_SCHEMA_VERSION = 1
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """The base model to prune."""
+
+    base: str = Field(
+        description="Hub repo id (e.g. google/gemma-4-26B-A4B-it) or a local directory, "
+        "relative to the recipe file."
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Pinned Hub revision (commit sha) of the base model; required for Hub ids.",
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="dtype used to load the model for profiling."
+    )
+    license: str = Field(default="gemma", description="License id inherited by the pruned model.")
+    name: str = Field(description="Human-readable name of the pruned model (card title).")
+
+
+class CalibrationSection(_Section):
+    """Calibration prompts and generation settings for profiling phase 1."""
+
+    prompts: str = Field(description="JSONL file of prompts, relative to the recipe file.")
+    domains: list[str] = Field(
+        min_length=1, description="Domains that must each appear in the prompts file."
+    )
+    prompts_per_domain: int = Field(ge=1, description="Number of prompts expected in each domain.")
+    max_new_tokens: int = Field(ge=1, le=65536, description="Greedy tokens generated per prompt.")
+    enable_thinking: bool = Field(
+        default=True, description="Enable thinking in the chat template where it supports it."
+    )
+    batch_size: int = Field(default=1, ge=1, description="Sequences per forward pass.")
+
+
+class ProfileSection(_Section):
+    """Profiling (phase 2, replay) settings."""
+
+    device_map: str = Field(
+        default="auto", description="accelerate device_map used to load the model ('auto', 'cpu', ...)."
+    )
+    top_overlap_k: int = Field(default=32, ge=1, description="Top-K used for domain overlap findings.")
+    top_share_k: int = Field(default=8, ge=1, description="Top-K whose share of contribution is reported.")
+    coverage_fraction: float = Field(
+        default=0.80, gt=0, le=1, description="Contribution fraction for 'experts needed to reach X%'."
+    )
+
+
+Strategy = Literal["uniform-min-retention", "uniform-count", "per-layer-retention"]
+Criterion = Literal["contribution-sum", "reap-mean", "frequency", "domain-max", "random"]
+
+
+class DropMapSection(_Section):
+    """How experts are selected for removal."""
+
+    strategy: Strategy = Field(description="Selection strategy.")
+    criterion: Criterion = Field(default="contribution-sum", description="Score experts are ranked by.")
+    retention_threshold: float | None = Field(
+        default=None,
+        description="Every layer must retain more than this fraction of its contribution; in (0, 1].",
+    )
+    keep_count: int | None = Field(
+        default=None, ge=1, description="Experts kept per layer (uniform-count only)."
+    )
+    protect_top_k: int = Field(default=0, ge=0, description="Always keep each layer's top-K experts.")
+    seed: int = Field(default=0, description="Seed of the 'random' criterion.")
+
+    @field_validator("retention_threshold")
+    @classmethod
+    def _threshold_range(cls, value: float | None) -> float | None:
+        if value is not None and not (0.0 < value <= 1.0):
+            raise ValueError("must be in (0, 1], e.g. 0.99")
+        return value
+
+    @model_validator(mode="after")
+    def _strategy_needs(self) -> DropMapSection:
+        if self.strategy in ("uniform-min-retention", "per-layer-retention"):
+            if self.retention_threshold is None:
+                raise ValueError(f"strategy '{self.strategy}' needs retention_threshold, e.g. 0.99")
+        if self.strategy == "uniform-count" and self.keep_count is None:
+            raise ValueError("strategy 'uniform-count' needs keep_count, e.g. 98")
+        return self
+
+
+class PruneSection(_Section):
+    """Checkpoint surgery and output sharding."""
+
+    max_shard_bytes: int = Field(ge=1024, description="Largest safetensors shard written, in bytes.")
+
+
+class LlamaCppSection(_Section):
+    """Where llama.cpp comes from and how it is built."""
+
+    source: Literal["pypi-sdist", "git"] = Field(
+        default="pypi-sdist", description="Take llama.cpp from the llama-cpp-python sdist or from git."
+    )
+    sdist_version: str = Field(default="0.3.36", description="llama-cpp-python sdist version.")
+    sdist_sha256: str = Field(
+        default="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+        description="sha256 of the sdist archive.",
+    )
+    git_url: str | None = Field(default=None, description="git URL (source = 'git').")
+    git_commit: str | None = Field(default=None, description="Pinned commit (source = 'git').")
+    cuda: Literal["auto", "on", "off"] = Field(
+        default="auto", description="Build with CUDA: auto (when nvcc and a GPU are present), on, off."
+    )
+    cuda_architectures: str = Field(default="80;86;89;90", description="CMAKE_CUDA_ARCHITECTURES.")
+
+    @model_validator(mode="after")
+    def _git_needs_pin(self) -> LlamaCppSection:
+        if self.source == "git" and not (self.git_url and self.git_commit):
+            raise ValueError("source 'git' needs git_url and git_commit (a full commit sha)")
+        return self
+
+
+class QuantizeSection(_Section):
+    """GGUF conversion and quantization."""
+
+    convert_outtype: Literal["f16", "bf16", "f32"] = Field(default="bf16", description="Outtype of convert_hf_to_gguf.py.")
+    types: list[str] = Field(default=["Q4_K_M"], min_length=1, description="llama-quantize types, e.g. Q4_K_M.")
+    eval_type: str = Field(default="Q4_K_M", description="Which quantized GGUF is served for evaluation.")
+    imatrix: bool = Field(default=False, description="Compute an importance matrix from the calibration text.")
+
+    @model_validator(mode="after")
+    def _eval_type_built(self) -> QuantizeSection:
+        if self.eval_type not in self.types:
+            raise ValueError(f"eval_type '{self.eval_type}' must be one of types {self.types}")
+        return self
+
+
+class ServeSection(_Section):
+    """llama-server flags."""
+
+    ctx_size: int = Field(ge=128, description="Context size in tokens (--ctx-size).")
+    n_gpu_layers: int = Field(default=99, ge=0, description="Layers offloaded to the GPU (--n-gpu-layers).")
+    reasoning_format: Literal["none", "deepseek", "deepseek-legacy", "auto"] = Field(
+        default="deepseek", description="--reasoning-format."
+    )
+    reasoning_budget: int = Field(default=-1, ge=-1, description="--reasoning-budget in tokens (-1: unlimited).")
+    parallel: int = Field(default=1, ge=1, description="Server slots (--parallel).")
+    seed: int = Field(default=0, description="Sampling seed (--seed).")
+    threads: int | None = Field(default=None, ge=1, description="CPU threads (--threads); default: llama.cpp's.")
+    startup_timeout_s: float = Field(default=600.0, gt=0, description="Seconds to wait for /health.")
+
+
+class EvalSection(_Section):
+    """lm-evaluation-harness settings."""
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names.")
+    include_path: str | None = Field(
+        default=None, description="Directory of local task YAMLs, relative to the recipe file."
+    )
+    max_gen_toks: int = Field(ge=1, description="Generation budget per answer (lm-eval default 256 is too small).")
+    temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature (0: greedy).")
+    seed: int = Field(default=1234, description="Seed for lm-eval (choice shuffling) and numpy/torch.")
+    limit: int | None = Field(default=None, ge=1, description="Evaluate only the first N samples.")
+    num_concurrent: int = Field(default=1, ge=1, description="Concurrent requests to the server.")
+    request_timeout_s: float = Field(default=3600.0, gt=0, description="Timeout of one request.")
+    models: list[Literal["base", "pruned"]] = Field(
+        default=["base", "pruned"], min_length=1, description="Which models are evaluated."
+    )
+    bootstrap_resamples: int = Field(default=10000, ge=100, description="Paired bootstrap resamples.")
+
+
+class CardSection(_Section):
+    """Model card rendering."""
+
+    tags: list[str] = Field(default=["moe", "expert-pruning", "gguf"], description="Hub tags.")
+    language: list[str] = Field(default=["en"], description="Languages.")
+
+
+class PublishSection(_Section):
+    """Hugging Face Hub destination."""
+
+    repo_id: str | None = Field(default=None, description="Repo for the safetensors artifact.")
+    gguf_repo_id: str | None = Field(default=None, description="Repo for the GGUF files.")
+    private: bool = Field(default=False, description="Create repos as private.")
+
+
+class RunnerSection(_Section):
+    """Where stages run."""
+
+    kind: Literal["native", "docker"] = Field(default="native", description="Run stages here or in the image.")
+    image: str = Field(default="moeprune:latest", description="Docker image tag for the docker runner.")
+
+
+class Recipe(_Section):
+    """Every setting of every stage. Loaded with :func:`load_recipe`."""
+
+    schema_version: Literal[1] = Field(default=1, description="Recipe format version.")
+    name: str = Field(description="Run name; outputs go to runs/<name>/.")
+    description: str = Field(default="", description="One line saying what this recipe produces.")
+    model: ModelSection
+    calibration: CalibrationSection
+    profile: ProfileSection = ProfileSection()
+    dropmap: DropMapSection
+    prune: PruneSection
+    llamacpp: LlamaCppSection = LlamaCppSection()
+    quantize: QuantizeSection = QuantizeSection()
+    serve: ServeSection
+    eval: EvalSection
+    card: CardSection = CardSection()
+    publish: PublishSection = PublishSection()
+    runner: RunnerSection = RunnerSection()
+
+    # Set by load_recipe, not by the TOML: where the file lives (for relative paths).
+    source_path: Annotated[Path | None, Field(exclude=True)] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_dirname(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it names runs/<name>/)")
+        return value
+
+    # --- derived paths -------------------------------------------------------------------
+    def resolve(self, relative: str) -> Path:
+        """Resolve a path written in the recipe against the recipe file's directory."""
+        path = Path(relative).expanduser()
+        if path.is_absolute() or self.source_path is None:
+            return path
+        return (self.source_path.parent / path).resolve()
+
+    @property
+    def base_is_local(self) -> bool:
+        return _looks_local(self.model.base, self.source_path)
+
+    @property
+    def base_dir(self) -> Path | None:
+        """Local directory of the base model, or None for a Hub id."""
+        return self.resolve(self.model.base) if self.base_is_local else None
+
+    @property
+    def prompts_path(self) -> Path:
+        return self.resolve(self.calibration.prompts)
+
+    @property
+    def include_path(self) -> Path | None:
+        return self.resolve(self.eval.include_path) if self.eval.include_path else None
+
+    def settings(self) -> dict[str, Any]:
+        """The recipe as plain data (what is hashed and recorded in manifests and locks)."""
+        return self.model_dump(mode="json")
+
+
+def _looks_local(base: str, source_path: Path | None) -> bool:
+    if base.startswith((".", "/", "~")):
+        return True
+    candidate = Path(base)
+    if source_path is not None:
+        candidate = source_path.parent / base
+    return candidate.exists()
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _describe(error: dict[str, Any], data: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    field = _format_loc(loc) or "<recipe>"
+    kind = error["type"]
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        return f"unknown field '{field}': remove it or check its spelling"
+    if kind == "missing":
+        return f"missing required field '{field}'"
+    value = _lookup(data, loc)
+    shown = json.dumps(value) if value is not None else "(section)"
+    return f"field '{field}' = {shown}: {message}"
+
+
+def parse_recipe(data: dict[str, Any], source_path: Path | None = None) -> Recipe:
+    """Validate recipe data; raise RecipeError naming every bad field."""
+    where = str(source_path) if source_path else "<recipe>"
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(err, data) for err in exc.errors()]
+        raise RecipeError(f"{where}: invalid recipe:\n  - " + "\n  - ".join(problems)) from None
+    return recipe.model_copy(update={"source_path": source_path})
+
+
+def check_recipe_inputs(recipe: Recipe) -> None:
+    """Cross-checks that need files: inputs exist, counts fit the base model.
+
+    Raises RecipeError naming the field and the file.
+    """
+    where = str(recipe.source_path) if recipe.source_path else "<recipe>"
+    if not recipe.prompts_path.is_file():
+        raise RecipeError(
+            f"{where}: field 'calibration.prompts' = {json.dumps(recipe.calibration.prompts)}: "
+            f"file not found ({recipe.prompts_path}); create it or fix the path"
+        )
+    if recipe.include_path is not None and not recipe.include_path.is_dir():
+        raise RecipeError(
+            f"{where}: field 'eval.include_path' = {json.dumps(recipe.eval.include_path)}: "
+            f"directory not found ({recipe.include_path})"
+        )
+    if recipe.base_is_local:
+        base_dir = recipe.base_dir
+        assert base_dir is not None
+        config_path = base_dir / "config.json"
+        if not config_path.is_file():
+            raise RecipeError(
+                f"{where}: field 'model.base' = {json.dumps(recipe.model.base)}: "
+                f"no config.json in {base_dir}; point it at a Hugging Face model directory"
+            )
+        top_k = moe_top_k(json.loads(config_path.read_text()))
+        keep = recipe.dropmap.keep_count
+        if top_k is not None and keep is not None and keep < top_k:
+            raise RecipeError(
+                f"{where}: field 'dropmap.keep_count' = {keep}: below the model's top-k routing "
+                f"({top_k}); keep at least {top_k} experts per layer"
+            )
+    elif recipe.model.revision is None:
+        raise RecipeError(
+            f"{where}: field 'model.revision' is required for the Hub model "
+            f"'{recipe.model.base}': pin the commit sha so the run is reproducible"
+        )
+
+
+def moe_top_k(config: dict[str, Any]) -> int | None:
+    """Top-k routing of a (possibly multimodal) Hugging Face config, or None."""
+    text = config.get("text_config") or config
+    return text.get("top_k_experts") or text.get("num_experts_per_tok")
+
+
+def load_recipe(path: str | Path, check_inputs: bool = True) -> Recipe:
+    """Read, validate and (by default) cross-check a recipe TOML file."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}; pass --recipe with an existing recipes/*.toml")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path}: not valid TOML: {exc}") from None
+    recipe = parse_recipe(data, source_path=path)
+    if check_inputs:
+        check_recipe_inputs(recipe)
+    return recipe
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema of the recipe file, as committed in schemas/recipe.schema.json."""
+    schema = Recipe.model_json_schema(mode="validation")
+    schema["properties"].pop("source_path", None)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://moeprune.dev/schemas/recipe.schema.json"
+    schema["title"] = "moeprune recipe"
+    return schema

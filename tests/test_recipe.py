@@ -1,0 +1,157 @@
+"""The recipe: strict loading, clear errors, schema in sync with the typed model."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from moeprune.errors import RecipeError
+from moeprune.recipe import Recipe, load_recipe, recipe_json_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "recipes" / "demo.toml"
+REFERENCE = ROOT / "recipes" / "gemma-4-26b-a4b-109e.toml"
+
+
+def _absolute(data: dict) -> None:
+    """Rewrite the demo recipe's relative paths as absolute ones, so a copy works anywhere."""
+    recipes = ROOT / "recipes"
+    data["model"]["base"] = str((recipes / data["model"]["base"]).resolve())
+    data["calibration"]["prompts"] = str((recipes / data["calibration"]["prompts"]).resolve())
+    data["eval"]["include_path"] = str((recipes / data["eval"]["include_path"]).resolve())
+
+
+def _dump_toml(data: dict, prefix: str = "") -> str:
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    lines = [f"[{prefix}]"] if prefix and scalars else []
+    lines += [f"{key} = {json.dumps(value)}" for key, value in scalars.items()]
+    for key, value in tables.items():
+        lines.append(_dump_toml(value, f"{prefix}.{key}" if prefix else key))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def variant(tmp_path):
+    """Write the demo recipe with one edit into tmp_path; return the file."""
+
+    def make(edit) -> Path:
+        data = tomllib.loads(DEMO.read_text())
+        _absolute(data)
+        edit(data)
+        target = tmp_path / "variant.toml"
+        target.write_text(_dump_toml(data))
+        return target
+
+    return make
+
+
+def test_both_recipes_parse():
+    demo = load_recipe(DEMO, check_inputs=False)
+    reference = load_recipe(REFERENCE, check_inputs=False)
+    assert demo.name == "demo"
+    assert reference.model.base == "google/gemma-4-26B-A4B-it"
+
+
+def test_reference_recipe_has_the_card_settings():
+    r = load_recipe(REFERENCE, check_inputs=False)
+    assert r.calibration.prompts_per_domain * len(r.calibration.domains) == 40
+    assert sorted(r.calibration.domains) == ["code", "creative", "logic", "math", "science"]
+    assert r.calibration.max_new_tokens == 128 and r.calibration.enable_thinking
+    assert r.dropmap.strategy == "uniform-min-retention" and r.dropmap.retention_threshold == 0.99
+    assert r.quantize.eval_type == "Q4_K_M"
+    assert (r.serve.ctx_size, r.serve.reasoning_format, r.serve.reasoning_budget) == (32768, "deepseek", 8192)
+    assert r.serve.n_gpu_layers == 99
+    assert (r.eval.max_gen_toks, r.eval.temperature) == (16384, 0.0)
+    assert r.eval.tasks == ["gpqa_diamond_cot_zeroshot"]
+    assert 4.5e9 <= r.prune.max_shard_bytes <= 5.5e9
+    assert r.model.revision is not None
+
+
+def test_relative_paths_resolve_against_the_recipe_file():
+    r = load_recipe(DEMO, check_inputs=False)
+    assert r.prompts_path == (ROOT / "calibration" / "demo.jsonl").resolve()
+
+
+def test_unknown_field_is_named(variant):
+    path = variant(lambda d: d["dropmap"].update(treshold=0.9))
+    with pytest.raises(RecipeError, match=r"unknown field 'dropmap.treshold'"):
+        load_recipe(path, check_inputs=False)
+
+
+def test_wrong_type_names_field_and_value(variant):
+    path = variant(lambda d: d["calibration"].update(max_new_tokens="many"))
+    with pytest.raises(RecipeError, match=r"calibration.max_new_tokens' = \"many\""):
+        load_recipe(path, check_inputs=False)
+
+
+def test_threshold_out_of_range_says_what_is_allowed(variant):
+    path = variant(lambda d: d["dropmap"].update(retention_threshold=1.5))
+    with pytest.raises(RecipeError, match=r"retention_threshold' = 1.5: must be in \(0, 1\]"):
+        load_recipe(path, check_inputs=False)
+
+
+def test_missing_prompts_file_is_named(variant):
+    path = variant(lambda d: d["calibration"].update(prompts=str(ROOT / "calibration/nope.jsonl")))
+    with pytest.raises(RecipeError, match=r"calibration.prompts.*nope.jsonl.*not found"):
+        load_recipe(path)
+
+
+def test_keep_count_below_top_k_is_refused(variant):
+    def edit(d):
+        d["dropmap"] = {"strategy": "uniform-count", "keep_count": 1}
+
+    path = variant(edit)
+    if not (ROOT / "src/moeprune/demo/model/config.json").is_file():
+        pytest.skip("demo model not built")
+    with pytest.raises(RecipeError, match=r"dropmap.keep_count' = 1: below the model's top-k"):
+        load_recipe(path)
+
+
+def test_strategy_needs_its_parameter(variant):
+    path = variant(lambda d: d.update(dropmap={"strategy": "uniform-count"}))
+    with pytest.raises(RecipeError, match="needs keep_count"):
+        load_recipe(path, check_inputs=False)
+
+
+def test_missing_recipe_file_is_named(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "absent.toml")
+
+
+def test_invalid_toml_is_named(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(RecipeError, match="bad.toml: not valid TOML"):
+        load_recipe(bad)
+
+
+def test_committed_schema_matches_the_model():
+    committed = json.loads((ROOT / "schemas" / "recipe.schema.json").read_text())
+    assert committed == recipe_json_schema(), "run `invoke schema` and commit schemas/recipe.schema.json"
+
+
+def test_recipes_validate_against_the_schema():
+    import jsonschema
+
+    schema = recipe_json_schema()
+    for path in (DEMO, REFERENCE):
+        jsonschema.validate(tomllib.loads(path.read_text()), schema)
+
+
+def test_every_field_is_documented():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            if name == "source_path":
+                continue
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, Recipe.__mro__[1]):
+                walk(annotation)
+            elif name not in {"model", "calibration", "profile", "dropmap", "prune", "llamacpp",
+                              "quantize", "serve", "eval", "card", "publish", "runner"}:
+                assert field.description, f"{model.__name__}.{name} has no description"
+
+    walk(Recipe)
