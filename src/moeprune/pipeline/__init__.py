@@ -1,0 +1,1 @@
+"""`invoke reproduce`: the stage graph, its lock file and its progress view."""

@@ -1,0 +1,242 @@
+"""A cached, resumable chain of stages.
+
+Each stage declares what it reads (files, recipe values, its own code, tool versions) and what it
+writes. A stage reruns only when one of those changed or an output is missing or altered; before
+a rerun its stale outputs are removed; after success its lock entry is written. Interrupting a run
+at any point leaves the finished stages and their lock entries intact, and the next run resumes
+at the interrupted stage.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moeprune.errors import MoepruneError
+from moeprune.layout import RunLayout
+from moeprune.pipeline.fingerprint import HashCache, source_digest
+from moeprune.pipeline.lock import Lock, stage_key
+from moeprune.recipe import Recipe
+
+
+@dataclass
+class Context:
+    """What a stage action receives."""
+
+    recipe: Recipe
+    layout: RunLayout
+    runner: str = "native"
+    tools: dict[str, Any] = field(default_factory=dict)  # e.g. llama.cpp build, image digest
+    cache: dict[str, Any] = field(default_factory=dict)  # values computed once per run
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline.
+
+    ``deps``/``outs`` return paths (files or directories); ``params`` returns the recipe values
+    the stage reads; ``code`` names the moeprune modules whose source is part of the key;
+    ``tools`` returns versions of external tools (llama.cpp build key, image digest) it uses.
+    ``action`` does the work and returns headline numbers for the summary.
+    """
+
+    name: str
+    description: str
+    action: Callable[[Context], dict[str, Any]]
+    deps: Callable[[Context], Sequence[Path]]
+    outs: Callable[[Context], Sequence[Path]]
+    params: Callable[[Recipe], dict[str, Any]]
+    code: tuple[str, ...] = ()
+    tools: Callable[[Context], dict[str, Any]] = lambda ctx: {}
+    command: Callable[[Context], str] | None = None
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # "ran", "skipped", "not selected", "failed"
+    duration_s: float = 0.0
+    headline: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+
+class PipelineListener:
+    """Receives stage events (the live view implements this)."""
+
+    def stage_started(self, name: str, reason: str) -> None: ...
+
+    def stage_finished(self, result: StageResult) -> None: ...
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _remove_leftover_temporaries(path: Path) -> None:
+    """Temporary siblings (.name.tmp-*) that a killed run left behind."""
+    if path.parent.is_dir():
+        for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+            _remove(leftover)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+class Pipeline:
+    """Runs stages in order against one run directory."""
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        names = [stage.name for stage in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate stage names in {names}")
+        self.stages = list(stages)
+
+    @property
+    def names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
+
+    def _index(self, name: str | None, flag: str, default: int) -> int:
+        if name is None:
+            return default
+        if name not in self.names:
+            raise MoepruneError(f"{flag} {name!r}: no such stage; stages are {', '.join(self.names)}")
+        return self.names.index(name)
+
+    def selection(self, from_stage: str | None, until_stage: str | None) -> list[str]:
+        first = self._index(from_stage, "--from", 0)
+        last = self._index(until_stage, "--until", len(self.stages) - 1)
+        if first > last:
+            raise MoepruneError(f"--from {from_stage} comes after --until {until_stage}")
+        return self.names[first : last + 1]
+
+    def key(self, stage: Stage, ctx: Context, hashes: HashCache) -> dict[str, Any]:
+        """Everything that decides whether ``stage`` must rerun, as recorded in the lock."""
+        root = ctx.layout.root
+        deps = {}
+        for path in stage.deps(ctx):
+            if not path.exists():
+                raise MoepruneError(
+                    f"stage '{stage.name}' needs {path}, which does not exist; "
+                    "run the stages before it first (drop --from)"
+                )
+            deps[_relative(path, root)] = hashes.path_digest(path)
+        return {
+            "cmd": stage.command(ctx) if stage.command else f"invoke {stage.name}",
+            "deps": dict(sorted(deps.items())),
+            "params": stage.params(ctx.recipe),
+            "code": source_digest(list(stage.code)) if stage.code else None,
+            "tools": stage.tools(ctx),
+        }
+
+    def outputs(self, stage: Stage, ctx: Context, hashes: HashCache) -> dict[str, Any] | None:
+        """Digests of the stage's outputs, or None if one is missing."""
+        digests = {}
+        for path in stage.outs(ctx):
+            if not path.exists():
+                return None
+            digests[_relative(path, ctx.layout.root)] = hashes.path_digest(path)
+        return dict(sorted(digests.items()))
+
+    def run(
+        self,
+        ctx: Context,
+        force: bool = False,
+        from_stage: str | None = None,
+        until_stage: str | None = None,
+        listener: PipelineListener | None = None,
+    ) -> list[StageResult]:
+        listener = listener or PipelineListener()
+        selected = set(self.selection(from_stage, until_stage))
+        ctx.layout.root.mkdir(parents=True, exist_ok=True)
+        lock = Lock.load(ctx.layout.lock_path)
+        hashes = HashCache(ctx.layout.root / ".hashcache.json")
+        results: list[StageResult] = []
+        try:
+            for stage in self.stages:
+                if stage.name not in selected:
+                    results.append(StageResult(stage.name, "not selected"))
+                    continue
+                results.append(self._run_stage(stage, ctx, lock, hashes, force or stage.name == from_stage, listener))
+        finally:
+            hashes.save()
+        return results
+
+    def _run_stage(
+        self,
+        stage: Stage,
+        ctx: Context,
+        lock: Lock,
+        hashes: HashCache,
+        force: bool,
+        listener: PipelineListener,
+    ) -> StageResult:
+        key = self.key(stage, ctx, hashes)
+        entry = lock.entry(stage.name)
+        reason = _why_rerun(entry, key, self.outputs(stage, ctx, hashes) if entry else None, force)
+        if reason is None:
+            result = StageResult(stage.name, "skipped", headline=dict(entry.get("headline", {})))
+            listener.stage_finished(result)
+            return result
+
+        listener.stage_started(stage.name, reason)
+        lock.forget(stage.name)
+        for path in stage.outs(ctx):
+            _remove_leftover_temporaries(path)
+            _remove(path)
+        started = time.monotonic()
+        try:
+            headline = stage.action(ctx) or {}
+        except BaseException:
+            listener.stage_finished(StageResult(stage.name, "failed", time.monotonic() - started, reason=reason))
+            raise
+        duration_s = time.monotonic() - started
+        outs = self.outputs(stage, ctx, hashes)
+        if outs is None:
+            missing = [str(p) for p in stage.outs(ctx) if not p.exists()]
+            raise MoepruneError(f"stage '{stage.name}' finished without writing {', '.join(missing)}")
+        lock.record(stage.name, {**key, "outs": outs, "headline": headline})
+        result = StageResult(stage.name, "ran", duration_s, headline, reason)
+        listener.stage_finished(result)
+        return result
+
+
+def _why_rerun(
+    entry: dict[str, Any] | None, key: dict[str, Any], outs: dict[str, Any] | None, force: bool
+) -> str | None:
+    """Why a stage must run, or None when its lock entry is still valid."""
+    if force:
+        return "forced"
+    if entry is None:
+        return "never completed"
+    recorded = stage_key(entry)
+    for part in ("cmd", "params", "code", "tools", "deps"):
+        if recorded.get(part) != key.get(part):
+            changed = part
+            if part == "deps":
+                names = sorted(
+                    name
+                    for name in set(recorded["deps"] or {}) | set(key["deps"])
+                    if (recorded["deps"] or {}).get(name) != key["deps"].get(name)
+                )
+                changed = "input " + ", ".join(names)
+            elif part == "params":
+                old, new = recorded.get(part) or {}, key.get(part) or {}
+                names = sorted(n for n in set(old) | set(new) if old.get(n) != new.get(n))
+                changed = "setting " + ", ".join(names)
+            return f"{changed} changed"
+    if outs is None:
+        return "an output is missing"
+    if outs != entry.get("outs"):
+        return "an output was modified"
+    return None
