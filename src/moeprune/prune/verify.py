@@ -1,0 +1,202 @@
+"""Proof that a pruned checkpoint is exactly the base minus the dropped experts.
+
+:func:`verify_prune` re-reads both checkpoints (streaming, bounded chunks) and checks, using the
+drop map stored beside the pruned weights:
+
+- every kept expert slice of ``experts.gate_up_proj`` / ``experts.down_proj``, every kept router
+  row (``router.proj.weight``) and scale (``router.per_expert_scale``) is bit-identical to the
+  base tensor's row at the kept index, in the kept order;
+- every other tensor is bit-identical, with the same dtype and shape;
+- no tensor is missing or extra; the index is exact (checked when the pruned checkpoint opens,
+  plus ``metadata.total_size``);
+- ``config.json`` equals the base config except ``num_experts``, which equals the kept count.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moeprune.io.checkpoint import Checkpoint, TensorInfo
+from moeprune.prune.surgery import (
+    DROP_MAP_NAME,
+    config_num_experts,
+    load_drop_map_file,
+    plan_prune,
+    pruned_config,
+    read_json,
+)
+
+_COMPARE_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of :func:`verify_prune`: counts of what was checked and every problem found."""
+
+    base_dir: str
+    pruned_dir: str
+    num_experts: int = 0
+    num_experts_kept: int = 0
+    moe_layers: list[int] = field(default_factory=list)
+    tensors_checked: int = 0
+    identical_tensors: int = 0
+    expert_slices_checked: int = 0  # (layer, kept expert) pairs of gate_up_proj and down_proj
+    router_rows_checked: int = 0
+    router_scales_checked: int = 0
+    bytes_compared: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items()}
+        data["ok"] = self.ok
+        return data
+
+    def render(self) -> str:
+        """A short human-readable report."""
+        lines = [
+            f"verify-prune: {self.pruned_dir} against {self.base_dir}",
+            f"  experts per layer: {self.num_experts} -> {self.num_experts_kept} "
+            f"in {len(self.moe_layers)} MoE layers",
+            f"  tensors checked: {self.tensors_checked} ({self.identical_tensors} copied tensors bit-identical)",
+            f"  kept expert slices bit-identical: {self.expert_slices_checked} "
+            "(gate_up_proj and down_proj, per layer and kept expert)",
+            f"  kept router rows bit-identical: {self.router_rows_checked}; "
+            f"per-expert scales: {self.router_scales_checked}",
+            f"  bytes compared: {self.bytes_compared}",
+        ]
+        if self.ok:
+            lines.append("  result: OK - only the dropped experts differ")
+        else:
+            lines.append(f"  result: FAILED - {len(self.problems)} problem(s):")
+            lines += [f"    - {problem}" for problem in self.problems[:50]]
+            if len(self.problems) > 50:
+                lines.append(f"    ... and {len(self.problems) - 50} more")
+        return "\n".join(lines)
+
+
+def verify_prune(base_dir: str | Path, pruned_dir: str | Path) -> VerifyReport:
+    """Check ``pruned_dir`` against ``base_dir`` with the drop map stored in ``pruned_dir``."""
+    base_dir, pruned_dir = Path(base_dir), Path(pruned_dir)
+    report = VerifyReport(base_dir=str(base_dir), pruned_dir=str(pruned_dir))
+    base_config_path = base_dir / "config.json"
+    base_config = read_json(base_config_path, "model config")
+    pruned_config_json = read_json(pruned_dir / "config.json", "pruned model config")
+    drop_map_path = pruned_dir / DROP_MAP_NAME
+    drop_map = load_drop_map_file(drop_map_path)
+    with Checkpoint.open(base_dir) as base, Checkpoint.open(pruned_dir) as pruned:
+        plan = plan_prune(base, base_config, base_config_path, drop_map, drop_map_path)
+        report.num_experts = plan.num_experts
+        report.num_experts_kept = plan.num_experts_kept
+        report.moe_layers = sorted(plan.keep_by_layer)
+
+        expected_config = pruned_config(base_config, plan.num_experts_kept)
+        if pruned_config_json != expected_config:
+            kept_in_config = _safe_num_experts(pruned_config_json)
+            report.problems.append(
+                f"config.json: differs from the base config with num_experts = {plan.num_experts_kept} "
+                f"(pruned config says num_experts = {kept_in_config}; differing keys: "
+                f"{', '.join(_diff_keys(expected_config, pruned_config_json)) or '?'})"
+            )
+
+        extra = sorted(set(pruned.names()) - set(base.names()))
+        if extra:
+            report.problems.append(f"pruned checkpoint has tensors the base lacks: {', '.join(extra[:5])}")
+        if pruned.index is not None:
+            stated = (pruned.index.get("metadata") or {}).get("total_size")
+            if stated != pruned.total_nbytes:
+                report.problems.append(
+                    f"index metadata.total_size is {stated} but the shards hold {pruned.total_nbytes} bytes"
+                )
+
+        for info in base.tensors():
+            report.tensors_checked += 1
+            if info.name not in pruned:
+                report.problems.append(f"tensor '{info.name}' is missing from the pruned checkpoint")
+                continue
+            got = pruned[info.name]
+            expected_shape = plan.output_shape(info)
+            if got.dtype != info.dtype or got.shape != expected_shape:
+                report.problems.append(
+                    f"tensor '{info.name}': {got.dtype} {list(got.shape)}, expected {info.dtype} {list(expected_shape)}"
+                )
+                continue
+            layer = plan.sliced.get(info.name)
+            if layer is None:
+                if _same_bytes(base, info, pruned, got, report):
+                    report.identical_tensors += 1
+                else:
+                    report.problems.append(f"tensor '{info.name}' differs from the base")
+                continue
+            _check_rows(base, info, pruned, got, plan.keep_by_layer[layer], report)
+    return report
+
+
+def _check_rows(base: Checkpoint, info: TensorInfo, pruned: Checkpoint, got: TensorInfo,
+                keep: list[int], report: VerifyReport) -> None:
+    """Row ``i`` of the pruned tensor must equal row ``keep[i]`` of the base tensor."""
+    row_nbytes = info.row_nbytes()
+    bad = []
+    for new_row, old_row in enumerate(keep):
+        ok = True
+        for start in range(0, row_nbytes, _COMPARE_CHUNK_BYTES):
+            length = min(_COMPARE_CHUNK_BYTES, row_nbytes - start)
+            a = base.read(info, old_row * row_nbytes + start, length)
+            b = pruned.read(got, new_row * row_nbytes + start, length)
+            report.bytes_compared += length
+            if a != b:
+                ok = False
+                break
+        if not ok:
+            bad.append(old_row)
+    if bad:
+        report.problems.append(
+            f"tensor '{info.name}': kept expert(s) {bad[:10]} differ from the base rows (wrong slice or order)"
+        )
+        return
+    if info.name.endswith("router.proj.weight"):
+        report.router_rows_checked += len(keep)
+    elif info.name.endswith("router.per_expert_scale"):
+        report.router_scales_checked += len(keep)
+    else:
+        report.expert_slices_checked += len(keep)
+
+
+def _same_bytes(base: Checkpoint, a: TensorInfo, pruned: Checkpoint, b: TensorInfo, report: VerifyReport) -> bool:
+    if a.nbytes != b.nbytes:
+        return False
+    for left, right in zip(_chunks(base, a), _chunks(pruned, b), strict=True):
+        report.bytes_compared += len(left)
+        if left != right:
+            return False
+    return True
+
+
+def _chunks(checkpoint: Checkpoint, info: TensorInfo) -> Iterator[bytes]:
+    for start in range(0, info.nbytes, _COMPARE_CHUNK_BYTES):
+        yield checkpoint.read(info, start, min(_COMPARE_CHUNK_BYTES, info.nbytes - start))
+
+
+def _safe_num_experts(config: dict[str, Any]) -> Any:
+    try:
+        return config_num_experts(config, "config.json")
+    except Exception:
+        return None
+
+
+def _diff_keys(expected: dict[str, Any], got: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(expected) | set(got)):
+        left, right = expected.get(key), got.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            keys += _diff_keys(left, right, f"{prefix}{key}.")
+        elif json.dumps(left, sort_keys=True) != json.dumps(right, sort_keys=True):
+            keys.append(f"{prefix}{key}")
+    return keys
