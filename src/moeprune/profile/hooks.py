@@ -1,0 +1,338 @@
+"""Instrumentation of MoE layers: each routed expert's weighted output norm, measured in the forward itself.
+
+For the duration of :func:`instrument_moe`, every MoE layer's experts module runs
+:func:`_instrumented_experts_forward` instead of its own forward. That function computes each
+routed (token, expert) output once, exactly as the model's experts implementation does (grouped
+matmuls over tokens sorted by expert, ``act(gate) * up``, down projection, times the routing weight
+the router produced), records ``||w_te * E_e(x_t)||_2`` and then sums the top-k outputs per token.
+The router's softmax probabilities come from a forward hook on the router. Nothing is recomputed,
+so profiling costs one norm per routed pair on top of a plain forward.
+
+Norms are taken from the float32 product (the product of a bf16 expert output and the fp32
+routing weight is fp32 in the model too) with a float32 sum of squares, falling back to float64 for
+any row whose squares would overflow, and are accumulated in float64: a bf16 model can neither
+overflow nor round away the measurement. Padding tokens never count: the caller sets, before each
+forward, the domain index of every token of the batch, -1 for padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moeprune.errors import MoepruneError
+
+
+class NoMoeLayersError(MoepruneError):
+    """The model has no MoE layer this profiler can instrument."""
+
+
+@dataclass(frozen=True)
+class MoeLayer:
+    """One decoder layer with a routed-experts block."""
+
+    layer_index: int
+    router: torch.nn.Module
+    experts: torch.nn.Module
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.experts.num_experts)
+
+
+def find_moe_layers(model: torch.nn.Module) -> list[MoeLayer]:
+    """Every decoder layer with ``router`` and ``experts`` children (Gemma 4 layout), in layer order.
+
+    Raises NoMoeLayersError when there is none.
+    """
+    found: list[MoeLayer] = []
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        router = getattr(module, "router", None)
+        if experts is None or router is None:
+            continue
+        if not all(hasattr(experts, attr) for attr in ("gate_up_proj", "down_proj", "num_experts")):
+            continue
+        if not hasattr(router, "per_expert_scale"):
+            continue
+        layer_index = getattr(module, "layer_idx", None)
+        if layer_index is None:
+            layer_index = int(name.rsplit(".", 1)[-1]) if name.rsplit(".", 1)[-1].isdigit() else len(found)
+        found.append(MoeLayer(int(layer_index), router, experts))
+    if not found:
+        raise NoMoeLayersError(
+            f"model {type(model).__name__} has no MoE layers (no decoder layer with a router and "
+            "routed experts, e.g. Gemma 4 with enable_moe_block=false): there is nothing to profile; "
+            "point model.base at a Mixture-of-Experts checkpoint"
+        )
+    found.sort(key=lambda layer: layer.layer_index)
+    return found
+
+
+@dataclass
+class _LayerAccumulator:
+    """Float64 sums for one layer, ``[num_domains, num_experts]``, kept on the layer's device."""
+
+    contribution_sum: torch.Tensor
+    routed_count: torch.Tensor
+    router_prob_sum: torch.Tensor
+
+
+@dataclass
+class Capture:
+    """Per routed (token, expert) pair of one forward, for tests and debugging (``capture=True``)."""
+
+    token_index: torch.Tensor  # [S] position in the flattened batch
+    expert_index: torch.Tensor  # [S]
+    weight: torch.Tensor  # [S] routing weight applied by the model
+    norm: torch.Tensor  # [S] float64 ||w * E(x)||
+    weighted_output: torch.Tensor  # [S, hidden] the weighted expert output added to the residual branch
+
+
+@dataclass
+class ContributionRecorder:
+    """Accumulates per-(domain, layer, expert) statistics while :func:`instrument_moe` is active."""
+
+    layers: list[MoeLayer]
+    num_domains: int
+    capture: bool = False
+    accumulators: dict[int, _LayerAccumulator] = field(default_factory=dict)
+    captures: dict[int, list[Capture]] = field(default_factory=dict)
+    router_probs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    _token_domain: torch.Tensor | None = None
+    _token_domain_by_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+
+    def set_token_domains(self, token_domain: torch.Tensor) -> None:
+        """Domain index of each token of the next forward, flattened ``[batch * seq]``; -1 = padding."""
+        self._token_domain = token_domain.reshape(-1).to(torch.long)
+        self._token_domain_by_device = {}
+
+    def _domains_on(self, device: torch.device) -> torch.Tensor:
+        if self._token_domain is None:
+            raise RuntimeError("set_token_domains() must be called before each instrumented forward")
+        cached = self._token_domain_by_device.get(device)
+        if cached is None:
+            cached = self._token_domain.to(device)
+            self._token_domain_by_device[device] = cached
+        return cached
+
+    def _accumulator(self, layer_index: int, num_experts: int, device: torch.device) -> _LayerAccumulator:
+        acc = self.accumulators.get(layer_index)
+        if acc is None:
+            shape = (self.num_domains, num_experts)
+            acc = _LayerAccumulator(
+                contribution_sum=torch.zeros(shape, dtype=torch.float64, device=device),
+                routed_count=torch.zeros(shape, dtype=torch.int64, device=device),
+                router_prob_sum=torch.zeros(shape, dtype=torch.float64, device=device),
+            )
+            self.accumulators[layer_index] = acc
+        return acc
+
+    def record_experts(
+        self,
+        layer_index: int,
+        num_experts: int,
+        token_index: torch.Tensor,
+        expert_index: torch.Tensor,
+        norm: torch.Tensor,
+    ) -> None:
+        """Add the float64 norms of routed pairs (token positions in the flattened batch)."""
+        domains = self._domains_on(norm.device)
+        acc = self._accumulator(layer_index, num_experts, norm.device)
+        token_domain = domains[token_index]
+        valid = token_domain >= 0
+        flat = (token_domain * num_experts + expert_index)[valid]
+        acc.contribution_sum.view(-1).index_add_(0, flat, norm[valid])
+        acc.routed_count.view(-1).index_add_(0, flat, torch.ones_like(flat))
+
+    def record_router(self, layer_index: int, probabilities: torch.Tensor) -> None:
+        """Add the softmax router probabilities ``[tokens, experts]`` of non-padding tokens."""
+        domains = self._domains_on(probabilities.device)
+        num_experts = probabilities.shape[-1]
+        acc = self._accumulator(layer_index, num_experts, probabilities.device)
+        valid = domains >= 0
+        acc.router_prob_sum.index_add_(0, domains[valid], probabilities[valid].to(torch.float64))
+        if self.capture:
+            self.router_probs.setdefault(layer_index, []).append(probabilities.detach().clone())
+
+    def arrays(self) -> tuple[Any, Any, Any]:
+        """numpy ``[domains, layers, experts]`` arrays: contribution_sum, routed_count, router_prob_sum."""
+        import numpy as np
+
+        contrib, count, prob = [], [], []
+        for layer in self.layers:
+            # A layer no forward reached has zeros (created on the CPU: offloaded weights sit on "meta").
+            acc = self._accumulator(layer.layer_index, layer.num_experts, torch.device("cpu"))
+            contrib.append(acc.contribution_sum.cpu().numpy())
+            count.append(acc.routed_count.cpu().numpy())
+            prob.append(acc.router_prob_sum.cpu().numpy())
+        return (np.stack(contrib, axis=1), np.stack(count, axis=1), np.stack(prob, axis=1))
+
+
+def _grouped_mm_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if device.type == "cuda":
+        # The CUDA kernel wants bf16 on SM80+; elsewhere the per-expert loop gives the same products.
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu"
+
+
+def _expert_outputs_sorted(
+    experts: torch.nn.Module, hidden_sorted: torch.Tensor, counts: torch.Tensor, use_grouped: bool
+) -> torch.Tensor:
+    """Unweighted expert outputs for tokens sorted by expert (``counts[e]`` rows for expert e)."""
+    gate_up_proj = experts.gate_up_proj
+    down_proj = experts.down_proj
+    apply_gate = getattr(experts, "_apply_gate", None)
+
+    def gate(projected: torch.Tensor) -> torch.Tensor:
+        if apply_gate is not None:
+            return apply_gate(projected)
+        gate_part, up_part = projected.chunk(2, dim=-1)
+        return experts.act_fn(gate_part) * up_part
+
+    if use_grouped:
+        # The same kernel and operand layout as transformers' grouped_mm experts implementation.
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        projected = F.grouped_mm(hidden_sorted.to(gate_up_proj.dtype), gate_up_proj.transpose(-2, -1), offs=offsets)
+        projected = gate(projected)
+        return F.grouped_mm(projected, down_proj.transpose(-2, -1), offs=offsets)
+
+    # One matmul pair per routed expert over its contiguous block of tokens (the eager algorithm).
+    output = hidden_sorted.new_empty((hidden_sorted.shape[0], down_proj.shape[1]), dtype=down_proj.dtype)
+    start = 0
+    for expert, count in enumerate(counts.tolist()):
+        if count == 0:
+            continue
+        block = hidden_sorted[start : start + count].to(gate_up_proj.dtype)
+        projected = gate(F.linear(block, gate_up_proj[expert]))
+        output[start : start + count] = F.linear(projected, down_proj[expert])
+        start += count
+    return output
+
+
+def _row_norms(weighted: torch.Tensor) -> torch.Tensor:
+    """float64 L2 norm of each row of ``weighted``.
+
+    One float32 pass over the rows (an fp32 sum of squares of a bf16/fp32 output is accurate to
+    ~1e-7 relative); rows whose squares overflow float32 are recomputed in float64, so a large
+    activation can never turn into inf.
+    """
+    if weighted.dtype == torch.float64:
+        return torch.linalg.vector_norm(weighted, dim=-1)
+    norms = torch.linalg.vector_norm(weighted, dim=-1, dtype=torch.float32).to(torch.float64)
+    overflow = ~torch.isfinite(norms)
+    if bool(overflow.any()):
+        norms[overflow] = torch.linalg.vector_norm(weighted[overflow], dim=-1, dtype=torch.float64)
+    return norms
+
+
+def _make_instrumented_forward(recorder: ContributionRecorder, layer: MoeLayer):
+    """The replacement forward of one experts module (bound to it with MethodType)."""
+    layer_index = layer.layer_index
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if getattr(self, "has_bias", False) or getattr(self, "is_transposed", False) or getattr(
+            self, "_is_expert_parallel", False
+        ):
+            raise MoepruneError(
+                f"layer {layer_index}: experts with biases, transposed weights or expert parallelism "
+                "are not supported by the profiler"
+            )
+        implementation = getattr(getattr(self, "config", None), "_experts_implementation", "eager")
+        num_tokens, top_k = top_k_index.shape
+        num_experts = self.num_experts
+        if recorder._domains_on(hidden_states.device).numel() != num_tokens:
+            raise RuntimeError(
+                f"layer {layer_index}: {num_tokens} tokens but token domains were set for a different "
+                "batch; call set_token_domains() with this batch's mask"
+            )
+        expert_ids = top_k_index.reshape(-1)
+        sample_weights = top_k_weights.reshape(-1)
+
+        # Sort (token, expert) pairs by expert so each expert runs once over a contiguous block.
+        expert_sorted, perm = torch.sort(expert_ids, stable=True)
+        token_sorted = perm // top_k
+        counts = torch.bincount(expert_sorted, minlength=num_experts)
+        use_grouped = implementation == "grouped_mm" and _grouped_mm_usable(
+            hidden_states.device, self.gate_up_proj.dtype
+        )
+        expert_out = _expert_outputs_sorted(self, hidden_states[token_sorted], counts, use_grouped)
+
+        # The model's own product: a bf16/fp32 expert output times the fp32 routing weight.
+        weighted = expert_out * sample_weights[perm].unsqueeze(-1)
+        norms = _row_norms(weighted)
+        recorder.record_experts(layer_index, num_experts, token_sorted, expert_sorted, norms)
+        if recorder.capture:
+            recorder.captures.setdefault(layer_index, []).append(
+                Capture(
+                    token_index=token_sorted.clone(),
+                    expert_index=expert_sorted.clone(),
+                    weight=sample_weights[perm].detach().clone(),
+                    norm=norms.detach().clone(),
+                    weighted_output=weighted.detach().clone(),
+                )
+            )
+
+        if implementation == "eager" or implementation is None:
+            # The eager forward adds each expert's block into a model-dtype buffer.
+            final = torch.zeros_like(hidden_states)
+            final.index_add_(0, token_sorted, weighted.to(final.dtype))
+            return final
+        # grouped_mm / batched_mm: per-token sum over the top-k slots, accumulated in the product dtype.
+        restored = torch.empty_like(weighted)
+        restored[perm] = weighted
+        return restored.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    return forward
+
+
+def _forward_attribute(module: torch.nn.Module) -> str:
+    # accelerate's dispatch hooks replace `forward` and call the original through `_old_forward`.
+    if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
+        return "_old_forward"
+    return "forward"
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def instrument_moe(
+    model: torch.nn.Module, num_domains: int = 1, capture: bool = False
+) -> Iterator[ContributionRecorder]:
+    """Instrument every MoE layer of ``model`` and yield the recorder; restore the model on exit.
+
+    Call ``recorder.set_token_domains(...)`` before each forward. ``capture=True`` also keeps every
+    routed pair's weighted output vector (tests only: memory grows with tokens x top-k x hidden).
+    """
+    layers = find_moe_layers(model)
+    recorder = ContributionRecorder(layers=layers, num_domains=num_domains, capture=capture)
+    saved: list[tuple[torch.nn.Module, str, Any]] = []
+    handles = []
+    try:
+        for layer in layers:
+            attribute = _forward_attribute(layer.experts)
+            saved.append((layer.experts, attribute, layer.experts.__dict__.get(attribute, _MISSING)))
+            setattr(layer.experts, attribute, types.MethodType(_make_instrumented_forward(recorder, layer), layer.experts))
+
+            def router_hook(_module, _inputs, outputs, layer_index=layer.layer_index):
+                recorder.record_router(layer_index, outputs[0])
+
+            handles.append(layer.router.register_forward_hook(router_hook))
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, attribute, original in reversed(saved):
+            if original is _MISSING:
+                delattr(module, attribute)
+            else:
+                setattr(module, attribute, original)

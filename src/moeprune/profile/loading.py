@@ -1,0 +1,123 @@
+"""Finding, hashing and loading the model that is profiled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from moeprune.errors import MoepruneError
+from moeprune.hashing import sha256_file, sha256_json
+
+# Files whose content defines the model's computation (hashed as "the model").
+MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json")
+# Files that define how text becomes tokens (they change phase-1 inputs, not the weights).
+TOKENIZER_FILE_PATTERNS = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+)
+
+
+class ModelLoadError(MoepruneError):
+    """The base model cannot be found or loaded."""
+
+
+def resolve_model_dir(base: str, local_dir: Path | None, revision: str | None) -> Path:
+    """The local directory of the base model: ``local_dir`` if given, else a Hub snapshot (pinned revision)."""
+    if local_dir is not None:
+        if not (local_dir / "config.json").is_file():
+            raise ModelLoadError(f"model.base: no config.json in {local_dir}; point it at a Hugging Face model directory")
+        return local_dir
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=base, revision=revision))
+    except Exception as exc:  # network, auth, missing revision: all need the same user action
+        raise ModelLoadError(
+            f"model.base '{base}' (revision {revision}): cannot download from the Hub ({exc}); "
+            "check the repo id, the revision and HF_TOKEN, or point model.base at a local directory"
+        ) from None
+
+
+def _matching_files(model_dir: Path, patterns: tuple[str, ...]) -> list[Path]:
+    files: set[Path] = set()
+    for pattern in patterns:
+        files.update(path for path in model_dir.glob(pattern) if path.is_file())
+    return sorted(files)
+
+
+def hash_files(model_dir: Path, patterns: tuple[str, ...]) -> tuple[str, list[str]]:
+    """Tree hash of the files of ``model_dir`` matching ``patterns``: (sha256, sorted relative names)."""
+    files = _matching_files(model_dir, patterns)
+    listing = {path.relative_to(model_dir).as_posix(): sha256_file(path) for path in files}
+    return sha256_json(listing), sorted(listing)
+
+
+def model_sha256(model_dir: Path) -> tuple[str, list[str]]:
+    """Tree hash of the model's weights and config (see ``MODEL_FILE_PATTERNS``) and the files hashed."""
+    digest, names = hash_files(model_dir, MODEL_FILE_PATTERNS)
+    if not any(name.endswith(".safetensors") for name in names):
+        raise ModelLoadError(f"{model_dir}: no *.safetensors weights; only safetensors checkpoints are supported")
+    return digest, names
+
+
+def tokenizer_sha256(model_dir: Path) -> str:
+    """Tree hash of the tokenizer and chat template files."""
+    return hash_files(model_dir, TOKENIZER_FILE_PATTERNS)[0]
+
+
+def _model_class(config: Any):
+    import transformers
+
+    architectures = list(getattr(config, "architectures", None) or [])
+    for name in architectures:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    # No usable architecture recorded: ask the Auto classes, multimodal first (Gemma 4 is image-text-to-text).
+    for auto in (transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM):
+        if type(config) in auto._model_mapping:
+            return auto
+    raise ModelLoadError(f"no transformers model class for config type {type(config).__name__}")
+
+
+def load_model(model_dir: Path, dtype: str, device_map: str) -> Any:
+    """Load the model for inference with accelerate's ``device_map`` (``auto`` spreads over GPUs / offloads)."""
+    import torch
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+        cls = _model_class(config)
+        model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype), device_map=device_map)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{model_dir}: cannot load the model ({exc})") from None
+    model.eval()
+    return model
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model's tokenizer (with its chat template)."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{model_dir}: cannot load the tokenizer ({exc})") from None
+
+
+def context_length(model_or_config: Any) -> int | None:
+    """Maximum sequence length the model supports (``max_position_embeddings`` of the text config)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def input_device(model: Any) -> Any:
+    """Device where input ids must go (the embedding's device under a device_map)."""
+    embeddings = model.get_input_embeddings()
+    return embeddings.weight.device

@@ -1,0 +1,125 @@
+"""Phase 2: replay each stored sequence in one forward pass with the MoE layers instrumented.
+
+Sequences are batched with right padding (positions of real tokens stay 0..n-1, and causal
+attention never lets a real token see padding); padding tokens get domain -1 and are never counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeprune.profile.generate import SequenceError
+from moeprune.profile.hooks import ContributionRecorder, instrument_moe
+
+
+@dataclass
+class ReplayResult:
+    """Accumulated statistics of a replay: arrays are ``[domains, layers, experts]``."""
+
+    layers: list[int]
+    domains: list[str]
+    contribution_sum: np.ndarray
+    routed_count: np.ndarray
+    router_prob_sum: np.ndarray
+    domain_num_tokens: dict[str, int]
+    num_sequences: int
+    elapsed_s: float
+    recorder: ContributionRecorder
+
+
+def _body(model: Any) -> Any:
+    """The decoder stack without the LM head: replay needs no logits (262k-wide for Gemma 4)."""
+    return getattr(model, "model", model)
+
+
+def check_sequence_lengths(
+    sequences: Sequence[dict[str, Any]], context_tokens: int | None, source: Path | str = "sequences"
+) -> None:
+    """Raise SequenceError naming the sequence (and line) longer than the model's context."""
+    if context_tokens is None:
+        return
+    for index, record in enumerate(sequences):
+        length = len(record["input_ids"])
+        if length > context_tokens:
+            line = record.get("_line", index + 1)
+            raise SequenceError(
+                f"{source}:{line}: sequence '{record['id']}' has {length} tokens, more than the model's "
+                f"context of {context_tokens}; lower calibration.max_new_tokens or shorten the prompt"
+            )
+
+
+def replay_sequences(
+    model: Any,
+    sequences: Sequence[dict[str, Any]],
+    domains: Sequence[str],
+    *,
+    batch_size: int = 1,
+    context_tokens: int | None = None,
+    source: Path | str = "sequences",
+    on_tokens: Callable[[int], None] | None = None,
+    capture: bool = False,
+) -> ReplayResult:
+    """One instrumented forward per batch of stored sequences; returns the accumulated statistics.
+
+    ``sequences`` are phase-1 records (``input_ids``, ``domain``, ``id``); a sequence longer than
+    ``context_tokens`` (default: the model's ``max_position_embeddings``) is refused with an error
+    naming it. ``on_tokens(n)`` is called after each batch with its number of real tokens.
+    """
+    import torch
+
+    from moeprune.profile.loading import context_length, input_device
+
+    if context_tokens is None:
+        context_tokens = context_length(model)
+    domain_index = {domain: i for i, domain in enumerate(domains)}
+    for index, record in enumerate(sequences):
+        if record["domain"] not in domain_index:
+            line = record.get("_line", index + 1)
+            raise SequenceError(f"{source}:{line}: domain '{record['domain']}' is not one of {list(domains)}")
+    check_sequence_lengths(sequences, context_tokens, source)
+
+    device = input_device(model)
+    body = _body(model)
+    domain_num_tokens = {domain: 0 for domain in domains}
+    # Similar lengths together: less padding per batch.
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["input_ids"]))
+    started = time.perf_counter()
+    with instrument_moe(model, num_domains=len(domains), capture=capture) as recorder, torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = [sequences[i] for i in order[start : start + batch_size]]
+            width = max(len(record["input_ids"]) for record in batch)
+            input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            token_domain = torch.full((len(batch), width), -1, dtype=torch.long)
+            for row, record in enumerate(batch):
+                ids = record["input_ids"]
+                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, : len(ids)] = 1
+                token_domain[row, : len(ids)] = domain_index[record["domain"]]
+                domain_num_tokens[record["domain"]] += len(ids)
+            recorder.set_token_domains(token_domain)
+            body(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                use_cache=False,
+            )
+            if on_tokens is not None:
+                on_tokens(int(attention_mask.sum()))
+        contribution_sum, routed_count, router_prob_sum = recorder.arrays()
+    return ReplayResult(
+        layers=[layer.layer_index for layer in recorder.layers],
+        domains=list(domains),
+        contribution_sum=contribution_sum,
+        routed_count=routed_count,
+        router_prob_sum=router_prob_sum,
+        domain_num_tokens=domain_num_tokens,
+        num_sequences=len(sequences),
+        elapsed_s=time.perf_counter() - started,
+        recorder=recorder,
+    )

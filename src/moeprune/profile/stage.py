@@ -1,0 +1,278 @@
+"""The profile stage: phase 1 (generate), phase 2 (replay), statistics, findings, summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeprune.atomic import write_json
+from moeprune.errors import MoepruneError
+from moeprune.hashing import sha256_file, sha256_json
+from moeprune.layout import RunLayout
+from moeprune.profile import findings as findings_mod
+from moeprune.profile.generate import (
+    SequenceError,
+    generate_sequences,
+    load_calibration,
+    read_sequences,
+    sequence_key,
+    template_supports_thinking,
+    write_sequences,
+)
+from moeprune.profile.loading import (
+    context_length,
+    load_model,
+    load_tokenizer,
+    model_sha256,
+    resolve_model_dir,
+    tokenizer_sha256,
+)
+from moeprune.profile.progress import phase_progress
+from moeprune.profile.replay import ReplayResult, replay_sequences
+from moeprune.profile.stats import ProfileStats, build_stats, save_stats
+from moeprune.recipe import Recipe
+from moeprune.schemas import validate
+
+PROFILE_FORMAT_VERSION = 1
+
+
+def _warn(warnings: list[str], message: str) -> None:
+    """Record a warning for profile.json and show it now."""
+    warnings.append(message)
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def layer_summaries(stats: ProfileStats, share_k: int, coverage_fraction: float, top_k: int | None) -> list[dict[str, Any]]:
+    """Per MoE layer: total contribution, concentration figures, unused experts."""
+    contrib = stats.totals["contribution_sum"]
+    counts = stats.totals["routed_count"]
+    share = findings_mod.top_k_share(contrib, share_k)
+    top1 = findings_mod.top_k_share(contrib, 1)
+    needed = findings_mod.experts_to_reach(contrib, coverage_fraction)
+    gini = findings_mod.gini(contrib)
+    bottom_half = findings_mod.bottom_n_share(contrib, contrib.shape[1] // 2)
+    entries = []
+    for position, layer in enumerate(stats.layers):
+        routed_pairs = int(counts[position].sum())
+        entries.append(
+            {
+                "layer": int(layer),
+                "contribution_total": float(contrib[position].sum()),
+                "routed_pairs": routed_pairs,
+                "tokens": routed_pairs // top_k if top_k else None,
+                "top_expert": int(np.argmax(contrib[position])),
+                "top1_share": float(top1[position]),
+                "top_k_share": float(share[position]),
+                "experts_to_coverage": int(needed[position]),
+                "gini": float(gini[position]),
+                "bottom_half_share": float(bottom_half[position]),
+                "unrouted_experts": int((counts[position] == 0).sum()),
+            }
+        )
+    return entries
+
+
+def _phase1(
+    recipe: Recipe,
+    layout: RunLayout,
+    model: Any,
+    model_dir: Path,
+    model_hash: str,
+    warnings: list[str],
+    progress: bool,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    calibration = recipe.calibration
+    prompts = load_calibration(recipe.prompts_path, calibration.domains, calibration.prompts_per_domain)
+    tokenizer_hash = tokenizer_sha256(model_dir)
+    settings = {
+        "max_new_tokens": calibration.max_new_tokens,
+        "enable_thinking": calibration.enable_thinking,
+        "dtype": recipe.model.dtype,
+        "greedy": True,
+    }
+    keys = {
+        p.id: sequence_key(model_sha256=model_hash, tokenizer_sha256=tokenizer_hash, prompt=p, settings=settings)
+        for p in prompts
+    }
+    existing: dict[str, dict[str, Any]] = {}
+    if layout.sequences_path.is_file():
+        try:
+            existing = {r["id"]: r for r in read_sequences(layout.sequences_path)}
+        except SequenceError as exc:
+            _warn(warnings, f"ignoring unreadable previous sequences, regenerating all ({exc})")
+    reused = {p.id: existing[p.id] for p in prompts if p.id in existing and existing[p.id].get("input_key") == keys[p.id]}
+    missing = [p for p in prompts if p.id not in reused]
+
+    thinking_supported: bool | None = None
+    started = time.perf_counter()
+    generated: dict[str, dict[str, Any]] = {}
+    if missing:
+        tokenizer = load_tokenizer(model_dir)
+        thinking_supported = template_supports_thinking(tokenizer)
+        if calibration.enable_thinking and not thinking_supported:
+            _warn(warnings, "the chat template has no 'enable_thinking' switch: prompts were rendered without thinking")
+        with phase_progress("phase 1: generate", len(missing), progress) as advance:
+            records = generate_sequences(
+                model,
+                tokenizer,
+                missing,
+                max_new_tokens=calibration.max_new_tokens,
+                enable_thinking=calibration.enable_thinking,
+                batch_size=calibration.batch_size,
+                keys=keys,
+                context_tokens=context_length(model),
+                prompts_path=recipe.prompts_path,
+                on_batch=advance,
+            )
+        generated = {r["id"]: r for r in records}
+    sequences = [reused.get(p.id) or generated[p.id] for p in prompts]
+    write_sequences(layout.sequences_path, sequences)
+    info = {
+        "generated": len(missing),
+        "reused": len(reused),
+        "elapsed_s": time.perf_counter() - started,
+        "settings": settings,
+        "thinking_supported": thinking_supported,
+        "tokenizer_sha256": tokenizer_hash,
+    }
+    return sequences, info
+
+
+def profile_summary(
+    *,
+    recipe: Recipe,
+    stats: ProfileStats,
+    replay: ReplayResult,
+    sequences: list[dict[str, Any]],
+    hashes: dict[str, str],
+    model_files: list[str],
+    phase1: dict[str, Any],
+    moe: dict[str, Any],
+    warnings: list[str],
+) -> dict[str, Any]:
+    """The JSON summary (schemas/profile.schema.json) of one profiling run."""
+    settings = recipe.profile
+    per_domain_contrib = {d: stats.per_domain[d]["contribution_sum"] for d in stats.domains}
+    found = findings_mod.compute_findings(
+        stats.totals["contribution_sum"],
+        stats.layers,
+        per_domain_contrib,
+        overlap_k=settings.top_overlap_k,
+        share_k=settings.top_share_k,
+        coverage_fraction=settings.coverage_fraction,
+    )
+    prompt_tokens = sum(r["prompt_len"] for r in sequences)
+    total_tokens = sum(len(r["input_ids"]) for r in sequences)
+    return {
+        "format_version": PROFILE_FORMAT_VERSION,
+        "recipe": recipe.name,
+        "model": {
+            "base": recipe.model.base,
+            "revision": recipe.model.revision,
+            "dtype": recipe.model.dtype,
+            "device_map": settings.device_map,
+            "hashed_files": model_files,
+        },
+        "hashes": hashes,
+        "settings": {
+            "calibration": recipe.calibration.model_dump(mode="json"),
+            "profile": settings.model_dump(mode="json"),
+        },
+        "moe": moe,
+        "num_sequences": len(sequences),
+        "num_tokens": stats.num_tokens,
+        "num_prompt_tokens": prompt_tokens,
+        "num_response_tokens": total_tokens - prompt_tokens,
+        "domains": {
+            domain: {
+                "num_sequences": sum(1 for r in sequences if r["domain"] == domain),
+                "num_tokens": stats.domain_num_tokens.get(domain, 0),
+            }
+            for domain in stats.domains
+        },
+        "phase1": phase1,
+        "phase2": {
+            "elapsed_s": replay.elapsed_s,
+            "tokens_per_s": stats.num_tokens / replay.elapsed_s if replay.elapsed_s > 0 else None,
+        },
+        "layers": layer_summaries(stats, settings.top_share_k, settings.coverage_fraction, moe.get("top_k")),
+        "findings": found,
+        "warnings": warnings,
+    }
+
+
+def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dict[str, Any]:
+    """Run both profiling phases for ``recipe``; write sequences, statistics and summary under ``layout``.
+
+    Returns the summary written to ``layout.profile_summary_path``.
+    """
+    warnings: list[str] = []
+    model_dir = resolve_model_dir(recipe.model.base, recipe.base_dir, recipe.model.revision)
+    model_hash, model_files = model_sha256(model_dir)
+    model = load_model(model_dir, recipe.model.dtype, recipe.profile.device_map)
+    layout.profile_dir.mkdir(parents=True, exist_ok=True)
+
+    sequences, phase1 = _phase1(recipe, layout, model, model_dir, model_hash, warnings, progress)
+
+    total_tokens = sum(len(r["input_ids"]) for r in sequences)
+    with phase_progress("phase 2: replay (tokens)", total_tokens, progress) as advance:
+        replay = replay_sequences(
+            model,
+            sequences,
+            recipe.calibration.domains,
+            batch_size=recipe.calibration.batch_size,
+            context_tokens=context_length(model),
+            source=layout.sequences_path,
+            on_tokens=advance,
+        )
+    stats = build_stats(
+        layers=replay.layers,
+        domains=replay.domains,
+        contribution_sum=replay.contribution_sum,
+        routed_count=replay.routed_count,
+        router_prob_sum=replay.router_prob_sum,
+        domain_num_tokens=replay.domain_num_tokens,
+        model_sha256=model_hash,
+    )
+    if not np.all(np.isfinite(stats.totals["contribution_sum"])):
+        raise MoepruneError(
+            f"{layout.profile_stats_path}: non-finite expert contributions (the model produced inf/NaN); "
+            "load it in float32 (model.dtype) and check the checkpoint"
+        )
+    save_stats(stats, layout.profile_stats_path)
+
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    moe = {
+        "layers": stats.layers,
+        "num_experts": stats.num_experts,
+        "top_k": getattr(text_config, "top_k_experts", None) or getattr(text_config, "num_experts_per_tok", None),
+        "experts_implementation": getattr(text_config, "_experts_implementation", None),
+    }
+    hashes = {
+        "model_sha256": model_hash,
+        "tokenizer_sha256": phase1.pop("tokenizer_sha256"),
+        "prompts_sha256": sha256_file(recipe.prompts_path),
+        "sequences_sha256": sha256_file(layout.sequences_path),
+        "stats_sha256": sha256_file(layout.profile_stats_path),
+        "settings_sha256": sha256_json(
+            {"calibration": recipe.calibration.model_dump(mode="json"), "profile": recipe.profile.model_dump(mode="json")}
+        ),
+    }
+    summary = profile_summary(
+        recipe=recipe,
+        stats=stats,
+        replay=replay,
+        sequences=sequences,
+        hashes=hashes,
+        model_files=model_files,
+        phase1=phase1,
+        moe=moe,
+        warnings=warnings,
+    )
+    validate("profile", summary, source=layout.profile_summary_path)
+    write_json(layout.profile_summary_path, summary)
+    return summary
