@@ -184,6 +184,11 @@ class EvalSection(_Section):
     limit: int | None = Field(default=None, ge=1, description="Evaluate only the first N samples.")
     num_concurrent: int = Field(default=1, ge=1, description="Concurrent requests to the server.")
     request_timeout_s: float = Field(default=3600.0, gt=0, description="Timeout of one request.")
+    max_retries: int = Field(
+        default=3, ge=1,
+        description="Attempts per request before the eval fails (lm-eval max_retries); greedy "
+        "requests that timed out tend to time out again.",
+    )
     models: list[Literal["base", "pruned"]] = Field(
         default=["base", "pruned"], min_length=1, description="Which models are evaluated."
     )
