@@ -1,0 +1,441 @@
+"""Every number the model card shows, computed from artifacts, each with its source.
+
+:func:`compute_card_numbers` returns a :class:`CardNumbers`: a flat ``{key: Number}`` map (value,
+the exact text the card shows, and where it came from) plus the tables the template lays out,
+which only refer to keys of that map. The card is rendered from it, ``card_numbers.json`` stores
+it, and ``verify`` recomputes it from the published files and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeprune.card.source import ArtifactSource
+from moeprune.errors import MoepruneError
+
+# bytes per element of safetensors dtypes
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj", "router.proj.weight", "router.per_expert_scale")
+PRIMARY_FILTER = "flexible-extract"
+PRIMARY_METRIC = "exact_match"
+
+
+class CardError(MoepruneError):
+    """The card cannot be computed from the artifacts."""
+
+
+@dataclass
+class Number:
+    value: Any
+    display: str
+    source: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "display": self.display, "source": self.source}
+
+
+@dataclass
+class CardNumbers:
+    numbers: dict[str, Number] = field(default_factory=dict)
+    tables: dict[str, Any] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)  # non-numeric context (names, versions)
+    series: dict[str, Any] = field(default_factory=dict)  # arrays for the plots
+
+    def add(self, key: str, value: Any, display: str, source: str) -> str:
+        if key in self.numbers:
+            raise AssertionError(f"card number '{key}' set twice")
+        if isinstance(value, (np.integer,)):
+            value = int(value)
+        elif isinstance(value, (np.floating,)):
+            value = float(value)
+        self.numbers[key] = Number(value, display, source)
+        return key
+
+    def display(self) -> dict[str, str]:
+        return {key: number.display for key, number in self.numbers.items()}
+
+    def as_json(self) -> dict[str, Any]:
+        return {key: self.numbers[key].as_dict() for key in sorted(self.numbers)}
+
+
+# --- formatting ---------------------------------------------------------------------------------
+def fmt_pct(fraction: float, digits: int = 2) -> str:
+    return f"{100 * fraction:.{digits}f}%"
+
+
+def fmt_signed_pct(fraction: float, digits: int = 1) -> str:
+    return f"{100 * fraction:+.{digits}f}%".replace("-", "−")
+
+
+def fmt_pp(difference: float, digits: int = 2) -> str:
+    return f"{100 * difference:+.{digits}f} pp".replace("-", "−")
+
+
+def fmt_count(value: float, unit: str = "") -> str:
+    """3 significant figures with K/M/B/T (decimal), e.g. 22.4B, 1.23M, 512."""
+    value = float(value)
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            scaled = value / scale
+            digits = max(0, 2 - int(math.floor(math.log10(abs(scaled)))))
+            return f"{scaled:.{digits}f}{suffix}{unit}"
+    return f"{value:.0f}{unit}"
+
+
+def fmt_bytes(size_bytes: int) -> str:
+    """Decimal units as on the Hub: 14.0 GB, 3.21 MB."""
+    value = float(size_bytes)
+    for scale, suffix in ((1e12, " TB"), (1e9, " GB"), (1e6, " MB"), (1e3, " kB")):
+        if value >= scale:
+            scaled = value / scale
+            digits = max(0, 2 - int(math.floor(math.log10(scaled))))
+            return f"{scaled:.{digits}f}{suffix}"
+    return f"{int(value)} B"
+
+
+def fmt_int(value: int) -> str:
+    return f"{int(value):,}"
+
+
+def fmt_p(value: float) -> str:
+    return f"{value:.3g}" if value >= 1e-4 else f"{value:.1e}"
+
+
+# --- checkpoint facts -----------------------------------------------------------------------------
+@dataclass
+class CheckpointFacts:
+    params: int
+    tensor_bytes: int
+    dtype: str
+    files_bytes: int
+    shards: int
+    expert_params_per_layer: dict[int, int]  # layer -> params of ONE expert (all expert-indexed tensors)
+    expert_bytes_per_layer: dict[int, int]
+    experts_per_layer: dict[int, int]
+
+
+def checkpoint_facts(model_dir: Path) -> CheckpointFacts:
+    """Parameter and byte counts from the safetensors headers (no tensor is read)."""
+    import re
+
+    from moeprune.io.checkpoint import Checkpoint
+
+    pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.(" + "|".join(map(re.escape, EXPERT_SUFFIXES)) + r")$")
+    params = tensor_bytes = 0
+    expert_params: dict[int, int] = {}
+    expert_bytes: dict[int, int] = {}
+    experts: dict[int, int] = {}
+    dtypes: dict[str, int] = {}
+    with Checkpoint.open(model_dir) as checkpoint:
+        shards = list(checkpoint.shards)
+        for info in checkpoint.tensors():
+            numel = int(np.prod(info.shape)) if info.shape else 1
+            params += numel
+            tensor_bytes += info.nbytes
+            dtypes[info.dtype] = dtypes.get(info.dtype, 0) + info.nbytes
+            match = pattern.search(info.name)
+            if match:
+                layer = int(match.group(1))
+                count = info.shape[0]
+                if experts.setdefault(layer, count) != count:
+                    raise CardError(f"{info.shard}: '{info.name}' has {count} experts, other tensors of layer {layer} "
+                                    f"have {experts[layer]}")
+                expert_params[layer] = expert_params.get(layer, 0) + numel // count
+                expert_bytes[layer] = expert_bytes.get(layer, 0) + info.nbytes // count
+    main_dtype = max(dtypes, key=lambda k: dtypes[k]) if dtypes else "?"
+    return CheckpointFacts(
+        params=params,
+        tensor_bytes=tensor_bytes,
+        dtype=main_dtype,
+        files_bytes=sum(p.stat().st_size for p in shards),
+        shards=len(shards),
+        expert_params_per_layer=expert_params,
+        expert_bytes_per_layer=expert_bytes,
+        experts_per_layer=experts,
+    )
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    return config.get("text_config") or config
+
+
+# --- the card numbers -------------------------------------------------------------------------------
+def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> CardNumbers:
+    """Compute every number of the card from the artifacts in ``source`` and eval ``results``.
+
+    ``results`` is ``eval/results.json`` (rendering) or its recomputation from the sample logs
+    (verification): the card numbers follow whichever is given.
+    """
+    from moeprune.dropmap.io import load_drop_map
+    from moeprune.profile.findings import compute_findings, gini
+    from moeprune.profile.stats import load_stats
+
+    card = CardNumbers()
+    recipe = source.recipe
+    config = json.loads((source.model_dir / "config.json").read_text(encoding="utf-8"))
+    text = _text_config(config)
+    drop_map = load_drop_map(source.drop_map_path)
+    pruned = checkpoint_facts(source.model_dir)
+
+    # ---- parameters and sizes: pruned from headers, base = pruned + the dropped experts' share
+    dropped_by_layer = {entry["layer"]: len(entry["drop"]) for entry in drop_map["layers"]}
+    missing = sorted(set(dropped_by_layer) - set(pruned.expert_params_per_layer))
+    if missing:
+        raise CardError(f"{source.drop_map_path}: layers {missing} have no expert tensors in {source.model_dir}")
+    base_params = pruned.params + sum(n * pruned.expert_params_per_layer[l] for l, n in dropped_by_layer.items())
+    base_bytes = pruned.tensor_bytes + sum(n * pruned.expert_bytes_per_layer[l] for l, n in dropped_by_layer.items())
+    header_src = "safetensors headers of the pruned shards"
+    derived_src = f"{header_src} + dropped experts in {source.drop_map_path.name}"
+    card.add("params.base", base_params, fmt_count(base_params), derived_src)
+    card.add("params.pruned", pruned.params, fmt_count(pruned.params), header_src)
+    card.add("params.delta", pruned.params / base_params - 1, fmt_signed_pct(pruned.params / base_params - 1, 1),
+             "params.pruned / params.base - 1")
+    card.add("weights.base_bytes", base_bytes, fmt_bytes(base_bytes), derived_src)
+    card.add("weights.pruned_bytes", pruned.tensor_bytes, fmt_bytes(pruned.tensor_bytes), header_src)
+    card.add("weights.delta", pruned.tensor_bytes / base_bytes - 1,
+             fmt_signed_pct(pruned.tensor_bytes / base_bytes - 1, 1), "weights.pruned_bytes / weights.base_bytes - 1")
+    card.add("weights.shards", pruned.shards, str(pruned.shards), "model.safetensors.index.json")
+    card.facts["dtype"] = DTYPE_NAMES.get(pruned.dtype, pruned.dtype.lower())
+
+    num_experts = int(drop_map["num_experts"])
+    kept_counts = sorted({len(entry["keep"]) for entry in drop_map["layers"]})
+    kept_display = str(kept_counts[0]) if len(kept_counts) == 1 else f"{kept_counts[0]}–{kept_counts[-1]}"
+    card.add("experts.base", num_experts, str(num_experts), f"{source.drop_map_path.name}: num_experts")
+    card.add("experts.pruned", kept_counts[0] if len(kept_counts) == 1 else kept_counts,
+             kept_display, f"{source.drop_map_path.name}: layers[].keep")
+    dropped = num_experts - kept_counts[0] if len(kept_counts) == 1 else None
+    card.add("experts.dropped_per_layer", dropped, f"−{dropped}/layer" if dropped is not None else "varies",
+             "experts.base - experts.pruned")
+    card.add("experts.config", int(text["num_experts"]), str(text["num_experts"]), "config.json: num_experts")
+    card.add("top_k", int(drop_map["top_k"]), str(drop_map["top_k"]), f"{source.drop_map_path.name}: top_k")
+
+    # ---- architecture (config.json)
+    layer_types = list(text.get("layer_types") or [])
+    card.add("arch.layers", int(text["num_hidden_layers"]), str(text["num_hidden_layers"]), "config.json")
+    card.add("arch.hidden", int(text["hidden_size"]), fmt_int(text["hidden_size"]), "config.json")
+    card.add("arch.expert_intermediate", int(text["moe_intermediate_size"]), fmt_int(text["moe_intermediate_size"]),
+             "config.json: moe_intermediate_size")
+    card.add("arch.dense_intermediate", int(text["intermediate_size"]), fmt_int(text["intermediate_size"]),
+             "config.json: intermediate_size")
+    card.add("arch.vocab", int(text["vocab_size"]), fmt_int(text["vocab_size"]), "config.json: vocab_size")
+    sliding = sum(1 for t in layer_types if t == "sliding_attention")
+    full = sum(1 for t in layer_types if t == "full_attention")
+    card.add("arch.sliding_layers", sliding, str(sliding), "config.json: layer_types")
+    card.add("arch.full_layers", full, str(full), "config.json: layer_types")
+    card.add("arch.moe_layers", len(drop_map["layers"]), str(len(drop_map["layers"])),
+             f"{source.drop_map_path.name}: layers")
+
+    # ---- pruning decision: per-layer retention
+    threshold = drop_map["strategy"].get("retention_threshold")
+    card.facts["strategy"] = drop_map["strategy"]["name"]
+    card.facts["criterion"] = drop_map["strategy"]["criterion"]
+    if threshold is not None:
+        card.add("dropmap.threshold", threshold, fmt_pct(threshold, 0 if threshold * 100 == int(threshold * 100) else 2),
+                 f"{source.drop_map_path.name}: strategy.retention_threshold")
+    rows = []
+    fractions = []
+    for entry in drop_map["layers"]:
+        layer = entry["layer"]
+        fraction = entry["retained_fraction"]
+        fractions.append(fraction)
+        key = card.add(f"retention.L{layer}", fraction, fmt_pct(fraction), f"{source.drop_map_path.name}: layers[{layer}]")
+        rows.append((f"L{layer}", key))
+    worst = int(np.argmin(fractions))
+    worst_layer = drop_map["layers"][worst]["layer"]
+    card.add("retention.worst_layer", worst_layer, str(worst_layer), "argmin of retained_fraction")
+    card.add("retention.worst", fractions[worst], fmt_pct(fractions[worst]), "min of retained_fraction")
+    columns = 3
+    per_column = math.ceil(len(rows) / columns)
+    card.tables["retention"] = [
+        [rows[c * per_column + r] if c * per_column + r < len(rows) else None for c in range(columns)]
+        for r in range(per_column)
+    ]
+    card.series["retention"] = {"layers": [e["layer"] for e in drop_map["layers"]], "fractions": fractions,
+                                "threshold": threshold}
+
+    # ---- profile findings (stats.safetensors)
+    stats = load_stats(source.stats_path)
+    contribution = stats.totals["contribution_sum"]
+    profile_cfg = recipe.get("profile", {})
+    overlap_k = int(profile_cfg.get("top_overlap_k", 32))
+    share_k = int(profile_cfg.get("top_share_k", 8))
+    coverage = float(profile_cfg.get("coverage_fraction", 0.8))
+    per_domain = {d: stats.per_domain[d]["contribution_sum"] for d in stats.domains}
+    findings = compute_findings(contribution, list(stats.layers), per_domain, overlap_k=overlap_k,
+                                share_k=share_k, coverage_fraction=coverage)
+    stats_src = "profile/stats.safetensors: contribution_sum"
+    card.add("calib.tokens", int(stats.num_tokens), fmt_int(stats.num_tokens), "profile/stats.safetensors: num_tokens")
+    card.add("calib.domains", len(stats.domains), str(len(stats.domains)), "profile/stats.safetensors: domains")
+    card.facts["domains"] = list(stats.domains)
+    calibration = recipe.get("calibration", {})
+    if calibration:
+        per = int(calibration["prompts_per_domain"])
+        card.add("calib.prompts_per_domain", per, str(per), "recipe: calibration.prompts_per_domain")
+        card.add("calib.prompts", per * len(stats.domains), str(per * len(stats.domains)),
+                 "calib.prompts_per_domain × calib.domains")
+        card.add("calib.max_new_tokens", int(calibration["max_new_tokens"]), fmt_int(calibration["max_new_tokens"]),
+                 "recipe: calibration.max_new_tokens")
+        card.facts["thinking"] = bool(calibration.get("enable_thinking", True))
+    card.add("find.share_k", findings["top_share_k"], str(findings["top_share_k"]), "recipe: profile.top_share_k")
+    card.add("find.top_share", findings["top_k_share_pooled"], fmt_pct(findings["top_k_share_pooled"], 1), stats_src)
+    card.add("find.coverage", coverage, fmt_pct(coverage, 0), "recipe: profile.coverage_fraction")
+    card.add("find.coverage_experts", findings["experts_to_coverage_mean"],
+             f"{findings['experts_to_coverage_mean']:.1f}", stats_src)
+    card.add("find.gini", findings["gini_mean"], f"{findings['gini_mean']:.2f}", stats_src)
+    card.add("find.gini_min", findings["gini_min"], f"{findings['gini_min']:.2f}", stats_src)
+    card.add("find.gini_max", findings["gini_max"], f"{findings['gini_max']:.2f}", stats_src)
+    most = findings["most_concentrated_layers"][0]
+    least = findings["least_concentrated_layers"][0]
+    card.add("find.most_layer", most["layer"], str(most["layer"]), stats_src)
+    card.add("find.most_top1", most["top1_share"], fmt_pct(most["top1_share"], 1), stats_src)
+    card.add("find.least_layer", least["layer"], str(least["layer"]), stats_src)
+    card.add("find.least_topk", least["top_k_share"], fmt_pct(least["top_k_share"], 1), stats_src)
+    half = contribution.shape[1] // 2
+    position = list(stats.layers).index(most["layer"])
+    row = np.sort(np.asarray(contribution[position], dtype=np.float64))
+    bottom = float(row[:half].sum() / row.sum()) if row.sum() > 0 else 0.0
+    card.add("find.bottom_n", half, str(half), "num_experts // 2")
+    card.add("find.bottom_share", bottom, fmt_pct(bottom, 1), stats_src)
+    overlaps = findings["domain_overlap"]
+    if overlaps:
+        preferred = [o for o in overlaps if set(o["domains"]) == {"math", "creative"}]
+        pick = preferred[0] if preferred else min(overlaps, key=lambda o: o["mean"])
+        card.facts["overlap_domains"] = pick["domains"]
+        card.add("find.overlap_k", pick["k"], str(pick["k"]), "recipe: profile.top_overlap_k")
+        card.add("find.overlap_mean", pick["mean"], f"{pick['mean']:.1f}", stats_src + " per domain")
+        card.add("find.overlap_min", pick["min"], str(pick["min"]), stats_src + " per domain")
+    ordered = -np.sort(-np.asarray(contribution, dtype=np.float64), axis=1)
+    totals = ordered.sum(axis=1, keepdims=True)
+    card.series["concentration"] = {
+        "layers": list(stats.layers),
+        "cumulative": np.divide(np.cumsum(ordered, axis=1), totals, out=np.zeros_like(ordered), where=totals > 0).tolist(),
+    }
+    card.series["gini"] = {"layers": list(stats.layers), "gini": gini(contribution).tolist()}
+
+    # ---- evaluation
+    _eval_numbers(card, source, results, recipe)
+    return card
+
+
+def _score(results: dict[str, Any], model: str, task: str, filter_name: str) -> dict[str, Any] | None:
+    scores = results["models"].get(model, {}).get("tasks", {}).get(task, {}).get("scores", {})
+    return scores.get(filter_name, {}).get(PRIMARY_METRIC)
+
+
+def _eval_numbers(card: CardNumbers, source: ArtifactSource, results: dict[str, Any], recipe: dict[str, Any]) -> None:
+    models = [m for m in ("base", "pruned") if m in results["models"]]
+    tasks = list(results["settings"]["tasks"])
+    primary = tasks[0]
+    card.facts["task"] = primary
+    card.facts["tasks"] = tasks
+    card.facts["models"] = models
+    res = "eval/results.json"
+    settings = results["settings"]
+    card.add("eval.max_gen_toks", settings["max_gen_toks"], fmt_int(settings["max_gen_toks"]), f"{res}: settings")
+    card.add("eval.temperature", settings["temperature"], f"{settings['temperature']:g}", f"{res}: settings")
+    card.add("eval.seed", settings["seed"], str(settings["seed"]), f"{res}: settings")
+    card.add("eval.bootstrap_resamples", settings["bootstrap_resamples"], fmt_int(settings["bootstrap_resamples"]),
+             f"{res}: settings")
+    serve = recipe.get("serve", {})
+    if serve:
+        card.add("serve.ctx_size", serve["ctx_size"], fmt_int(serve["ctx_size"]), "recipe: serve.ctx_size")
+        budget = serve["reasoning_budget"]
+        card.add("serve.reasoning_budget", budget, "unlimited" if budget < 0 else f"{fmt_int(budget)} tokens",
+                 "recipe: serve.reasoning_budget")
+        card.add("serve.n_gpu_layers", serve["n_gpu_layers"], str(serve["n_gpu_layers"]), "recipe: serve.n_gpu_layers")
+        card.facts["reasoning_format"] = serve["reasoning_format"]
+    first = results["models"][models[0]]
+    card.facts["lm_eval_version"] = first["lm_eval"]["version"]
+    card.facts["quant_type"] = first["gguf"]["quant_type"]
+    build = first.get("llamacpp_build") or {}
+    src = build.get("source") or {}
+    card.facts["llamacpp"] = (src.get("llama_cpp_commit") or src.get("version") or build.get("key") or "unknown")
+
+    for model in models:
+        entry = results["models"][model]
+        gguf = entry["gguf"]
+        located = source.gguf_by_sha256(gguf["sha256"])
+        if located is not None and located[1]["size_bytes"] != gguf["size_bytes"]:
+            raise CardError(f"{res}: models.{model}.gguf.size_bytes = {gguf['size_bytes']} but the file "
+                            f"{located[0]} with that sha256 has {located[1]['size_bytes']} bytes")
+        if model == "pruned" and located is not None:
+            card.facts["eval_gguf"] = located[0]
+        card.add(f"gguf.{model}_bytes", gguf["size_bytes"], fmt_bytes(gguf["size_bytes"]),
+                 f"{res}: models.{model}.gguf" + (f" = {located[0]}" if located else ""))
+        for task in tasks:
+            task_entry = entry["tasks"].get(task)
+            if task_entry is None:
+                continue
+            card.add(f"eval.{model}.{task}.n", task_entry["n_samples"], fmt_int(task_entry["n_samples"]),
+                     f"{res}: models.{model}.tasks.{task}.n_samples")
+            for filter_name, metrics in sorted(task_entry["scores"].items()):
+                score = metrics.get(PRIMARY_METRIC) or next(iter(metrics.values()))
+                stderr = score["stderr"]
+                display = fmt_pct(score["value"]) + (f" ± {fmt_pct(stderr)}" if stderr is not None else "")
+                card.add(f"eval.{model}.{task}.{filter_name}", score["value"], display,
+                         f"{res}: models.{model}.tasks.{task}.scores.{filter_name}")
+            errors = task_entry["error_analysis"]
+            base_key = f"err.{model}.{task}"
+            total = errors["total"]
+            for kind in ("correct", "wrong", "invalid"):
+                card.add(f"{base_key}.{kind}", errors[kind], fmt_int(errors[kind]), f"{res}: error_analysis.{kind}")
+                card.add(f"{base_key}.{kind}_pct", errors[kind] / total, fmt_pct(errors[kind] / total, 1),
+                         f"{base_key}.{kind} / {base_key}.total")
+            card.add(f"{base_key}.total", total, fmt_int(total), f"{res}: error_analysis.total")
+            for letter, count in sorted(errors["wrong_answer_letters"].items()):
+                card.add(f"{base_key}.wrong_letter.{letter}", count, str(count), f"{res}: error_analysis.wrong_answer_letters")
+            lengths = errors["response_length"]
+            if lengths["count"]:
+                card.add(f"{base_key}.median_chars", lengths["median_chars"], fmt_int(round(lengths["median_chars"])),
+                         f"{res}: error_analysis.response_length")
+                card.add(f"{base_key}.median_tokens", lengths["median_tokens_approx"],
+                         fmt_int(round(lengths["median_tokens_approx"])), f"{res}: error_analysis.response_length")
+                card.add(f"{base_key}.mean_chars", lengths["mean_chars"], fmt_int(round(lengths["mean_chars"])),
+                         f"{res}: error_analysis.response_length")
+                card.add(f"{base_key}.mean_tokens", lengths["mean_tokens_approx"],
+                         fmt_int(round(lengths["mean_tokens_approx"])), f"{res}: error_analysis.response_length")
+                card.add(f"{base_key}.max_chars", lengths["max_chars"], fmt_int(lengths["max_chars"]),
+                         f"{res}: error_analysis.response_length")
+                for mark, count in sorted(lengths["over_chars"].items(), key=lambda kv: int(kv[0])):
+                    card.add(f"{base_key}.over.{mark}", count, str(count), f"{res}: error_analysis.response_length")
+    files = []
+    for name, entry in sorted(source.gguf_files.items()):
+        if entry["published"]:
+            files.append({"name": name, "key": card.add(f"gguf.file.{name}", entry["size_bytes"],
+                                                        fmt_bytes(entry["size_bytes"]), f"gguf/{name}")})
+    card.tables["gguf_files"] = files
+    if all(f"gguf.{m}_bytes" in card.numbers for m in ("base", "pruned")):
+        ratio = card.numbers["gguf.pruned_bytes"].value / card.numbers["gguf.base_bytes"].value - 1
+        card.add("gguf.delta", ratio, fmt_signed_pct(ratio, 1), "gguf.pruned_bytes / gguf.base_bytes - 1")
+    base_primary = _score(results, "base", primary, PRIMARY_FILTER)
+    pruned_primary = _score(results, "pruned", primary, PRIMARY_FILTER)
+    if base_primary and pruned_primary:
+        diff = pruned_primary["value"] - base_primary["value"]
+        card.add("eval.delta", diff, fmt_pp(diff), "pruned - base, flexible-extract")
+    comparisons = []
+    for task, comparison in sorted(results.get("comparisons", {}).items()):
+        key = f"cmp.{task}"
+        table = comparison["table"]
+        for name in ("both_correct", "base_only_correct", "pruned_only_correct", "both_wrong"):
+            card.add(f"{key}.{name}", table[name], fmt_int(table[name]), f"{res}: comparisons.{task}.table")
+        card.add(f"{key}.n", comparison["n"], fmt_int(comparison["n"]), f"{res}: comparisons.{task}.n")
+        card.add(f"{key}.difference", comparison["difference"], fmt_pp(comparison["difference"]),
+                 f"{res}: comparisons.{task}.difference")
+        card.add(f"{key}.p", comparison["mcnemar"]["p_value"], fmt_p(comparison["mcnemar"]["p_value"]),
+                 f"{res}: comparisons.{task}.mcnemar.p_value")
+        boot = comparison["bootstrap"]
+        card.add(f"{key}.ci_low", boot["low"], fmt_pp(boot["low"]), f"{res}: comparisons.{task}.bootstrap")
+        card.add(f"{key}.ci_high", boot["high"], fmt_pp(boot["high"]), f"{res}: comparisons.{task}.bootstrap")
+        card.add(f"{key}.confidence", boot["confidence"], fmt_pct(boot["confidence"], 0),
+                 f"{res}: comparisons.{task}.bootstrap")
+        comparisons.append({"task": task, "key": key, "filter": comparison["filter"]})
+        card.series.setdefault("agreement", {})[task] = table
+    card.tables["comparisons"] = comparisons

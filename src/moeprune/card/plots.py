@@ -1,0 +1,97 @@
+"""The card's figures (matplotlib, Agg backend, no network): PNG files in ``card/plots/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+PLOT_NAMES = ("retention.png", "concentration.png", "gini.png", "agreement.png")
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    # No creation date or software version in the file: the same data gives the same bytes.
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    fig.clf()
+
+
+def render_plots(series: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write the plots for which ``series`` has data; return their paths."""
+    plt = _pyplot()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    retention = series.get("retention")
+    if retention:
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        layers = retention["layers"]
+        ax.bar([str(layer) for layer in layers], [100 * f for f in retention["fractions"]], color="#4c72b0")
+        if retention.get("threshold") is not None:
+            ax.axhline(100 * retention["threshold"], color="#c44e52", linestyle="--", label="threshold")
+            ax.legend(loc="lower right")
+        low = min(retention["fractions"] + [retention.get("threshold") or 1.0])
+        ax.set_ylim(max(0.0, 100 * low - (100 - 100 * low) * 0.5 - 0.5), 100.05)
+        ax.set_xlabel("MoE layer")
+        ax.set_ylabel("retained contribution (%)")
+        ax.set_title("Contribution retained per layer after pruning")
+        written.append(out_dir / "retention.png")
+        _save(fig, written[-1])
+        plt.close(fig)
+
+    concentration = series.get("concentration")
+    if concentration:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        cmap = plt.get_cmap("viridis")
+        count = len(concentration["layers"])
+        for i, (layer, curve) in enumerate(zip(concentration["layers"], concentration["cumulative"])):
+            ax.plot(range(1, len(curve) + 1), curve, color=cmap(i / max(1, count - 1)), linewidth=1,
+                    label=f"L{layer}" if count <= 8 else None)
+        ax.set_xlabel("experts (largest contribution first)")
+        ax.set_ylabel("cumulative share of contribution")
+        ax.set_title("Contribution concentration per layer")
+        ax.set_ylim(0, 1.01)
+        if count <= 8:
+            ax.legend(fontsize="small")
+        written.append(out_dir / "concentration.png")
+        _save(fig, written[-1])
+        plt.close(fig)
+
+    gini = series.get("gini")
+    if gini:
+        fig, ax = plt.subplots(figsize=(8, 3))
+        ax.bar([str(layer) for layer in gini["layers"]], gini["gini"], color="#55a868")
+        ax.set_xlabel("MoE layer")
+        ax.set_ylabel("Gini coefficient")
+        ax.set_title("Concentration of expert contribution (Gini) per layer")
+        written.append(out_dir / "gini.png")
+        _save(fig, written[-1])
+        plt.close(fig)
+
+    agreement = series.get("agreement")
+    if agreement:
+        tasks = sorted(agreement)
+        fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            table = agreement[task]
+            grid = [[table["both_correct"], table["base_only_correct"]],
+                    [table["pruned_only_correct"], table["both_wrong"]]]
+            ax.imshow(grid, cmap="Blues")
+            for r in range(2):
+                for c in range(2):
+                    ax.text(c, r, str(grid[r][c]), ha="center", va="center", fontsize=12)
+            ax.set_xticks([0, 1], ["pruned correct", "pruned wrong"])
+            ax.set_yticks([0, 1], ["base correct", "base wrong"])
+            ax.set_title(task)
+        fig.suptitle("Base vs pruned, same questions")
+        written.append(out_dir / "agreement.png")
+        _save(fig, written[-1])
+        plt.close(fig)
+    return written

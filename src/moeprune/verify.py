@@ -1,0 +1,546 @@
+"""``invoke verify``: an auditor's check of a published artifact (or a local run).
+
+From the artifact alone (plus, optionally, the base checkpoint) it:
+
+1. validates ``manifest.json`` and re-hashes every file it lists (size and sha256); files present
+   but not listed are failures too;
+2. validates every JSON artifact against its schema;
+3. recomputes ``eval/results.json`` from the per-sample logs and compares every number;
+4. checks the drop map against the weight shapes and ``config.json``, and against the profile
+   statistics it was made from (sha256); recomputes ``profile/profile.json``'s findings;
+5. recomputes every number of the card from the artifacts, compares it with
+   ``card_numbers.json``, and re-renders the card text to compare it with ``README.md`` line by line;
+6. with ``--base``, checks every kept expert bit-exact against the base (and the base's
+   parameter count and size as the card states them).
+
+A Hub repo id is first downloaded with ``snapshot_download`` into a temporary directory; its GGUF
+repository is checked remotely (sha256 of each file from the Hub's file listing).
+Each check is one row of the report; any failure names the file and the value that disagrees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moeprune.errors import MoepruneError
+from moeprune.hashing import sha256_file
+from moeprune.manifest import MANIFEST_NAME, artifact_files
+from moeprune.layout import RunLayout
+
+_IGNORED_LOCAL = {MANIFEST_NAME, ".gitattributes"}
+_MAX_DETAILS = 8
+
+
+class VerifyError(MoepruneError):
+    """The artifact could not be verified at all (not found, not a moeprune artifact)."""
+
+
+@dataclass
+class Check:
+    name: str
+    target: str
+    ok: bool | None  # None: skipped
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    subject: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok is not False for check in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [check for check in self.checks if check.ok is False]
+
+    def add(self, name: str, target: str, problems: list[str], passed: str = "", skipped: str | None = None) -> None:
+        if skipped is not None:
+            self.checks.append(Check(name, target, None, skipped))
+        elif problems:
+            shown = problems[:_MAX_DETAILS]
+            more = f"\n… and {len(problems) - _MAX_DETAILS} more" if len(problems) > _MAX_DETAILS else ""
+            self.checks.append(Check(name, target, False, "\n".join(shown) + more))
+        else:
+            self.checks.append(Check(name, target, True, passed))
+
+
+@dataclass
+class _Artifact:
+    """Where each manifest entry lives locally."""
+
+    root: Path
+    manifest: dict[str, Any]
+    local: dict[tuple[str, str], Path]
+    extra_local: list[str]
+    source: Any  # ArtifactSource
+    is_run: bool
+
+
+def _open_artifact(path: Path, base_dir: Path | None, gguf_dir: Path | None = None) -> _Artifact:
+    from moeprune.card.source import ArtifactSource
+
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise VerifyError(f"{manifest_path}: not found; pass a run directory (runs/<name>) or a published artifact")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise VerifyError(f"{manifest_path}: not valid JSON: {exc}") from None
+    if (path / "pruned").is_dir():  # a run directory
+        layout = RunLayout(path)
+        published, unpublished = artifact_files(layout)
+        local = {(f.repo, f.path_in_repo): f.local_path for f in published + unpublished}
+        listed = {(f["repo"], f["path"]) for f in manifest.get("files", []) + manifest.get("unpublished", [])}
+        extra = sorted(f"{repo}:{p}" for repo, p in set(local) - listed)
+        source = ArtifactSource.from_run(layout, manifest.get("recipe", {}), base_dir=base_dir)
+        return _Artifact(path, manifest, local, extra, source, True)
+    local = {}
+    for entry in manifest.get("files", []):
+        if entry.get("repo") == "model":
+            local[("model", entry["path"])] = path / entry["path"]
+        elif gguf_dir is not None and (gguf_dir / entry["path"]).is_file():
+            local[("gguf", entry["path"])] = gguf_dir / entry["path"]
+    present = {
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    }
+    listed_model = {entry["path"] for entry in manifest.get("files", []) if entry.get("repo") == "model"}
+    extra = sorted(f"model:{p}" for p in present - listed_model - _IGNORED_LOCAL)
+    return _Artifact(path, manifest, local, extra, ArtifactSource.from_artifact(path, base_dir=base_dir), False)
+
+
+# --- checks -------------------------------------------------------------------------------------
+def _check_manifest(report: VerifyReport, art: _Artifact) -> None:
+    from moeprune.schemas import SchemaError, validate
+
+    try:
+        validate("manifest", art.manifest, source=art.root / MANIFEST_NAME)
+        report.add("schema", MANIFEST_NAME, [], "valid")
+    except SchemaError as exc:
+        report.add("schema", MANIFEST_NAME, [str(exc)])
+
+
+def _check_hashes(report: VerifyReport, art: _Artifact, remote_gguf: dict[str, Any] | None) -> None:
+    problems = []
+    checked = skipped = 0
+    entries = [(e, "published") for e in art.manifest.get("files", [])] + [
+        (e, "unpublished") for e in art.manifest.get("unpublished", [])
+    ]
+    for entry, kind in entries:
+        key = (entry["repo"], entry["path"])
+        shown = f"{entry['repo']}:{entry['path']}" if entry["repo"] != "model" else entry["path"]
+        path = art.local.get(key)
+        if path is None or not path.is_file():
+            if entry["repo"] == "gguf" and remote_gguf is not None and kind == "published":
+                remote = remote_gguf.get(entry["path"])
+                if remote is None:
+                    problems.append(f"{shown}: missing from the GGUF repository")
+                elif remote.get("sha256") not in (None, entry["sha256"]) or remote["size"] != entry["size_bytes"]:
+                    problems.append(f"{shown}: the Hub has sha256 {remote.get('sha256')} ({remote['size']} bytes), "
+                                    f"manifest says {entry['sha256']} ({entry['size_bytes']} bytes)")
+                else:
+                    checked += 1
+                continue
+            if entry["repo"] == "gguf":
+                skipped += 1  # the GGUF repo or the unpublished base GGUF is not part of this download
+                continue
+            problems.append(f"{shown}: listed in the manifest but missing")
+            continue
+        size = path.stat().st_size
+        if size != entry["size_bytes"]:
+            problems.append(f"{shown}: size {size} bytes, manifest says {entry['size_bytes']}")
+            continue
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            problems.append(f"{shown}: sha256 {digest} does not match the manifest's {entry['sha256']}")
+            continue
+        checked += 1
+    problems += [f"{name}: present but not listed in the manifest" for name in art.extra_local]
+    note = f"{checked} files match" + (f"; {skipped} GGUF files not downloaded (not checked)" if skipped else "")
+    report.add("sha256 + size", "manifest.json files", problems, note)
+
+
+def _check_schemas(report: VerifyReport, art: _Artifact) -> None:
+    from moeprune.publish import SCHEMA_OF
+    from moeprune.schemas import SCHEMA_DIR, SchemaError, validate_file
+
+    for path_in_repo, schema in sorted(SCHEMA_OF.items()):
+        if path_in_repo == MANIFEST_NAME:
+            continue
+        path = art.local.get(("model", path_in_repo))
+        if path is None:
+            continue
+        if not (SCHEMA_DIR / f"{schema}.schema.json").is_file():
+            report.add("schema", path_in_repo, [], skipped=f"schemas/{schema}.schema.json not available")
+            continue
+        try:
+            validate_file(schema, path)
+            report.add("schema", path_in_repo, [], f"valid ({schema})")
+        except SchemaError as exc:
+            report.add("schema", path_in_repo, [str(exc)])
+
+
+def _diff(stored: Any, recomputed: Any, where: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(recomputed, dict):
+        out = []
+        for key in sorted(set(stored) | set(recomputed), key=str):
+            sub = f"{where}/{key}"
+            if key not in stored or key not in recomputed:
+                out.append(f"{sub}: {'missing in file' if key not in stored else 'not recomputed'}")
+            else:
+                out += _diff(stored[key], recomputed[key], sub)
+        return out
+    if isinstance(stored, list) and isinstance(recomputed, list) and len(stored) == len(recomputed):
+        return [line for i, (a, b) in enumerate(zip(stored, recomputed)) for line in _diff(a, b, f"{where}/{i}")]
+    if isinstance(stored, float) and isinstance(recomputed, (int, float)) and not isinstance(recomputed, bool):
+        if math.isclose(stored, recomputed, rel_tol=1e-12, abs_tol=1e-15):
+            return []
+    return [] if stored == recomputed else [f"{where or '/'}: file says {stored!r}, recomputed {recomputed!r}"]
+
+
+def _check_results(report: VerifyReport, art: _Artifact) -> dict[str, Any] | None:
+    from moeprune.eval.results import RESULTS_NAME, recompute_results
+
+    results_path = art.source.eval_dir / RESULTS_NAME
+    target = "eval/results.json"
+    if not results_path.is_file():
+        report.add("recompute", target, [f"{target}: missing"])
+        return None
+    try:
+        recomputed = json.loads(json.dumps(recompute_results(art.source.eval_dir)))
+    except MoepruneError as exc:
+        report.add("recompute from sample logs", target, [str(exc)])
+        return None
+    stored = json.loads(results_path.read_text(encoding="utf-8"))
+    problems = [f"{target}{line}" for line in _diff(stored, recomputed)]
+    report.add("recompute from sample logs", target, problems, "every metric matches the sample logs")
+    return recomputed
+
+
+def _check_drop_map(report: VerifyReport, art: _Artifact) -> None:
+    from moeprune.card.numbers import checkpoint_facts
+    from moeprune.dropmap.io import load_drop_map
+
+    target = "expert_drop_metadata.json"
+    problems: list[str] = []
+    try:
+        drop_map = load_drop_map(art.source.drop_map_path)
+        facts = checkpoint_facts(art.source.model_dir)
+        config = json.loads((art.source.model_dir / "config.json").read_text(encoding="utf-8"))
+    except MoepruneError as exc:
+        report.add("drop map vs weights", target, [str(exc)])
+        return
+    copy = art.source.model_dir / target
+    if art.is_run and copy.is_file() and sha256_file(copy) != sha256_file(art.source.drop_map_path):
+        problems.append(f"pruned/{target} differs from the run's {target}: the checkpoint was pruned with "
+                        "another drop map; rerun `invoke prune`")
+    text = config.get("text_config") or config
+    kept = drop_map["num_experts_kept"]
+    if kept is not None and text.get("num_experts") != kept:
+        problems.append(f"config.json: num_experts = {text.get('num_experts')}, drop map keeps {kept}")
+    if drop_map["top_k"] != (text.get("top_k_experts") or text.get("num_experts_per_tok")):
+        problems.append(f"config.json: top-k {text.get('top_k_experts')} differs from the drop map's {drop_map['top_k']}")
+    layers = {entry["layer"]: entry for entry in drop_map["layers"]}
+    if sorted(layers) != sorted(facts.experts_per_layer):
+        problems.append(f"drop map covers layers {sorted(layers)}, the weights have expert tensors in "
+                        f"{sorted(facts.experts_per_layer)}")
+    for layer, entry in sorted(layers.items()):
+        got = facts.experts_per_layer.get(layer)
+        if got is not None and got != len(entry["keep"]):
+            problems.append(f"layer {layer}: weights hold {got} experts, drop map keeps {len(entry['keep'])}")
+        if sorted(entry["keep"] + entry["drop"]) != list(range(drop_map["num_experts"])):
+            problems.append(f"layer {layer}: keep + drop is not a partition of 0..{drop_map['num_experts'] - 1}")
+    report.add("drop map vs weights", target, problems,
+               f"{len(layers)} layers, {kept if kept is not None else 'varying'} of {drop_map['num_experts']} experts kept")
+
+
+def _number_matches(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def _check_card(report: VerifyReport, art: _Artifact, results: dict[str, Any] | None) -> None:
+    from moeprune.card.numbers import compute_card_numbers
+    from moeprune.card.render import (
+        CARD_NUMBERS_NAME,
+        GGUF_TEMPLATE_PATH,
+        TEMPLATE_PATH,
+        render_gguf_text,
+        render_text,
+    )
+
+    numbers_path = art.local.get(("model", CARD_NUMBERS_NAME))
+    readme_path = art.local.get(("model", "README.md"))
+    if numbers_path is None or readme_path is None or not numbers_path.is_file() or not readme_path.is_file():
+        report.add("card numbers", "README.md", ["README.md or card_numbers.json is missing"])
+        return
+    if results is None:
+        report.add("card numbers", CARD_NUMBERS_NAME, [], skipped="eval results could not be recomputed")
+        return
+    stored = json.loads(numbers_path.read_text(encoding="utf-8"))
+    try:
+        recomputed = compute_card_numbers(art.source, results)
+    except MoepruneError as exc:
+        report.add("card numbers", CARD_NUMBERS_NAME, [str(exc)])
+        return
+    problems = []
+    stored_numbers = stored.get("numbers", {})
+    for key in sorted(set(stored_numbers) | set(recomputed.numbers)):
+        if key not in recomputed.numbers:
+            problems.append(f"{CARD_NUMBERS_NAME}: '{key}' cannot be recomputed from the artifacts")
+            continue
+        if key not in stored_numbers:
+            problems.append(f"{CARD_NUMBERS_NAME}: '{key}' is missing")
+            continue
+        ours, theirs = recomputed.numbers[key], stored_numbers[key]
+        if not _number_matches(theirs.get("value"), ours.value) or theirs.get("display") != ours.display:
+            problems.append(f"{CARD_NUMBERS_NAME}: '{key}' = {theirs.get('display')!r} ({theirs.get('value')!r}), "
+                            f"recomputed {ours.display!r} ({ours.value!r}) from {ours.source}")
+    facts = json.loads(json.dumps(recomputed.facts))
+    for key in sorted(set(stored.get("facts", {})) | set(facts)):
+        if stored.get("facts", {}).get(key) != facts.get(key):
+            problems.append(f"{CARD_NUMBERS_NAME}: fact '{key}' = {stored.get('facts', {}).get(key)!r}, "
+                            f"recomputed {facts.get(key)!r}")
+    report.add("card numbers", CARD_NUMBERS_NAME, problems, f"{len(recomputed.numbers)} numbers recomputed")
+
+    # The card text: re-render from the recomputed numbers and compare line by line.
+    text = readme_path.read_text(encoding="utf-8")
+    card_problems = _check_card_metadata(text)
+    if stored.get("template_sha256") != sha256_file(TEMPLATE_PATH):
+        # A card made by another template version: check each number appears where it can.
+        missing = [f"README.md: '{key}' = {n.display!r} does not appear on the card"
+                   for key, n in recomputed.numbers.items() if n.display not in text]
+        report.add("card text", "README.md", card_problems + missing,
+                   "made by another template version: every number appears on the card")
+        return
+    expected = render_text(recomputed, stored.get("context", {}), TEMPLATE_PATH)
+    if expected != text:
+        card_problems += _describe_card_diff(expected, text, recomputed)
+    report.add("card text", "README.md", card_problems, "re-rendered from recomputed numbers: identical")
+
+    gguf_readme = art.local.get(("gguf", "README.md"))
+    if gguf_readme is not None and gguf_readme.is_file():
+        if stored.get("gguf_template_sha256") != sha256_file(GGUF_TEMPLATE_PATH):
+            report.add("card text", "gguf:README.md", [], skipped="made by another template version")
+            return
+        want = render_gguf_text(recomputed, stored.get("context", {}))
+        got = gguf_readme.read_text(encoding="utf-8")
+        problems = [] if want == got else [p.replace("README.md", "gguf:README.md", 1)
+                                           for p in _describe_card_diff(want, got, recomputed)]
+        report.add("card text", "gguf:README.md", problems, "re-rendered from recomputed numbers: identical")
+
+
+def _check_card_metadata(text: str) -> list[str]:
+    """The card must load with huggingface_hub and carry its metadata."""
+    from huggingface_hub import ModelCard
+
+    try:
+        card = ModelCard(text, ignore_metadata_errors=False)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is reported as such
+        return [f"README.md: metadata does not load with ModelCard: {exc}"]
+    if not card.data.to_dict().get("license"):
+        return ["README.md: metadata has no license"]
+    return []
+
+
+def _describe_card_diff(expected: str, actual: str, numbers: Any) -> list[str]:
+    exp_lines, act_lines = expected.splitlines(), actual.splitlines()
+    problems = []
+    for index in range(max(len(exp_lines), len(act_lines))):
+        want = exp_lines[index] if index < len(exp_lines) else ""
+        got = act_lines[index] if index < len(act_lines) else ""
+        if want == got:
+            continue
+        culprits = [f"'{key}' should read {n.display!r}" for key, n in numbers.numbers.items()
+                    if n.display in want and want.count(n.display) > got.count(n.display)]
+        detail = "; ".join(culprits[:4]) or f"expected {want.strip()!r}"
+        problems.append(f"README.md line {index + 1}: {got.strip()!r} disagrees with the artifacts ({detail})")
+        if len(problems) >= _MAX_DETAILS:
+            break
+    return problems
+
+
+def _check_base(report: VerifyReport, art: _Artifact, base_dir: Path | None) -> None:
+    if base_dir is None:
+        report.add("kept experts bit-exact", "--base", [], skipped="no --base given")
+        return
+    from moeprune.card.numbers import checkpoint_facts
+    from moeprune.prune.verify import verify_prune
+
+    prune_report = verify_prune(base_dir, art.source.model_dir)
+    report.add("kept experts bit-exact", str(base_dir), [f"model weights: {p}" for p in prune_report.problems],
+               f"{prune_report.expert_slices_checked} expert slices, {prune_report.identical_tensors} tensors identical")
+    numbers_path = art.local.get(("model", "card_numbers.json"))
+    if numbers_path is None or not numbers_path.is_file():
+        return
+    stored = json.loads(numbers_path.read_text(encoding="utf-8")).get("numbers", {})
+    facts = checkpoint_facts(base_dir)
+    problems = []
+    for key, actual in (("params.base", facts.params), ("weights.base_bytes", facts.tensor_bytes)):
+        if key in stored and stored[key]["value"] != actual:
+            problems.append(f"card_numbers.json: '{key}' = {stored[key]['value']}, the base checkpoint has {actual}")
+    report.add("base size on the card", str(base_dir), problems, f"{facts.params} parameters, {facts.tensor_bytes} bytes")
+
+
+def _check_gguf_records(report: VerifyReport, art: _Artifact, results: dict[str, Any] | None) -> None:
+    if results is None:
+        return
+    published = {e["sha256"]: e for e in art.manifest.get("files", []) if e["repo"] == "gguf"}
+    unpublished = {e["sha256"]: e for e in art.manifest.get("unpublished", []) if e["repo"] == "gguf"}
+    problems = []
+    for model, entry in sorted(results["models"].items()):
+        gguf = entry["gguf"]
+        pool = published if model != "base" else {**published, **unpublished}
+        found = pool.get(gguf["sha256"])
+        if found is None:
+            problems.append(f"eval/results.json: models.{model}.gguf.sha256 {gguf['sha256']} is no GGUF file of the manifest")
+        elif found["size_bytes"] != gguf["size_bytes"]:
+            problems.append(f"eval/results.json: models.{model}.gguf.size_bytes {gguf['size_bytes']} "
+                            f"!= manifest {found['size_bytes']} ({found['path']})")
+    report.add("evaluated GGUF = published GGUF", "eval/results.json", problems, "sha256 and size match the manifest")
+
+
+def _check_profile(report: VerifyReport, art: _Artifact) -> None:
+    """The drop map was made from these statistics, and profile.json's findings follow from them."""
+    from moeprune.profile.findings import compute_findings
+    from moeprune.profile.stats import load_stats
+
+    stats_path = art.source.stats_path
+    problems = []
+    if not stats_path.is_file():
+        report.add("profile findings", "profile/stats.safetensors", ["profile/stats.safetensors: missing"])
+        return
+    try:
+        drop_map = json.loads(art.source.drop_map_path.read_text(encoding="utf-8"))
+        stats = load_stats(stats_path)
+    except (OSError, ValueError, MoepruneError) as exc:
+        report.add("profile findings", "profile/stats.safetensors", [str(exc)])
+        return
+    expected = (drop_map.get("hashes") or {}).get("profile_stats_sha256")
+    actual = sha256_file(stats_path)
+    if expected and expected != actual:
+        problems.append(f"expert_drop_metadata.json: hashes.profile_stats_sha256 = {expected}, "
+                        f"but profile/stats.safetensors has sha256 {actual}")
+    summary_path = art.local.get(("model", "profile/profile.json"))
+    checked = "drop map made from these statistics"
+    if summary_path is not None and summary_path.is_file():
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        settings = (summary.get("settings") or {}).get("profile") or {}
+        if "findings" in summary and settings:
+            per_domain = {d: stats.per_domain[d]["contribution_sum"] for d in stats.domains}
+            found = compute_findings(stats.totals["contribution_sum"], stats.layers, per_domain,
+                                     overlap_k=settings["top_overlap_k"], share_k=settings["top_share_k"],
+                                     coverage_fraction=settings["coverage_fraction"])
+            problems += [f"profile/profile.json: findings{line}"
+                         for line in _diff(summary["findings"], json.loads(json.dumps(found)))]
+            checked += "; profile.json findings recomputed"
+    report.add("profile findings", "profile/stats.safetensors", problems, checked)
+
+
+def verify_artifact(
+    path: Path,
+    base_dir: Path | None = None,
+    remote_gguf: dict[str, Any] | None = None,
+    gguf_dir: Path | None = None,
+    rehash: bool = True,
+) -> VerifyReport:
+    """Run every check on a local run directory or downloaded artifact; return the report.
+
+    For a downloaded artifact, ``gguf_dir`` holds files downloaded from its GGUF repository (they
+    are re-hashed), and ``remote_gguf`` the Hub's listing of that repository (sha256 and size of
+    the files not downloaded). ``rehash=False`` skips re-hashing (for a manifest just written
+    from these very files, as ``publish`` does before uploading).
+    """
+    path = Path(path)
+    art = _open_artifact(path, base_dir, gguf_dir)
+    report = VerifyReport(str(path))
+    _check_manifest(report, art)
+    if rehash:
+        _check_hashes(report, art, remote_gguf)
+    else:
+        report.add("sha256 + size", "manifest.json files", [], skipped="manifest written from these files just now")
+    _check_schemas(report, art)
+    results = _check_results(report, art)
+    _check_gguf_records(report, art, results)
+    _check_drop_map(report, art)
+    _check_profile(report, art)
+    _check_card(report, art, results)
+    _check_base(report, art, base_dir)
+    return report
+
+
+def _remote_gguf_listing(api: Any, repo_id: str) -> dict[str, Any]:
+    from huggingface_hub.hf_api import RepoFile
+
+    listing = {}
+    for entry in api.list_repo_tree(repo_id, recursive=True, expand=True):
+        if isinstance(entry, RepoFile):
+            listing[entry.path] = {"size": entry.size, "sha256": entry.lfs.sha256 if entry.lfs else None,
+                                   "blob_id": entry.blob_id}
+    return listing
+
+
+def verify(target: str, base_dir: Path | None = None, *, endpoint: str | None = None, token: str | None = None,
+           revision: str | None = None) -> VerifyReport:
+    """Verify a local path, or download a Hub repo id (``endpoint`` configurable) and verify it."""
+    local = Path(target).expanduser()
+    if local.exists():
+        return verify_artifact(local, base_dir)
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    from moeprune.publish import DEFAULT_ENDPOINT, redact, resolve_token
+
+    endpoint = endpoint or DEFAULT_ENDPOINT
+    token = resolve_token(token)
+    try:
+        with tempfile.TemporaryDirectory(prefix="moeprune-verify-") as tmp:
+            snapshot = Path(snapshot_download(target, revision=revision, local_dir=Path(tmp) / "artifact",
+                                              endpoint=endpoint, token=token or False))
+            manifest = json.loads((snapshot / MANIFEST_NAME).read_text(encoding="utf-8")) \
+                if (snapshot / MANIFEST_NAME).is_file() else {}
+            gguf_repo = (manifest.get("repo_ids") or {}).get("gguf")
+            remote = gguf_dir = None
+            if gguf_repo:
+                remote = _remote_gguf_listing(HfApi(endpoint=endpoint, token=token or False), gguf_repo)
+                if "README.md" in remote:  # small: fetched so its numbers can be checked too
+                    gguf_dir = Path(tmp) / "gguf"
+                    hf_hub_download(gguf_repo, "README.md", local_dir=gguf_dir, endpoint=endpoint,
+                                    token=token or False)
+            report = verify_artifact(snapshot, base_dir, remote_gguf=remote, gguf_dir=gguf_dir)
+            report.subject = target
+            return report
+    except MoepruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - network/Hub failures become one clear message
+        raise VerifyError(f"could not download {target} from {endpoint}: {redact(f'{type(exc).__name__}: {exc}', token)}") from None
+
+
+def print_report(report: VerifyReport) -> None:
+    """The checks as a rich table, then a one-line verdict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"verify {report.subject}", show_lines=True)
+    table.add_column("check")
+    table.add_column("target")
+    table.add_column("result")
+    table.add_column("detail", overflow="fold")
+    for check in report.checks:
+        status = "[green]ok[/green]" if check.ok else "[yellow]skipped[/yellow]" if check.ok is None else "[red]FAILED[/red]"
+        table.add_row(check.name, check.target, status, check.detail)
+    console.print(table)
+    if report.ok:
+        console.print(f"[green]verified[/green]: {sum(1 for c in report.checks if c.ok)} checks passed")
+    else:
+        console.print(f"[red]verification failed[/red]: {len(report.failures)} check(s) failed")

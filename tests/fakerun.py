@@ -1,0 +1,213 @@
+"""A small but complete run directory, built with the real stage code on a tiny random model.
+
+Profile statistics are synthetic (no generation), the GGUF files are stand-in bytes, and the
+evaluation sample logs are synthetic lm-eval records; everything downstream of them (drop map,
+pruned checkpoint, results.json, card, manifest) is produced by moeprune's own functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moeprune.layout import RunLayout
+from moeprune.recipe import Recipe, load_recipe
+
+NUM_EXPERTS = 16
+NUM_LAYERS = 4
+DOMAINS = ["math", "logic", "code", "science", "creative"]
+TASK = "demo_mcq"
+LETTERS = "ABCD"
+
+
+@dataclass
+class FakeRun:
+    recipe: Recipe
+    layout: RunLayout
+    base_dir: Path
+
+
+def save_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+    import torch
+    import transformers
+    from transformers import Gemma4Config, Gemma4TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma4Config(
+        text_config=Gemma4TextConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=NUM_LAYERS,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
+            enable_moe_block=True, num_experts=NUM_EXPERTS, top_k_experts=2, moe_intermediate_size=32,
+            hidden_size_per_layer_input=0, sliding_window=64,
+            layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        ),
+        vision_config=None,
+        audio_config=None,
+    )
+    model = transformers.Gemma4ForConditionalGeneration(cfg)
+    model.save_pretrained(out_dir, max_shard_size="300KB")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 2048}))
+    return out_dir
+
+
+def write_recipe(root: Path) -> Path:
+    prompts = root / "prompts.jsonl"
+    with open(prompts, "w") as handle:
+        for domain in DOMAINS:
+            for i in range(2):
+                handle.write(json.dumps({"id": f"{domain}-{i}", "domain": domain, "prompt": f"{domain} {i}?"}) + "\n")
+    path = root / "fake.toml"
+    path.write_text(textwrap.dedent(f"""
+        name = "fake"
+        [model]
+        base = "./base"
+        dtype = "float32"
+        license = "apache-2.0"
+        name = "Fake MoE, expert-pruned"
+        [calibration]
+        prompts = "prompts.jsonl"
+        domains = {json.dumps(DOMAINS)}
+        prompts_per_domain = 2
+        max_new_tokens = 8
+        [profile]
+        device_map = "cpu"
+        top_overlap_k = 4
+        top_share_k = 2
+        [dropmap]
+        strategy = "uniform-min-retention"
+        criterion = "contribution-sum"
+        retention_threshold = 0.95
+        [prune]
+        max_shard_bytes = 200_000
+        [serve]
+        ctx_size = 2048
+        n_gpu_layers = 0
+        reasoning_budget = 64
+        [eval]
+        tasks = ["{TASK}"]
+        max_gen_toks = 128
+        bootstrap_resamples = 500
+        [publish]
+        repo_id = "me/fake-pruned"
+        gguf_repo_id = "me/fake-pruned-GGUF"
+        [card]
+        tags = ["moe", "expert-pruning", "test"]
+        """))
+    return path
+
+
+def write_stats(layout: RunLayout, seed: int = 0) -> None:
+    from moeprune.profile.stats import build_stats, save_stats
+
+    rng = np.random.default_rng(seed)
+    shape = (len(DOMAINS), NUM_LAYERS, NUM_EXPERTS)
+    # Each layer a different concentration: a few experts carry most of the contribution.
+    alpha = np.linspace(0.3, 1.5, NUM_LAYERS)[None, :, None]
+    base = rng.gamma(alpha, size=(1, NUM_LAYERS, NUM_EXPERTS))
+    counts = rng.integers(1, 50, size=shape)
+    contribution = base * counts * rng.uniform(0.8, 1.2, size=shape)
+    stats = build_stats(
+        layers=list(range(NUM_LAYERS)),
+        domains=DOMAINS,
+        contribution_sum=contribution,
+        routed_count=counts.astype(np.int64),
+        router_prob_sum=counts * 0.1,
+        domain_num_tokens={d: 40 for d in DOMAINS},
+        model_sha256="0" * 64,
+    )
+    save_stats(stats, layout.profile_stats_path)
+
+
+def _records(model: str, n: int, correct: np.ndarray, rng: np.random.Generator) -> list[dict]:
+    records = []
+    for doc_id in range(n):
+        target = LETTERS[doc_id % 4]
+        if correct[doc_id]:
+            answer = f"({target})"
+        elif doc_id % 7 == 3:
+            answer = "[invalid]"
+        else:
+            answer = f"({LETTERS[(doc_id + 1 + rng.integers(0, 3)) % 4]})"
+        text = f"Let me think. {'x' * int(rng.integers(10, 400))} The answer is {answer}"
+        doc = {"question": f"question {doc_id}", "answer": target}
+        for filter_name, filtered in (("strict-match", "[invalid]"), ("flexible-extract", answer)):
+            records.append({
+                "doc_id": doc_id, "doc": doc, "target": f"({target})", "arguments": [[f"q{doc_id}", {}]],
+                "resps": [[text]], "filtered_resps": [filtered], "filter": filter_name,
+                "metrics": ["exact_match"], "exact_match": float(filtered == f"({target})"),
+                "doc_hash": hashlib.sha256(json.dumps(doc).encode()).hexdigest(),
+                "prompt_hash": hashlib.sha256(f"q{doc_id}".encode()).hexdigest(),
+                "target_hash": hashlib.sha256(target.encode()).hexdigest(),
+            })
+    return records
+
+
+def write_eval(recipe: Recipe, layout: RunLayout, n: int = 40, seed: int = 0) -> None:
+    from moeprune.eval.results import task_scores, write_results
+    from moeprune.eval.run import eval_settings, gguf_record, seeds_of
+    from moeprune.eval.samples import sample_log_name, write_sample_log
+
+    rng = np.random.default_rng(seed)
+    base_correct = rng.random(n) < 0.7
+    flips = rng.random(n) < 0.15
+    correct = {"base": base_correct, "pruned": np.where(flips, ~base_correct, base_correct)}
+    gguf = {"base": layout.gguf_dir / "base-Q4_K_M.gguf", "pruned": layout.gguf_dir / "fake-Q4_K_M.gguf"}
+    for model in ("base", "pruned"):
+        model_dir = layout.eval_dir / model
+        records = _records(model, n, correct[model], rng)
+        write_sample_log(model_dir / sample_log_name(TASK), records)
+        scores = task_scores(records)
+        record = {
+            "model": model,
+            "recipe_name": recipe.name,
+            "settings": eval_settings(recipe),
+            "gguf": gguf_record(gguf[model], "Q4_K_M", layout),
+            "llamacpp_build": {"key": "test", "source": {"kind": "pypi-sdist", "version": "0.3.36"}},
+            "server_flags": ["--ctx-size", "2048"],
+            "lm_eval": {"version": "0.4.13", "model_type": "local-chat-completions", "model_args": {}},
+            "seeds": seeds_of(recipe),
+            "tasks": {TASK: {"task_version": 1.0, "sample_log": sample_log_name(TASK),
+                             "reported": {f: {m: {"value": s["value"], "stderr": s["stderr"]} for m, s in ms.items()}
+                                          for f, ms in scores.items()}}},
+        }
+        (model_dir / "run.json").write_text(json.dumps(record, indent=2))
+    write_results(layout.eval_dir)
+
+
+def write_gguf(layout: RunLayout, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    layout.gguf_dir.mkdir(parents=True, exist_ok=True)
+    (layout.gguf_dir / "base-Q4_K_M.gguf").write_bytes(b"GGUF" + rng.bytes(6000))
+    (layout.gguf_dir / "fake-Q4_K_M.gguf").write_bytes(b"GGUF" + rng.bytes(5200))
+    (layout.gguf_dir / "fake-Q4_K_M.gguf.json").write_text(json.dumps({"quant_type": "Q4_K_M"}))
+
+
+def make_fake_run(root: Path, *, with_card: bool = True, with_manifest: bool = True) -> FakeRun:
+    """Build ``root/runs/fake`` (and ``root/base``): profile, drop map, pruned, gguf, eval, card, manifest."""
+    from moeprune.dropmap.stage import run_dropmap
+    from moeprune.prune.surgery import prune_checkpoint
+
+    root.mkdir(parents=True, exist_ok=True)
+    base_dir = save_tiny_model(root / "base")
+    recipe = load_recipe(write_recipe(root), check_inputs=False)
+    layout = RunLayout.for_recipe(recipe.name, runs_dir=root / "runs")
+    layout.profile_dir.mkdir(parents=True, exist_ok=True)
+    write_stats(layout)
+    run_dropmap(recipe, layout)
+    prune_checkpoint(base_dir, layout.drop_map_path, layout.pruned_dir, recipe.prune.max_shard_bytes, fsync=False)
+    write_gguf(layout)
+    write_eval(recipe, layout)
+    if with_card:
+        from moeprune.card.render import run_card
+
+        run_card(recipe, layout)
+    if with_manifest:
+        from moeprune.manifest import write_manifest
+
+        write_manifest(layout, recipe.settings(), {"repo_ids": {"model": "me/fake-pruned", "gguf": "me/fake-pruned-GGUF"}})
+    return FakeRun(recipe, layout, base_dir)
