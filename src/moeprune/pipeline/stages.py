@@ -1,0 +1,276 @@
+"""The stages of `invoke reproduce`, wired to the stage functions of each package.
+
+profile -> dropmap -> prune -> convert-base -> convert-pruned -> quantize-base -> quantize-pruned
+-> eval-base -> eval-pruned -> results -> card -> manifest
+
+Base and pruned models have stages of their own, so a new drop map reruns only the pruned side:
+the base model's GGUF and its evaluation are reused. Every stage runs the same way natively and in
+the container: ``invoke stage NAME --recipe FILE`` (the docker runner runs that in the image).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from moeprune.errors import MoepruneError
+from moeprune.pipeline.graph import Context, Pipeline, Stage
+from moeprune.recipe import Recipe
+
+MODELS = ("base", "pruned")
+
+
+# --- shared helpers ------------------------------------------------------------------------------
+def base_dir(ctx: Context) -> Path:
+    """Local directory of the base model (downloaded once from the Hub for a Hub id)."""
+    if "base_dir" not in ctx.cache:
+        from moeprune.profile.loading import resolve_model_dir
+
+        recipe = ctx.recipe
+        ctx.cache["base_dir"] = Path(resolve_model_dir(recipe.model.base, recipe.base_dir, recipe.model.revision))
+    return ctx.cache["base_dir"]
+
+
+def llamacpp_build(ctx: Context):
+    if "llamacpp" not in ctx.cache:
+        from moeprune.llamacpp.build import ensure_llamacpp
+
+        ctx.cache["llamacpp"] = ensure_llamacpp(ctx.recipe.llamacpp)
+    return ctx.cache["llamacpp"]
+
+
+def llamacpp_tools(ctx: Context) -> dict[str, Any]:
+    return {"llamacpp": llamacpp_build(ctx).key, **_image(ctx)}
+
+
+def _image(ctx: Context) -> dict[str, Any]:
+    digest = ctx.tools.get("image_digest")
+    return {"image_digest": digest} if digest else {}
+
+
+def gguf_file(ctx: Context, which: str, gguf_type: str) -> Path:
+    from moeprune.llamacpp.stages import gguf_path
+
+    return gguf_path(ctx.recipe, which, gguf_type, ctx.layout)
+
+
+def _hf_dir(ctx: Context, which: str) -> Path:
+    return base_dir(ctx) if which == "base" else ctx.layout.pruned_dir
+
+
+def _section(recipe: Recipe, *names: str) -> dict[str, Any]:
+    data = recipe.settings()
+    return {name: data[name] for name in names}
+
+
+def _model_identity(recipe: Recipe) -> dict[str, Any]:
+    return {"base": recipe.model.base, "revision": recipe.model.revision}
+
+
+# --- actions -------------------------------------------------------------------------------------
+def _profile(ctx: Context) -> dict[str, Any]:
+    from moeprune.profile.stage import run_profile
+
+    return _headline(run_profile(ctx.recipe, ctx.layout), ("num_sequences", "num_tokens"))
+
+
+def _dropmap(ctx: Context) -> dict[str, Any]:
+    from moeprune.dropmap.stage import run_dropmap
+
+    return _headline(run_dropmap(ctx.recipe, ctx.layout), ("num_experts_kept", "worst_layer", "worst_retained_fraction"))
+
+
+def _prune(ctx: Context) -> dict[str, Any]:
+    from moeprune.prune.surgery import run_prune
+
+    return _headline(run_prune(ctx.recipe, ctx.layout), ("num_shards", "total_size"))
+
+
+def _convert(which: str):
+    def action(ctx: Context) -> dict[str, Any]:
+        from moeprune.llamacpp.convert import convert_to_gguf
+
+        outtype = ctx.recipe.quantize.convert_outtype
+        record = convert_to_gguf(
+            llamacpp_build(ctx), _hf_dir(ctx, which), gguf_file(ctx, which, outtype), outtype,
+            model_name=ctx.recipe.model.name if which == "pruned" else None,
+            log_path=ctx.layout.logs_dir / f"convert-{which}.log",
+        )
+        return {"size_bytes": record["size_bytes"]}
+
+    return action
+
+
+def _quantize(which: str):
+    def action(ctx: Context) -> dict[str, Any]:
+        from moeprune.llamacpp.quantize import calibration_text, compute_imatrix, quantize_gguf
+
+        build = llamacpp_build(ctx)
+        source = gguf_file(ctx, which, ctx.recipe.quantize.convert_outtype)
+        imatrix = None
+        if ctx.recipe.quantize.imatrix:
+            text = calibration_text(ctx.recipe.prompts_path, ctx.layout.logs_dir / "imatrix-calibration.txt")
+            imatrix = gguf_file(ctx, which, "imatrix")
+            compute_imatrix(build, source, text, imatrix, threads=ctx.recipe.serve.threads,
+                            log_path=ctx.layout.logs_dir / f"imatrix-{which}.log")
+        sizes = {}
+        for qtype in ctx.recipe.quantize.types:
+            record = quantize_gguf(build, source, gguf_file(ctx, which, qtype), qtype, imatrix=imatrix,
+                                   threads=ctx.recipe.serve.threads,
+                                   log_path=ctx.layout.logs_dir / f"quantize-{which}-{qtype}.log")
+            sizes[f"{qtype}_size_bytes"] = record["size_bytes"]
+        return sizes
+
+    return action
+
+
+def _eval(which: str):
+    def action(ctx: Context) -> dict[str, Any]:
+        from moeprune.eval.run import run_eval
+
+        # One model per stage, so a new drop map re-evaluates only the pruned model.
+        section = ctx.recipe.eval.model_copy(update={"models": [which]})
+        recipe = ctx.recipe.model_copy(update={"eval": section})
+        gguf = gguf_file(ctx, which, ctx.recipe.quantize.eval_type)
+        results = run_eval(recipe, ctx.layout, gguf_paths={which: gguf})
+        return _headline_results({"models": {which: results["models"][which]}})
+
+    return action
+
+
+def _results(ctx: Context) -> dict[str, Any]:
+    from moeprune.eval.results import write_results
+
+    results = write_results(ctx.layout.eval_dir)
+    return _headline_results(results)
+
+
+def _card(ctx: Context) -> dict[str, Any]:
+    from moeprune.card.render import run_card
+
+    run_card(ctx.recipe, ctx.layout)
+    return {}
+
+
+def _manifest(ctx: Context) -> dict[str, Any]:
+    from moeprune.manifest import run_manifest
+
+    manifest = run_manifest(ctx.recipe, ctx.layout, tools={"llamacpp": llamacpp_build(ctx).record, **_image(ctx)})
+    return {"files": len(manifest["files"])}
+
+
+def _headline(summary: dict[str, Any] | None, keys: Sequence[str]) -> dict[str, Any]:
+    summary = summary or {}
+    return {key: summary[key] for key in keys if key in summary}
+
+
+def _headline_results(results: dict[str, Any]) -> dict[str, Any]:
+    headline = {}
+    for model, entry in results.get("models", {}).items():
+        for task, task_entry in entry.get("tasks", {}).items():
+            flexible = task_entry.get("scores", {}).get("flexible-extract", {})
+            metric = flexible.get("exact_match") or next(iter(flexible.values()), None)
+            if isinstance(metric, dict) and "value" in metric:
+                headline[f"{model}_{task}_pct"] = round(100 * metric["value"], 2)
+    return headline
+
+
+def _card_templates() -> Path:
+    from moeprune.card.render import TEMPLATE_PATH
+
+    return TEMPLATE_PATH.parent
+
+
+def _with_records(paths: list[Path]) -> list[Path]:
+    """GGUF files and the record written beside each (``<file>.gguf.json``)."""
+    return [p for path in paths for p in (path, path.with_name(path.name + ".json"))]
+
+
+# --- the graph -----------------------------------------------------------------------------------
+def _profile_deps(ctx: Context) -> list[Path]:
+    return [base_dir(ctx), ctx.recipe.prompts_path]
+
+
+def build_pipeline() -> Pipeline:
+    L = lambda ctx: ctx.layout  # noqa: E731
+    stages: list[Stage] = [
+        Stage("profile", "generate, then replay with hooks measuring each expert's weighted output norm",
+              _profile, deps=_profile_deps, outs=lambda c: [L(c).profile_dir],
+              params=lambda r: {**_section(r, "calibration", "profile"), "model": _model_identity(r),
+                                "dtype": r.model.dtype},
+              code=("moeprune.profile",)),
+        Stage("dropmap", "choose the experts to drop", _dropmap,
+              deps=lambda c: [L(c).profile_stats_path, L(c).profile_summary_path, base_dir(c) / "config.json"],
+              outs=lambda c: [L(c).drop_map_path],
+              params=lambda r: {**_section(r, "dropmap"), "model": _model_identity(r)},
+              code=("moeprune.dropmap",)),
+        Stage("prune", "slice experts, router rows and scales into a sharded checkpoint", _prune,
+              deps=lambda c: [base_dir(c), L(c).drop_map_path], outs=lambda c: [L(c).pruned_dir],
+              params=lambda r: _section(r, "prune"), code=("moeprune.prune", "moeprune.io")),
+    ]
+    for which in MODELS:
+        stages.append(Stage(
+            f"convert-{which}", f"convert the {which} checkpoint to GGUF", _convert(which),
+            deps=lambda c, w=which: [_hf_dir(c, w)],
+            outs=lambda c, w=which: _with_records([gguf_file(c, w, c.recipe.quantize.convert_outtype)]),
+            params=lambda r: {"convert_outtype": r.quantize.convert_outtype, "name": r.model.name},
+            code=("moeprune.llamacpp",), tools=llamacpp_tools))
+    for which in MODELS:
+        stages.append(Stage(
+            f"quantize-{which}", f"quantize the {which} GGUF", _quantize(which),
+            deps=lambda c, w=which: [gguf_file(c, w, c.recipe.quantize.convert_outtype)]
+            + ([c.recipe.prompts_path] if c.recipe.quantize.imatrix else []),
+            outs=lambda c, w=which: _with_records([gguf_file(c, w, t) for t in c.recipe.quantize.types]),
+            params=lambda r: _section(r, "quantize"), code=("moeprune.llamacpp",), tools=llamacpp_tools))
+    for which in MODELS:
+        stages.append(Stage(
+            f"eval-{which}", f"serve the {which} GGUF and evaluate it with lm-eval", _eval(which),
+            deps=lambda c, w=which: [gguf_file(c, w, c.recipe.quantize.eval_type)]
+            + ([c.recipe.include_path] if c.recipe.include_path else []),
+            outs=lambda c, w=which: [L(c).eval_dir / w],
+            params=lambda r: _section(r, "eval", "serve"), code=("moeprune.eval", "moeprune.llamacpp"),
+            tools=llamacpp_tools))
+    stages += [
+        Stage("results", "scores, error analysis and the paired comparison", _results,
+              deps=lambda c: [L(c).eval_dir / m for m in MODELS], outs=lambda c: [L(c).results_path],
+              params=lambda r: {"bootstrap_resamples": r.eval.bootstrap_resamples, "seed": r.eval.seed},
+              code=("moeprune.eval",)),
+        Stage("card", "render the model card and its plots", _card,
+              deps=lambda c: [L(c).profile_summary_path, L(c).profile_stats_path, L(c).drop_map_path,
+                              L(c).pruned_dir, L(c).results_path, L(c).gguf_dir, _card_templates()],
+              outs=lambda c: [L(c).card_dir],
+              params=lambda r: _section(r, "model", "calibration", "profile", "dropmap", "serve", "eval", "card",
+                                        "publish"),
+              code=("moeprune.card",)),
+        Stage("manifest", "hash every file of the artifact", _manifest,
+              deps=lambda c: [L(c).profile_dir, L(c).drop_map_path, L(c).pruned_dir, L(c).gguf_dir,
+                              L(c).eval_dir, L(c).card_dir],
+              outs=lambda c: [L(c).manifest_path], params=lambda r: r.settings(),
+              code=("moeprune.manifest",), tools=llamacpp_tools),
+    ]
+    for stage in stages:
+        object.__setattr__(stage, "command", _command_for(stage.name))
+    return Pipeline(stages)
+
+
+def _command_for(name: str):
+    def command(ctx: Context) -> str:
+        recipe = ctx.recipe.source_path or "<recipe>"
+        return shlex.join(["invoke", "stage", name, "--recipe", str(recipe)])
+
+    return command
+
+
+def stage_names() -> list[str]:
+    return build_pipeline().names
+
+
+def run_single_stage(name: str, ctx: Context) -> dict[str, Any]:
+    """Run one stage's action (what `stage_cli` does inside a container)."""
+    pipeline = build_pipeline()
+    for stage in pipeline.stages:
+        if stage.name == name:
+            return stage.action(ctx)
+    raise MoepruneError(f"no stage {name!r}; stages are {', '.join(pipeline.names)}")
