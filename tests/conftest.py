@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -23,3 +26,16 @@ def _isolated_hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_TOKEN_PATH", str(hf / "token"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_llama_server_left_behind():
+    """After the whole session, no llama-server started by any test may still be running."""
+    yield
+    from moeprune.llamacpp.server import leftover_servers
+
+    leftovers = leftover_servers()
+    for pid in leftovers:  # clean up first, then fail loudly
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert leftovers == [], f"llama-server processes left behind by the test session: {leftovers}"

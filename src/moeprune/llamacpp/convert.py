@@ -1,0 +1,241 @@
+"""Hugging Face checkpoint -> GGUF with the pinned convert_hf_to_gguf.py, then check the result.
+
+The converter and the ``gguf`` package it imports both come from the pinned llama.cpp tree
+(``PYTHONPATH=<tree>/gguf-py``), never from whatever ``gguf`` is installed in the environment:
+the GGUF layout must match the binaries that will read it.
+
+After conversion the GGUF is read back (with the pinned gguf-py's ``GGUFReader``) and checked
+against the checkpoint's config: ``<arch>.expert_count`` equals ``num_experts``, every expert
+tensor (and the router and ``ffn_down_exps.scale``) has that many experts, and the general
+metadata names the base model. The file only appears at ``out_path`` when all checks pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from moeprune.atomic import write_json
+from moeprune.errors import MoepruneError
+from moeprune.hashing import sha256_file
+from moeprune.llamacpp.build import LlamaCppBuild
+from moeprune.llamacpp.quantize import public_record
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+LOG_TAIL_LINES = 30
+# Tensors whose last GGUF dimension is the expert axis (ne order: fastest dimension first).
+_EXPERT_TENSOR_RE = re.compile(r"^blk\.\d+\.ffn_(gate|up|down|gate_up)_exps\.weight$|^blk\.\d+\.ffn_gate_inp\.weight$")
+_DOWN_SCALE_RE = re.compile(r"^blk\.\d+\.ffn_down_exps\.scale$")
+
+
+class GGUFCheckError(MoepruneError):
+    """A converted GGUF disagrees with the checkpoint it came from."""
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    return config.get("text_config") or config
+
+
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise MoepruneError(f"{hf_dir}: no config.json; pass a Hugging Face model directory")
+    return json.loads(config_path.read_text())
+
+
+def base_model_of(hf_dir: Path) -> dict[str, str]:
+    """Who this checkpoint derives from: the drop map's base model if present, else the directory.
+
+    Returns {"id": ..., "name": ..., "organization"?: ..., "repo_url"?: ...} for GGUF metadata.
+    """
+    drop_map = hf_dir / "expert_drop_metadata.json"
+    base_id = None
+    if drop_map.is_file():
+        try:
+            base_id = json.loads(drop_map.read_text())["base_model"]["id"]
+        except (ValueError, KeyError, TypeError):
+            base_id = None
+    if not base_id:
+        base_id = hf_dir.resolve().name
+    entry = {"id": base_id}
+    if "/" in base_id and not base_id.startswith(("/", ".", "~")):
+        organization, name = base_id.split("/", 1)
+        entry.update(name=name, organization=organization, repo_url=f"https://huggingface.co/{base_id}")
+    else:
+        entry["name"] = Path(base_id).name
+    return entry
+
+
+def check_gguf(
+    gguf_root: Path,
+    gguf_path: Path,
+    num_experts: int | None,
+    base_model_name: str | None,
+) -> dict[str, Any]:
+    """Check a GGUF against the expected expert count and base model; return what was checked.
+
+    Runs the pinned gguf-py (``<gguf_root>/gguf-py``) in a subprocess so this process never
+    imports a second, different ``gguf`` package. Raises GGUFCheckError on any mismatch.
+    """
+    script = r"""
+import json, sys
+from gguf import GGUFReader
+reader = GGUFReader(sys.argv[1])
+def value(key):
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+arch = value("general.architecture")
+metadata = {}
+for name in reader.fields:
+    if name.startswith("general.") or (arch and name.startswith(arch + ".")):
+        try:
+            v = reader.get_field(name).contents()
+        except Exception:
+            continue
+        if isinstance(v, (str, int, float, bool)) or (isinstance(v, list) and len(v) <= 64):
+            metadata[name] = v
+tensors = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+types = {t.name: t.tensor_type.name for t in reader.tensors}
+json.dump({"arch": arch, "metadata": metadata, "tensors": tensors, "types": types}, sys.stdout)
+"""
+    env = {**os.environ, "PYTHONPATH": str(gguf_root / "gguf-py"), "NO_LOCAL_GGUF": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(gguf_path)], capture_output=True, text=True, env=env
+    )
+    if result.returncode != 0:
+        raise GGUFCheckError(f"{gguf_path}: not a readable GGUF:\n{result.stderr.strip()[-2000:]}")
+    info = json.loads(result.stdout)
+    return verify_gguf_info(info, gguf_path, num_experts, base_model_name)
+
+
+def verify_gguf_info(
+    info: dict[str, Any], gguf_path: Path, num_experts: int | None, base_model_name: str | None
+) -> dict[str, Any]:
+    """Pure part of :func:`check_gguf`: compare read-back metadata/shapes with expectations."""
+    arch = info["arch"]
+    metadata = info["metadata"]
+    tensors: dict[str, list[int]] = info["tensors"]
+    problems: list[str] = []
+    expert_count = metadata.get(f"{arch}.expert_count")
+    expert_tensors = sorted(name for name in tensors if _EXPERT_TENSOR_RE.match(name))
+    scale_tensors = sorted(name for name in tensors if _DOWN_SCALE_RE.match(name))
+    if num_experts is not None:
+        if expert_count != num_experts:
+            problems.append(f"{arch}.expert_count = {expert_count}, config num_experts = {num_experts}")
+        if not expert_tensors:
+            problems.append("no expert tensors (blk.N.ffn_*_exps.weight) found")
+        for name in expert_tensors:
+            if tensors[name][-1] != num_experts:
+                problems.append(f"{name} has {tensors[name][-1]} experts (shape {tensors[name]}), expected {num_experts}")
+        if arch == "gemma4" and not scale_tensors:
+            problems.append("no blk.N.ffn_down_exps.scale tensors (router.per_expert_scale was not converted)")
+        for name in scale_tensors:
+            if tensors[name] != [num_experts]:
+                problems.append(f"{name} has shape {tensors[name]}, expected [{num_experts}]")
+    base_names = [
+        value for key, value in metadata.items()
+        if re.fullmatch(r"general\.base_model\.\d+\.(name|repo_url)", key)
+    ]
+    if base_model_name is not None and not any(base_model_name in str(value) for value in base_names):
+        problems.append(f"general.base_model.* does not name the base model {base_model_name!r} (found {base_names})")
+    if problems:
+        raise GGUFCheckError(f"{gguf_path}: GGUF check failed:\n  - " + "\n  - ".join(problems))
+    return {
+        "architecture": arch,
+        "expert_count": expert_count,
+        "expert_tensors_checked": len(expert_tensors),
+        "down_scale_tensors_checked": len(scale_tensors),
+        "tensor_count": len(tensors),
+        "general": {k: v for k, v in metadata.items() if k.startswith("general.")},
+    }
+
+
+def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def convert_to_gguf(
+    build: LlamaCppBuild,
+    hf_dir: Path,
+    out_path: Path,
+    outtype: str,
+    *,
+    model_name: str | None = None,
+    log_path: Path | None = None,
+) -> dict[str, Any]:
+    """Convert ``hf_dir`` to ``out_path`` (GGUF, ``outtype`` f32/f16/bf16/q8_0) and check it.
+
+    Returns the conversion record (also written, without local paths, to ``<out_path>.json``): converter and build,
+    input config, output sha256/size and the checks made. ``model_name`` sets general.name.
+    Raises MoepruneError when the converter fails or the result does not match the config.
+    """
+    hf_dir = Path(hf_dir)
+    out_path = Path(out_path)
+    if outtype not in OUTTYPES:
+        raise MoepruneError(f"quantize.convert_outtype = {outtype!r}: use one of {', '.join(OUTTYPES)}")
+    config = read_hf_config(hf_dir)
+    num_experts = _text_config(config).get("num_experts")
+    base = base_model_of(hf_dir)
+    metadata_override = {
+        "general.base_models": [{k: v for k, v in base.items() if k != "id"}],
+    }
+    if model_name:
+        metadata_override["general.name"] = model_name
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    converter = build.root / "convert_hf_to_gguf.py"
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.tmp-", dir=out_path.parent) as tmp:
+        tmp_dir = Path(tmp)
+        override_path = tmp_dir / "metadata.json"
+        override_path.write_text(json.dumps(metadata_override))
+        tmp_out = tmp_dir / out_path.name
+        command = [
+            sys.executable, str(converter), str(hf_dir), "--outfile", str(tmp_out),
+            "--outtype", outtype, "--metadata", str(override_path),
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(build.root / "gguf-py"),
+            # Conversion is offline: everything it needs is in hf_dir.
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
+        env.pop("NO_LOCAL_GGUF", None)
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        output = result.stdout + result.stderr
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text(f"$ {' '.join(command)}\n{output}")
+        if result.returncode != 0 or not tmp_out.is_file():
+            raise MoepruneError(
+                f"convert_hf_to_gguf.py failed on {hf_dir} (exit {result.returncode})"
+                + (f"; log: {log_path}" if log_path else "")
+                + f"\n--- last lines ---\n{_tail(output)}"
+            )
+        checks = check_gguf(build.root, tmp_out, num_experts, base["name"])
+        record = {
+            "stage": "convert",
+            "converter": str(converter.relative_to(build.root)),
+            "llamacpp_key": build.key,
+            "llama_cpp_commit": build.record.get("source", {}).get("llama_cpp_commit"),
+            "hf_dir_name": hf_dir.resolve().name,
+            "hf_config_sha256": sha256_file(hf_dir / "config.json"),
+            "num_experts": num_experts,
+            "outtype": outtype,
+            "base_model": base,
+            "out_path": str(out_path),
+            "file": out_path.name,
+            "size_bytes": tmp_out.stat().st_size,
+            "sha256": sha256_file(tmp_out),
+            "checks": checks,
+        }
+        os.replace(tmp_out, out_path)
+    write_json(out_path.with_name(out_path.name + ".json"), public_record(record))
+    return record

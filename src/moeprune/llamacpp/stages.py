@@ -1,0 +1,128 @@
+"""The llama.cpp stages of a run, as called by ``tasks.py``: build, convert, quantize, serve.
+
+File names in ``runs/<name>/gguf/`` (the manifest publishes every file there except those
+starting with ``base``):
+
+- ``<name>-<TYPE>.gguf``  the pruned model (``TYPE`` = convert outtype in upper case, or a quant type)
+- ``base-<TYPE>.gguf``    the unpruned base model, for comparisons (not published)
+- ``<file>.gguf.json``    the conversion/quantization record of each file
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from moeprune.errors import MoepruneError
+from moeprune.layout import RunLayout
+from moeprune.llamacpp.build import LlamaCppBuild, ensure_llamacpp
+from moeprune.llamacpp.convert import convert_to_gguf
+from moeprune.llamacpp.quantize import calibration_text, compute_imatrix, quantize_gguf
+from moeprune.llamacpp.server import LlamaServer
+from moeprune.recipe import Recipe
+
+Which = Literal["pruned", "base"]
+
+
+def gguf_path(recipe: Recipe, which: Which, gguf_type: str, layout: RunLayout | None = None) -> Path:
+    """Where the ``which`` model's GGUF of ``gguf_type`` (e.g. "Q4_K_M", "bf16") lives."""
+    layout = layout or RunLayout.for_recipe(recipe.name)
+    prefix = recipe.name if which == "pruned" else "base"
+    return layout.gguf_dir / f"{prefix}-{gguf_type.upper()}.gguf"
+
+
+def _hf_dir(recipe: Recipe, which: Which, layout: RunLayout) -> Path:
+    if which == "pruned":
+        return layout.pruned_dir
+    if recipe.base_dir is None:
+        raise MoepruneError(
+            f"model.base = {recipe.model.base!r} is a Hub id: download it to a local directory and "
+            "pass --hf-dir to convert the base model"
+        )
+    return recipe.base_dir
+
+
+def build_stage(recipe: Recipe, say: Callable[[str], None] = print) -> tuple[LlamaCppBuild, float]:
+    """Ensure the pinned llama.cpp build; return it and the seconds this call took."""
+    started = time.monotonic()
+    build = ensure_llamacpp(recipe.llamacpp, say=say)
+    return build, time.monotonic() - started
+
+
+def convert_stage(
+    recipe: Recipe, which: Which = "pruned", hf_dir: Path | None = None, out_path: Path | None = None
+) -> dict[str, Any]:
+    """Convert the pruned (or base) checkpoint to GGUF with the recipe's outtype."""
+    layout = RunLayout.for_recipe(recipe.name)
+    hf_dir = hf_dir or _hf_dir(recipe, which, layout)
+    if not (hf_dir / "config.json").is_file():
+        hint = "run `invoke prune` first" if which == "pruned" else "check model.base"
+        raise MoepruneError(f"{hf_dir}: no Hugging Face checkpoint there (config.json missing); {hint}")
+    outtype = recipe.quantize.convert_outtype
+    out_path = out_path or gguf_path(recipe, which, outtype, layout)
+    build = ensure_llamacpp(recipe.llamacpp)
+    return convert_to_gguf(
+        build, hf_dir, out_path, outtype,
+        model_name=recipe.model.name if which == "pruned" else None,
+        log_path=layout.logs_dir / f"convert-{out_path.stem}.log",
+    )
+
+
+def quantize_stage(recipe: Recipe, which: Which = "pruned") -> list[dict[str, Any]]:
+    """Quantize the converted GGUF to every type in quantize.types (with an imatrix if asked)."""
+    layout = RunLayout.for_recipe(recipe.name)
+    source = gguf_path(recipe, which, recipe.quantize.convert_outtype, layout)
+    if not source.is_file():
+        raise MoepruneError(f"{source}: converted GGUF not found; run `invoke convert` first")
+    build = ensure_llamacpp(recipe.llamacpp)
+    imatrix = None
+    if recipe.quantize.imatrix:
+        text = calibration_text(recipe.prompts_path, layout.gguf_dir / ".imatrix-calibration.txt")
+        imatrix = layout.gguf_dir / f"{source.stem}.imatrix.gguf"
+        compute_imatrix(
+            build, source, text, imatrix, threads=recipe.serve.threads,
+            log_path=layout.logs_dir / f"imatrix-{source.stem}.log",
+        )
+    records = []
+    for qtype in recipe.quantize.types:
+        out_path = gguf_path(recipe, which, qtype, layout)
+        records.append(
+            quantize_gguf(
+                build, source, out_path, qtype, imatrix=imatrix, threads=recipe.serve.threads,
+                log_path=layout.logs_dir / f"quantize-{out_path.stem}.log",
+            )
+        )
+    return records
+
+
+def serve_stage(
+    recipe: Recipe,
+    which: Which = "pruned",
+    gguf_type: str | None = None,
+    port: int | None = None,
+    say: Callable[[str], None] = print,
+) -> None:
+    """Serve a GGUF in the foreground until Ctrl-C (or SIGTERM); the server is always stopped."""
+    layout = RunLayout.for_recipe(recipe.name)
+    path = gguf_path(recipe, which, gguf_type or recipe.quantize.eval_type, layout)
+    build = ensure_llamacpp(recipe.llamacpp)
+    log_path = layout.logs_dir / f"serve-{path.stem}.log"
+    # SIGTERM and SIGINT -> KeyboardInterrupt, so `with` cleans up the same way as for Ctrl-C
+    # (SIGINT too: a shell starts background jobs with SIGINT ignored).
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with LlamaServer(build, path, recipe.serve, log_path, port=port) as server:
+            say(f"llama-server ready: {server.base_url}/v1 (OpenAI API), web UI off; log: {log_path}")
+            say(f"flags: {' '.join(server.flags)}")
+            say("Ctrl-C stops it.")
+            while True:
+                server.check_alive()
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        say("stopped.")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
