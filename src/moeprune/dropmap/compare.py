@@ -1,0 +1,584 @@
+"""Criteria comparison: prune a model in memory per criterion and keep count, measure held-out loss.
+
+For each keep count (default 75% and 50% of the experts) and each criterion, the experts are
+ranked by that criterion's score from the profile, each layer keeps its top N (``uniform-count``),
+and the model is pruned *in memory* exactly as the prune stage does on disk: expert weights,
+router rows and per-expert scales are sliced to the kept experts and ``num_experts`` is updated.
+Then it measures
+
+- held-out next-token loss: mean negative log-likelihood (nats per token) of the reference
+  answers given their prompts, over the answer tokens only;
+- held-out accuracy (when the examples carry an answer letter): greedy generation, answer read
+  with the ``The answer is (X)`` pattern, like the eval stage's flexible extraction.
+
+``run_compare_criteria`` writes ``docs/criteria.json`` (every measured number), ``docs/criteria.md``
+(the table) and ``docs/criteria.png`` (the plot).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moeprune.atomic import atomic_file, write_json
+from moeprune.dropmap.select import CRITERIA, DropMapError, criterion_scores, select_experts
+
+DEFAULT_KEEP_FRACTIONS = (0.75, 0.5)
+ANSWER_PATTERN = re.compile(r"answer is \(([A-D])\)")
+
+
+@dataclass(frozen=True)
+class HeldoutExample:
+    """One held-out text: ``context`` is given, the loss is measured on ``target``.
+
+    ``answer_letter`` (A-D) makes the example count for accuracy too.
+    """
+
+    context: str
+    target: str
+    answer_letter: str | None = None
+
+
+# --- in-memory pruning -------------------------------------------------------------------------
+
+
+def moe_decoder_layers(model: Any) -> dict[int, Any]:
+    """Decoder layers that hold an MoE block (``router`` and ``experts``), by layer index."""
+    layers: dict[int, Any] = {}
+    for module in model.modules():
+        if hasattr(module, "router") and hasattr(module, "experts") and hasattr(module, "layer_idx"):
+            layers[int(module.layer_idx)] = module
+    if not layers:
+        raise DropMapError("the model has no MoE decoder layers (router + experts) to prune")
+    return dict(sorted(layers.items()))
+
+
+def prune_experts_in_memory(model: Any, keep_by_layer: Mapping[int, Sequence[int]]) -> None:
+    """Keep only ``keep_by_layer[L]`` experts in every MoE layer L, in place.
+
+    Slices ``experts.gate_up_proj``/``down_proj`` on the expert axis, the router's ``proj`` rows
+    and ``per_expert_scale``, and sets ``num_experts`` on the modules and the text config. Kept
+    experts stay in increasing index order, so the router's top-k picks the best remaining ones.
+    """
+    import torch
+    from torch import nn
+
+    layers = moe_decoder_layers(model)
+    if sorted(keep_by_layer) != sorted(layers):
+        raise DropMapError(
+            f"keep lists cover layers {sorted(keep_by_layer)} but the model's MoE layers are {sorted(layers)}"
+        )
+    counts = {len(keep) for keep in keep_by_layer.values()}
+    if len(counts) != 1:
+        raise DropMapError(f"layers keep different counts {sorted(counts)}; transformers needs one count")
+    kept = counts.pop()
+    for index, layer in layers.items():
+        rows = torch.tensor(sorted(int(i) for i in keep_by_layer[index]), dtype=torch.long)
+        experts, router = layer.experts, layer.router
+        experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.data[rows].clone(), requires_grad=False)
+        experts.down_proj = nn.Parameter(experts.down_proj.data[rows].clone(), requires_grad=False)
+        experts.num_experts = kept
+        router.proj.weight = nn.Parameter(router.proj.weight.data[rows].clone(), requires_grad=False)
+        router.proj.out_features = kept
+        router.per_expert_scale = nn.Parameter(router.per_expert_scale.data[rows].clone(), requires_grad=False)
+    config = getattr(model.config, "text_config", None) or model.config
+    config.num_experts = kept
+    for layer in layers.values():
+        if getattr(layer, "config", None) is not None:
+            layer.config.num_experts = kept
+
+
+# --- measurements ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    input_ids: list[int]
+    target_start: int  # first position whose token is scored
+    answer_letter: str | None
+    context_ids: list[int]
+
+
+def encode_examples(tokenizer: Any, examples: Iterable[HeldoutExample]) -> list[EncodedExample]:
+    """Token ids of context + target (context and target tokenised separately, no BOS added twice)."""
+    encoded = []
+    for example in examples:
+        context_ids = tokenizer(example.context, add_special_tokens=False)["input_ids"]
+        target_ids = tokenizer(example.target, add_special_tokens=False)["input_ids"]
+        if not target_ids:
+            continue
+        encoded.append(EncodedExample(context_ids + target_ids, len(context_ids), example.answer_letter, context_ids))
+    if not encoded:
+        raise DropMapError("no held-out examples with a non-empty target")
+    return encoded
+
+
+def heldout_nll(model: Any, encoded: Sequence[EncodedExample], batch_size: int = 8) -> tuple[float, int]:
+    """(sum of target-token negative log-likelihoods in nats, number of target tokens)."""
+    import torch
+
+    total_nll, total_tokens = 0.0, 0
+    pad_id = 0
+    with torch.inference_mode():
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start : start + batch_size]
+            width = max(len(e.input_ids) for e in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            scored = torch.zeros((len(batch), width), dtype=torch.bool)
+            for row, example in enumerate(batch):
+                # Right padding: causal attention never lets real tokens see the padding.
+                ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
+                mask[row, : len(example.input_ids)] = 1
+                scored[row, example.target_start : len(example.input_ids)] = True
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+            next_ids = ids[:, 1:]
+            token_nll = -log_probs.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
+            use = scored[:, 1:]
+            total_nll += float(token_nll[use].sum())
+            total_tokens += int(use.sum())
+    return total_nll, total_tokens
+
+
+def greedy_accuracy(
+    model: Any, tokenizer: Any, examples: Sequence[HeldoutExample], max_new_tokens: int
+) -> tuple[int, int]:
+    """(correct, total) over examples with an answer letter: greedy decoding from the context,
+    the last ``The answer is (X)`` in the output is the answer (none found counts as wrong)."""
+    import torch
+
+    correct = total = 0
+    with torch.inference_mode():
+        for example in encode_examples(tokenizer, examples):
+            if example.answer_letter is None:
+                continue
+            ids = torch.tensor([example.context_ids])
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            )
+            text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            found = ANSWER_PATTERN.findall(text)
+            total += 1
+            correct += int(bool(found) and found[-1] == example.answer_letter)
+    return correct, total
+
+
+def keep_counts_for(num_experts: int, top_k: int, keep_fractions: Sequence[float]) -> list[int]:
+    """Keep counts for fractions of the experts, rounded, never below top-k."""
+    counts = []
+    for fraction in keep_fractions:
+        if not (0 < fraction <= 1):
+            raise DropMapError(f"keep fraction {fraction} is outside (0, 1]")
+        counts.append(max(top_k, int(round(fraction * num_experts))))
+    return counts
+
+
+def compare_criteria(
+    model: Any,
+    tokenizer: Any,
+    totals: Mapping[str, np.ndarray],
+    per_domain: Mapping[str, Mapping[str, np.ndarray]],
+    layers: Sequence[int],
+    examples: Sequence[HeldoutExample],
+    *,
+    keep_fractions: Sequence[float] = DEFAULT_KEEP_FRACTIONS,
+    criteria: Sequence[str] = CRITERIA,
+    random_seeds: Sequence[int] = (0, 1, 2),
+    batch_size: int = 8,
+    accuracy_fn: Callable[[Any], tuple[int, int]] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Prune ``model`` (a copy per setting) by each criterion and keep count; measure each copy.
+
+    ``accuracy_fn(model) -> (correct, total)`` also measures held-out accuracy (e.g.
+    :func:`greedy_accuracy` bound to a tokenizer). The random criterion is run once per seed in
+    ``random_seeds``. Returns plain data (see :func:`write_criteria_docs`).
+    """
+    model_layers = moe_decoder_layers(model)
+    if list(layers) != list(model_layers):
+        raise DropMapError(f"profile layers {list(layers)} differ from the model's MoE layers {list(model_layers)}")
+    contribution = np.asarray(totals["contribution_sum"], dtype=np.float64)
+    config = getattr(model.config, "text_config", None) or model.config
+    num_experts, top_k = int(config.num_experts), int(config.top_k_experts)
+    if contribution.shape != (len(layers), num_experts):
+        raise DropMapError(
+            f"profile shape {contribution.shape} does not match the model ({len(layers)} layers x {num_experts} experts)"
+        )
+    encoded = encode_examples(tokenizer, examples)
+    model.eval()
+
+    def measure(candidate: Any) -> dict[str, Any]:
+        started = time.monotonic()
+        nll, tokens = heldout_nll(candidate, encoded, batch_size)
+        row: dict[str, Any] = {"loss": nll / tokens, "target_tokens": tokens}
+        if accuracy_fn is not None:
+            correct, total = accuracy_fn(candidate)
+            row.update(correct=correct, answered=total, accuracy=correct / total if total else None)
+        row["seconds"] = round(time.monotonic() - started, 2)
+        return row
+
+    baseline = measure(model) | {"keep_count": num_experts}
+    log(f"baseline ({num_experts} experts): loss {baseline['loss']:.4f}" + _accuracy_note(baseline))
+    rows = []
+    for keep_count, fraction in zip(keep_counts_for(num_experts, top_k, keep_fractions), keep_fractions):
+        for criterion in criteria:
+            seeds = list(random_seeds) if criterion == "random" else [0]
+            for seed in seeds:
+                scores = criterion_scores(criterion, totals, per_domain, seed=seed)
+                selection = select_experts(
+                    "uniform-count", contribution, scores, top_k=top_k, criterion=criterion,
+                    keep_count=keep_count, seed=seed,
+                )
+                candidate = copy.deepcopy(model)
+                prune_experts_in_memory(
+                    candidate, {layer: selection.keep_indices(row) for row, layer in enumerate(layers)}
+                )
+                row = measure(candidate) | {
+                    "criterion": criterion,
+                    "seed": seed if criterion == "random" else None,
+                    "keep_fraction": fraction,
+                    "keep_count": keep_count,
+                    "mean_retained_fraction": float(selection.retained_fraction.mean()),
+                    "min_retained_fraction": float(selection.retained_fraction.min()),
+                }
+                del candidate
+                rows.append(row)
+                log(
+                    f"keep {keep_count}/{num_experts} {criterion}{'' if row['seed'] is None else f' seed {seed}'}: "
+                    f"loss {row['loss']:.4f}, min retained {row['min_retained_fraction']:.4f}" + _accuracy_note(row)
+                )
+    return {
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "examples": len(encoded),
+        "baseline": baseline,
+        "rows": rows,
+    }
+
+
+def _accuracy_note(row: Mapping[str, Any]) -> str:
+    if row.get("accuracy") is None:
+        return ""
+    return f", accuracy {row['accuracy']:.3f} ({row['correct']}/{row['answered']})"
+
+
+# --- summarising and writing -------------------------------------------------------------------
+
+
+def summarize(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per (keep count, criterion): random's seeds are averaged (with min and max)."""
+    grouped: dict[tuple[int, str], list[Mapping[str, Any]]] = {}
+    for row in result["rows"]:
+        grouped.setdefault((row["keep_count"], row["criterion"]), []).append(row)
+    table = []
+    for (keep_count, criterion), rows in grouped.items():
+        losses = [r["loss"] for r in rows]
+        accuracies = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
+        table.append(
+            {
+                "keep_count": keep_count,
+                "keep_fraction": rows[0]["keep_fraction"],
+                "criterion": criterion,
+                "runs": len(rows),
+                "loss": float(np.mean(losses)),
+                "loss_min": min(losses),
+                "loss_max": max(losses),
+                "loss_delta": float(np.mean(losses)) - result["baseline"]["loss"],
+                "accuracy": float(np.mean(accuracies)) if accuracies else None,
+                "min_retained_fraction": float(np.mean([r["min_retained_fraction"] for r in rows])),
+                "mean_retained_fraction": float(np.mean([r["mean_retained_fraction"] for r in rows])),
+            }
+        )
+    return table
+
+
+def criteria_markdown(result: Mapping[str, Any], plot_name: str = "criteria.png") -> str:
+    """The docs page: setup, table per keep count (best loss first), and the plot."""
+    table = summarize(result)
+    baseline = result["baseline"]
+    has_accuracy = baseline.get("accuracy") is not None
+    source = result.get("source", {})
+    lines = [
+        "# Drop-map criteria compared on the demo model",
+        "",
+        "Generated by `invoke compare-criteria` (`moeprune.dropmap.compare`); every number below is",
+        "measured, and all of them are in `criteria.json` next to this page.",
+        "",
+        f"- Model: `{source.get('model', '?')}` ({result['num_experts']} experts per MoE layer, top-{result['top_k']} routing).",
+        f"- Profile: `{source.get('profile', '?')}` (scores of every criterion come from it).",
+        f"- Held-out text: {result['examples']} examples from `{source.get('heldout', '?')}`; "
+        f"loss = mean negative log-likelihood (nats/token) of the reference answer given the prompt, "
+        f"{baseline['target_tokens']} answer tokens.",
+    ]
+    if has_accuracy:
+        lines.append(f"- Accuracy: {source.get('accuracy', 'greedy decoding, answer read from `The answer is (X)`')}.")
+    lines += [
+        "- Each layer keeps its top-N experts under the criterion (`uniform-count`); the model is pruned in",
+        "  memory (expert weights, router rows and per-expert scales sliced, `num_experts` updated).",
+        "- Retained = fraction of the layer's contribution sum (weighted output norm) the kept experts hold,",
+        "  whatever criterion ranked them; `random` is averaged over seeds "
+        f"{sorted({r['seed'] for r in result['rows'] if r['seed'] is not None})} (loss range in brackets).",
+        "",
+        f"Unpruned baseline ({result['num_experts']} experts): loss **{baseline['loss']:.4f}**"
+        + (f", accuracy **{100 * baseline['accuracy']:.1f}%**" if has_accuracy else "") + ".",
+        "",
+    ]
+    for keep_count in sorted({r["keep_count"] for r in table}, reverse=True):
+        rows = sorted((r for r in table if r["keep_count"] == keep_count), key=lambda r: r["loss"])
+        fraction = rows[0]["keep_fraction"]
+        lines += [f"## Keep {keep_count} of {result['num_experts']} experts ({100 * fraction:.0f}%)", ""]
+        header = "| Criterion | Held-out loss | vs. baseline | Worst-layer retained | Mean retained |"
+        rule = "|---|---:|---:|---:|---:|"
+        if has_accuracy:
+            header += " Accuracy |"
+            rule += "---:|"
+        lines += [header, rule]
+        for row in rows:
+            loss = f"{row['loss']:.4f}"
+            if row["runs"] > 1:
+                loss += f" [{row['loss_min']:.4f}-{row['loss_max']:.4f}]"
+            cells = [
+                f"`{row['criterion']}`", loss, f"{row['loss_delta']:+.4f}",
+                f"{100 * row['min_retained_fraction']:.2f}%", f"{100 * row['mean_retained_fraction']:.2f}%",
+            ]
+            if has_accuracy:
+                cells.append("-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%")
+            lines.append("| " + " | ".join(cells) + " |")
+        best = rows[0]
+        lines += ["", f"Lowest held-out loss at {keep_count} experts: `{best['criterion']}` ({best['loss']:.4f})."]
+        if has_accuracy:
+            top = max(rows, key=lambda r: r["accuracy"] or 0.0)
+            lines.append(f"Highest accuracy at {keep_count} experts: `{top['criterion']}` ({100 * top['accuracy']:.1f}%).")
+        lines.append("")
+    if has_accuracy:
+        lines += [f"One question is {100 / result['examples']:.1f} accuracy points: differences of a few questions are "
+                  "within noise at this size.", ""]
+    for note in source.get("notes", []):
+        lines += [note, ""]
+    lines += [f"![held-out loss per criterion and keep count]({plot_name})", ""]
+    return "\n".join(lines)
+
+
+def plot_criteria(result: Mapping[str, Any], path: Path) -> None:
+    """Grouped bars per keep count: held-out loss increase over the unpruned model per criterion,
+    and (when measured) held-out accuracy with the unpruned accuracy as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summarize(result)
+    baseline = result["baseline"]
+    keep_counts = sorted({r["keep_count"] for r in table}, reverse=True)
+    criteria = list(dict.fromkeys(r["criterion"] for r in table))
+    has_accuracy = baseline.get("accuracy") is not None
+    fig, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(12 if has_accuracy else 7.5, 4.5), squeeze=False)
+    width = 0.8 / len(criteria)
+    panels = [("loss_delta", "held-out loss increase (nats/token)", 0.0)]
+    if has_accuracy:
+        panels.append(("accuracy", "held-out accuracy", baseline["accuracy"]))
+    for ax, (key, label, reference) in zip(axes[0], panels):
+        for i, criterion in enumerate(criteria):
+            xs, heights, low, high = [], [], [], []
+            for j, keep_count in enumerate(keep_counts):
+                row = next(r for r in table if r["keep_count"] == keep_count and r["criterion"] == criterion)
+                xs.append(j + (i - (len(criteria) - 1) / 2) * width)
+                heights.append(row[key] if row[key] is not None else 0.0)
+                if key == "loss_delta":  # random: range over seeds
+                    low.append(row["loss"] - row["loss_min"])
+                    high.append(row["loss_max"] - row["loss"])
+            error = [low, high] if key == "loss_delta" and (any(low) or any(high)) else None
+            ax.bar(xs, heights, width, label=criterion, yerr=error, capsize=3)
+        ax.axhline(reference, color="black", linestyle="--", linewidth=1,
+                   label=f"unpruned ({result['num_experts']} experts)")
+        ax.set_xticks(range(len(keep_counts)))
+        ax.set_xticklabels([f"keep {k}/{result['num_experts']}" for k in keep_counts])
+        ax.set_ylabel(label)
+    axes[0][0].set_title("Loss increase after pruning (lower is better)")
+    if has_accuracy:
+        axes[0][1].set_title("Accuracy after pruning (higher is better)")
+        axes[0][1].set_ylim(0, 1)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_criteria_docs(result: Mapping[str, Any], docs_dir: Path) -> dict[str, Path]:
+    """Write ``criteria.json``, ``criteria.md`` and ``criteria.png`` into ``docs_dir``."""
+    docs_dir = Path(docs_dir)
+    paths = {"json": docs_dir / "criteria.json", "markdown": docs_dir / "criteria.md", "plot": docs_dir / "criteria.png"}
+    write_json(paths["json"], _json_safe(result))
+    plot_criteria(result, paths["plot"])
+    with atomic_file(paths["markdown"]) as handle:
+        handle.write(criteria_markdown(result, paths["plot"].name))
+    return paths
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# --- the demo run --------------------------------------------------------------------------------
+
+
+def _heldout_data_path(recipe: Any) -> Path:
+    """The held-out dataset of the recipe's first eval task: ``<include_path>/<task>/*.jsonl``."""
+    if recipe.include_path is None:
+        raise DropMapError("eval.include_path is not set: the comparison needs the local held-out task data")
+    task_dir = recipe.include_path / recipe.eval.tasks[0]
+    files = sorted(task_dir.glob("*.jsonl"))
+    if len(files) != 1:
+        raise DropMapError(
+            f"{task_dir}: expected one held-out .jsonl file, found {len(files)}; build the demo model first"
+        )
+    return files[0]
+
+
+def demo_heldout_questions(path: Path) -> list[Any]:
+    """The demo_mcq rows as :class:`moeprune.demo.data.MCQ` (kind, choices, answer letter)."""
+    from moeprune.demo.data import LETTERS, MCQ
+
+    questions = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            choices = tuple(int(c) for c in row["choices"])
+            questions.append(MCQ(kind=row["kind"], choices=choices, answer_index=LETTERS.index(row["answer"].strip("()"))))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise DropMapError(f"{path}:{number}: not a demo_mcq row ({exc!r})") from None
+    return questions
+
+
+def demo_build_questions(model_dir: Path) -> list[Any]:
+    """The held-out questions the demo build evaluated, from ``build_record.json``'s seed and count."""
+    from moeprune.demo.data import heldout_mcqs
+
+    path = Path(model_dir) / "build_record.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return heldout_mcqs(int(record["heldout"]["num_questions"]), int(record["seed"]))
+    except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
+        raise DropMapError(f"{path}: cannot recover the held-out questions ({exc!r}); build the demo model") from None
+
+
+def demo_heldout_examples(tokenizer: Any, questions: Sequence[Any], enable_thinking: bool = True) -> list[HeldoutExample]:
+    """Prompt (through the chat template) and reference answer turn, as the demo model was trained.
+
+    The target is the thought channel, the visible reply and the end-of-turn marker, the same
+    text the demo build trains on (``moeprune.demo.build``).
+    """
+    examples = []
+    for question in questions:
+        context = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question.prompt()}], add_generation_prompt=True,
+            enable_thinking=enable_thinking, tokenize=False,
+        )
+        thought = f"<|channel>thought\n{question.thought()}<channel|>" if enable_thinking else ""
+        examples.append(HeldoutExample(context, f"{thought}{question.reply()}<turn|>", question.answer_letter))
+    return examples
+
+
+def run_compare_criteria(
+    recipe: Any,
+    layout: Any,
+    docs_dir: Path,
+    *,
+    limit: int | None = None,
+    accuracy: bool = True,
+    keep_fractions: Sequence[float] = DEFAULT_KEEP_FRACTIONS,
+    random_seeds: Sequence[int] = (0, 1, 2),
+    threads: int = 2,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Compare the criteria on the recipe's (local) base model with its profile; write the docs.
+
+    Loss is measured on the eval task's held-out questions (reference thought + answer);
+    accuracy (``accuracy=True``) with the demo build's greedy held-out evaluation (flexible
+    extract of ``(X)``, thinking on), the same measure as the model's ``build_record.json``.
+    """
+    import torch
+    from transformers import AutoTokenizer, Gemma4ForConditionalGeneration
+
+    from moeprune.dropmap.io import check_profile_matches_model, read_model_config
+    from moeprune.profile.stats import load_stats
+
+    if recipe.base_dir is None:
+        raise DropMapError("compare-criteria runs on a local model (model.base must be a directory)")
+    torch.set_num_threads(threads)
+    stats = load_stats(layout.profile_stats_path)
+    config = read_model_config(recipe.base_dir)
+    check_profile_matches_model(stats.layers, stats.num_experts, config, layout.profile_stats_path,
+                                recipe.base_dir / "config.json")
+    try:
+        data_path: Path | None = _heldout_data_path(recipe)
+        questions = demo_heldout_questions(data_path)[:limit]
+    except DropMapError:
+        # No dataset file yet: regenerate the build's held-out questions from its recorded seed.
+        data_path, questions = None, demo_build_questions(recipe.base_dir)[:limit]
+    tokenizer = AutoTokenizer.from_pretrained(recipe.base_dir)
+    model = Gemma4ForConditionalGeneration.from_pretrained(recipe.base_dir, dtype=torch.float32).eval()
+    examples = demo_heldout_examples(tokenizer, questions)
+
+    accuracy_fn = None
+    if accuracy:
+        from moeprune.demo.build import evaluate_heldout
+
+        def accuracy_fn(candidate: Any) -> tuple[int, int]:
+            measured = evaluate_heldout(candidate, tokenizer, questions, enable_thinking=True)
+            return round(measured["flexible_extract_accuracy"] * len(questions)), len(questions)
+
+    result = compare_criteria(
+        model, tokenizer, stats.totals, stats.per_domain, stats.layers, examples,
+        keep_fractions=keep_fractions, random_seeds=random_seeds, accuracy_fn=accuracy_fn, log=log,
+    )
+    root = Path.cwd()
+    result["source"] = {
+        "model": _display_path(recipe.base_dir, root),
+        "profile": _display_path(layout.profile_stats_path, root),
+        "profile_num_tokens": stats.num_tokens,
+        "heldout": _display_path(data_path, root) if data_path else
+                   f"moeprune.demo.data.heldout_mcqs (seed of {_display_path(recipe.base_dir / 'build_record.json', root)})",
+        "accuracy": "greedy generation through the chat template with thinking on (`moeprune.demo.build."
+                    "evaluate_heldout`, up to 96 new tokens), answer = last `(X)` in the visible reply "
+                    "(lm-eval's flexible-extract)" if accuracy else None,
+        "torch_threads": threads,
+    }
+    paths = write_criteria_docs(result, Path(docs_dir))
+    log("wrote " + ", ".join(str(p) for p in paths.values()))
+    return result
+
+
+def _display_path(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def load_result(path: Path) -> dict[str, Any]:
+    """Read a ``criteria.json`` written by :func:`write_criteria_docs`."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,109 @@
+"""The dropmap stage: profile statistics + recipe -> ``runs/<name>/expert_drop_metadata.json``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from rich.console import Console
+
+from moeprune.dropmap.io import build_drop_map, check_profile_matches_model, moe_shape, read_model_config, write_drop_map
+from moeprune.dropmap.report import print_report
+from moeprune.dropmap.select import DropMapError, criterion_scores, select_experts
+from moeprune.errors import RecipeError
+from moeprune.hashing import sha256_file, sha256_json
+from moeprune.layout import RunLayout
+from moeprune.recipe import DropMapSection, Recipe
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def with_dropmap_overrides(recipe: Recipe, **overrides: Any) -> Recipe:
+    """The recipe with some ``[dropmap]`` fields replaced (None values are ignored).
+
+    The section is validated again, so an override gets the same checks and messages as the file.
+    """
+    changes = {key: value for key, value in overrides.items() if value is not None}
+    if not changes:
+        return recipe
+    data = recipe.dropmap.model_dump() | changes
+    try:
+        section = DropMapSection.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            f"dropmap.{'.'.join(str(p) for p in err['loc']) or '<section>'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        ]
+        raise RecipeError("invalid drop-map settings:\n  - " + "\n  - ".join(problems)) from None
+    return recipe.model_copy(update={"dropmap": section})
+
+
+def base_model_config(recipe: Recipe) -> tuple[dict[str, Any], str]:
+    """(config.json contents, where it was read) of the recipe's base model."""
+    if recipe.base_dir is not None:
+        return read_model_config(recipe.base_dir), str(recipe.base_dir / "config.json")
+    # A Hub model was downloaded by the profile stage; read its config from the cache first.
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(recipe.model.base, "config.json", revision=recipe.model.revision)
+    if isinstance(cached, str):
+        return read_model_config(Path(cached).parent), cached
+    try:
+        path = hf_hub_download(recipe.model.base, "config.json", revision=recipe.model.revision)
+    except Exception as exc:  # network, auth or missing repo: the user must fix access
+        raise DropMapError(
+            f"cannot read config.json of {recipe.model.base}@{recipe.model.revision}: {exc}; "
+            "run the profile stage first (it downloads the model) or check Hub access"
+        ) from None
+    return read_model_config(Path(path).parent), path
+
+
+def run_dropmap(recipe: Recipe, layout: RunLayout, console: Console | None = None) -> dict[str, Any]:
+    """Select the experts to drop from the profile and write the drop map; return it.
+
+    Reads ``layout.profile_stats_path``, checks it against the base model's config, applies the
+    recipe's ``[dropmap]`` strategy, writes ``layout.drop_map_path`` atomically and, with a
+    ``console``, prints the per-layer retention report.
+    """
+    from moeprune.profile.stats import load_stats
+
+    stats_path = layout.profile_stats_path
+    if not stats_path.is_file():
+        raise DropMapError(f"{stats_path}: profile statistics not found; run `invoke profile` first")
+    stats = load_stats(stats_path)
+    config, config_source = base_model_config(recipe)
+    _, top_k, _ = moe_shape(config, config_source)
+    contribution = stats.totals["contribution_sum"]
+    check_profile_matches_model(stats.layers, int(contribution.shape[1]), config, stats_path, config_source)
+
+    settings = recipe.dropmap
+    scores = criterion_scores(settings.criterion, stats.totals, stats.per_domain, seed=settings.seed)
+    selection = select_experts(
+        settings.strategy,
+        contribution,
+        scores,
+        top_k=top_k,
+        criterion=settings.criterion,
+        retention_threshold=settings.retention_threshold,
+        keep_count=settings.keep_count,
+        protect_top_k=settings.protect_top_k,
+        seed=settings.seed,
+    )
+    model_sha = stats.model_sha256 if _SHA256.match(str(stats.model_sha256 or "")) else None
+    drop_map = build_drop_map(
+        selection,
+        layers=list(stats.layers),
+        top_k=top_k,
+        base_model={"id": recipe.model.base, "revision": recipe.model.revision, "sha256": model_sha},
+        profile_stats_sha256=sha256_file(stats_path),
+        recipe_sha256=sha256_json(recipe.settings()),
+        profile_num_tokens=int(stats.num_tokens) if stats.num_tokens is not None else None,
+    )
+    write_drop_map(layout.drop_map_path, drop_map)
+    if console is not None:
+        print_report(drop_map, console)
+        console.print(f"wrote {layout.drop_map_path}")
+    return drop_map
+
