@@ -39,3 +39,22 @@ def _no_llama_server_left_behind():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert leftovers == [], f"llama-server processes left behind by the test session: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """One complete, uninterrupted `invoke reproduce` of the demo recipe (shared, read-only).
+
+    Runs the real pipeline (minutes); tests that modify a run copy it first.
+    """
+    import subprocess
+    import sys
+
+    runs = tmp_path_factory.mktemp("demo-runs")
+    env = {**os.environ, "MOEPRUNE_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "invoke", "reproduce", "--no-live"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600,
+    )
+    assert result.returncode == 0, f"demo reproduce failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return runs / "demo"

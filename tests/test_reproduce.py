@@ -72,10 +72,12 @@ def stage_lines(result: subprocess.CompletedProcess) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
-    """One uninterrupted demo run."""
+def reference_run(demo_run: Path, tmp_path_factory) -> Path:
+    """A private copy of the session's uninterrupted demo run (this module reruns in it)."""
+    import shutil
+
     runs = tmp_path_factory.mktemp("reference-runs")
-    reproduce(runs)
+    shutil.copytree(demo_run, runs / "demo", symlinks=True)
     return runs / "demo"
 
 

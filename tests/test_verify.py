@@ -24,19 +24,15 @@ def fake_run(tmp_path_factory):
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The real demo run: runs/demo, or $MOEPRUNE_RUNS_DIR/demo when the runs live elsewhere.
-DEMO_RUN = Path(os.environ.get("MOEPRUNE_RUNS_DIR", REPO_ROOT / "runs")) / "demo"
 DEMO_BASE = REPO_ROOT / "src" / "moeprune" / "demo" / "model"
 
 
-@pytest.fixture(params=["fake", "demo"])
+@pytest.fixture(params=["fake", pytest.param("demo", marks=pytest.mark.slow)])
 def any_run(request, fake_run) -> tuple[Path, Path]:
     """(run directory, base checkpoint): the synthetic run, and the real demo run once it exists."""
     if request.param == "fake":
         return fake_run.layout.root, fake_run.base_dir
-    if not (DEMO_RUN / "manifest.json").is_file():
-        pytest.skip("no complete demo run (runs/demo/manifest.json): run `invoke reproduce` first")
-    return DEMO_RUN, DEMO_BASE
+    return request.getfixturevalue("demo_run"), DEMO_BASE
 
 
 @pytest.fixture

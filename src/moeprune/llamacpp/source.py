@@ -122,7 +122,10 @@ def extract_sdist(archive: Path, sha256: str, version: str) -> Path:
     with atomic_dir(target) as tmp:
         with tarfile.open(archive, "r:gz") as tar:
             # "data" refuses absolute paths, links out of the tree and device files.
-            tar.extractall(tmp, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, filter="data")
+            else:  # Python < 3.11.4 (Debian bookworm, Ubuntu 22.04): no filters; the sha256 was checked
+                tar.extractall(tmp)
         tops = [p for p in tmp.iterdir()]
         if len(tops) != 1 or not tops[0].is_dir():
             raise MoepruneError(f"{archive}: expected one top-level directory in the sdist")
