@@ -8,6 +8,7 @@ Each task is thin: it parses its flags, loads the recipe, and calls one function
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def test(c, k="", fast=False):
         args += ["-k", repr(k)]
     if fast:
         args += ["-m", "'not slow'"]
-    c.run(" ".join(args), pty=False)
+    # The environment's own tools (hadolint, invoke) come first, activated or not.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    c.run(" ".join(args), pty=False, env={"PATH": path})
 
 
 @task

@@ -573,7 +573,9 @@ def test_compare_criteria_task_on_a_random_demo_model(tmp_path):
     tokenizer = train_tokenizer(data.tokenizer_corpus(0, num_mcq=200, num_general=200))
     save_tokenizer(tokenizer, model_dir, chat_template_text())
     torch.manual_seed(0)
-    Gemma4ForConditionalGeneration(make_config(tokenizer.get_vocab())).save_pretrained(model_dir)
+    config = make_config(tokenizer.get_vocab())
+    Gemma4ForConditionalGeneration(config).save_pretrained(model_dir)
+    num_layers = config.text_config.num_hidden_layers
     write_heldout_dataset(tmp_path / "tasks" / "demo_mcq" / "demo_mcq.jsonl", data.heldout_mcqs(4, 0))
     demo = (ROOT / "recipes" / "demo.toml").read_text()
     recipe_path = tmp_path / "recipe.toml"
@@ -581,7 +583,7 @@ def test_compare_criteria_task_on_a_random_demo_model(tmp_path):
                            .replace("../src/moeprune/demo/tasks", "tasks"))
     runs = tmp_path / "runs"
     write_stats_fixture(runs / "demo" / "profile" / "stats.safetensors",
-                        np.random.default_rng(4).gamma(0.5, size=(6, 16)), list(range(6)))
+                        np.random.default_rng(4).gamma(0.5, size=(num_layers, 16)), list(range(num_layers)))
     env = {"MOEPRUNE_RUNS_DIR": str(runs), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
            "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
     done = subprocess.run(

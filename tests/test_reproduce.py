@@ -83,8 +83,8 @@ def reference_run(demo_run: Path, tmp_path_factory) -> Path:
 
 def test_full_demo_then_everything_skipped(reference_run: Path):
     entries = lock(reference_run)
-    assert list(entries) == ["profile", "dropmap", "prune", "convert-base", "convert-pruned", "quantize-base",
-                             "quantize-pruned", "eval-base", "eval-pruned", "results", "card", "manifest"]
+    assert set(entries) == {"profile", "dropmap", "prune", "convert-base", "convert-pruned", "quantize-base",
+                             "quantize-pruned", "eval-base", "eval-pruned", "results", "card", "manifest"}
     for name in ARTIFACTS:
         assert (reference_run / name).exists(), name
     second = reproduce(reference_run.parent)
@@ -92,18 +92,25 @@ def test_full_demo_then_everything_skipped(reference_run: Path):
     assert lock(reference_run) == entries
 
 
-def _variant(tmp_path: Path, threshold: float) -> Path:
-    text = DEMO.read_text()
-    data = tomllib.loads(text)
-    old = data["dropmap"]["retention_threshold"]
-    text = text.replace(f"retention_threshold = {old}", f"retention_threshold = {threshold}")
-    text = text.replace('"../', f'"{ROOT}/')  # absolute paths: the copy lives elsewhere
-    target = tmp_path / "demo.toml"
-    target.write_text(text)
-    return target
+@pytest.fixture
+def variant_recipe():
+    """The demo recipe with another threshold, beside it (same relative paths), removed after."""
+    made: list[Path] = []
+
+    def make(threshold: float) -> Path:
+        text = DEMO.read_text()
+        old = tomllib.loads(text)["dropmap"]["retention_threshold"]
+        target = DEMO.with_name(f".test-variant-{os.getpid()}.toml")
+        target.write_text(text.replace(f"retention_threshold = {old}", f"retention_threshold = {threshold!r}"))
+        made.append(target)
+        return target
+
+    yield make
+    for path in made:
+        path.unlink(missing_ok=True)
 
 
-def test_new_threshold_reruns_dropmap_and_downstream_only(reference_run: Path, tmp_path: Path):
+def test_new_threshold_reruns_dropmap_and_downstream_only(reference_run: Path, tmp_path: Path, variant_recipe):
     import shutil
 
     runs = tmp_path / "runs"
@@ -112,7 +119,7 @@ def test_new_threshold_reruns_dropmap_and_downstream_only(reference_run: Path, t
     kept = drop_map["num_experts_kept"]
     # A threshold just above the worst layer's retention forces one more expert per layer.
     worst = min(layer["retained_fraction"] for layer in drop_map["layers"])
-    result = reproduce(runs, recipe=_variant(tmp_path, min(1.0, worst + 1e-6)))
+    result = reproduce(runs, recipe=variant_recipe(min(1.0, worst + 1e-6)))
     statuses = stage_lines(result)
     assert statuses["profile"] == "skipped"
     for name in ("convert-base", "quantize-base", "eval-base"):
@@ -144,13 +151,13 @@ SITE_HOOK = textwrap.dedent(
             return _original_add(self, *args, **kwargs)
         _writer.ShardedWriter.add = _add
     elif _where == "eval":
-        from moeprune.eval import samples as _samples
-        _original_write = _samples.write_sample_log
+        from moeprune.eval import run as _run
+        _original_write = _run.write_sample_log
         def _write(path, records):
-            if "pruned" in str(path):  # base finished; pruned is being evaluated
+            if "pruned" in str(path):  # base done; the pruned model's server is up and has answered
                 _kill()
             return _original_write(path, records)
-        _samples.write_sample_log = _write
+        _run.write_sample_log = _write
     '''
 )
 

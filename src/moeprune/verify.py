@@ -361,8 +361,15 @@ def _describe_card_diff(expected: str, actual: str, numbers: Any) -> list[str]:
         got = act_lines[index] if index < len(act_lines) else ""
         if want == got:
             continue
-        culprits = [f"'{key}' should read {n.display!r}" for key, n in numbers.numbers.items()
-                    if n.display in want and want.count(n.display) > got.count(n.display)]
+        missing = [(key, n.display) for key, n in numbers.numbers.items()
+                   if n.display in want and want.count(n.display) > got.count(n.display)]
+        # Longest first, and no display that is part of a longer one ('3' inside '95.43%').
+        missing.sort(key=lambda item: -len(item[1]))
+        named: list[tuple[str, str]] = []
+        for key, display in missing:
+            if not any(display in longer and display != longer for _, longer in named):
+                named.append((key, display))
+        culprits = [f"'{key}' should read {display!r}" for key, display in named]
         detail = "; ".join(culprits[:4]) or f"expected {want.strip()!r}"
         problems.append(f"README.md line {index + 1}: {got.strip()!r} disagrees with the artifacts ({detail})")
         if len(problems) >= _MAX_DETAILS:

@@ -39,6 +39,7 @@ MODEL_TYPE = "local-chat-completions"
 PARTIAL_LOG_NAME = "samples.partial.jsonl"
 RESPONSES_LOG_NAME = "responses.jsonl"
 LM_EVAL_RESULTS_NAME = "lm_eval_results.json"
+VOLATILE_LM_EVAL_KEYS = ("samples", "date", "start_time", "end_time", "total_evaluation_time_seconds")
 # Hub datasets that need an accepted licence and a token.
 GATED_HUB_DATASETS = {"Idavidrein/gpqa": "https://huggingface.co/datasets/Idavidrein/gpqa"}
 
@@ -227,7 +228,6 @@ def _recording_model_class() -> type:
                     "response": content,
                     "reasoning_chars": len(reply.get("reasoning_content") or ""),
                     "finish_reason": choice.get("finish_reason"),
-                    "received_unix_s": round(time.time(), 3),
                 }
             )
 
@@ -316,6 +316,30 @@ def gguf_record(path: Path, quant_type: str, layout: RunLayout) -> dict[str, Any
         "quant_type": quant_type,
         "file_type": gguf_file_type(path),
     }
+
+
+def stable_paths(value: Any, replacements: dict[str, str]) -> Any:
+    """``value`` with every substring ``old`` of its strings replaced by ``new``."""
+    if isinstance(value, str):
+        for old, new in replacements.items():
+            value = value.replace(old, new)
+        return value
+    if isinstance(value, dict):
+        return {key: stable_paths(item, replacements) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [stable_paths(item, replacements) for item in value]
+    return value
+
+
+def stable_flags(flags: list[str], gguf_path: Path) -> list[str]:
+    """Server flags as recorded: the free port as ``<port>``, the model as its file name."""
+    out = list(flags)
+    for index, flag in enumerate(out[:-1]):
+        if flag == "--port":
+            out[index + 1] = "<port>"
+        elif flag in ("--model", "-m"):
+            out[index + 1] = Path(out[index + 1]).name
+    return out
 
 
 def reported_scores(task_results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -411,6 +435,10 @@ def evaluate_served_model(
     section = recipe.eval
     seeds = seeds_of(recipe)
     endpoint = f"{server.base_url.rstrip('/')}/v1/chat/completions"
+    # What differs between two runs of the same evaluation (the server's free port, where the
+    # run directory is) is recorded as a placeholder, so equal evaluations give equal files.
+    volatile = {server.base_url.rstrip("/").split("//", 1)[-1]: "127.0.0.1:<port>",
+                str(model_dir.resolve().parent): "<eval_dir>"}
     model_args = {
         "model": model,
         "base_url": endpoint,
@@ -471,12 +499,14 @@ def evaluate_served_model(
             "reported": reported_scores(output["results"][task]),
             "sample_log": log_path.name,
         }
-    # lm-eval's own aggregate (configs, versions, n-samples), kept as evidence next to the logs.
-    summary = {key: value for key, value in output.items() if key != "samples"}
+    # lm-eval's own aggregate (configs, versions, n-samples), kept as evidence next to the logs;
+    # without its wall-clock fields, so equal evaluations give equal bytes.
+    summary = {key: value for key, value in output.items() if key not in VOLATILE_LM_EVAL_KEYS}
+    summary = stable_paths(summary, volatile)
     with atomic_file(model_dir / LM_EVAL_RESULTS_NAME) as handle:
         json.dump(summary, handle, indent=2, sort_keys=True, default=str)
     return {
-        "model_args": dict(model_args),
+        "model_args": stable_paths(dict(model_args), volatile),
         "gen_kwargs": gen_kwargs,
         "seeds": seeds,
         "tasks": tasks_record,
@@ -511,8 +541,12 @@ def run_eval(
     gguf_paths: dict[str, Path] | None = None,
     server_factory: ServerFactory | None = None,
     build_record: dict[str, Any] | None = None,
+    combine: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the recipe's models (base, pruned) through the same lm-eval settings.
+
+    With ``combine=False`` (the pipeline's one-model stages) results.json is left alone and the
+    return value is ``{model: run record}`` of the models just evaluated.
 
     Writes ``eval/<model>/samples_<task>.jsonl``, ``eval/<model>/run.json`` and, once every
     model completed, ``eval/results.json`` (validated by schemas/results.schema.json); returns
@@ -537,7 +571,9 @@ def run_eval(
     check_datasets(task_manager, list(section.tasks), section.seed, section.limit)
 
     # A results.json from an earlier run no longer describes these logs.
-    (eval_dir / RESULTS_NAME).unlink(missing_ok=True)
+    if combine:
+        (eval_dir / RESULTS_NAME).unlink(missing_ok=True)
+    records: dict[str, Any] = {}
     if server_factory is None:
         server_factory, build_record = _llamacpp_server_factory(recipe)
     settings = eval_settings(recipe)
@@ -549,7 +585,7 @@ def run_eval(
         model_dir = eval_dir / model
         with server_factory(model, paths[model], log_path) as server:
             outcome = evaluate_served_model(recipe, model, server, task_manager, model_dir)
-            flags = [str(flag) for flag in getattr(server, "flags", [])]
+            flags = stable_flags([str(flag) for flag in getattr(server, "flags", [])], paths[model])
         record = {
             "model": model,
             "recipe_name": recipe.name,
@@ -570,4 +606,5 @@ def run_eval(
         # log drops) stay as evidence under their final name; run.json marks completion.
         Path(outcome["partial_log"]).replace(model_dir / RESPONSES_LOG_NAME)
         write_json(model_dir / RUN_RECORD_NAME, record)
-    return write_results(eval_dir)
+        records[model] = record
+    return write_results(eval_dir) if combine else records

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +107,6 @@ def _phase1(
     missing = [p for p in prompts if p.id not in reused]
 
     thinking_supported: bool | None = None
-    started = time.perf_counter()
     generated: dict[str, dict[str, Any]] = {}
     if missing:
         tokenizer = load_tokenizer(model_dir)
@@ -134,7 +132,6 @@ def _phase1(
     info = {
         "generated": len(missing),
         "reused": len(reused),
-        "elapsed_s": time.perf_counter() - started,
         "settings": settings,
         "thinking_supported": thinking_supported,
         "tokenizer_sha256": tokenizer_hash,
@@ -194,11 +191,8 @@ def profile_summary(
             }
             for domain in stats.domains
         },
+        # Timings stay out of profile.json (equal inputs give equal bytes); they go to the log.
         "phase1": phase1,
-        "phase2": {
-            "elapsed_s": replay.elapsed_s,
-            "tokens_per_s": stats.num_tokens / replay.elapsed_s if replay.elapsed_s > 0 else None,
-        },
         "layers": layer_summaries(stats, settings.top_share_k, settings.coverage_fraction, moe.get("top_k")),
         "findings": found,
         "warnings": warnings,
