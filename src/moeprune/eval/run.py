@@ -22,7 +22,6 @@ import random
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ContextManager, Protocol

@@ -53,17 +53,23 @@ def build_stage(recipe: Recipe, say: Callable[[str], None] = print) -> tuple[Lla
 
 
 def convert_stage(
-    recipe: Recipe, which: Which = "pruned", hf_dir: Path | None = None, out_path: Path | None = None
+    recipe: Recipe,
+    which: Which = "pruned",
+    hf_dir: Path | None = None,
+    out_path: Path | None = None,
+    *,
+    layout: RunLayout | None = None,
+    build: LlamaCppBuild | None = None,
 ) -> dict[str, Any]:
     """Convert the pruned (or base) checkpoint to GGUF with the recipe's outtype."""
-    layout = RunLayout.for_recipe(recipe.name)
+    layout = layout or RunLayout.for_recipe(recipe.name)
     hf_dir = hf_dir or _hf_dir(recipe, which, layout)
     if not (hf_dir / "config.json").is_file():
         hint = "run `invoke prune` first" if which == "pruned" else "check model.base"
         raise MoepruneError(f"{hf_dir}: no Hugging Face checkpoint there (config.json missing); {hint}")
     outtype = recipe.quantize.convert_outtype
     out_path = out_path or gguf_path(recipe, which, outtype, layout)
-    build = ensure_llamacpp(recipe.llamacpp)
+    build = build or ensure_llamacpp(recipe.llamacpp)
     return convert_to_gguf(
         build, hf_dir, out_path, outtype,
         model_name=recipe.model.name if which == "pruned" else None,
@@ -71,13 +77,19 @@ def convert_stage(
     )
 
 
-def quantize_stage(recipe: Recipe, which: Which = "pruned") -> list[dict[str, Any]]:
+def quantize_stage(
+    recipe: Recipe,
+    which: Which = "pruned",
+    *,
+    layout: RunLayout | None = None,
+    build: LlamaCppBuild | None = None,
+) -> list[dict[str, Any]]:
     """Quantize the converted GGUF to every type in quantize.types (with an imatrix if asked)."""
-    layout = RunLayout.for_recipe(recipe.name)
+    layout = layout or RunLayout.for_recipe(recipe.name)
     source = gguf_path(recipe, which, recipe.quantize.convert_outtype, layout)
     if not source.is_file():
         raise MoepruneError(f"{source}: converted GGUF not found; run `invoke convert` first")
-    build = ensure_llamacpp(recipe.llamacpp)
+    build = build or ensure_llamacpp(recipe.llamacpp)
     imatrix = None
     if recipe.quantize.imatrix:
         text = calibration_text(recipe.prompts_path, layout.gguf_dir / ".imatrix-calibration.txt")

@@ -90,14 +90,10 @@ def _prune(ctx: Context) -> dict[str, Any]:
 
 def _convert(which: str):
     def action(ctx: Context) -> dict[str, Any]:
-        from moeprune.llamacpp.convert import convert_to_gguf
+        from moeprune.llamacpp.stages import convert_stage
 
-        outtype = ctx.recipe.quantize.convert_outtype
-        record = convert_to_gguf(
-            llamacpp_build(ctx), _hf_dir(ctx, which), gguf_file(ctx, which, outtype), outtype,
-            model_name=ctx.recipe.model.name if which == "pruned" else None,
-            log_path=ctx.layout.logs_dir / f"convert-{which}.log",
-        )
+        record = convert_stage(ctx.recipe, which, _hf_dir(ctx, which), layout=ctx.layout,
+                               build=llamacpp_build(ctx))
         return {"size_bytes": record["size_bytes"]}
 
     return action
@@ -105,23 +101,10 @@ def _convert(which: str):
 
 def _quantize(which: str):
     def action(ctx: Context) -> dict[str, Any]:
-        from moeprune.llamacpp.quantize import calibration_text, compute_imatrix, quantize_gguf
+        from moeprune.llamacpp.stages import quantize_stage
 
-        build = llamacpp_build(ctx)
-        source = gguf_file(ctx, which, ctx.recipe.quantize.convert_outtype)
-        imatrix = None
-        if ctx.recipe.quantize.imatrix:
-            text = calibration_text(ctx.recipe.prompts_path, ctx.layout.logs_dir / "imatrix-calibration.txt")
-            imatrix = gguf_file(ctx, which, "imatrix")
-            compute_imatrix(build, source, text, imatrix, threads=ctx.recipe.serve.threads,
-                            log_path=ctx.layout.logs_dir / f"imatrix-{which}.log")
-        sizes = {}
-        for qtype in ctx.recipe.quantize.types:
-            record = quantize_gguf(build, source, gguf_file(ctx, which, qtype), qtype, imatrix=imatrix,
-                                   threads=ctx.recipe.serve.threads,
-                                   log_path=ctx.layout.logs_dir / f"quantize-{which}-{qtype}.log")
-            sizes[f"{qtype}_size_bytes"] = record["size_bytes"]
-        return sizes
+        records = quantize_stage(ctx.recipe, which, layout=ctx.layout, build=llamacpp_build(ctx))
+        return {f"{record['qtype']}_size_bytes": record["size_bytes"] for record in records}
 
     return action
 
@@ -188,6 +171,14 @@ def _card_templates() -> Path:
     return TEMPLATE_PATH.parent
 
 
+def _imatrix(ctx: Context, which: str) -> list[Path]:
+    """The importance matrix quantize_stage writes beside the GGUFs, when the recipe asks for one."""
+    if not ctx.recipe.quantize.imatrix:
+        return []
+    source = gguf_file(ctx, which, ctx.recipe.quantize.convert_outtype)
+    return [source.with_name(f"{source.stem}.imatrix.gguf")]
+
+
 def _with_records(paths: list[Path]) -> list[Path]:
     """GGUF files and the record written beside each (``<file>.gguf.json``)."""
     return [p for path in paths for p in (path, path.with_name(path.name + ".json"))]
@@ -227,7 +218,8 @@ def build_pipeline() -> Pipeline:
             f"quantize-{which}", f"quantize the {which} GGUF", _quantize(which),
             deps=lambda c, w=which: [gguf_file(c, w, c.recipe.quantize.convert_outtype)]
             + ([c.recipe.prompts_path] if c.recipe.quantize.imatrix else []),
-            outs=lambda c, w=which: _with_records([gguf_file(c, w, t) for t in c.recipe.quantize.types]),
+            outs=lambda c, w=which: _with_records([gguf_file(c, w, t) for t in c.recipe.quantize.types]
+                                                  + _imatrix(c, w)),
             params=lambda r: _section(r, "quantize"), code=("moeprune.llamacpp",), tools=llamacpp_tools))
     for which in MODELS:
         stages.append(Stage(
