@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from moeprune.profile.generate import (
 )
 from moeprune.profile.loading import (
     context_length,
+    load_config,
     load_model,
     load_tokenizer,
     model_sha256,
@@ -32,6 +34,7 @@ from moeprune.profile.loading import (
 )
 from moeprune.profile.progress import phase_progress
 from moeprune.profile.replay import ReplayResult, replay_sequences
+from moeprune.profile.streamed import StreamInfo, replay_streamed
 from moeprune.profile.stats import ProfileStats, build_stats, save_stats
 from moeprune.recipe import Recipe
 from moeprune.schemas import validate
@@ -78,11 +81,12 @@ def layer_summaries(stats: ProfileStats, share_k: int, coverage_fraction: float,
 def _phase1(
     recipe: Recipe,
     layout: RunLayout,
-    model: Any,
+    get_model: Callable[[], Any],
     model_dir: Path,
     model_hash: str,
     warnings: list[str],
     progress: bool,
+    context_tokens: int | None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     calibration = recipe.calibration
     prompts = load_calibration(recipe.prompts_path, calibration.domains, calibration.prompts_per_domain)
@@ -115,14 +119,14 @@ def _phase1(
             _warn(warnings, "the chat template has no 'enable_thinking' switch: prompts were rendered without thinking")
         with phase_progress("phase 1: generate", len(missing), progress) as advance:
             records = generate_sequences(
-                model,
+                get_model(),
                 tokenizer,
                 missing,
                 max_new_tokens=calibration.max_new_tokens,
                 enable_thinking=calibration.enable_thinking,
                 batch_size=calibration.batch_size,
                 keys=keys,
-                context_tokens=context_length(model),
+                context_tokens=context_tokens,
                 prompts_path=recipe.prompts_path,
                 on_batch=advance,
             )
@@ -207,22 +211,53 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
     warnings: list[str] = []
     model_dir = resolve_model_dir(recipe.model.base, recipe.base_dir, recipe.model.revision)
     model_hash, model_files = model_sha256(model_dir)
-    model = load_model(model_dir, recipe.model.dtype, recipe.profile.device_map)
+    loaded: dict[str, Any] = {}
+
+    def whole_model() -> Any:
+        """The whole model, loaded on first use (streamed replay with reused sequences never loads it)."""
+        if "model" not in loaded:
+            loaded["model"] = load_model(model_dir, recipe.model.dtype, recipe.profile.device_map)
+        return loaded["model"]
+
+    config = load_config(model_dir)
     layout.profile_dir.mkdir(parents=True, exist_ok=True)
 
-    sequences, phase1 = _phase1(recipe, layout, model, model_dir, model_hash, warnings, progress)
+    sequences, phase1 = _phase1(
+        recipe, layout, whole_model, model_dir, model_hash, warnings, progress, context_length(config)
+    )
 
     total_tokens = sum(len(r["input_ids"]) for r in sequences)
-    with phase_progress("phase 2: replay (tokens)", total_tokens, progress) as advance:
-        replay = replay_sequences(
-            model,
-            sequences,
-            recipe.calibration.domains,
-            batch_size=recipe.calibration.batch_size,
-            context_tokens=context_length(model),
-            source=layout.sequences_path,
-            on_tokens=advance,
-        )
+    if recipe.profile.replay == "streamed":
+        loaded.clear()  # phase 1's whole model (if any) goes before the layers come one by one
+        info = StreamInfo()
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        with phase_progress("phase 2: streamed replay (layer x tokens)", total_tokens * text.num_hidden_layers, progress) as advance:
+            replay = replay_streamed(
+                model_dir,
+                sequences,
+                recipe.calibration.domains,
+                dtype=recipe.model.dtype,
+                device_map=recipe.profile.device_map,
+                batch_size=recipe.calibration.batch_size,
+                context_tokens=context_length(config),
+                source=layout.sequences_path,
+                on_tokens=advance,
+                stream_info=info,
+            )
+        config = info.config
+    else:
+        model = whole_model()
+        config = model.config
+        with phase_progress("phase 2: replay (tokens)", total_tokens, progress) as advance:
+            replay = replay_sequences(
+                model,
+                sequences,
+                recipe.calibration.domains,
+                batch_size=recipe.calibration.batch_size,
+                context_tokens=context_length(model),
+                source=layout.sequences_path,
+                on_tokens=advance,
+            )
     stats = build_stats(
         layers=replay.layers,
         domains=replay.domains,
@@ -239,7 +274,7 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
         )
     save_stats(stats, layout.profile_stats_path)
 
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     moe = {
         "layers": stats.layers,
         "num_experts": stats.num_experts,
