@@ -23,6 +23,7 @@ from moeprune.profile.generate import (
     template_supports_thinking,
     write_sequences,
 )
+from moeprune.profile.llama_generate import run_llama_server_generation
 from moeprune.profile.loading import (
     context_length,
     load_config,
@@ -97,6 +98,22 @@ def _phase1(
         "dtype": recipe.model.dtype,
         "greedy": True,
     }
+    generator: dict[str, Any] = {"name": "transformers", "model_sha256": model_hash, "dtype": recipe.model.dtype}
+    if recipe.profile.generate == "llama-server":
+        gguf = recipe.generate_gguf_path
+        if gguf is None or not gguf.is_file():
+            raise MoepruneError(
+                f"profile.generate_gguf = {recipe.profile.generate_gguf!r}: GGUF not found ({gguf}); convert the "
+                "base model (invoke convert --which base) and name that file"
+            )
+        generator = {
+            "name": "llama-server",
+            "gguf": gguf.name,
+            "gguf_sha256": sha256_file(gguf),
+            "n_gpu_layers": recipe.profile.generate_n_gpu_layers,
+        }
+        # A different generator gives different sequences: it is part of every sequence's key.
+        settings = {**settings, "generator": {k: v for k, v in generator.items() if k != "gguf"}}
     keys = {
         p.id: sequence_key(model_sha256=model_hash, tokenizer_sha256=tokenizer_hash, prompt=p, settings=settings)
         for p in prompts
@@ -117,20 +134,35 @@ def _phase1(
         thinking_supported = template_supports_thinking(tokenizer)
         if calibration.enable_thinking and not thinking_supported:
             _warn(warnings, "the chat template has no 'enable_thinking' switch: prompts were rendered without thinking")
-        with phase_progress("phase 1: generate", len(missing), progress) as advance:
-            records = generate_sequences(
-                get_model(),
-                tokenizer,
-                missing,
-                max_new_tokens=calibration.max_new_tokens,
-                enable_thinking=calibration.enable_thinking,
-                batch_size=calibration.batch_size,
-                keys=keys,
-                context_tokens=context_tokens,
-                prompts_path=recipe.prompts_path,
-                on_batch=advance,
+        with phase_progress(f"phase 1: generate ({generator['name']})", len(missing), progress) as advance:
+            if generator["name"] == "llama-server":
+                records = run_llama_server_generation(
+                    recipe, layout, model_dir, tokenizer, missing,
+                    keys=keys, context_tokens=context_tokens, on_batch=advance,
+                )
+            else:
+                records = generate_sequences(
+                    get_model(),
+                    tokenizer,
+                    missing,
+                    max_new_tokens=calibration.max_new_tokens,
+                    enable_thinking=calibration.enable_thinking,
+                    batch_size=calibration.batch_size,
+                    keys=keys,
+                    context_tokens=context_tokens,
+                    prompts_path=recipe.prompts_path,
+                    on_batch=advance,
+                )
+        # The phase-1 file says, line by line, what produced each sequence.
+        generated = {r["id"]: {**r, "generator": generator} for r in records}
+        odd = [r["id"] for r in records if r.get("canonical") is False]
+        if odd:
+            _warn(
+                warnings,
+                f"{len(odd)} generated sequence(s) ({', '.join(odd[:5])}{', ...' if len(odd) > 5 else ''}) are not "
+                "the HF tokenizer's own tokenization of their text (the model generated them so); phase 2 "
+                "replays the generated ids",
             )
-        generated = {r["id"]: r for r in records}
     sequences = [reused.get(p.id) or generated[p.id] for p in prompts]
     write_sequences(layout.sequences_path, sequences)
     info = {
@@ -138,6 +170,7 @@ def _phase1(
         "reused": len(reused),
         "settings": settings,
         "thinking_supported": thinking_supported,
+        "generator": generator,
         "tokenizer_sha256": tokenizer_hash,
     }
     return sequences, info
