@@ -368,6 +368,12 @@ def check_recipe_inputs(recipe: Recipe) -> None:
             f"{where}: field 'calibration.prompts' = {json.dumps(recipe.calibration.prompts)}: "
             f"file not found ({recipe.prompts_path}); create it or fix the path"
         )
+    gguf = recipe.generate_gguf_path
+    if recipe.profile.generate == "llama-server" and gguf is not None and not gguf.is_file():
+        raise RecipeError(
+            f"{where}: field 'profile.generate_gguf' = {json.dumps(recipe.profile.generate_gguf)}: "
+            f"file not found ({gguf}); convert the base model (invoke convert --which base) and name that file"
+        )
     if recipe.include_path is not None and not recipe.include_path.is_dir():
         raise RecipeError(
             f"{where}: field 'eval.include_path' = {json.dumps(recipe.eval.include_path)}: "
