@@ -115,6 +115,7 @@ class MoeArch:
 
     # config keys (of the text config)
     num_experts_key: ClassVar[str] = "num_experts"
+    num_experts_aliases: ClassVar[tuple[str, ...]] = ()  # other spellings transformers writes for the same count
     top_k_key: ClassVar[str] = "num_experts_per_tok"
     expert_intermediate_key: ClassVar[str] = "moe_intermediate_size"
     dense_intermediate_key: ClassVar[str | None] = "intermediate_size"
@@ -153,15 +154,23 @@ class MoeArch:
                 return nested  # type: ignore[return-value]
         return config  # type: ignore[return-value]
 
+    def count_key(self, config: Mapping[str, Any]) -> str:
+        """The key that holds the expert count in this config (the primary name or an alias)."""
+        text = self.text_config(config)
+        for key in (self.num_experts_key, *self.num_experts_aliases):
+            if key in text:
+                return key
+        return self.num_experts_key
+
     def num_experts(self, config: Mapping[str, Any], source: Path | str = "config.json") -> int:
-        value = self.text_config(config).get(self.num_experts_key)
+        value = self.text_config(config).get(self.count_key(config))
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ArchError(f"{source}: no integer {self.config_key_path(self.num_experts_key)}; not an MoE model")
         return value
 
     def raw_num_experts(self, config: Mapping[str, Any]) -> Any:
         """The stated expert count, unchecked (None if absent)."""
-        return self.text_config(config).get(self.num_experts_key)
+        return self.text_config(config).get(self.count_key(config))
 
     def top_k(self, config: Mapping[str, Any]) -> int | None:
         value = self.text_config(config).get(self.top_k_key)
@@ -186,7 +195,7 @@ class MoeArch:
     def with_num_experts(self, config: Mapping[str, Any], num_experts: int) -> dict[str, Any]:
         """A copy of ``config`` that states ``num_experts`` routed experts per MoE layer."""
         updated = json.loads(json.dumps(config))
-        self.text_config(updated)[self.num_experts_key] = num_experts
+        self.text_config(updated)[self.count_key(config)] = num_experts
         return updated
 
     def config_key_path(self, key: str) -> str:
@@ -280,6 +289,14 @@ class MoeArch:
         if self.routing == SIGMOID_GROUPED:
             return torch.sigmoid(logits.float())
         return torch.softmax(logits.float(), dim=-1)
+
+    def experts_unsupported(self, experts: Any) -> str | None:
+        """Why the profiler cannot compute this experts module's routed outputs exactly (None: it can)."""
+        if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False) or getattr(
+            experts, "_is_expert_parallel", False
+        ):
+            return "experts with biases, transposed weights or expert parallelism are not supported by the profiler"
+        return None
 
     def experts_dtype(self, experts: Any) -> Any:
         """Dtype of the fused expert weights."""

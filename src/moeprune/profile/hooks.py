@@ -199,13 +199,9 @@ def _make_instrumented_forward(recorder: ContributionRecorder, layer: MoeLayer, 
     layer_index = layer.layer_index
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        if getattr(self, "has_bias", False) or getattr(self, "is_transposed", False) or getattr(
-            self, "_is_expert_parallel", False
-        ):
-            raise MoepruneError(
-                f"layer {layer_index}: experts with biases, transposed weights or expert parallelism "
-                "are not supported by the profiler"
-            )
+        unsupported = arch.experts_unsupported(self)
+        if unsupported:
+            raise MoepruneError(f"layer {layer_index}: {unsupported}")
         implementation = getattr(getattr(self, "config", None), "_experts_implementation", "eager")
         num_tokens, top_k = top_k_index.shape
         num_experts = self.num_experts
