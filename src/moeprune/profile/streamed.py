@@ -80,17 +80,14 @@ class StreamLayout:
 
     ``body``: the module whose forward the whole-model replay calls (no LM head);
     ``layers``: the decoder layers' ``ModuleList``; ``unused``: modules a text-only forward never
-    touches (vision / audio towers, the LM head): left on ``meta``.
+    touches (vision / audio towers, the LM head): left on ``meta``; ``checkpoint_name``: the
+    checkpoint tensor name of an in-memory parameter or buffer name.
     """
 
     body: str
     layers: str
     unused: tuple[str, ...] = ()
-
-    def checkpoint_name(self, name: str) -> str:
-        """Checkpoint tensor name of the model's parameter or buffer ``name`` (identity: the
-        Hub layout of the families supported so far equals the in-memory one)."""
-        return name
+    checkpoint_name: Callable[[str], str] = lambda name: name
 
 
 def _get(root: torch.nn.Module, path: str) -> Any:
@@ -101,39 +98,22 @@ def _get(root: torch.nn.Module, path: str) -> Any:
 
 
 def find_stream_layout(model: torch.nn.Module) -> StreamLayout:
-    """The layout of a transformers decoder model: the body the replay calls, its decoder layers,
-    and the multimodal towers a text forward skips.
+    """The layout of ``model``, as its family adapter (:mod:`moeprune.arch`) gives it.
 
-    The decoder layers are the one ``ModuleList`` under the body with ``num_hidden_layers`` entries
-    that carry a ``layer_idx``. Raises StreamedReplayError when there is no such list.
+    Raises StreamedReplayError for a model no adapter supports.
     """
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    num_layers = int(getattr(text, "num_hidden_layers", 0) or 0)
-    body = "model" if isinstance(getattr(model, "model", None), torch.nn.Module) else ""
-    body_module = _get(model, body)
-    candidates = [
-        name
-        for name, module in body_module.named_modules()
-        if isinstance(module, torch.nn.ModuleList)
-        and len(module) == num_layers
-        and num_layers > 0
-        and all(hasattr(child, "layer_idx") for child in module)
-    ]
-    if len(candidates) != 1:
-        raise StreamedReplayError(
-            f"{type(model).__name__}: cannot tell which module holds the {num_layers} decoder layers "
-            f"(candidates: {candidates or 'none'}); use profile.replay = \"whole\""
+    from moeprune.arch import ArchError, arch_for_model
+
+    try:
+        arch = arch_for_model(model)
+        return StreamLayout(
+            body=arch.replay_body_path(model),
+            layers=arch.decoder_layers_path(model),
+            unused=arch.streamed_unused_modules(model),
+            checkpoint_name=arch.checkpoint_tensor_name,
         )
-    layers = ".".join(p for p in (body, candidates[0]) if p)
-    unused = []
-    for name, _module in body_module.named_children():
-        if any(word in name for word in ("vision", "audio", "video")):
-            unused.append(".".join(p for p in (body, name) if p))
-    for name in ("lm_head",):
-        if isinstance(getattr(model, name, None), torch.nn.Module):
-            unused.append(name)
-    return StreamLayout(body=body, layers=layers, unused=tuple(unused))
+    except ArchError as exc:
+        raise StreamedReplayError(f"streamed replay: {exc}; use profile.replay = \"whole\"") from None
 
 
 # --- building modules from the checkpoint -----------------------------------------------------
@@ -401,7 +381,7 @@ class StreamInfo:
     shell_nbytes: int = 0
     max_layer_nbytes: int = 0
     hidden_nbytes: int = 0
-    config: Any = None
+    model: Any = None  # the model on the meta device (config, module structure)
 
 
 def replay_streamed(
@@ -435,7 +415,7 @@ def replay_streamed(
     check_sequences(sequences, domains, context_tokens, source)
     layout = layout or find_stream_layout(model)
     stats = stream_info if stream_info is not None else StreamInfo()
-    stats.config = model.config
+    stats.model = model
     batches = make_batches(sequences, domains, batch_size)
     started = time.perf_counter()
     layers = list(_get(model, layout.layers))
@@ -446,7 +426,7 @@ def replay_streamed(
         shell.release()
         hidden = [c.hidden for c in captures]
         stats.hidden_nbytes = sum(h.numel() * h.element_size() for h in hidden)
-        with instrument_moe(torch.nn.ModuleList(layers), num_domains=len(domains), capture=capture) as recorder:
+        with instrument_moe(model, num_domains=len(domains), capture=capture) as recorder:
             for index, layer in enumerate(layers):
                 built = materialize(model, f"{layout.layers}.{index}", checkpoint, layout, device)
                 stats.max_layer_nbytes = max(stats.max_layer_nbytes, built.nbytes)
