@@ -235,3 +235,41 @@ def test_unknown_domain_and_bad_device_are_refused(real_layout_dir):
         replay_streamed(real_layout_dir, sequences, DOMAINS)
     with pytest.raises(StreamedReplayError, match="profile.device_map = 'balanced'"):
         replay_streamed(real_layout_dir, random_sequences([5], 512), DOMAINS, device_map="balanced")
+
+
+def _demo_recipe(tmp_path: Path, replay: str):
+    from moeprune.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "recipes" / "demo.toml").read_text()
+    for old, new in (("../src/moeprune/demo/model", DEMO_MODEL_DIR), ("../calibration/demo.jsonl", root / "calibration/demo.jsonl"),
+                     ("../src/moeprune/demo/tasks", root / "src/moeprune/demo/tasks")):
+        text = text.replace(f'"{old}"', f'"{new}"')
+    text = text.replace("max_new_tokens = 32", "max_new_tokens = 8").replace("[profile]\n", f'[profile]\nreplay = "{replay}"\n')
+    path = tmp_path / f"recipe-{replay}.toml"
+    path.write_text(text)
+    return load_recipe(path)
+
+
+def test_profile_stage_streamed_writes_the_same_statistics_file(tmp_path, monkeypatch):
+    """`profile.replay = "streamed"` through the stage: the same stats.safetensors, byte for byte, and the
+    whole model is never loaded when phase 1's sequences are reused."""
+    import hashlib
+
+    from moeprune.layout import RunLayout
+    from moeprune.profile import stage
+
+    layout = RunLayout.for_recipe("demo", runs_dir=tmp_path / "runs")
+    whole = stage.run_profile(_demo_recipe(tmp_path, "whole"), layout, progress=False)
+    whole_stats = hashlib.sha256(layout.profile_stats_path.read_bytes()).hexdigest()
+
+    def no_whole_model(*args, **kwargs):
+        raise AssertionError("streamed replay with reused sequences must not load the whole model")
+
+    monkeypatch.setattr(stage, "load_model", no_whole_model)
+    streamed = stage.run_profile(_demo_recipe(tmp_path, "streamed"), layout, progress=False)
+    assert streamed["phase1"]["reused"] == 20
+    assert hashlib.sha256(layout.profile_stats_path.read_bytes()).hexdigest() == whole_stats
+    assert streamed["layers"] == whole["layers"] and streamed["findings"] == whole["findings"]
+    assert streamed["moe"] == whole["moe"]
+    assert streamed["settings"]["profile"]["replay"] == "streamed"

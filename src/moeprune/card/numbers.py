@@ -316,6 +316,7 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
         card.add("calib.max_new_tokens", int(calibration["max_new_tokens"]), fmt_int(calibration["max_new_tokens"]),
                  "recipe: calibration.max_new_tokens")
         card.facts["thinking"] = bool(calibration.get("enable_thinking", True))
+    _phase1_facts(card, source, profile_cfg)
     card.add("find.share_k", findings["top_share_k"], str(findings["top_share_k"]), "recipe: profile.top_share_k")
     card.add("find.top_share", findings["top_k_share_pooled"], fmt_pct(findings["top_k_share_pooled"], 1), stats_src)
     card.add("find.coverage", coverage, fmt_pct(coverage, 0), "recipe: profile.coverage_fraction")
@@ -355,6 +356,21 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
     # ---- evaluation
     _eval_numbers(card, source, results, recipe)
     return card
+
+
+def _phase1_facts(card: CardNumbers, source: ArtifactSource, profile_cfg: dict[str, Any]) -> None:
+    """Which generator wrote the phase-1 sequences (profile.json's record, else the recipe) and how
+    phase 2 replayed them."""
+    summary_path = source.stats_path.parent / "profile.json"
+    generator = None
+    if summary_path.is_file():
+        generator = json.loads(summary_path.read_text(encoding="utf-8")).get("phase1", {}).get("generator")
+    if generator is None and profile_cfg.get("generate") == "llama-server" and profile_cfg.get("generate_gguf"):
+        generator = {"name": "llama-server", "gguf": Path(profile_cfg["generate_gguf"]).name}
+    if generator and generator.get("name") == "llama-server":
+        card.facts["phase1_gguf"] = generator.get("gguf")
+        card.facts["phase1_gguf_sha256"] = generator.get("gguf_sha256")
+    card.facts["replay_streamed"] = profile_cfg.get("replay") == "streamed"
 
 
 def _score(results: dict[str, Any], model: str, task: str, filter_name: str) -> dict[str, Any] | None:
