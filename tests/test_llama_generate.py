@@ -65,7 +65,7 @@ def demo_gguf(tmp_path_factory) -> Path:
     return out
 
 
-def _recipe(tmp_path: Path, gguf: Path | None, generate: str):
+def _recipe(tmp_path: Path, gguf: Path | None, generate: str, check_inputs: bool = True):
     from moeprune.recipe import load_recipe
 
     text = (ROOT / "recipes" / "demo.toml").read_text()
@@ -76,7 +76,7 @@ def _recipe(tmp_path: Path, gguf: Path | None, generate: str):
     text = text.replace("[profile]\n", "[profile]\n" + extra)
     path = tmp_path / "recipe.toml"
     path.write_text(text)
-    return load_recipe(path)
+    return load_recipe(path, check_inputs=check_inputs)
 
 
 def test_phase1_through_llama_server_on_the_demo(tmp_path, demo_gguf):
@@ -136,10 +136,12 @@ def test_phase1_through_llama_server_on_the_demo(tmp_path, demo_gguf):
 
 
 def test_missing_gguf_is_named(tmp_path):
-    from moeprune.errors import MoepruneError
+    from moeprune.errors import MoepruneError, RecipeError
     from moeprune.layout import RunLayout
     from moeprune.profile.stage import run_profile
 
-    recipe = _recipe(tmp_path, tmp_path / "nope.gguf", "llama-server")
+    with pytest.raises(RecipeError, match=r"profile.generate_gguf.*nope\.gguf.*file not found"):
+        _recipe(tmp_path, tmp_path / "nope.gguf", "llama-server")
+    recipe = _recipe(tmp_path, tmp_path / "nope.gguf", "llama-server", check_inputs=False)
     with pytest.raises(MoepruneError, match=r"profile.generate_gguf = .*nope\.gguf"):
         run_profile(recipe, RunLayout.for_recipe(recipe.name, runs_dir=tmp_path / "runs"), progress=False)
