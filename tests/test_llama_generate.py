@@ -145,3 +145,17 @@ def test_missing_gguf_is_named(tmp_path):
     recipe = _recipe(tmp_path, tmp_path / "nope.gguf", "llama-server", check_inputs=False)
     with pytest.raises(MoepruneError, match=r"profile.generate_gguf = .*nope\.gguf"):
         run_profile(recipe, RunLayout.for_recipe(recipe.name, runs_dir=tmp_path / "runs"), progress=False)
+
+
+def test_the_profile_stage_depends_on_the_generation_gguf(tmp_path):
+    """A changed GGUF reruns the profile stage: its bytes are one of the stage's inputs."""
+    from moeprune.layout import RunLayout
+    from moeprune.pipeline.graph import Context
+    from moeprune.pipeline.stages import _profile_deps
+
+    gguf = tmp_path / "base.gguf"
+    gguf.write_bytes(b"GGUF")
+    with_gguf = Context(recipe=_recipe(tmp_path, gguf, "llama-server"), layout=RunLayout(tmp_path / "run"))
+    assert gguf in _profile_deps(with_gguf)
+    without = Context(recipe=_recipe(tmp_path, None, "transformers"), layout=RunLayout(tmp_path / "run"))
+    assert not any(str(p).endswith(".gguf") for p in _profile_deps(without))
