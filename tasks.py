@@ -205,7 +205,7 @@ def serve(c, recipe=None, which="pruned", type=None, port=None):
     help={
         "recipe": RECIPE_HELP, "runner": RUNNER_HELP,
         "strategy": "Override dropmap.strategy: uniform-min-retention, uniform-count or per-layer-retention.",
-        "criterion": "Override dropmap.criterion: contribution-sum, reap-mean, frequency, domain-max or random.",
+        "criterion": "Override dropmap.criterion: contribution-sum, sequence-norm-sum, reap-mean, frequency, domain-max or random.",
         "threshold": "Override dropmap.retention_threshold, in (0, 1] (e.g. 0.99).",
         "keep_count": "Override dropmap.keep_count (uniform-count).",
         "protect_top_k": "Override dropmap.protect_top_k: always keep each layer's top-K experts.",

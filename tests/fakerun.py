@@ -117,6 +117,7 @@ def write_stats(layout: RunLayout, seed: int = 0) -> None:
         contribution_sum=contribution,
         routed_count=counts.astype(np.int64),
         router_prob_sum=counts * 0.1,
+        sequence_norm_sum=contribution / np.sqrt(counts),
         domain_num_tokens={d: 40 for d in DOMAINS},
         model_sha256="0" * 64,
     )

@@ -15,7 +15,9 @@ request that times out mid-eval. In the last two cases the responses received so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import os
 import json
 import math
 import random
@@ -36,6 +38,7 @@ from moeprune.recipe import Recipe
 
 MODEL_TYPE = "local-chat-completions"
 PARTIAL_LOG_NAME = "samples.partial.jsonl"
+DATASETS_CACHE_NAME = "datasets_cache"
 RESPONSES_LOG_NAME = "responses.jsonl"
 LM_EVAL_RESULTS_NAME = "lm_eval_results.json"
 VOLATILE_LM_EVAL_KEYS = ("samples", "date", "start_time", "end_time", "total_evaluation_time_seconds")
@@ -137,6 +140,37 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+@contextlib.contextmanager
+def private_datasets_cache(directory: Path) -> Iterator[Path]:
+    """Point ``datasets``' processed-data cache at an empty ``directory`` for the duration.
+
+    gpqa shuffles each question's choices inside ``dataset.map`` with Python's ``random``;
+    ``datasets`` caches the mapped table under a fingerprint that does not include the random
+    state, so a warm shared cache silently returns the order of an earlier run with another
+    seed. Each eval gets a cache of its own, removed afterwards (raw Hub downloads stay in the
+    Hub cache; only the processed tables are rebuilt).
+    """
+    import datasets
+
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    saved_config = datasets.config.HF_DATASETS_CACHE
+    saved_env = os.environ.get("HF_DATASETS_CACHE")
+    datasets.config.HF_DATASETS_CACHE = directory
+    os.environ["HF_DATASETS_CACHE"] = str(directory)  # for anything that reads it late
+    try:
+        yield directory
+    finally:
+        datasets.config.HF_DATASETS_CACHE = saved_config
+        if saved_env is None:
+            os.environ.pop("HF_DATASETS_CACHE", None)
+        else:
+            os.environ["HF_DATASETS_CACHE"] = saved_env
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def check_datasets(task_manager: Any, tasks: list[str], seed: int, limit: int | None) -> dict[str, int]:
     """Load every task once (datasets included) before a server starts; return doc counts.
 
@@ -144,14 +178,24 @@ def check_datasets(task_manager: Any, tasks: list[str], seed: int, limit: int | 
     instead of after a model has been loaded.
     """
     _seed_everything(seed)
+    import tempfile
+
     try:
-        loaded = task_manager.load(list(tasks))
+        with tempfile.TemporaryDirectory(prefix="moeprune-datasets-") as tmp, private_datasets_cache(Path(tmp) / "cache"):
+            loaded = task_manager.load(list(tasks))
+            counts = _doc_counts(loaded, limit)
+    except EvalError:
+        raise
     except Exception as exc:  # datasets raises many kinds; all mean "no data"
         raise EvalError(
             f"eval.tasks {tasks}: could not load the task dataset: {type(exc).__name__}: {exc}. "
             "For a local task check data_files in its YAML (paths are relative to the YAML's "
             "directory when rendered absolute); for a Hub task check the network and token"
         ) from None
+    return counts
+
+
+def _doc_counts(loaded: dict[str, Any], limit: int | None) -> dict[str, int]:
     counts = {}
     for name, task in loaded["tasks"].items():
         docs = task.eval_docs
@@ -262,6 +306,7 @@ def eval_settings(recipe: Recipe) -> dict[str, Any]:
     return {
         "tasks": list(section.tasks),
         "seed": section.seed,
+        "random_seed": seeds_of(recipe)["random_seed"],
         "max_gen_toks": section.max_gen_toks,
         "temperature": section.temperature,
         "num_concurrent": section.num_concurrent,
@@ -276,10 +321,11 @@ def eval_settings(recipe: Recipe) -> dict[str, Any]:
 
 
 def seeds_of(recipe: Recipe) -> dict[str, int]:
-    """Every seed lm-eval takes, all pinned to ``eval.seed``."""
+    """Every seed lm-eval takes: ``eval.random_seed`` (default ``eval.seed``) for Python's
+    ``random`` (gpqa's choice shuffling), ``eval.seed`` for numpy, torch and few-shot sampling."""
     seed = recipe.eval.seed
     return {
-        "random_seed": seed,
+        "random_seed": seed if recipe.eval.random_seed is None else recipe.eval.random_seed,
         "numpy_random_seed": seed,
         "torch_random_seed": seed,
         "fewshot_random_seed": seed,
@@ -456,16 +502,17 @@ def evaluate_served_model(
     try:
         lm = _recording_model_class()(partial_log=partial, **model_args)
         try:
-            output = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=list(section.tasks),
-                task_manager=task_manager,
-                apply_chat_template=True,
-                gen_kwargs=dict(gen_kwargs),
-                log_samples=True,
-                limit=section.limit,
-                **seeds,
-            )
+            with private_datasets_cache(model_dir / DATASETS_CACHE_NAME):
+                output = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=list(section.tasks),
+                    task_manager=task_manager,
+                    apply_chat_template=True,
+                    gen_kwargs=dict(gen_kwargs),
+                    log_samples=True,
+                    limit=section.limit,
+                    **seeds,
+                )
         except Exception as exc:
             reason = classify_failure(exc, server, section.request_timeout_s, section.max_retries)
             log_hint = getattr(server, "log_path", None)
@@ -567,7 +614,7 @@ def run_eval(
                 f"GGUF of '{model}' not found: {path}; run `invoke convert --which {model}` and "
                 f"`invoke quantize --which {model}` first (quantize.eval_type = {recipe.quantize.eval_type!r})"
             )
-    check_datasets(task_manager, list(section.tasks), section.seed, section.limit)
+    check_datasets(task_manager, list(section.tasks), seeds_of(recipe)["random_seed"], section.limit)
 
     # A results.json from an earlier run no longer describes these logs.
     if combine:
