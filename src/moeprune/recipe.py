@@ -174,6 +174,11 @@ class ServeSection(_Section):
     parallel: int = Field(default=1, ge=1, description="Server slots (--parallel).")
     seed: int = Field(default=0, description="Sampling seed (--seed).")
     threads: int | None = Field(default=None, ge=1, description="CPU threads (--threads); default: llama.cpp's.")
+    dry_multiplier: float = Field(
+        default=0.0, ge=0.0,
+        description="DRY repetition-penalty multiplier (--dry-multiplier; 0 disables). It changes "
+        "greedy answers too: the penalty is applied to the logits before the argmax.",
+    )
     startup_timeout_s: float = Field(default=600.0, gt=0, description="Seconds to wait for /health.")
 
 
