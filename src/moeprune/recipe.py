@@ -202,6 +202,11 @@ class EvalSection(_Section):
         "eval.seed. lm-eval's command line defaults it to 0 (--seed 0,1234,1234,1234).",
     )
     limit: int | None = Field(default=None, ge=1, description="Evaluate only the first N samples.")
+    lm_eval_version: str | None = Field(
+        default=None,
+        description="lm-eval version the eval must run under (e.g. the seed's 0.4.11); `invoke eval` "
+        "refuses another before any server starts. Default: the installed version.",
+    )
     num_concurrent: int = Field(default=1, ge=1, description="Concurrent requests to the server.")
     request_timeout_s: float = Field(default=3600.0, gt=0, description="Timeout of one request.")
     max_retries: int = Field(

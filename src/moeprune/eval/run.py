@@ -115,8 +115,21 @@ def task_dataset_paths(task_manager: Any, tasks: list[str]) -> dict[str, str | N
                 f"eval.tasks: unknown lm-eval task '{task}'; check the name (`lm-eval ls tasks`) "
                 "or eval.include_path for a local task YAML"
             )
-        paths[task] = (entry.cfg or {}).get("dataset_path")
+        # lm-eval 0.4.13 indexes entries with a parsed ``cfg``; 0.4.11 (the seed's) with a dict.
+        cfg = entry.get("cfg") if isinstance(entry, dict) else getattr(entry, "cfg", None)
+        if cfg is None and isinstance(entry, dict) and hasattr(task_manager, "_get_config"):
+            cfg = task_manager._get_config(task)
+        paths[task] = (cfg or {}).get("dataset_path")
     return paths
+
+
+def load_tasks(task_manager: Any, tasks: list[str]) -> dict[str, Any]:
+    """{name: lm-eval Task} of ``tasks``: ``TaskManager.load`` (0.4.13) or ``get_task_dict`` (0.4.11)."""
+    if hasattr(task_manager, "load"):
+        return dict(task_manager.load(list(tasks))["tasks"])
+    from lm_eval.tasks import get_task_dict
+
+    return dict(get_task_dict(list(tasks), task_manager))
 
 
 def check_hub_access(dataset_paths: dict[str, str | None], token: str | None) -> None:
@@ -130,6 +143,22 @@ def check_hub_access(dataset_paths: dict[str, str | None], token: str | None) ->
                 "https://huggingface.co/settings/tokens) or run `hf auth login` once "
                 "(huggingface_hub stores the token), and rerun `invoke eval`"
             )
+
+
+def check_lm_eval_version(recipe: Recipe) -> None:
+    """``eval.lm_eval_version``, when set, must be the installed lm-eval (checked before any server)."""
+    wanted = recipe.eval.lm_eval_version
+    if wanted is None:
+        return
+    import lm_eval
+
+    installed = getattr(lm_eval, "__version__", "?")
+    if installed != wanted:
+        raise EvalError(
+            f"eval.lm_eval_version = {wanted!r} but lm-eval {installed} is installed; run "
+            f"`pip install 'lm-eval[api]=={wanted}'` (it co-installs with moeprune's pinned stack, see "
+            "docs/fidelity.md), or remove eval.lm_eval_version to evaluate with the installed version"
+        )
 
 
 def _seed_everything(seed: int) -> None:
@@ -182,8 +211,7 @@ def check_datasets(task_manager: Any, tasks: list[str], seed: int, limit: int | 
 
     try:
         with tempfile.TemporaryDirectory(prefix="moeprune-datasets-") as tmp, private_datasets_cache(Path(tmp) / "cache"):
-            loaded = task_manager.load(list(tasks))
-            counts = _doc_counts(loaded, limit)
+            counts = _doc_counts(load_tasks(task_manager, list(tasks)), limit)
     except EvalError:
         raise
     except Exception as exc:  # datasets raises many kinds; all mean "no data"
@@ -197,7 +225,7 @@ def check_datasets(task_manager: Any, tasks: list[str], seed: int, limit: int | 
 
 def _doc_counts(loaded: dict[str, Any], limit: int | None) -> dict[str, int]:
     counts = {}
-    for name, task in loaded["tasks"].items():
+    for name, task in loaded.items():
         docs = task.eval_docs
         count = len(docs) if limit is None else min(limit, len(docs))
         if count == 0:
@@ -602,6 +630,7 @@ def run_eval(
     section = recipe.eval
     eval_dir = layout.eval_dir
     # 1. Everything that can be checked without a server, before one starts.
+    check_lm_eval_version(recipe)
     include = resolve_include_path(recipe, eval_dir / "tasks")
     task_manager = make_task_manager(recipe, include)
     dataset_paths = task_dataset_paths(task_manager, list(section.tasks))
