@@ -214,3 +214,39 @@ def test_neither_layout_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(AuditError, match="neither layout"):
         audit_directory(tmp_path)
+
+
+def test_seed_layout_audited_from_the_hub_at_a_revision(seed_artifact, tmp_path, monkeypatch):
+    """SOURCE as `owner/name@revision` on a (local) Hub: the untouched commit passes, a later
+    commit with an inflated claim fails."""
+    import hashlib
+
+    import huggingface_hub.constants as constants
+    from hub_server import FakeHub
+
+    from moeprune.audit import audit
+
+    hf = tmp_path / "hf"
+    for name, value in (("HF_HOME", hf), ("HF_HUB_CACHE", hf / "hub"), ("HF_TOKEN_PATH", hf / "token")):
+        monkeypatch.setenv(name, str(value))
+        monkeypatch.setattr(constants, name, str(value))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    token = "hf_testtoken_0123456789abcdefghij"
+    monkeypatch.setenv("HF_TOKEN", token)
+    files = {p.relative_to(seed_artifact).as_posix(): p.read_bytes() for p in seed_artifact.rglob("*") if p.is_file()}
+    tampered = _copy(seed_artifact, tmp_path)
+    inflate_card_claim(tampered)
+    with FakeHub(token) as hub:
+        repo = hub.create("seed/demo-13e")
+        good = hashlib.sha1(b"good").hexdigest()
+        repo.commits[good] = dict(files)
+        repo.history.append(good)
+        bad = hashlib.sha1(b"bad").hexdigest()
+        repo.commits[bad] = dict(files) | {"README.md": (tampered / "README.md").read_bytes()}
+        repo.history.append(bad)
+        passed = audit(f"seed/demo-13e@{good}", DEMO_BASE, endpoint=hub.endpoint)
+        assert passed.layout == "seed" and passed.ok, [row.detail for row in _failures(passed)]
+        assert passed.subject == f"seed/demo-13e@{good}"
+        failed = audit("seed/demo-13e", endpoint=hub.endpoint)
+        assert [row.check for row in _failures(failed)] == ["accuracy/flexible-extract"]
