@@ -250,3 +250,24 @@ def test_seed_layout_audited_from_the_hub_at_a_revision(seed_artifact, tmp_path,
         assert passed.subject == f"seed/demo-13e@{good}"
         failed = audit("seed/demo-13e", endpoint=hub.endpoint)
         assert [row.check for row in _failures(failed)] == ["accuracy/flexible-extract"]
+
+
+def test_command_line_exits_1_naming_the_file_and_both_values(seed_artifact, tmp_path):
+    artifact = _copy(seed_artifact, tmp_path)
+    inflated = inflate_card_claim(artifact)
+    out = tmp_path / "audit.json"
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "COLUMNS": "250"}
+    invoke = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "audit"]
+    done = subprocess.run(invoke + [str(artifact), "--json", str(out)], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=600)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "audit FAILED" in done.stdout
+    report = json.loads(out.read_text())
+    validate("audit", report)
+    (row,) = [r for r in report["checks"] if r["status"] == "fail"]
+    assert row["target"].startswith("README.md") and row["claimed"] == inflated
+    assert f"claimed {inflated!r}, recomputed {row['recomputed']!r}" in row["detail"]
+    bad = subprocess.run(invoke + [str(artifact), "--base", str(tmp_path / "nowhere")], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=600)
+    assert bad.returncode == 1 and "--base" in bad.stderr and "config.json" in bad.stderr

@@ -307,10 +307,25 @@ def parse_card(text: str, source: str = "README.md") -> tuple[list[Claim], list[
     return claims, unparsed
 
 
+# Recomputed numbers an auditor wants to see even when the card states none of them.
+SHOWN_UNCLAIMED = ("accuracy/flexible-extract", "stderr/flexible-extract", "accuracy/strict-match", "questions",
+                   "correct", "wrong", "invalid", "median_chars", "mean_chars", "over_20000", "over_30000")
+
+
 def compare_claims(report: Any, claims: list[Claim], unparsed: list[Unparsed],
                    recomputed: dict[str, tuple[float, str]], missing: dict[str, str] | None = None) -> None:
-    """One (d) row per claim: pass / fail beside the recomputed value, or not checked."""
+    """One (d) row per claim: pass / fail beside the recomputed value, or not checked.
+
+    Recomputed eval numbers the card does not state (:data:`SHOWN_UNCLAIMED`, wrong answers by
+    letter) get a "not checked" row too, with the value: nothing to compare them with.
+    """
     missing = missing or {}
+    claimed_keys = {claim.key for claim in claims}
+    for key in [*SHOWN_UNCLAIMED, *sorted(k for k in recomputed if k.startswith("wrong_letter/"))]:
+        if key in recomputed and key not in claimed_keys:
+            value, origin = recomputed[key]
+            report.not_checked("d", key, "README.md", f"recomputed from {origin}; the card states no such number",
+                               recomputed=value)
     for claim in claims:
         shown_claim: float | int = int(claim.value) if claim.decimals == 0 else claim.value
         if claim.key not in recomputed:
