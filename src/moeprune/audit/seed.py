@@ -14,6 +14,7 @@ shards:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,8 +231,8 @@ def find_lm_eval_outputs(results_dir: Path) -> tuple[list[Path], dict[str, list[
     results = sorted(results_dir.rglob("results_*.json"))
     samples: dict[str, list[Path]] = {}
     for path in sorted(results_dir.rglob("samples_*.jsonl")):
-        stem = path.stem.removeprefix("samples_")
-        task = stem.rsplit("_", 1)[0] if "_" in stem else stem
+        # lm-eval names it samples_<task>_<date>.jsonl, e.g. samples_gpqa_diamond_cot_zeroshot_2026-04-08T11-02-33.123456
+        task = re.sub(r"_\d{4}-\d{2}-\d{2}T[\d.\-]+$", "", path.stem.removeprefix("samples_"))
         samples.setdefault(task, []).append(path)
     return results, samples
 
@@ -266,6 +267,10 @@ def check_eval(report: AuditReport, root: Path) -> list[EvalRecomputation]:
             continue
         for task, entry in (data.get("results") or {}).items():
             stated[task] = (path, {"scores": reported_scores(entry), "n": (data.get("n-samples") or {}).get(task)})
+    for task in sorted(set(stated) - set(samples)):
+        report.not_checked("c", f"{task}: results without a sample log", _rel(stated[task][0], root),
+                           f"{_rel(stated[task][0], root)} states scores for '{task}' but no samples_{task}_*.jsonl "
+                           "is in the artifact: they cannot be recomputed")
     out = []
     for task, logs in sorted(samples.items()):
         log = logs[-1]
