@@ -171,8 +171,8 @@ def _audit_seed(root: Path, base: Path | None, reprofile: Path | None, subject: 
 def seed_recomputed_values(root: Path, base: Path | None, evals: list[Any]) -> tuple[dict[str, tuple[float, str]],
                                                                                       dict[str, str]]:
     """Every value a card claim can be compared with, from the artifact (and the base)."""
+    from moeprune.arch import arch_for_config
     from moeprune.card.numbers import checkpoint_facts
-    from moeprune.prune.surgery import text_config
 
     values: dict[str, tuple[float, str]] = {}
     missing = {
@@ -209,16 +209,21 @@ def seed_recomputed_values(root: Path, base: Path | None, evals: list[Any]) -> t
 
     def model_values(directory: Path, prefix: str, label: str) -> None:
         try:
-            config = text_config(json.loads((directory / "config.json").read_text(encoding="utf-8")))
+            full = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+            arch = arch_for_config(full, directory / "config.json")
+            config = arch.text_config(full)
             facts = checkpoint_facts(directory)
         except (OSError, ValueError, MoepruneError):
             return
-        for key, name in (("experts_per_layer", "num_experts"), ("num_layers", "num_hidden_layers"),
+        experts = arch.raw_num_experts(full)
+        if isinstance(experts, int):
+            values[prefix + "experts_per_layer"] = (experts, f"{label} config.json: {arch.count_key(full)}")
+        for key, name in (("num_layers", "num_hidden_layers"),
                           ("hidden_size", "hidden_size"), ("moe_intermediate_size", "moe_intermediate_size"),
                           ("intermediate_size", "intermediate_size"), ("vocab_size", "vocab_size")):
             if isinstance(config.get(name), int):
                 values[prefix + key] = (config[name], f"{label} config.json: {name}")
-        top_k = config.get("top_k_experts") or config.get("num_experts_per_tok")
+        top_k = arch.top_k(full)
         if isinstance(top_k, int):
             values[prefix + "top_k"] = (top_k, f"{label} config.json")
         values[prefix + "total_params"] = (facts.params, f"{label} safetensors headers")

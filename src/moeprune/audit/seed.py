@@ -100,27 +100,39 @@ def read_seed_drop_map(root: Path) -> SeedDropMap:
                        raw.get("target_experts"), keep, drop, problems)
 
 
-def moeprune_drop_map(seed: SeedDropMap) -> dict[str, Any]:
-    """The seed's map in moeprune's in-memory drop-map shape, for the prune planner and verifier."""
+def moeprune_drop_map(seed: SeedDropMap, top_k: int | None) -> Any:
+    """The seed's map as moeprune's typed drop map, for the prune planner and verifier.
+
+    It carries only what the seed states (keep/drop per layer, the counts, the method): the
+    seed's file has no retained fractions, hashes or strategy fields, so moeprune's drop-map
+    schema does not apply to it; check (a) validates what it does state.
+    """
+    from moeprune.dropmap.types import DropMap
+
     layers = sorted(set(seed.keep) | set(seed.drop))
-    original = seed.original_experts
+    original = seed.original_experts if isinstance(seed.original_experts, int) else 0
     keep = {layer: sorted(seed.keep[layer]) if layer in seed.keep else
-            sorted(set(range(original or 0)) - set(seed.drop.get(layer, []))) for layer in layers}
+            sorted(set(range(original)) - set(seed.drop.get(layer, []))) for layer in layers}
     counts = {len(v) for v in keep.values()}
-    return {
+    data = {
         "num_experts": original,
+        "top_k": top_k or 0,
         "num_experts_kept": next(iter(counts)) if len(counts) == 1 else None,
         "uniform": len(counts) == 1,
         "strategy": {"name": str(seed.method)},
-        "layers": [{"layer": layer, "keep": keep[layer],
-                    "drop": sorted(set(range(original or 0)) - set(keep[layer]))} for layer in layers],
+        "base_model": {"id": str(seed.base_model)},
+        "layers": [{"layer": layer, "keep": keep[layer], "drop": sorted(set(range(original)) - set(keep[layer]))}
+                   for layer in layers],
     }
+    return DropMap(data, seed.path, _validated=True)
 
 
 # --- (a) the drop metadata against config.json and the tensor shapes ---------------------------
 def check_drop_metadata(report: AuditReport, root: Path, seed: SeedDropMap) -> None:
+    from moeprune.arch import ArchError, arch_for_config
+    from moeprune.arch.base import EXPERT
     from moeprune.io.checkpoint import Checkpoint
-    from moeprune.prune.surgery import moe_expert_tensors, text_config
+    from moeprune.prune.surgery import moe_expert_tensors
 
     target = SEED_DROP_METADATA
     for problem in seed.problems:
@@ -130,11 +142,16 @@ def check_drop_metadata(report: AuditReport, root: Path, seed: SeedDropMap) -> N
     except AuditError as exc:
         report.failed("a", "config.json", "config.json", str(exc))
         return
-    text = text_config(config)
-    config_experts = text.get("num_experts")
-    top_k = text.get("top_k_experts") or text.get("num_experts_per_tok")
+    try:
+        arch = arch_for_config(config, root / "config.json")
+    except ArchError as exc:
+        report.failed("a", "model family", "config.json", str(exc))
+        return
+    config_experts = arch.raw_num_experts(config)
+    top_k = arch.top_k(config)
     original, kept = seed.original_experts, seed.target_experts
-    report.compare("a", "config num_experts = target_experts", "config.json: num_experts", kept, config_experts,
+    report.compare("a", "config num_experts = target_experts", f"config.json: {arch.count_key(config)}", kept,
+                   config_experts,
                    config_experts == kept, f"{target} target_experts")
     if isinstance(top_k, int) and isinstance(kept, int):
         report.compare("a", "top-k routing fits the kept experts", "config.json: top_k_experts",
@@ -163,20 +180,27 @@ def check_drop_metadata(report: AuditReport, root: Path, seed: SeedDropMap) -> N
     # The shapes: every expert-indexed tensor has target_experts rows, in the layers the map covers.
     try:
         with Checkpoint.open(root) as checkpoint:
-            expert_tensors = moe_expert_tensors(checkpoint)
-            shapes = {name: checkpoint[name].shape for name in expert_tensors}
+            expert_tensors = moe_expert_tensors(checkpoint, arch)
+            shapes = {name: checkpoint[name].shape for name, t in expert_tensors.items() if t.role != EXPERT}
     except MoepruneError as exc:
         report.failed("a", "expert tensor shapes", "model safetensors", str(exc))
         return
-    tensor_layers = sorted({layer for layer, _ in expert_tensors.values()})
+    # A per-expert layout (mlp.experts.{i}.gate_proj...) counts tensors, a fused one rows.
+    per_expert: dict[tuple[int, str], set[int]] = {}
+    for name, t in expert_tensors.items():
+        if t.role == EXPERT:
+            per_expert.setdefault((t.layer, t.label), set()).add(int(t.expert))
+    tensor_layers = sorted({t.layer for t in expert_tensors.values()})
     map_layers = sorted(set(seed.keep) | set(seed.drop))
     report.compare("a", "drop metadata covers the MoE layers of the weights", target, map_layers, tensor_layers,
                    map_layers == tensor_layers, "layers in per_layer_keep/drop vs layers with expert tensors")
     wrong = [f"{name}: {shapes[name][0] if shapes[name] else None} rows" for name in sorted(shapes)
              if not shapes[name] or shapes[name][0] != kept]
+    wrong += [f"layer {layer} {label}: {len(experts)} experts" for (layer, label), experts in sorted(per_expert.items())
+              if len(experts) != kept]
     first = ", ".join(wrong[:4]) + (f" and {len(wrong) - 4} more" if len(wrong) > 4 else "")
     report.compare("a", "expert tensors hold target_experts rows", "model safetensors",
-                   kept, first if wrong else kept, not wrong, f"{len(shapes)} expert-indexed tensors")
+                   kept, first if wrong else kept, not wrong, f"{len(expert_tensors)} expert-indexed tensors")
 
 
 # --- (b) bit-exact against the base ---------------------------------------------------------------
@@ -187,18 +211,20 @@ def check_against_base(report: AuditReport, root: Path, seed: SeedDropMap, base_
         report.not_checked("b", "kept experts and other tensors bit-exact vs the base", "model safetensors",
                            "pass --base BASE (the base model directory) to check every byte")
         return
+    from moeprune.arch import ArchError, arch_for_config
+
     try:
         base_config = read_json_object(Path(base_dir) / "config.json")
-    except AuditError as exc:
+        arch = arch_for_config(base_config, Path(base_dir) / "config.json")
+    except (AuditError, ArchError) as exc:
         report.failed("b", "base model", str(base_dir), str(exc))
         return
-    from moeprune.prune.surgery import text_config
-
-    base_experts = text_config(base_config).get("num_experts")
+    base_experts = arch.raw_num_experts(base_config)
     report.compare("b", "base num_experts = original_experts", "config.json of --base", seed.original_experts,
                    base_experts, base_experts == seed.original_experts, f"{SEED_DROP_METADATA} original_experts")
     try:
-        result = verify_prune(base_dir, root, drop_map=moeprune_drop_map(seed), drop_map_path=seed.path)
+        result = verify_prune(base_dir, root, drop_map=moeprune_drop_map(seed, arch.top_k(base_config)),
+                              drop_map_path=seed.path)
     except MoepruneError as exc:
         report.failed("b", "kept experts and other tensors bit-exact vs the base", "model safetensors", str(exc))
         return
