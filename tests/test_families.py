@@ -249,3 +249,25 @@ def test_quantized_gpt_oss_experts_are_refused():
     arch = arch_for_config({"model_type": "gpt_oss"})
     with pytest.raises(ArchError, match="dequantize MXFP4"):
         arch.classify_tensor("model.layers.0.mlp.experts.gate_up_proj_blocks")
+
+
+EXAMPLES = sorted((ROOT / "recipes" / "examples").glob("*.toml"))
+
+
+def test_there_is_an_example_recipe_per_family():
+    import tomllib
+
+    from moeprune.arch import ADAPTERS
+
+    families = {tomllib.loads(path.read_text())["card"]["tags"][2] for path in EXAMPLES}
+    # Gemma 4 has the reference recipe; DeepSeek-V3 itself (671B, FP8 on the Hub) fits no single GPU
+    # box: GLM-4.5-Air exercises the same router code.
+    expected = {adapter.name for adapter in ADAPTERS} - {"gemma4", "deepseek_v3"}
+    assert families == expected
+
+
+@pytest.mark.parametrize("recipe", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_recipes_pass_invoke_check_offline(recipe, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = _invoke("check", "--recipe", str(recipe))
+    assert f"recipe '{recipe.stem}' is valid" in result.stdout
