@@ -62,7 +62,8 @@ FAMILIES: dict[str, Family] = {
         Family("deepseek_v2", "DeepseekV2Config", dict(
             n_routed_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=64, moe_intermediate_size=16,
             n_shared_experts=2, first_k_dense_replace=1, topk_method="greedy", n_group=1, topk_group=1,
-            kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+            # llama.cpp tells V2-Lite (no q-LoRA) by its 26-27 layers; a 3-layer model needs q_lora_rank.
+            kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
             num_key_value_heads=4, routed_scaling_factor=1.0), (1, 2), 5),
         Family("glm4_moe", "Glm4MoeConfig", dict(
             n_routed_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=64, moe_intermediate_size=16,

@@ -271,3 +271,45 @@ def test_example_recipes_pass_invoke_check_offline(recipe, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = _invoke("check", "--recipe", str(recipe))
     assert f"recipe '{recipe.stem}' is valid" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "deepseek_v2", "gpt_oss", "mixtral"])
+def test_card_of_a_family_is_phrased_for_it_and_verifies(name, llama_build_shared, tmp_path):
+    """A complete (synthetic-eval) run on the family's model: the card uses its names, and verify passes."""
+    from fakerun import make_fake_run
+    from families import build_family_model, gpt2_vocab
+
+    from moeprune.verify import verify
+
+    vocab = gpt2_vocab(llama_build_shared.root)
+    run = make_fake_run(tmp_path / "work", save_model=lambda out: build_family_model(name, out, vocab))
+    arch = arch_for_dir(run.base_dir)
+    card = (run.layout.card_dir / "README.md").read_text()
+    assert arch.router_sentence in card and "proj.weight" not in card and "per_expert_scale" not in card
+    config = json.loads((run.layout.pruned_dir / "config.json").read_text())
+    assert f"`{arch.count_key(config)}: {arch.num_experts(config)}`" in card
+    report = verify(str(run.layout.root), run.base_dir)
+    assert report.ok, "\n".join(f"{c.name} {c.target}: {c.detail}" for c in report.failures)
+    assert {"drop map vs weights", "card numbers", "card text", "kept experts bit-exact",
+            "base size on the card"} <= {c.name for c in report.checks if c.ok}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_decoder_layer_can_be_built_and_fed_alone(name, family_models):
+    """What a layer-streamed replay needs: build layer i empty, load its tensors, embed the inputs."""
+    model = _load(family_models[name])
+    arch = arch_for_dir(family_models[name])
+    layers = arch.decoder_layers(model)
+    index = FAMILIES[name].moe_layers[-1]
+    layer = arch.build_decoder_layer(model.config, index)
+    assert type(layer).__name__ == arch.decoder_layer_class == type(layers[index]).__name__
+    prefix = arch.layer_tensor_prefix(index)
+    from safetensors import safe_open
+
+    with safe_open(str(next(family_models[name].glob("*.safetensors"))), "pt") as handle:
+        on_disk = {key for key in handle.keys() if key.startswith(prefix)}
+    assert on_disk and all(arch.classify_tensor(key) is None or arch.classify_tensor(key).layer == index
+                           for key in on_disk)
+    layer.load_state_dict(layers[index].state_dict())
+    ids = torch.tensor([[11, 42, 7, 99]])
+    torch.testing.assert_close(arch.embed_inputs(model, ids), model.get_input_embeddings()(ids))
