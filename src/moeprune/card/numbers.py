@@ -243,7 +243,7 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
     card.add("experts.dropped_per_layer", dropped, f"−{dropped}/layer" if dropped is not None else "varies",
              "experts.base - experts.pruned")
     config_experts = arch.num_experts(config)
-    card.add("experts.config", config_experts, str(config_experts), f"config.json: {arch.num_experts_key}")
+    card.add("experts.config", config_experts, str(config_experts), f"config.json: {arch.count_key(config)}")
     card.add("top_k", int(drop_map["top_k"]), str(drop_map["top_k"]), f"{source.drop_map_path.name}: top_k")
 
     # ---- architecture (config.json)
@@ -256,12 +256,13 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
     if dense_key is not None and text.get(dense_key) is not None:
         card.add("arch.dense_intermediate", int(text[dense_key]), fmt_int(text[dense_key]), f"config.json: {dense_key}")
     card.wording.update(family=arch.family, router_sentence=arch.router_sentence,
-                        num_experts_key=arch.num_experts_key)
+                        num_experts_key=arch.count_key(config))
     card.add("arch.vocab", int(text["vocab_size"]), fmt_int(text["vocab_size"]), "config.json: vocab_size")
-    sliding = sum(1 for t in layer_types if t == "sliding_attention")
-    full = sum(1 for t in layer_types if t == "full_attention")
-    card.add("arch.sliding_layers", sliding, str(sliding), "config.json: layer_types")
-    card.add("arch.full_layers", full, str(full), "config.json: layer_types")
+    if layer_types:  # families without per-layer attention types get no attention line
+        sliding = sum(1 for t in layer_types if t == "sliding_attention")
+        full = sum(1 for t in layer_types if t == "full_attention")
+        card.add("arch.sliding_layers", sliding, str(sliding), "config.json: layer_types")
+        card.add("arch.full_layers", full, str(full), "config.json: layer_types")
     card.add("arch.moe_layers", len(drop_map["layers"]), str(len(drop_map["layers"])),
              f"{source.drop_map_path.name}: layers")
 
