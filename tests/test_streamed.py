@@ -273,3 +273,81 @@ def test_profile_stage_streamed_writes_the_same_statistics_file(tmp_path, monkey
     assert streamed["layers"] == whole["layers"] and streamed["findings"] == whole["findings"]
     assert streamed["moe"] == whole["moe"]
     assert streamed["settings"]["profile"]["replay"] == "streamed"
+
+
+# --- every supported family, in its Hub on-disk layout (tests/families.py) --------------------------
+
+FAMILY_NAMES = sorted(__import__("families").FAMILIES)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_a_streamed_layer_of_every_family_equals_the_loaded_layer(name, family_models, monkeypatch):
+    """Each family's last decoder layer (an MoE layer), assembled from its own on-disk tensors and
+    no others (per-expert tensors stacked by transformers' own converters), equals the layer
+    from_pretrained loads, bit for bit."""
+    from moeprune.arch import arch_for_dir
+    from moeprune.io.checkpoint import Checkpoint
+    from moeprune.profile import streamed
+    from moeprune.profile.loading import load_model
+
+    model_dir = family_models[name]
+    whole = load_model(model_dir, "float32", "cpu")
+    model = meta_model(model_dir, "float32")
+    layout = find_stream_layout(model)
+    index = len(streamed._get(model, layout.layers)) - 1
+    read: list[str] = []
+    original = streamed.read_tensor_into
+    monkeypatch.setattr(streamed, "read_tensor_into", lambda c, info, t: (read.append(info.name), original(c, info, t)))
+    with Checkpoint.open(model_dir) as checkpoint:
+        built = materialize(model, f"{layout.layers}.{index}", checkpoint, layout, torch.device("cpu"))
+        prefix = arch_for_dir(model_dir).layer_tensor_prefix(index)
+        assert sorted(read) == sorted(n for n in checkpoint.names() if n.startswith(prefix))
+    expected = dict(streamed._get(whole, layout.layers)[index].state_dict())
+    got = dict(streamed._get(model, layout.layers)[index].state_dict())
+    assert expected.keys() == got.keys()
+    assert any(key.endswith("experts.gate_up_proj") for key in got)
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+    built.release()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_streamed_equals_whole_for_every_family(name, dtype, family_models):
+    """Streamed replay of each family's tiny Hub-layout model (float32 on disk): every statistic
+    bit-identical to the whole-model replay's, with aligned weights and, as measured on these
+    single-shard checkpoints, with the plain memory-mapped ones too."""
+    model_dir = family_models[name]
+    config = json.loads((model_dir / "config.json").read_text())
+    # Padding within batches; one sequence longer than gpt-oss's 16-token sliding window.
+    sequences = random_sequences([6, 21, 11, 3, 15], config["vocab_size"], seed=7)
+    streamed = replay_streamed(model_dir, sequences, DOMAINS, dtype=dtype, batch_size=2)
+    assert_bit_identical(whole_replay(model_dir, dtype, sequences, 2, aligned=True), streamed)
+    assert_bit_identical(whole_replay(model_dir, dtype, sequences, 2), streamed)
+    top_k = config["num_experts_per_tok"]
+    assert int(streamed.routed_count.sum()) == top_k * sum(len(s["input_ids"]) for s in sequences) * len(streamed.layers)
+
+
+@pytest.mark.parametrize("removed, message", [
+    (["model.layers.1.mlp.experts.3.up_proj.weight"], r"'model\.layers\.1\.mlp\.experts\.gate_up_proj' is assembled "
+     r"from the same number of tensors .* the checkpoint has 8 x 'mlp\.experts\.\*\.gate_proj\.weight', "
+     r"7 x 'mlp\.experts\.\*\.up_proj\.weight'"),
+    ([f"model.layers.2.mlp.experts.{i}.up_proj.weight" for i in range(8)], r"has 8 x .*gate_proj.*, 0 x .*up_proj"),
+    (["model.layers.2.mlp.experts.7.down_proj.weight"],
+     r"'model\.layers\.2\.mlp\.experts\.down_proj' assembled from 7 tensors .* has shape \[7, 32, 16\]"),
+])
+def test_missing_expert_tensors_are_named(removed, message, family_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(family_models["qwen3_moe"], broken)
+    (shard,) = broken.glob("*.safetensors")
+    tensors = load_file(shard)
+    for name in removed:
+        del tensors[name]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    config = json.loads((broken / "config.json").read_text())
+    with pytest.raises(StreamedReplayError, match=message):
+        replay_streamed(broken, random_sequences([5], config["vocab_size"]), DOMAINS, dtype="float32")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -93,6 +93,41 @@ class ExpertTensor:
         assert self.span is not None
         start, end = self.span
         return f"{self.name[:start]}{new_expert}{self.name[end:]}"
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """How one in-memory tensor of a model is made from its checkpoint's tensors (Hub layout).
+
+    ``groups``: (transformers source pattern, on-disk names in load order) pairs; ``converter``:
+    None when the tensor is the one on-disk tensor of ``names`` (perhaps renamed), else the
+    transformers ``WeightConverter`` that ``from_pretrained`` runs to assemble it.
+    """
+
+    target: str
+    groups: tuple[tuple[str, tuple[str, ...]], ...]
+    converter: Any = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for _, names in self.groups for name in names)
+
+    def assemble(self, tensors: Mapping[str, Any], model: Any = None) -> Any:
+        """The tensor, from ``tensors`` (on-disk name -> tensor already cast to the model's dtype),
+        by transformers' own converter operations, called as ``from_pretrained`` calls them."""
+        if self.converter is None:
+            return tensors[self.names[0]]
+        import copy
+
+        converter = copy.deepcopy(self.converter)
+        for pattern, names in self.groups:
+            converter.collected_tensors[pattern] = [tensors[name] for name in names]
+        out = converter.convert(self.target, model=model, config=getattr(model, "config", None))
+        value = out.get(self.target)
+        if value is None or len(out) != 1:
+            raise ArchError(f"transformers' conversion of {list(self.names)[:3]}... gave {sorted(out)}, "
+                            f"not '{self.target}'")
+        return value[0] if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)
@@ -495,10 +530,44 @@ class MoeArch:
             unused.append("lm_head")
         return tuple(unused)
 
-    def checkpoint_tensor_name(self, name: str) -> str:
-        """The on-disk (Hub layout) name of the in-memory parameter or buffer ``name``; identity for
-        families whose checkpoints hold the in-memory layout (the fused-experts families override)."""
-        return name
+    def checkpoint_sources(self, model: Any, names: Iterable[str]) -> dict[str, TensorSource]:
+        """How each persistent tensor of ``model`` (in-memory name) is made from the checkpoint
+        tensors ``names`` (Hub layout), for building one module at a time from the shards.
+
+        This is transformers' own weight-loading plan, step 1 of
+        ``core_model_loading.convert_and_load_state_dict_in_model``: the model's conversion mapping
+        (``get_model_conversion_mapping``: renamings such as Mixtral's ``block_sparse_moe`` ->
+        ``mlp``, converters such as ``MergeModulelist(0)`` + ``Concatenate(1)`` stacking
+        ``experts.{i}.gate_proj``/``up_proj`` into ``experts.gate_up_proj [E, 2I, H]``) applied to
+        the names in the same natural order, so a layer assembled from only its own tensors is
+        exactly the one ``from_pretrained`` builds. Names the model has no slot for are left out.
+        """
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+        mapping = get_model_conversion_mapping(model)
+        renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
+        converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+        by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+        slots = {name: None for name in model.state_dict(keep_vars=True)}
+        prefix = model.base_model_prefix
+        found: dict[str, tuple[Any, dict[str, list[str]]]] = {}
+        for original in sorted(names, key=dot_natural_key):
+            renamed, pattern = rename_source_key(original, renamings, converters, prefix, slots)
+            if renamed not in slots and original in slots:
+                renamed, pattern = rename_source_key(original, [], [], base_model_prefix=prefix, meta_state_dict=slots)
+            if renamed not in slots:
+                continue
+            converter = by_pattern[pattern] if pattern is not None else None
+            entry = found.setdefault(renamed, (converter, {}))
+            entry[1].setdefault(pattern if pattern is not None else original, []).append(original)
+        sources = {}
+        for target, (converter, groups) in found.items():
+            if converter is None and (len(groups) != 1 or len(next(iter(groups.values()))) != 1):
+                raise ArchError(f"checkpoint tensors {sorted(n for g in groups.values() for n in g)} all map to "
+                                f"'{target}'; the checkpoint does not match its model class")
+            sources[target] = TensorSource(target, tuple((k, tuple(v)) for k, v in groups.items()), converter)
+        return sources
 
     def layer_tensor_prefix(self, layer_index: int) -> str:
         """On-disk name prefix of decoder layer ``layer_index``'s tensors."""
@@ -523,4 +592,5 @@ __all__ = [
     "SOFTMAX_TOPK",
     "TOPK_SOFTMAX",
     "TensorPattern",
+    "TensorSource",
 ]

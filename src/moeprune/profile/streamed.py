@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moeprune.arch.base import TensorSource
 from moeprune.errors import MoepruneError
 from moeprune.io.checkpoint import Checkpoint, TensorInfo
 from moeprune.profile.hooks import ContributionRecorder, instrument_moe
@@ -80,14 +81,22 @@ class StreamLayout:
 
     ``body``: the module whose forward the whole-model replay calls (no LM head);
     ``layers``: the decoder layers' ``ModuleList``; ``unused``: modules a text-only forward never
-    touches (vision / audio towers, the LM head): left on ``meta``; ``checkpoint_name``: the
-    checkpoint tensor name of an in-memory parameter or buffer name.
+    touches (vision / audio towers, the LM head): left on ``meta``; ``sources(model, names)``: how
+    each in-memory tensor is made from the checkpoint tensors ``names`` (the family adapter's
+    :meth:`~moeprune.arch.base.MoeArch.checkpoint_sources`; None: the checkpoint holds the
+    in-memory names and layout).
     """
 
     body: str
     layers: str
     unused: tuple[str, ...] = ()
-    checkpoint_name: Callable[[str], str] = lambda name: name
+    sources: Callable[[torch.nn.Module, Sequence[str]], Mapping[str, TensorSource]] | None = None
+
+    def plan(self, model: torch.nn.Module, checkpoint: Checkpoint) -> Mapping[str, TensorSource]:
+        """In-memory tensor name -> how to read it from ``checkpoint``."""
+        if self.sources is not None:
+            return self.sources(model, checkpoint.names())
+        return {name: TensorSource(name, ((name, (name,)),)) for name in checkpoint.names()}
 
 
 def _get(root: torch.nn.Module, path: str) -> Any:
@@ -110,7 +119,7 @@ def find_stream_layout(model: torch.nn.Module) -> StreamLayout:
             body=arch.replay_body_path(model),
             layers=arch.decoder_layers_path(model),
             unused=arch.streamed_unused_modules(model),
-            checkpoint_name=arch.checkpoint_tensor_name,
+            sources=arch.checkpoint_sources,
         )
     except ArchError as exc:
         raise StreamedReplayError(f"streamed replay: {exc}; use profile.replay = \"whole\"") from None
@@ -144,6 +153,54 @@ def read_tensor_into(checkpoint: Checkpoint, info: TensorInfo, target: torch.Ten
         done += read
     if not direct:
         target.copy_(buffer)
+
+
+def read_source(
+    checkpoint: Checkpoint, source: TensorSource, slot: torch.Tensor, device: torch.device, model: Any = None
+) -> torch.Tensor:
+    """The value of the in-memory tensor ``slot`` (a meta tensor: shape and dtype), read from the
+    checkpoint tensors ``source`` names and nothing else.
+
+    One on-disk tensor is read straight into a new tensor on ``device``. Several (one per expert)
+    are each read and cast to the slot's dtype, as ``from_pretrained`` casts them, then assembled
+    by transformers' own converter (:meth:`TensorSource.assemble`) on the CPU. Raises
+    StreamedReplayError when a tensor is missing or the result has the wrong shape.
+    """
+    for name in source.names:
+        if name not in checkpoint:
+            raise StreamedReplayError(f"{checkpoint.directory}: no tensor '{name}' (part of {source.target})")
+    if source.converter is None:
+        new = torch.empty_like(slot, device=device)
+        read_tensor_into(checkpoint, checkpoint[source.names[0]], new)
+        return new
+    counts = {pattern: len(names) for pattern, names in source.groups}
+    wanted = list(source.converter.source_patterns)
+    if sorted(counts) != sorted(wanted) or len(set(counts.values())) != 1:
+        found = ", ".join(f"{counts.get(pattern, 0)} x '{pattern}'" for pattern in wanted)
+        raise StreamedReplayError(
+            f"{checkpoint.directory}: '{source.target}' is assembled from the same number of tensors of each of "
+            f"{wanted}; the checkpoint has {found} (a tensor is missing or extra)"
+        )
+    parts = {}
+    for name in source.names:
+        info = checkpoint[name]
+        parts[name] = torch.empty(info.shape, dtype=slot.dtype)
+        read_tensor_into(checkpoint, info, parts[name])
+    try:
+        value = source.assemble(parts, model)
+    except Exception as exc:  # transformers' ops raise plain errors on mismatched parts
+        raise StreamedReplayError(
+            f"{checkpoint.directory}: cannot assemble '{source.target}' from {len(source.names)} tensors "
+            f"({source.names[0]}, ...): {exc}"
+        ) from None
+    del parts
+    if tuple(value.shape) != tuple(slot.shape) or value.dtype != slot.dtype:
+        raise StreamedReplayError(
+            f"{checkpoint.directory}: '{source.target}' assembled from {len(source.names)} tensors "
+            f"({source.names[0]}, ...) has shape {list(value.shape)} {value.dtype}, the model's class expects "
+            f"{list(slot.shape)} {slot.dtype}; the checkpoint does not match its config.json"
+        )
+    return value.to(device).contiguous()
 
 
 def _slots(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str, bool, bool]]:
@@ -196,15 +253,19 @@ def materialize(
     layout: StreamLayout,
     device: torch.device,
     skip: Sequence[str] = (),
+    sources: Mapping[str, TensorSource] | None = None,
 ) -> _Built:
     """Give every tensor under module ``path`` of the meta-built ``model`` its value on ``device``:
     persistent ones from the checkpoint, non-persistent buffers from the model's own init.
 
-    Modules under any path in ``skip`` stay on ``meta``. Raises StreamedReplayError naming a
-    tensor the checkpoint lacks.
+    ``sources`` (``layout.plan(model, checkpoint)`` when None) says which checkpoint tensors make
+    each one: only those are read. Modules under any path in ``skip`` stay on ``meta``. Raises
+    StreamedReplayError naming a tensor the checkpoint lacks.
     """
     from transformers import initialization
 
+    if sources is None:
+        sources = layout.plan(model, checkpoint)
     module = _get(model, path)
     built = _Built()
     init_modules: list[str] = []
@@ -216,17 +277,18 @@ def materialize(
         old = owner._parameters[attr] if is_param else owner._buffers[attr]
         if old.device.type != "meta":
             continue  # tied to an already materialised tensor
-        new = torch.empty_like(old, device=device)
         if persistent:
-            name = layout.checkpoint_name(full)
-            if name not in checkpoint:
+            source = sources.get(full)
+            if source is None:
                 raise StreamedReplayError(
-                    f"{checkpoint.directory}: no tensor '{name}' for {type(owner).__name__}.{attr}; the checkpoint "
-                    "does not match the model class of its config.json (or its layout needs a family adapter)"
+                    f"{checkpoint.directory}: no tensor '{full}' (nor tensors transformers assembles into it) for "
+                    f"{type(owner).__name__}.{attr}; the checkpoint does not match the model class of its config.json"
                 )
-            read_tensor_into(checkpoint, checkpoint[name], new)
+            new = read_source(checkpoint, source, old, device, model)
             new._is_hf_initialized = True
         else:
+            new = torch.empty_like(old, device=device)
+        if not persistent:
             owner_path = full.rsplit(".", 1)[0]
             if owner_path not in init_modules:
                 init_modules.append(owner_path)
@@ -420,7 +482,9 @@ def replay_streamed(
     started = time.perf_counter()
     layers = list(_get(model, layout.layers))
     with Checkpoint.open(model_dir) as checkpoint, torch.inference_mode():
-        shell = materialize(model, layout.body, checkpoint, layout, device, skip=(layout.layers, *layout.unused))
+        sources = layout.plan(model, checkpoint)
+        shell = materialize(model, layout.body, checkpoint, layout, device, skip=(layout.layers, *layout.unused),
+                            sources=sources)
         stats.shell_nbytes = shell.nbytes
         captures = _embed_batches(model, layout, batches, device)
         shell.release()
@@ -428,7 +492,7 @@ def replay_streamed(
         stats.hidden_nbytes = sum(h.numel() * h.element_size() for h in hidden)
         with instrument_moe(model, num_domains=len(domains), capture=capture) as recorder:
             for index, layer in enumerate(layers):
-                built = materialize(model, f"{layout.layers}.{index}", checkpoint, layout, device)
+                built = materialize(model, f"{layout.layers}.{index}", checkpoint, layout, device, sources=sources)
                 stats.max_layer_nbytes = max(stats.max_layer_nbytes, built.nbytes)
                 for position, (batch, batch_capture) in enumerate(zip(batches, captures)):
                     args, kwargs = batch_capture.calls[index]
