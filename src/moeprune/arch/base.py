@@ -112,16 +112,19 @@ class TensorSource:
     def names(self) -> tuple[str, ...]:
         return tuple(name for _, names in self.groups for name in names)
 
-    def assemble(self, tensors: Mapping[str, Any], model: Any = None) -> Any:
+    def assemble(self, tensors: dict[str, Any], model: Any = None) -> Any:
         """The tensor, from ``tensors`` (on-disk name -> tensor already cast to the model's dtype),
-        by transformers' own converter operations, called as ``from_pretrained`` calls them."""
+        by transformers' own converter operations, called as ``from_pretrained`` calls them.
+
+        The parts are popped from ``tensors``, so transformers' ops free each as they go (at most
+        about one extra copy of the result is alive at once)."""
         if self.converter is None:
-            return tensors[self.names[0]]
+            return tensors.pop(self.names[0])
         import copy
 
         converter = copy.deepcopy(self.converter)
         for pattern, names in self.groups:
-            converter.collected_tensors[pattern] = [tensors[name] for name in names]
+            converter.collected_tensors[pattern] = [tensors.pop(name) for name in names]
         out = converter.convert(self.target, model=model, config=getattr(model, "config", None))
         value = out.get(self.target)
         if value is None or len(out) != 1:

@@ -20,6 +20,14 @@ measured holding one layer at a time plus the hidden states of every calibration
    :class:`~moeprune.profile.hooks.ContributionRecorder` the whole-model replay feeds, with the
    same per-batch token domains), keep the outputs as the next layer's inputs, and free the layer.
 
+Which on-disk tensors make each in-memory one is the family adapter's
+:meth:`~moeprune.arch.base.MoeArch.checkpoint_sources`: transformers' own weight-loading plan
+(its conversion mapping), so a family saved with one tensor per expert
+(``mlp.experts.{i}.gate_proj.weight``, ...) gets its fused ``gate_up_proj [E, 2I, H]`` and
+``down_proj [E, H, I]`` stacked by transformers' own converters from only that layer's tensors,
+exactly as ``from_pretrained`` builds them. Assembling one fused tensor holds about one extra
+copy of it in host memory for a moment (the parts, then the result).
+
 Every tensor op is the one the whole-model forward performs on the same inputs, and each
 layer's accumulators receive the batches in the same order, so on the same device the
 statistics are bit-identical to the whole-model replay's (the tests check it).
