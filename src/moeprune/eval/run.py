@@ -31,7 +31,7 @@ from typing import Any, ContextManager, Protocol
 
 from moeprune.atomic import atomic_file, write_json
 from moeprune.errors import MoepruneError
-from moeprune.eval.results import RESULTS_NAME, RUN_RECORD_NAME, write_results
+from moeprune.eval.results import RUN_RECORD_NAME, write_results
 from moeprune.eval.samples import read_sample_log, sample_log_name, write_sample_log
 from moeprune.hashing import sha256_file
 from moeprune.layout import RunLayout
@@ -64,9 +64,9 @@ ServerFactory = Callable[[str, Path, Path], ContextManager[ServedModel]]
 # --- pre-flight checks (before any server starts) ---------------------------------------------
 def hub_token() -> str | None:
     """The Hugging Face token: HF_TOKEN, else huggingface_hub's stored login; None if neither."""
-    from huggingface_hub import get_token
+    from moeprune.hub import resolve_token
 
-    return get_token()
+    return resolve_token()
 
 
 def resolve_include_path(recipe: Recipe, work_dir: Path) -> Path | None:
@@ -309,12 +309,12 @@ def gguf_file_type(path: Path) -> str | None:
 
 
 def gguf_record(path: Path, quant_type: str, layout: RunLayout) -> dict[str, Any]:
-    """Path (relative to the run directory when inside it), sha256, size and quant type."""
+    """Path (relative to the run directory; the file name when outside it), sha256, size and quant type."""
     path = Path(path)
     try:
         shown = path.resolve().relative_to(layout.root.resolve()).as_posix()
     except ValueError:
-        shown = str(path.resolve())
+        shown = path.name  # outside the run: its name only (no machine's path in an artifact)
     return {
         "path": shown,
         "sha256": sha256_file(path),
