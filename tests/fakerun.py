@@ -132,11 +132,11 @@ def demo_task_config() -> dict:
 
 def _records(model: str, n: int, correct: np.ndarray, rng: np.random.Generator) -> list[dict]:
     """lm-eval-shaped records whose filtered answers and scores come from the task's own filters."""
-    from moeprune.eval.rescore import _apply_filter, _filters, _metrics, _score
+    from moeprune.eval.rescore import _filters, _metrics, _score, apply_filter_batch
 
     config = demo_task_config()
     ensembles, metrics = _filters(config), _metrics(config)
-    records = []
+    texts, docs = [], []
     for doc_id in range(n):
         target = LETTERS[doc_id % 4]
         if correct[doc_id]:
@@ -146,21 +146,24 @@ def _records(model: str, n: int, correct: np.ndarray, rng: np.random.Generator) 
         else:
             answer = f"({LETTERS[(doc_id + 1 + rng.integers(0, 3)) % 4]})"
         thought = f"Let me think. {'x' * int(rng.integers(10, 400))}"
-        text = f"{thought} The answer is {answer}." if answer else f"{thought} I cannot decide"
-        doc = {"question": f"question {doc_id}", "choices": [f"option {c.lower()}{doc_id}" for c in LETTERS[:4]],
-               "answer": f"({target})"}
-        for filter_name, ensemble in ensembles.items():
-            filtered = _apply_filter(ensemble, [text], doc)
+        texts.append(f"{thought} The answer is {answer}." if answer else f"{thought} I cannot decide")
+        docs.append({"question": f"question {doc_id}", "choices": [f"option {c.lower()}{doc_id}" for c in LETTERS],
+                     "answer": f"({target})"})
+    extracted = {name: apply_filter_batch(e, [[t] for t in texts], docs) for name, e in ensembles.items()}
+    records = []
+    for doc_id, (text, doc) in enumerate(zip(texts, docs)):
+        for filter_name in ensembles:
+            filtered = extracted[filter_name][doc_id]
             record = {
-                "doc_id": doc_id, "doc": doc, "target": f"({target})", "arguments": [[f"q{doc_id}", {}]],
+                "doc_id": doc_id, "doc": doc, "target": doc["answer"], "arguments": [[f"q{doc_id}", {}]],
                 "resps": [[text]], "filtered_resps": [filtered], "filter": filter_name,
                 "metrics": list(metrics),
                 "doc_hash": hashlib.sha256(json.dumps(doc).encode()).hexdigest(),
                 "prompt_hash": hashlib.sha256(f"q{doc_id}".encode()).hexdigest(),
-                "target_hash": hashlib.sha256(target.encode()).hexdigest(),
+                "target_hash": hashlib.sha256(doc["answer"].encode()).hexdigest(),
             }
             for name, (fn, kwargs) in metrics.items():
-                record[name] = _score(fn, kwargs, name, f"({target})", filtered)
+                record[name] = _score(fn, kwargs, name, doc["answer"], filtered)
             records.append(record)
     return records
 

@@ -147,10 +147,16 @@ def _metrics(config: dict[str, Any]) -> dict[str, tuple[Any, dict[str, Any]]]:
 
 
 def _apply_filter(ensemble: Any, resps: list[Any], doc: dict[str, Any]) -> Any:
-    out: Any = [list(resps)]
+    return apply_filter_batch(ensemble, [resps], [doc])[0]
+
+
+def apply_filter_batch(ensemble: Any, resps: list[list[Any]], docs: list[dict[str, Any]]) -> list[Any]:
+    """Run a filter pipeline over many responses at once, as lm-eval does (some filters build
+    large tables per call)."""
+    out: Any = [list(r) for r in resps]
     for make in ensemble.filters:
-        out = list(make().apply(out, [doc]))
-    return out[0]
+        out = list(make().apply(out, docs))
+    return out
 
 
 def _score(metric_fn: Any, kwargs: dict[str, Any], name: str, gold: Any, result: Any) -> float:
@@ -174,30 +180,42 @@ def rescore_records(
     if not metrics:
         raise RescoreError(f"{where}: the task defines no metric_list; nothing to re-score against")
     problems: list[str] = []
-    checked = 0
+    usable: list[tuple[dict[str, Any], str]] = []
     for record in records:
         filter_name = record.get("filter")
         name = f"{where} doc_id {record.get('doc_id')} ({filter_name})"
-        doc = record.get("doc")
-        resps = record.get("resps")
+        doc, resps = record.get("doc"), record.get("resps")
         if not isinstance(doc, dict) or not isinstance(resps, list) or len(resps) != 1 \
                 or not isinstance(resps[0], list):
             problems.append(f"{name}: the record has no document or no single response to re-score")
-            continue
-        if filter_name not in ensembles:
-            problems.append(f"{name}: filter '{filter_name}' is not one of the task's filters "
-                            f"({', '.join(ensembles)})")
+        elif filter_name not in ensembles:
+            problems.append(f"{name}: filter '{filter_name}' is not one of the task's filters ({', '.join(ensembles)})")
+        elif config.get("doc_to_choice") is not None:
+            problems.append(f"{name}: doc_to_choice tasks are not re-scored")
+        else:
+            usable.append((record, name))
+    filtered: dict[int, Any] = {}
+    for filter_name, ensemble in ensembles.items():
+        chosen = [(i, record) for i, (record, _) in enumerate(usable) if record["filter"] == filter_name]
+        if not chosen:
             continue
         try:
-            gold = _target(config, doc)
-            if config.get("doc_to_choice") is not None:
-                problems.append(f"{name}: doc_to_choice tasks are not re-scored")
-                continue
-            result = _apply_filter(ensembles[filter_name], resps[0], doc)
+            outs = apply_filter_batch(ensemble, [r["resps"][0] for _, r in chosen], [r["doc"] for _, r in chosen])
+        except Exception as exc:  # noqa: BLE001 - records lm-eval's filters cannot take are a finding
+            problems.append(f"{where} ({filter_name}): cannot re-apply the task's filters ({type(exc).__name__}: {exc})")
+            continue
+        filtered.update({i: out for (i, _), out in zip(chosen, outs)})
+    checked = 0
+    for i, (record, name) in enumerate(usable):
+        if i not in filtered:
+            continue
+        result = filtered[i]
+        try:
+            gold = _target(config, record["doc"])
             if type(gold) is not type(result) and not isinstance(result, list):
                 gold = type(result)(gold)
-        except Exception as exc:  # noqa: BLE001 - a record lm-eval's filters cannot take is a finding
-            problems.append(f"{name}: cannot re-apply the task's filters ({type(exc).__name__}: {exc})")
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"{name}: cannot derive the target from the document ({type(exc).__name__}: {exc})")
             continue
         if _normalise(record.get("target")) != _normalise(gold):
             problems.append(f"{name}: target {record.get('target')!r}, but the document's answer is {gold!r}")
