@@ -401,3 +401,24 @@ def test_server_start_retries_when_its_port_is_taken(llama_build, tmp_path, monk
             assert server_module._health_status("127.0.0.1", server.port) == 200
     finally:
         thief.close()
+
+
+# --- publish --dry-run touches nothing --------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_publish_dry_run_leaves_the_run_and_its_lock_byte_identical(demo_copy):
+    from test_reproduce import stage_lines
+
+    run, env = demo_copy
+    before = {p.relative_to(run).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+              for p in sorted(run.rglob("*")) if p.is_file() and "logs" not in p.relative_to(run).parts}
+    result = _invoke(["publish", "--dry-run", "--repo-id", "someone/else", "--gguf-repo-id", "someone/else-GGUF"],
+                     env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "would upload to someone/else (model)" in result.stdout
+    after = {p.relative_to(run).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+             for p in sorted(run.rglob("*")) if p.is_file() and "logs" not in p.relative_to(run).parts}
+    assert after == before
+    again = _invoke(["reproduce", "--no-live"], env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert set(stage_lines(again).values()) == {"skipped"}, again.stdout + again.stderr
