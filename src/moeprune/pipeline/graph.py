@@ -190,9 +190,10 @@ class Pipeline:
             return result
 
         listener.stage_started(stage.name, reason)
-        lock.forget(stage.name)
-        # Only a killed run's temporaries go: the previous outputs stay until the stage's atomic
-        # writers replace them, so a failed rerun leaves the last good state in place.
+        # Only a killed run's temporaries go: the previous outputs, and the lock entry describing
+        # them, stay until the stage succeeds (its atomic writers replace the outputs), so a failed
+        # rerun leaves the last good state in place. Outputs half-replaced by a failed stage no
+        # longer match the entry's digests, so the next run reruns the stage.
         for path in stage.outs(ctx):
             _remove_leftover_temporaries(path)
         started = time.monotonic()
