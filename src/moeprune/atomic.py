@@ -32,7 +32,14 @@ DISK_ERRNOS = {
 
 
 class WriteError(MoepruneError):
-    """An output could not be written; the previous version (if any) is unchanged."""
+    """An output could not be written; the previous version (if any) is unchanged.
+
+    ``reason`` is the cause in words (e.g. "the disk is full"), for callers that word their own message.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def is_disk_error(exc: BaseException) -> bool:
@@ -85,7 +92,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     except OSError as exc:
         if is_disk_error(exc):
-            raise WriteError(describe_write_error(final, exc)) from None
+            raise WriteError(describe_write_error(final, exc), DISK_ERRNOS[exc.errno]) from None
         raise
     try:
         os.chmod(tmp, 0o777 & ~_umask())
@@ -94,7 +101,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except OSError as exc:
         _remove_tree(tmp)
         if is_disk_error(exc):
-            raise WriteError(describe_write_error(final, exc)) from None
+            raise WriteError(describe_write_error(final, exc), DISK_ERRNOS[exc.errno]) from None
         raise
     except BaseException:
         _remove_tree(tmp)
@@ -128,7 +135,7 @@ def atomic_file(final: Path, mode: str = "w", encoding: str | None = "utf-8") ->
         os.close(fd)
     except OSError as exc:
         if is_disk_error(exc):
-            raise WriteError(describe_write_error(final, exc)) from None
+            raise WriteError(describe_write_error(final, exc), DISK_ERRNOS[exc.errno]) from None
         raise
     tmp = Path(tmp_name)
     try:
@@ -146,7 +153,7 @@ def atomic_file(final: Path, mode: str = "w", encoding: str | None = "utf-8") ->
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if is_disk_error(exc):
-            raise WriteError(describe_write_error(final, exc)) from None
+            raise WriteError(describe_write_error(final, exc), DISK_ERRNOS[exc.errno]) from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
