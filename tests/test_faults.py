@@ -195,6 +195,40 @@ def test_full_disk_in_dropmap_and_card_via_invoke(demo_copy, task, output, limit
     assert _tree(run) == before
 
 
+def _chattr_works(tmp_path: Path) -> bool:
+    probe = tmp_path / "chattr-probe"
+    probe.mkdir()
+    ok = shutil.which("chattr") is not None and subprocess.run(["chattr", "+i", str(probe)],
+                                                                capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["chattr", "-i", str(probe)], check=True)
+    return ok
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,output", [("dropmap", "expert_drop_metadata.json"), ("card", "card")])
+def test_read_only_run_dir_in_dropmap_and_card_via_invoke(demo_copy, tmp_path, task, output):
+    """A read-only directory that stops root too: the immutable attribute (chattr +i)."""
+    if os.geteuid() != 0:
+        pytest.skip("chattr +i needs root; chmod covers non-root users")
+    if not _chattr_works(tmp_path):
+        pytest.skip("this file system does not support chattr +i")
+    run, env = demo_copy
+    before = _tree(run)
+    subprocess.run(["chattr", "+i", str(run)], check=True)
+    try:
+        result = _invoke([task], env)
+    finally:
+        subprocess.run(["chattr", "-i", str(run)], check=True)
+    combined = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in combined, combined
+    assert output in combined and "writable, then rerun" in combined, combined
+    assert _leftovers(run) == [] and _tree(run) == before
+    result = _invoke([task], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _tree(run) == before
+
+
 # --- shards: truncated or corrupt in profile and convert -----------------------------------------
 def _damaged_model(tmp_path: Path, how: str) -> Path:
     model = tmp_path / "model"
