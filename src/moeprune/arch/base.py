@@ -96,6 +96,18 @@ class ExpertTensor:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """One on-disk part of an assembled tensor: it fills ``value[index]``, narrowed to
+    ``offset : offset + size`` along ``axis`` of that slice when ``axis`` is not None."""
+
+    name: str
+    index: int
+    axis: int | None
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
 class TensorSource:
     """How one in-memory tensor of a model is made from its checkpoint's tensors (Hub layout).
 
@@ -111,6 +123,32 @@ class TensorSource:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(name for _, names in self.groups for name in names)
+
+    def placements(self, shapes: Mapping[str, tuple[int, ...]]) -> list[Placement] | None:
+        """Where each part lands in the assembled tensor, for the converters that only stack
+        (``MergeModulelist(dim=0)``) and then concatenate (``Concatenate(dim=d)``) their parts, in
+        the converter's source-pattern order: part ``k`` of a group is the slice ``[k]`` and, after a
+        concatenation, the span of its group along ``d``. ``shapes``: on-disk name -> shape. None
+        for any other converter (then :meth:`assemble` runs transformers' ops themselves)."""
+        from transformers.core_model_loading import Concatenate, MergeModulelist
+
+        ops = list(getattr(self.converter, "operations", None) or [])
+        if not ops or not isinstance(ops[0], MergeModulelist) or ops[0].dim != 0:
+            return None
+        if len(ops) == 1 and len(self.groups) == 1:
+            axis = None
+        elif len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim >= 1:
+            axis = ops[1].dim - 1  # the concatenation axis within one expert's slice
+        else:
+            return None
+        order = {pattern: position for position, pattern in enumerate(self.converter.source_patterns)}
+        placed, offset = [], 0
+        for pattern, names in sorted(self.groups, key=lambda group: order.get(group[0], len(order))):
+            size = shapes[names[0]][axis] if axis is not None else 0
+            for index, name in enumerate(names):
+                placed.append(Placement(name, index, axis, offset, size))
+            offset += size
+        return placed
 
     def assemble(self, tensors: dict[str, Any], model: Any = None) -> Any:
         """The tensor, from ``tensors`` (on-disk name -> tensor already cast to the model's dtype),
@@ -593,6 +631,7 @@ __all__ = [
     "ROUTER_WEIGHT",
     "SIGMOID_GROUPED",
     "SOFTMAX_TOPK",
+    "Placement",
     "TOPK_SOFTMAX",
     "TensorPattern",
     "TensorSource",

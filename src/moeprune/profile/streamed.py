@@ -25,8 +25,8 @@ Which on-disk tensors make each in-memory one is the family adapter's
 (its conversion mapping), so a family saved with one tensor per expert
 (``mlp.experts.{i}.gate_proj.weight``, ...) gets its fused ``gate_up_proj [E, 2I, H]`` and
 ``down_proj [E, H, I]`` stacked by transformers' own converters from only that layer's tensors,
-exactly as ``from_pretrained`` builds them. Assembling one fused tensor holds about one extra
-copy of it in host memory for a moment (the parts, then the result).
+exactly as ``from_pretrained`` builds them. Stack-and-concatenate converters (all the families
+here) are replayed as direct reads into each part's slice, so no extra copy is made.
 
 Every tensor op is the one the whole-model forward performs on the same inputs, and each
 layer's accumulators receive the batches in the same order, so on the same device the
@@ -169,10 +169,12 @@ def read_source(
     """The value of the in-memory tensor ``slot`` (a meta tensor: shape and dtype), read from the
     checkpoint tensors ``source`` names and nothing else.
 
-    One on-disk tensor is read straight into a new tensor on ``device``. Several (one per expert)
-    are each read and cast to the slot's dtype, as ``from_pretrained`` casts them, then assembled
-    by transformers' own converter (:meth:`TensorSource.assemble`) on the CPU. Raises
-    StreamedReplayError when a tensor is missing or the result has the wrong shape.
+    One on-disk tensor is read straight into a new tensor on ``device``. Parts that transformers'
+    converter only stacks and concatenates (per-expert gate / up / down) are each read straight
+    into their slice (:meth:`TensorSource.placements`), cast to the slot's dtype as
+    ``from_pretrained`` casts them: no second copy of the tensor. Any other converter runs itself
+    (:meth:`TensorSource.assemble`) on the CPU. Raises StreamedReplayError when a tensor is
+    missing or the parts do not fit the model's shape.
     """
     for name in source.names:
         if name not in checkpoint:
@@ -189,6 +191,34 @@ def read_source(
             f"{checkpoint.directory}: '{source.target}' is assembled from the same number of tensors of each of "
             f"{wanted}; the checkpoint has {found} (a tensor is missing or extra)"
         )
+    placements = source.placements({name: checkpoint[name].shape for name in source.names})
+    if placements is not None:
+        # Stack / concatenate only: each part is read straight into its slice of the tensor.
+        new = torch.empty_like(slot, device=device)
+        filled = 0
+        for place in placements:
+            if place.index >= new.shape[0]:
+                raise StreamedReplayError(
+                    f"{checkpoint.directory}: '{source.target}' has {new.shape[0]} experts in the model's class, "
+                    f"but the checkpoint has {place.name}; the checkpoint does not match its config.json"
+                )
+            target = new[place.index]
+            if place.axis is not None and place.offset + place.size > target.shape[place.axis]:
+                raise StreamedReplayError(
+                    f"{checkpoint.directory}: the parts of '{source.target}' ({source.names[0]}, ...) are wider than "
+                    f"its {list(new.shape)} in the model's class; the checkpoint does not match its config.json"
+                )
+            if place.axis is not None:
+                target = target.narrow(place.axis, place.offset, place.size)
+            read_tensor_into(checkpoint, checkpoint[place.name], target)
+            filled += target.numel()
+        if filled != new.numel():
+            raise StreamedReplayError(
+                f"{checkpoint.directory}: '{source.target}' {list(new.shape)} is not covered by its "
+                f"{len(placements)} checkpoint tensors ({source.names[0]}, ...); the checkpoint does not match "
+                "its config.json"
+            )
+        return new
     parts = {}
     for name in source.names:
         info = checkpoint[name]
