@@ -220,8 +220,10 @@ class KldSection(_Section):
         "required when enabled.",
     )
     ctx_size: int = Field(default=512, ge=16, description="Tokens per chunk; the second half of each is scored.")
-    chunks: int | None = Field(default=None, ge=1, description="Score at most this many chunks (None: all).")
-    batch_size: int | None = Field(default=None, ge=1, description="--batch-size (None: llama.cpp's default).")
+    chunks: int | None = Field(
+        default=None, ge=1,
+        description="Score this many chunks (None: all the text holds but one); the text must hold one chunk more.",
+    )
     rival_types: list[str] = Field(
         default=["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S"],
         description="llama-quantize types the base is quantized to; the one whose file size is closest to the "
