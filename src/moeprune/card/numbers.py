@@ -350,7 +350,7 @@ def _kld_numbers(card: CardNumbers, source: ArtifactSource) -> None:
     rival = kld["rival"]
     reference = kld["reference"]
     card.facts["kld_text"] = kld["text"]["file"]
-    card.facts["kld_reference"] = reference["label"]
+    card.facts["kld_reference"] = reference["label"].replace("base-", "", 1)
     card.add("kld.tokens", rows[0]["scored_tokens"], fmt_int(rows[0]["scored_tokens"]), f"{src}: rows[].scored_tokens")
     card.add("kld.chunks", reference["chunks"], fmt_int(reference["chunks"]), f"{src}: reference.chunks")
     card.add("kld.ctx_size", reference["ctx_size"], fmt_int(reference["ctx_size"]), f"{src}: reference.ctx_size")
@@ -361,7 +361,8 @@ def _kld_numbers(card: CardNumbers, source: ArtifactSource) -> None:
         where = f"{src}: rows[{row['label']}]"
         kl, top1 = row["mean_kld"], row["top1_agreement"]
         card.add(f"{key}.size", row["gguf"]["size_bytes"], fmt_bytes(row["gguf"]["size_bytes"]), f"{where}.gguf.size_bytes")
-        card.add(f"{key}.kld", kl["value"], f"{kl['value']:.4f} ± {kl['stderr']:.4f}", f"{where}.mean_kld")
+        # + 0.0: the reference against itself reads 0.0000, not -0.0000
+        card.add(f"{key}.kld", kl["value"], f"{kl['value'] + 0.0:.4f} ± {kl['stderr']:.4f}", f"{where}.mean_kld")
         card.add(f"{key}.top1", top1["value"], f"{100 * top1['value']:.2f}% ± {100 * top1['stderr']:.2f}%",
                  f"{where}.top1_agreement")
         card.add(f"{key}.ppl_ratio", row["ppl_ratio"], f"{row['ppl_ratio']:.4f}", f"{where}.ppl_ratio")
@@ -383,7 +384,7 @@ def _kld_numbers(card: CardNumbers, source: ArtifactSource) -> None:
     closer = ("the pruned model is closer to the base than the base quantized harder" if gap < 0 else
               f"the base quantized to {rival['quant_type']} is closer to the base than the pruned model")
     card.facts["kld_verdict"] = (closer + ("" if sigmas >= 2 else
-                                 ", but by less than two combined uncertainties: not a clear difference"))
+                                 ", but by less than two combined uncertainties (not a clear difference)"))
     card.series["kld"] = {
         "points": [{"label": row["label"], "model": row["model"], "role": row["role"], "quant_type": row["quant_type"],
                     "size_bytes": row["gguf"]["size_bytes"], "kld": row["mean_kld"]["value"],

@@ -113,6 +113,11 @@ def render_plots(series: dict[str, Any], out_dir: Path) -> list[Path]:
                 ax.scatter([point["size_bytes"] / 1e6], [point["kld"]], s=140, facecolors="none",
                            edgecolors="black", marker=marker, label=name, zorder=5)
         ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter
+
+        for axis in (ax.xaxis,):
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("GGUF file size (MB)")
         ax.set_ylabel("mean KL divergence to the base (nats/token)")
         ax.set_title("What pruning costs, and what quantization costs")
