@@ -256,3 +256,33 @@ def test_verify_fails_when_kld_json_disagrees_with_its_evidence(kld_run, tmp_pat
     report = verify(str(copy))
     detail = "\n".join(c.detail for c in report.failures if c.name == "KLD recompute")
     assert "eval/kld.json/rows/2/mean_kld/value: file says 0.001" in detail
+
+
+@pytest.mark.slow
+def test_demo_reproduce_measures_kld_with_a_zero_self_check(demo_run, tmp_path):
+    """The real pipeline: eval/kld.json has the pruned, base and equal-size rows, the reference
+    against itself gives KLD 0, and an edited KLD number on the card fails verify."""
+    from moeprune.layout import RunLayout
+    from moeprune.manifest import write_manifest
+    from moeprune.recipe import load_recipe
+    from moeprune.verify import verify
+
+    document = json.loads((demo_run / "eval" / "kld.json").read_text())
+    roles = {row["role"] for row in document["rows"]}
+    assert {"reference", "base-eval", "pruned-eval", "pruned-converted", "base-candidate"} <= roles
+    assert document["rival"]["label"] in {row["label"] for row in document["rows"] if row["role"] == "base-candidate"}
+    reference = next(row for row in document["rows"] if row["role"] == "reference")
+    assert reference["mean_kld"]["value"] == 0.0 and reference["top1_agreement"]["value"] == 1.0
+    assert reference["ppl_ratio"] == 1.0 and document["self_check"]["passed"]
+    assert all(row["mean_kld"]["value"] > 0 for row in document["rows"] if row["role"] != "reference")
+    assert recompute_kld(demo_run / "eval", document) == document
+
+    copy = tmp_path / "runs" / "demo"
+    shutil.copytree(demo_run, copy, ignore=shutil.ignore_patterns("logs", "kld"))
+    readme = copy / "card" / "README.md"
+    numbers = json.loads((copy / "card" / "card_numbers.json").read_text())["numbers"]
+    shown = numbers[f"kld.{document['rival']['label']}.kld"]["display"]
+    readme.write_text(readme.read_text().replace(shown, "0.0001 ± 0.0001", 1))
+    write_manifest(RunLayout(copy), load_recipe(ROOT / "recipes" / "demo.toml", check_inputs=False).settings())
+    detail = "\n".join(c.detail for c in verify(str(copy)).failures)
+    assert f"'kld.{document['rival']['label']}.kld' should read" in detail
