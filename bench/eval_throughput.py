@@ -51,6 +51,7 @@ def with_slots(recipe: Recipe, slots: int, limit: int | None, kv_unified: bool |
 
 def run_once(recipe: Recipe, model: str, gguf: Path, work: Path, build, task_manager) -> dict:
     model_dir = work / f"{model}-{recipe.serve.parallel}slots"
+    work.mkdir(parents=True, exist_ok=True)
     with LlamaServer(build, gguf, recipe.serve, work / f"server-{recipe.serve.parallel}.log") as server:
         started = time.perf_counter()
         evaluate_served_model(recipe, model, server, task_manager, model_dir)
@@ -73,6 +74,9 @@ def main() -> None:
     parser.add_argument("--model", choices=("base", "pruned"), default="pruned")
     parser.add_argument("--slots", type=int, default=4, help="Parallel slots of the second run (default 4).")
     parser.add_argument("--limit", type=int, default=None, help="Evaluate only the first N samples.")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="Alternate serial and parallel runs this many times; report the fastest of each "
+                             "(on a shared machine the slowest runs measure the neighbours).")
     parser.add_argument("--keep", default=None, help="Keep the server logs and sample logs in this directory.")
     parser.add_argument("--kv-unified", choices=("on", "off"), default=None,
                         help="Override serve.kv_unified for the parallel run (off: each slot gets ctx_size / slots).")
@@ -89,8 +93,14 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         task_manager = make_task_manager(recipe, resolve_include_path(recipe, work / "tasks"))
         unified = None if args.kv_unified is None else args.kv_unified == "on"
-        runs = [run_once(with_slots(recipe, slots, args.limit, unified), args.model, gguf, work, build, task_manager)
-                for slots in (1, args.slots)]
+        measured: dict[int, list[dict]] = {1: [], args.slots: []}
+        for repeat in range(args.repeats):
+            for slots in (1, args.slots):
+                run = run_once(with_slots(recipe, slots, args.limit, unified), args.model, gguf, work / f"r{repeat}",
+                               build, task_manager)
+                measured[slots].append(run)
+        runs = [min(measured[slots], key=lambda r: r["seconds"]) for slots in (1, args.slots)]
+        spread = {slots: [round(r["seconds"], 1) for r in values] for slots, values in measured.items()}
     print(f"model: {gguf.name}; tasks {', '.join(recipe.eval.tasks)}; max_gen_toks {recipe.eval.max_gen_toks}, "
           f"reasoning budget {recipe.serve.reasoning_budget}, ctx {recipe.serve.ctx_size}, threads {recipe.serve.threads}")
     for run in runs:
@@ -100,6 +110,8 @@ def main() -> None:
         print(f"{kind} ({run['slots']} slot{'s' if run['slots'] > 1 else ''}, num_concurrent {run['slots']}): "
               f"{run['requests']} requests in {run['seconds']:.2f} s: {run['requests'] / run['seconds']:.3f} requests/s, "
               f"{tokens}; server flags: {' '.join(run['flags'][4:])}")
+    if args.repeats > 1:
+        print(f"seconds of every run (fastest reported): serial {spread[1]}, parallel {spread[args.slots]}")
     serial, parallel = runs
     speedup = (parallel["requests"] / parallel["seconds"]) / (serial["requests"] / serial["seconds"])
     print(f"speedup: {speedup:.2f}")
