@@ -663,16 +663,20 @@ def run_compare_criteria(
                     "(lm-eval's flexible-extract)" if accuracy else None,
         "torch_threads": threads,
         "profile_stats_sha256": sha256_file(layout.profile_stats_path),
-        "calibration": (f"{_calibration_count(recipe.prompts_path)} prompts from `{_display_path(recipe.prompts_path, root)}` "
-                        f"in domains {', '.join(f'`{d}`' for d in stats.domains)}, {stats.num_tokens} profiled tokens"),
+        "calibration": (_calibration_note(recipe.prompts_path, root)
+                        + f" in domains {', '.join(f'`{d}`' for d in stats.domains)}, {stats.num_tokens} profiled tokens"),
     }
     paths = write_criteria_docs(result, Path(docs_dir))
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return result
 
 
-def _calibration_count(path: Path) -> int:
-    return sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+def _calibration_note(path: Path, root: Path) -> str:
+    """'N prompts from `file`' when the recipe's prompts file is at hand (the profile is what counts)."""
+    if not Path(path).is_file():
+        return "prompts file not at hand"
+    count = sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    return f"{count} prompts from `{_display_path(path, root)}`"
 
 
 def _display_path(path: Path, root: Path) -> str:
