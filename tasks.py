@@ -205,7 +205,7 @@ def serve(c, recipe=None, which="pruned", type=None, port=None):
     help={
         "recipe": RECIPE_HELP, "runner": RUNNER_HELP,
         "strategy": "Override dropmap.strategy: uniform-min-retention, uniform-count or per-layer-retention.",
-        "criterion": "Override dropmap.criterion: contribution-sum, reap-mean, frequency, domain-max or random.",
+        "criterion": "Override dropmap.criterion: contribution-sum, sequence-norm-sum, reap-mean, frequency, domain-max or random.",
         "threshold": "Override dropmap.retention_threshold, in (0, 1] (e.g. 0.99).",
         "keep_count": "Override dropmap.keep_count (uniform-count).",
         "protect_top_k": "Override dropmap.protect_top_k: always keep each layer's top-K experts.",
@@ -338,6 +338,31 @@ def verify(c, target, base=None, endpoint=None, revision=None):
 
     report = verify_artifact(target, Path(base) if base else None, endpoint=endpoint, revision=revision)
     print_report(report)
+    if not report.ok:
+        raise Exit(code=1)
+
+
+@task(
+    help={
+        "source": "Directory or Hub repo id (owner/name, optionally @revision) of the pruned model.",
+        "base": "Base model directory: prove every kept expert and every other tensor bit-exact.",
+        "reprofile": "Recipe of the claimed method: re-run the profile, compare kept sets and retention.",
+        "json": "Also write the table of checks as JSON (schemas/audit.schema.json) to this file.",
+        "revision": "Hub revision for a repo id (default: main).",
+        "endpoint": "Hub endpoint for a repo id (default: https://huggingface.co).",
+    }
+)
+@user_errors
+def audit(c, source, base=None, reprofile=None, json=None, revision=None, endpoint=None):
+    """Audit a pruned MoE (the seed's layout or moeprune's): weights, eval numbers, card claims; exit 1 on a mismatch."""
+    from moeprune.audit import audit as run_audit, print_report, write_report_json
+
+    report = run_audit(source, Path(base) if base else None, reprofile=Path(reprofile) if reprofile else None,
+                       revision=revision, endpoint=endpoint)
+    print_report(report)
+    if json:
+        write_report_json(report, Path(json))
+        print(f"wrote {json}")
     if not report.ok:
         raise Exit(code=1)
 
@@ -498,7 +523,7 @@ def demo_model(c, seed=0, steps=None, out=None, threads=1):
 
 docker_ns = Collection("docker", docker_build, docker_shell, docker_lock)
 
-ns = Collection(test, schema, check, prune, verify_prune, llamacpp, convert, quantize, serve, dropmap,
+ns = Collection(test, schema, check, audit, prune, verify_prune, llamacpp, convert, quantize, serve, dropmap,
                 compare_criteria, profile,
                 card, manifest, publish, verify, eval_, reproduce, stage, demo_model)
 ns.add_collection(docker_ns)

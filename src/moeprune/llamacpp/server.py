@@ -110,6 +110,8 @@ def server_flags(serve: ServeSection) -> list[str]:
         flags.append("--kv-unified")  # every slot may use the whole context, not ctx_size / parallel
     if serve.threads is not None:
         flags += ["--threads", str(serve.threads)]
+    if serve.dry_multiplier:
+        flags += ["--dry-multiplier", f"{serve.dry_multiplier:g}"]
     return flags
 
 
