@@ -88,8 +88,12 @@ def schema(c):
 @user_errors
 def check(c, recipe=None):
     """Validate a recipe and its inputs without running anything."""
+    from moeprune.profile.memory_plan import check_memory_plan
+
     loaded = _recipe(recipe)
     print(f"recipe '{loaded.name}' is valid ({loaded.source_path})")
+    for line in check_memory_plan(loaded):
+        print(line)
 
 
 @task(
