@@ -49,12 +49,6 @@ class ArtifactFile:
     local_path: Path
 
 
-def is_base_gguf(name: str) -> bool:
-    """True for the base (unpruned) model's GGUF files, which are measured but not published."""
-    stem = name.lower()
-    return stem.startswith("base") or "/base" in stem or "-base-" in stem or stem.startswith("orig")
-
-
 def _files_below(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
@@ -105,7 +99,7 @@ def artifact_files(layout: RunLayout) -> tuple[list[ArtifactFile], list[Artifact
     unpublished: list[ArtifactFile] = []
     for path in _files_below(layout.gguf_dir):
         rel = path.relative_to(layout.gguf_dir).as_posix()
-        if is_base_gguf(rel):
+        if layout.gguf_role(rel) == "base":  # measured for the card, not published
             unpublished.append(ArtifactFile("gguf", rel, path))
         else:
             add("gguf", rel, path)

@@ -6,7 +6,9 @@ directory of the recipe file, so a recipe means the same thing whatever the work
 keeps the two in sync.
 
 Loading is strict: unknown fields, wrong types and out-of-range values fail before any work,
-with a message naming the file, the field, the value and what is allowed.
+with a message naming the file, the field, the value and what is allowed. Types are exact
+(pydantic strict mode): ``ctx_size = "2048"`` or ``enable_thinking = "no"`` is refused, never
+converted; the one widening allowed is an integer where a number is expected (``timeout = 120``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ RECIPE_SCHEMA_VERSION = 1
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelSection(_Section):
@@ -133,6 +135,11 @@ class LlamaCppSection(_Section):
         default="auto", description="Build with CUDA: auto (when nvcc and a GPU are present), on, off."
     )
     cuda_architectures: str = Field(default="80;86;89;90", description="CMAKE_CUDA_ARCHITECTURES.")
+    # Not recorded in settings(): the number of jobs changes how long a build takes, not what it makes.
+    jobs: int | None = Field(
+        default=None, ge=1, exclude=True,
+        description="Parallel compile jobs (default: the CPU count of the building machine).",
+    )
 
     @model_validator(mode="after")
     def _git_needs_pin(self) -> LlamaCppSection:
@@ -244,6 +251,8 @@ class Recipe(_Section):
     def _name_is_dirname(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
             raise ValueError("must be letters, digits, '.', '_' or '-' (it names runs/<name>/)")
+        if value == "base":
+            raise ValueError("'base' names the base model's GGUF files (runs/<name>/gguf/base-*.gguf); choose another")
         return value
 
     # --- derived paths -------------------------------------------------------------------

@@ -18,7 +18,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +189,6 @@ def convert_to_gguf(
         metadata_override["general.name"] = model_name
     out_path.parent.mkdir(parents=True, exist_ok=True)
     converter = build.root / "convert_hf_to_gguf.py"
-    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.tmp-", dir=out_path.parent) as tmp:
         tmp_dir = Path(tmp)
         override_path = tmp_dir / "metadata.json"

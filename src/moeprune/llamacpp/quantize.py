@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +101,6 @@ def quantize_gguf(
     if imatrix is not None and not Path(imatrix).is_file():
         raise MoepruneError(f"{imatrix}: importance matrix not found; run `invoke quantize --imatrix` to compute it")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.tmp-", dir=out_path.parent) as tmp:
         tmp_out = Path(tmp) / out_path.name
         command = [str(build.binary("llama-quantize"))]
@@ -153,7 +151,6 @@ def compute_imatrix(
     if not text_path.is_file() or text_path.stat().st_size == 0:
         raise MoepruneError(f"{text_path}: calibration text for the importance matrix is missing or empty")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.tmp-", dir=out_path.parent) as tmp:
         tmp_out = Path(tmp) / out_path.name
         command = [
