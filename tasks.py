@@ -59,7 +59,7 @@ def test(c, k="", fast=False):
 
 @moeprune_task()
 def schema(c):
-    """Regenerate schemas/recipe.schema.json from the typed recipe model."""
+    """Regenerate src/moeprune/schemas/recipe.schema.json from the typed recipe model."""
     from moeprune.schemas import SCHEMA_DIR
 
     return commands.write_recipe_schema(SCHEMA_DIR / "recipe.schema.json")
@@ -67,8 +67,10 @@ def schema(c):
 
 @moeprune_task(help={"recipe": RECIPE_HELP})
 def check(c, recipe: Path | None = None):
-    """Validate a recipe, its inputs and what every stage would refuse later (GPU build, slots,
-    model, calibration prompts, pinned revision), without running anything."""
+    """Validate a recipe and everything a stage would refuse later, without running anything.
+
+    Checks the types, the inputs, the GPU build against n_gpu_layers, the server slots against
+    the generation budget, that the base is a MoE, the calibration prompts, the pinned revision."""
     return commands.check(_recipe_path(recipe))
 
 

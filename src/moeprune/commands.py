@@ -8,6 +8,7 @@ the stage functions, never in ``tasks.py``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,8 +26,12 @@ def _load(recipe_path: Path, stage: str | None = None, check_inputs: bool = True
     if stage is not None:
         from moeprune.preflight import require_preflight
 
-        require_preflight(recipe, stages=[stage])
+        require_preflight(recipe, stages=[stage], warn=_warn)
     return recipe
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _context(recipe: Recipe) -> Any:

@@ -55,9 +55,8 @@ BOOTSTRAP_LOCK = "requirements-bootstrap.lock"
 # are sdists built with --no-build-isolation, so setuptools and wheel must be in the venv.
 BOOTSTRAP_PACKAGES = ("pip", "setuptools", "wheel")
 # Top-level entries of the project copied into the image (everything else stays out).
-PROJECT_ENTRIES = ("pyproject.toml", "README.md", "tasks.py", "src", "recipes", "schemas",
-                   "calibration", "model_card")
-PROJECT_DIRS = ("src", "recipes", "schemas", "calibration", "model_card")
+PROJECT_ENTRIES = ("pyproject.toml", "README.md", "tasks.py", "src", "recipes", "calibration")
+PROJECT_DIRS = ("src", "recipes", "calibration")
 DOCKER_ENTRIES = ("Dockerfile", "build_llamacpp.py", BOOTSTRAP_LOCK, *LOCK_FILES.values())
 SKIPPED_NAMES = {"__pycache__", ".pytest_cache", ".mypy_cache"}
 SKIPPED_SUFFIXES = (".pyc", ".egg-info")
