@@ -9,6 +9,7 @@ the stage functions, never in ``tasks.py``.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,9 +68,12 @@ def llamacpp(recipe_path: Path, jobs: int | None = None) -> TaskResult:
     from moeprune.llamacpp.stages import build_stage
 
     recipe = load_recipe(recipe_path, check_inputs=False)
+    started_unix = int(time.time())
     build, seconds = build_stage(recipe, jobs=jobs)
     source = build.record["source"]
+    built_now = int(build.record.get("built_at_unix", 0)) >= started_unix
     return TaskResult((
+        f"llama.cpp tools {'built' if built_now else 'found in the cache'}: {build.bin_dir}",
         f"llama.cpp {source.get('kind')} {source.get('version') or source.get('url')} "
         f"(llama.cpp commit {source.get('llama_cpp_commit')}), "
         f"{'CUDA' if build.cuda else 'CPU-only'} build",
