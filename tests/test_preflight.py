@@ -243,3 +243,29 @@ def test_require_preflight_raises_with_every_problem():
     serve = recipe.serve.model_copy(update={"parallel": 16, "reasoning_budget": 500})
     with pytest.raises(PreflightError, match=r"(?s)refused before any work:.*serve.ctx_size.*serve.reasoning_budget"):
         require_preflight(recipe.model_copy(update={"serve": serve}), ["eval"])
+
+
+def test_card_links_the_commit_of_a_hub_base():
+    from moeprune.card.render import card_context
+
+    recipe = load_recipe(ROOT / "recipes" / "demo.toml").settings()
+    context = card_context(recipe, "someone/demo-moe", {"moeprune": "0.1.0"}, COMMIT)
+    assert context["base_link"] == (f"[someone/demo-moe](https://huggingface.co/someone/demo-moe/tree/{COMMIT}) "
+                                    f"(commit `{COMMIT[:12]}`)")
+
+
+def test_manifest_records_the_commit_the_drop_map_recorded(tmp_path: Path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fakerun import make_fake_run
+
+    from moeprune.manifest import run_manifest
+    from moeprune.schemas import validate
+
+    run = make_fake_run(tmp_path, with_manifest=False)
+    drop_map = json.loads(run.layout.drop_map_path.read_text())
+    assert "base_model" not in run_manifest(run.recipe, run.layout), "a local base has no commit to record"
+    drop_map["base_model"].update({"id": "someone/demo-moe", "revision": COMMIT})
+    run.layout.drop_map_path.write_text(json.dumps(drop_map))
+    manifest = run_manifest(run.recipe, run.layout)
+    assert manifest["base_model"] == {"id": "someone/demo-moe", "revision": COMMIT}
+    validate("manifest", manifest)

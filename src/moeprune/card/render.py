@@ -35,8 +35,12 @@ def is_hub_id(value: str | None) -> bool:
     return bool(value) and bool(_HUB_ID.match(value)) and ".." not in value  # type: ignore[arg-type]
 
 
-def card_context(recipe: dict[str, Any], drop_map_base_id: str | None, code: dict[str, Any]) -> dict[str, Any]:
-    """Non-numeric inputs of the template: names, links, license, code version."""
+def card_context(recipe: dict[str, Any], drop_map_base_id: str | None, code: dict[str, Any],
+                 drop_map_base_revision: str | None = None) -> dict[str, Any]:
+    """Non-numeric inputs of the template: names, links, license, code version.
+
+    ``drop_map_base_revision`` is the Hub commit of the base the drop map was made from: the link
+    then points at that commit, not at the branch that may have moved since."""
     publish = recipe.get("publish", {}) or {}
     repo_id = publish.get("repo_id")
     base_id = drop_map_base_id if is_hub_id(drop_map_base_id) else None
@@ -47,7 +51,7 @@ def card_context(recipe: dict[str, Any], drop_map_base_id: str | None, code: dic
         "title": recipe["model"]["name"],
         "run_name": recipe["name"],
         "base_id": base_id,
-        "base_link": f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{drop_map_base_id}`",
+        "base_link": _base_link(base_id, drop_map_base_id, drop_map_base_revision),
         "repo_ref": repo_id or f"path/to/{recipe['name']}",
         "gguf_repo": publish.get("gguf_repo_id"),
         "license": recipe["model"].get("license", "other"),
@@ -55,6 +59,14 @@ def card_context(recipe: dict[str, Any], drop_map_base_id: str | None, code: dic
         "language": list((recipe.get("card") or {}).get("language", [])),
         "code_version": version,
     }
+
+
+def _base_link(base_id: str | None, written: str | None, commit: str | None) -> str:
+    if not base_id:
+        return f"`{written}`"
+    if commit:
+        return f"[{base_id}](https://huggingface.co/{base_id}/tree/{commit}) (commit `{commit[:12]}`)"
+    return f"[{base_id}](https://huggingface.co/{base_id})"
 
 
 def card_data(numbers: CardNumbers, context: dict[str, Any]) -> Any:
@@ -206,6 +218,6 @@ def run_card(recipe: Any, layout: Any) -> Path:
     settings = recipe.settings()
     source = ArtifactSource.from_run(layout, settings, base_dir=recipe.base_dir)
     drop_map = json.loads(source.drop_map_path.read_text(encoding="utf-8"))
-    context = card_context(settings, drop_map["base_model"]["id"], code_version())
+    context = card_context(settings, drop_map["base_model"]["id"], code_version(), drop_map["base_model"].get("revision"))
     render_card(source, results, layout.card_dir, context)
     return layout.card_dir / "README.md"
