@@ -183,3 +183,18 @@ def test_stage_tasks_on_a_copy_of_the_demo_run(demo_run: Path, tmp_path: Path):
         result = invoke(*args, env=env)
         assert result.returncode == 0, f"{args}:\n{result.stdout}\n{result.stderr}"
         assert needle in result.stdout, result.stdout
+
+
+def test_reproduce_failure_prints_the_summary_with_the_error_then_exits_non_zero(tmp_path: Path):
+    """DVC's behaviour: the table of every stage, the failed one with its error, later ones not run."""
+    text = (ROOT / "recipes" / "demo.toml").read_text().replace('"../', f'"{ROOT}/')
+    recipe = tmp_path / "fails.toml"
+    recipe.write_text(text.replace('device_map = "cpu"', 'device_map = "no-such-device"'))
+    result = invoke("reproduce", "--no-live", "--recipe", str(recipe),
+                    env={"MOEPRUNE_RUNS_DIR": str(tmp_path / "runs"), "COLUMNS": "200"})
+    assert_clean_error(result, "stage profile failed")
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in (result.stdout + result.stderr).splitlines() if line.startswith("│") and line.count("│") >= 4}
+    assert rows["profile"] == "failed"
+    assert all(rows[name] == "not run" for name in ("dropmap", "prune", "eval-pruned", "card", "manifest"))
+    assert "no-such-device" in result.stderr  # the error, in the summary (the live view's console is stderr)

@@ -219,7 +219,8 @@ def reproduce(recipe_path: Path, *, runner: str | None = None, force: bool = Fal
     results = run_pipeline(load_recipe(recipe_path), runner_kind=runner, force=force, from_stage=from_stage,
                            until_stage=until_stage, live=live)
     failed = [r.name for r in results if r.status == "failed"]
-    return TaskResult(failure=f"stage(s) failed: {', '.join(failed)}" if failed else None, data=results)
+    failure = f"stage {', '.join(failed)} failed (its error is in the summary above)" if failed else None
+    return TaskResult(failure=failure, data=results)
 
 
 # --- publish and audit -----------------------------------------------------------------------
