@@ -269,3 +269,27 @@ def test_manifest_records_the_commit_the_drop_map_recorded(tmp_path: Path):
     manifest = run_manifest(run.recipe, run.layout)
     assert manifest["base_model"] == {"id": "someone/demo-moe", "revision": COMMIT}
     validate("manifest", manifest)
+
+
+# --- the server's own warning ------------------------------------------------------------------
+@pytest.mark.llamacpp
+def test_server_no_usable_gpu_warning_is_an_error_with_gpu_layers(tmp_path: Path):
+    """llama-server only warns that it cannot offload, then runs on the CPU: with n_gpu_layers > 0
+    that is refused (and the server stopped); with 0 it is what was asked for."""
+    from moeprune.llamacpp import LlamaServer, convert_to_gguf, ensure_llamacpp
+    from moeprune.llamacpp.server import LlamaServerError, process_group_members
+    from moeprune.recipe import LlamaCppSection, ServeSection
+
+    build = ensure_llamacpp(LlamaCppSection(cuda="off"))
+    if build.cuda:
+        pytest.skip("this llama.cpp build has CUDA")
+    gguf = tmp_path / "demo-F32.gguf"
+    convert_to_gguf(build, DEMO_MODEL, gguf, "f32", log_path=tmp_path / "convert.log")
+    serve = ServeSection(ctx_size=512, n_gpu_layers=1, reasoning_budget=16, threads=1, startup_timeout_s=120)
+    server = LlamaServer(build, gguf, serve, tmp_path / "server.log")
+    with pytest.raises(LlamaServerError, match=r"serve.n_gpu_layers = 1, but llama-server found no usable GPU"):
+        server.start()
+    assert server.process is not None and server.process.poll() is not None
+    assert process_group_members(server.process.pid) == []
+    with LlamaServer(build, gguf, serve.model_copy(update={"n_gpu_layers": 0}), tmp_path / "cpu.log") as cpu:
+        assert cpu.port is not None  # healthy: the CPU was asked for
