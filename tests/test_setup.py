@@ -181,3 +181,51 @@ def test_installed_wheel_validates_and_renders_a_card(built_wheel: Path, tmp_pat
     result = subprocess.run([str(python), "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"from {site}" in result.stdout
+
+
+# --- the run layout ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("run", "name", "role"),
+    [
+        ("demo", "base-Q4_K_M.gguf", "base"),
+        ("demo", "base-F32.gguf.json", "base"),
+        ("demo", "base-BF16.imatrix.gguf", "base"),
+        ("demo", "demo-Q4_K_M.gguf", "pruned"),
+        ("demo", "demo-Q4_K_M.gguf.json", "pruned"),
+        ("baseline-x", "baseline-x-Q4_K_M.gguf", "pruned"),  # the old prefix guess published it as base
+        ("base-x", "base-x-Q4_K_M.gguf", "pruned"),
+        ("original", "original-F16.gguf", "pruned"),  # the old guess: "orig*" was a base
+        ("demo", "notes.txt", None),
+    ],
+)
+def test_gguf_roles_come_from_the_layout_names(run, name, role):
+    from moeprune.layout import RunLayout
+
+    layout = RunLayout(Path("runs") / run)
+    assert layout.gguf_role(name) == role
+    if role is not None and not name.endswith((".json", ".imatrix.gguf")):
+        assert layout.gguf_path(role, name.rsplit("-", 1)[1].removesuffix(".gguf")).name == name
+
+
+def test_a_recipe_may_not_be_named_base():
+    import tomllib
+
+    from moeprune.errors import RecipeError
+    from moeprune.recipe import parse_recipe
+
+    data = tomllib.loads((ROOT / "recipes" / "demo.toml").read_text())
+    with pytest.raises(RecipeError, match="field 'name' = \"base\": 'base' names the base model's GGUF files"):
+        parse_recipe({**data, "name": "base"})
+
+
+def test_manifest_publishes_a_baseline_named_run(tmp_path):
+    from moeprune.layout import RunLayout
+    from moeprune.manifest import artifact_files
+
+    layout = RunLayout(tmp_path / "baseline-x")
+    layout.gguf_dir.mkdir(parents=True)
+    for name in ("baseline-x-Q4_K_M.gguf", "base-Q4_K_M.gguf"):
+        (layout.gguf_dir / name).write_bytes(b"GGUF")
+    published, unpublished = artifact_files(layout)
+    assert [f.path_in_repo for f in published] == ["baseline-x-Q4_K_M.gguf"]
+    assert [f.path_in_repo for f in unpublished] == ["base-Q4_K_M.gguf"]

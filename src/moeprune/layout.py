@@ -98,6 +98,11 @@ class RunLayout:
         source = self.gguf_path(which, source_type)
         return source.with_name(f"{source.stem}.imatrix.gguf")
 
+    @property
+    def imatrix_calibration_path(self) -> Path:
+        """The calibration text llama-imatrix reads (hidden: scratch, never published)."""
+        return self.gguf_dir / ".imatrix-calibration.txt"
+
     def gguf_role(self, name: str) -> Model | None:
         """Which model a file of ``gguf/`` belongs to, from the names this layout gives; None for
         anything else."""
@@ -109,6 +114,14 @@ class RunLayout:
     @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
+
+    def eval_model_dir(self, which: Model) -> Path:
+        """lm-eval outputs and per-sample logs of one model (``eval/base``, ``eval/pruned``)."""
+        return self.eval_dir / which
+
+    def log_path(self, name: str) -> Path:
+        """``logs/<name>.log``: the log of one step (``convert-demo-F32``, ``prune.container``...)."""
+        return self.logs_dir / f"{name}.log"
 
     @property
     def results_path(self) -> Path:

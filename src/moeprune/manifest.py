@@ -250,11 +250,6 @@ def write_manifest(layout: RunLayout, recipe: dict[str, Any], extra: dict[str, A
     return layout.manifest_path
 
 
-def manifest_index(manifest: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    """{(repo, path): entry} of a manifest's published files."""
-    return {(f["repo"], f["path"]): f for f in manifest["files"]}
-
-
 def _hub_base(layout: RunLayout) -> dict[str, Any] | None:
     """The Hub base model and the commit the run downloaded, as the drop map recorded them (None
     for a local base: nothing more than the recipe's path to say)."""

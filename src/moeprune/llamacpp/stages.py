@@ -66,7 +66,7 @@ def convert_stage(
     return convert_to_gguf(
         build, hf_dir, out_path, outtype,
         model_name=recipe.model.name if which == "pruned" else None,
-        log_path=layout.logs_dir / f"convert-{out_path.stem}.log",
+        log_path=layout.log_path(f"convert-{out_path.stem}"),
     )
 
 
@@ -85,11 +85,11 @@ def quantize_stage(
     build = build or ensure_llamacpp(recipe.llamacpp)
     imatrix = None
     if recipe.quantize.imatrix:
-        text = calibration_text(recipe.prompts_path, layout.gguf_dir / ".imatrix-calibration.txt")
+        text = calibration_text(recipe.prompts_path, layout.imatrix_calibration_path)
         imatrix = layout.imatrix_path(which, recipe.quantize.convert_outtype)
         compute_imatrix(
             build, source, text, imatrix, threads=recipe.serve.threads,
-            log_path=layout.logs_dir / f"imatrix-{source.stem}.log",
+            log_path=layout.log_path(f"imatrix-{source.stem}"),
         )
     records = []
     for qtype in recipe.quantize.types:
@@ -97,7 +97,7 @@ def quantize_stage(
         records.append(
             quantize_gguf(
                 build, source, out_path, qtype, imatrix=imatrix, threads=recipe.serve.threads,
-                log_path=layout.logs_dir / f"quantize-{out_path.stem}.log",
+                log_path=layout.log_path(f"quantize-{out_path.stem}"),
             )
         )
     return records
@@ -114,7 +114,7 @@ def serve_stage(
     layout = RunLayout.for_recipe(recipe.name)
     path = gguf_path(recipe, which, gguf_type or recipe.quantize.eval_type, layout)
     build = ensure_llamacpp(recipe.llamacpp)
-    log_path = layout.logs_dir / f"serve-{path.stem}.log"
+    log_path = layout.log_path(f"serve-{path.stem}")
     # SIGTERM and SIGINT -> KeyboardInterrupt, so `with` cleans up the same way as for Ctrl-C
     # (SIGINT too: a shell starts background jobs with SIGINT ignored).
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}

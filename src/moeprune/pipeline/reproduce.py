@@ -23,7 +23,7 @@ def _in_container(stage: Stage, runner: Any, recipe: Recipe) -> Stage:
     from moeprune.runner import recipe_mounts
 
     def action(ctx: Context) -> dict[str, Any]:
-        log_path = ctx.layout.logs_dir / f"{stage.name}.container.log"
+        log_path = ctx.layout.log_path(f"{stage.name}.container")
         runner.run_stage(["stage", stage.name, "--recipe", str(recipe.source_path)],
                          mounts=recipe_mounts(recipe), log_path=log_path)
         return {}

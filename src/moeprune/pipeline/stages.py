@@ -222,12 +222,12 @@ def build_pipeline() -> Pipeline:
             f"eval-{which}", f"serve the {which} GGUF and evaluate it with lm-eval", _eval(which),
             deps=lambda c, w=which: [gguf_file(c, w, c.recipe.quantize.eval_type)]
             + ([c.recipe.include_path] if c.recipe.include_path else []),
-            outs=lambda c, w=which: [L(c).eval_dir / w],
+            outs=lambda c, w=which: [L(c).eval_model_dir(w)],
             params=lambda r: _section(r, "eval", "serve"), code=("moeprune.eval", "moeprune.llamacpp"),
             tools=llamacpp_tools))
     stages += [
         Stage("results", "scores, error analysis and the paired comparison", _results,
-              deps=lambda c: [L(c).eval_dir / m for m in MODELS], outs=lambda c: [L(c).results_path],
+              deps=lambda c: [L(c).eval_model_dir(m) for m in MODELS], outs=lambda c: [L(c).results_path],
               params=lambda r: {"bootstrap_resamples": r.eval.bootstrap_resamples, "seed": r.eval.seed},
               code=("moeprune.eval",)),
         Stage("card", "render the model card and its plots", _card,
