@@ -198,3 +198,18 @@ def test_reproduce_failure_prints_the_summary_with_the_error_then_exits_non_zero
     assert rows["profile"] == "failed"
     assert all(rows[name] == "not run" for name in ("dropmap", "prune", "eval-pruned", "card", "manifest"))
     assert "no-such-device" in result.stderr  # the error, in the summary (the live view's console is stderr)
+
+
+def test_the_command_run_in_the_image_is_the_same_task_with_the_same_flags(tmp_path: Path):
+    """What `--runner docker` hands the image: the task, its non-default flags, absolute paths."""
+    sys.path.insert(0, str(ROOT))
+    import tasks
+
+    from moeprune.cli import task_argv
+
+    argv = task_argv("prune", tasks.prune.body, {"recipe": Path("recipes/demo.toml"), "base": Path("m"),
+                                                "max_shard_bytes": 1024, "runner": "docker"})
+    assert argv == ["prune", "--recipe", str(Path("recipes/demo.toml").resolve()), "--base", str(Path("m").resolve()),
+                    "--max-shard-bytes", "1024"]
+    assert task_argv("profile", tasks.profile.body, {"progress": False}) == ["profile", "--no-progress"]
+    assert task_argv("stage", tasks.stage.body, {"name": "eval-pruned"}) == ["stage", "--name", "eval-pruned"]

@@ -111,14 +111,17 @@ def task_argv(name: str, func: Callable[..., Any], values: dict[str, Any], skip:
 
 def _run_in_image(name: str, func: Callable[..., Any], values: dict[str, Any], load_recipe: Callable[..., Any]) -> bool:
     """With docker as the runner, run the task in the image and return True; else False."""
-    from moeprune.runner import get_runner, in_container, recipe_mounts
+    from moeprune.runner import Mount, get_runner, in_container, recipe_mounts
 
     recipe = load_recipe(values.get("recipe"))
     kind = values.get("runner") or recipe.runner.kind
     if kind == "native" or in_container():
         return False
     argv = task_argv(name, func, {**values, "recipe": recipe.source_path})
-    get_runner(kind, recipe).run_stage(argv, mounts=recipe_mounts(recipe))
+    # Paths given as flags (--base, --out, ...) are mounted at the same place, as the recipe's are.
+    flagged = [Path(v).resolve() for key, v in values.items() if isinstance(v, Path) and key != "recipe"]
+    extra = [Mount(path if path.exists() else path.parent) for path in flagged]
+    get_runner(kind, recipe).run_stage(argv, mounts=[*recipe_mounts(recipe), *extra])
     return True
 
 

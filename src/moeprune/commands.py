@@ -271,7 +271,7 @@ def docker_build(project_root: Path, recipe_path: Path, *, cpu: bool = False, ta
 
     recipe = load_recipe(recipe_path, check_inputs=False)
     built = build_image(project_root, cpu=cpu, llamacpp=recipe.llamacpp, tag=tag,
-                        jobs=jobs or recipe.llamacpp.jobs or _cpu_count())
+                        jobs=jobs)
     state = "reused" if built.reused else "built"
     return TaskResult((f"{state} {built.tag}: {built.record['id']} in {built.seconds} s",), data=built)
 
@@ -297,9 +297,3 @@ def _base_dir(recipe: Recipe) -> Path:
     from moeprune.base_model import resolve_base
 
     return resolve_base(recipe).local_dir
-
-
-def _cpu_count() -> int:
-    from moeprune.llamacpp.build import default_jobs
-
-    return default_jobs()
