@@ -139,6 +139,8 @@ def test_schema_rewrites_the_committed_schema_unchanged():
         (["publish", "--dry-run", "--repo-id", "me/x"], ["runs"]),
         (["verify", "no-such-dir-or-repo"], ["no-such-dir-or-repo"]),
         (["serve", "--port", "1"], ["GGUF not found"]),
+        (["eval"], ["GGUF of 'base' not found", "invoke convert --which base"]),
+        (["compare-criteria", "--limit", "2"], ["profile statistics not found"]),
     ],
 )
 def test_native_call_on_an_empty_run_fails_cleanly(args: list[str], needles: list[str], empty_runs):
