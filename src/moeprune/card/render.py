@@ -205,6 +205,16 @@ def render_card(
     return numbers
 
 
+def _base_dir_if_present(recipe: Any) -> Path | None:
+    """The base checkpoint if it is here (local, or a Hub snapshot already downloaded), else None."""
+    from moeprune.base_model import BaseModelError, resolve_base
+
+    try:
+        return resolve_base(recipe, download=False).local_dir
+    except BaseModelError:
+        return None
+
+
 def run_card(recipe: Any, layout: Any) -> Path:
     """The ``invoke card`` stage: render ``runs/<name>/card/`` from the run's artifacts."""
     from moeprune.eval.results import RESULTS_NAME
@@ -216,7 +226,7 @@ def run_card(recipe: Any, layout: Any) -> Path:
         raise MoepruneError(f"{results_path}: not found; run `invoke eval` before `invoke card`")
     results = validate_file("results", results_path)
     settings = recipe.settings()
-    source = ArtifactSource.from_run(layout, settings, base_dir=recipe.base_dir)
+    source = ArtifactSource.from_run(layout, settings, base_dir=_base_dir_if_present(recipe))
     drop_map = json.loads(source.drop_map_path.read_text(encoding="utf-8"))
     context = card_context(settings, drop_map["base_model"]["id"], code_version(), drop_map["base_model"].get("revision"))
     render_card(source, results, layout.card_dir, context)
