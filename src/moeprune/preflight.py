@@ -18,7 +18,7 @@ Checks (and the stages they guard):
 ``calibration`` (profile, quantize with an imatrix)
     every line of the prompts file well-formed, the domains complete, and no prompt (plus
     ``calibration.max_new_tokens``) longer than the model's context, measured with its tokenizer.
-``revision`` (all)
+``revision`` (the stages that read the base: profile, dropmap, prune, convert-base)
     a Hub base pinned by a branch or tag name gets a warning: the run records the commit it
     downloads, but the recipe alone does not reproduce it.
 """
