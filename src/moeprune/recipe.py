@@ -373,8 +373,12 @@ def check_recipe_inputs(recipe: Recipe) -> None:
 
 def moe_top_k(config: dict[str, Any]) -> int | None:
     """Top-k routing of a (possibly multimodal) Hugging Face config, or None."""
-    text = config.get("text_config") or config
-    return text.get("top_k_experts") or text.get("num_experts_per_tok")
+    from moeprune.arch import ArchError, arch_for_config
+
+    try:
+        return arch_for_config(config).top_k(config)
+    except ArchError:
+        return None
 
 
 def load_recipe(path: str | Path, check_inputs: bool = True) -> Recipe:

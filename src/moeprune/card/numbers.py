@@ -23,7 +23,6 @@ from moeprune.errors import MoepruneError
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-EXPERT_SUFFIXES = ("experts.gate_up_proj", "experts.down_proj", "router.proj.weight", "router.per_expert_scale")
 PRIMARY_FILTER = "flexible-extract"
 PRIMARY_METRIC = "exact_match"
 
@@ -48,6 +47,7 @@ class CardNumbers:
     tables: dict[str, Any] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)  # non-numeric context (names, versions)
     series: dict[str, Any] = field(default_factory=dict)  # arrays for the plots
+    wording: dict[str, str] = field(default_factory=dict)  # the family's names for the card text (not numbers)
 
     def add(self, key: str, value: Any, display: str, source: str) -> str:
         if key in self.numbers:
@@ -123,16 +123,26 @@ class CheckpointFacts:
 
 
 def checkpoint_facts(model_dir: Path) -> CheckpointFacts:
-    """Parameter and byte counts from the safetensors headers (no tensor is read)."""
-    import re
+    """Parameter and byte counts from the safetensors headers (no tensor is read).
 
+    The family adapter (from ``config.json``) says which tensors are indexed by expert: a fused
+    tensor holds ``shape[0]`` experts, a per-expert tensor one.
+    """
+    from moeprune.arch import ArchError, arch_for_dir
+    from moeprune.arch.base import EXPERT
     from moeprune.io.checkpoint import Checkpoint
 
-    pattern = re.compile(r"(?:^|\.)layers\.(\d+)\.(" + "|".join(map(re.escape, EXPERT_SUFFIXES)) + r")$")
+    try:
+        arch = arch_for_dir(model_dir)
+    except ArchError as exc:
+        raise CardError(str(exc)) from None
     params = tensor_bytes = 0
     expert_params: dict[int, int] = {}
     expert_bytes: dict[int, int] = {}
     experts: dict[int, int] = {}
+    split_params: dict[int, int] = {}  # per-expert layout: layer -> params of all its experts' own tensors
+    split_bytes: dict[int, int] = {}
+    split_experts: dict[int, set[int]] = {}
     dtypes: dict[str, int] = {}
     with Checkpoint.open(model_dir) as checkpoint:
         shards = list(checkpoint.shards)
@@ -141,15 +151,31 @@ def checkpoint_facts(model_dir: Path) -> CheckpointFacts:
             params += numel
             tensor_bytes += info.nbytes
             dtypes[info.dtype] = dtypes.get(info.dtype, 0) + info.nbytes
-            match = pattern.search(info.name)
-            if match:
-                layer = int(match.group(1))
-                count = info.shape[0]
-                if experts.setdefault(layer, count) != count:
-                    raise CardError(f"{info.shard}: '{info.name}' has {count} experts, other tensors of layer {layer} "
-                                    f"have {experts[layer]}")
-                expert_params[layer] = expert_params.get(layer, 0) + numel // count
-                expert_bytes[layer] = expert_bytes.get(layer, 0) + info.nbytes // count
+            try:
+                tensor = arch.classify_tensor(info.name)
+            except ArchError as exc:
+                raise CardError(f"{info.shard}: {exc}") from None
+            if tensor is None:
+                continue
+            layer = tensor.layer
+            if tensor.role == EXPERT:
+                split_params[layer] = split_params.get(layer, 0) + numel
+                split_bytes[layer] = split_bytes.get(layer, 0) + info.nbytes
+                split_experts.setdefault(layer, set()).add(int(tensor.expert))
+                continue
+            count = info.shape[0]
+            if experts.setdefault(layer, count) != count:
+                raise CardError(f"{info.shard}: '{info.name}' has {count} experts, other tensors of layer {layer} "
+                                f"have {experts[layer]}")
+            expert_params[layer] = expert_params.get(layer, 0) + numel // count
+            expert_bytes[layer] = expert_bytes.get(layer, 0) + info.nbytes // count
+    for layer, ids in split_experts.items():
+        count = len(ids)
+        if experts.setdefault(layer, count) != count:
+            raise CardError(f"{model_dir}: layer {layer} has per-expert tensors for {count} experts, its "
+                            f"router has {experts[layer]}")
+        expert_params[layer] = expert_params.get(layer, 0) + split_params[layer] // count
+        expert_bytes[layer] = expert_bytes.get(layer, 0) + split_bytes[layer] // count
     main_dtype = max(dtypes, key=lambda k: dtypes[k]) if dtypes else "?"
     return CheckpointFacts(
         params=params,
@@ -161,10 +187,6 @@ def checkpoint_facts(model_dir: Path) -> CheckpointFacts:
         expert_bytes_per_layer=expert_bytes,
         experts_per_layer=experts,
     )
-
-
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    return config.get("text_config") or config
 
 
 # --- the card numbers -------------------------------------------------------------------------------
@@ -181,7 +203,13 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
     card = CardNumbers()
     recipe = source.recipe
     config = json.loads((source.model_dir / "config.json").read_text(encoding="utf-8"))
-    text = _text_config(config)
+    from moeprune.arch import ArchError, arch_for_config
+
+    try:
+        arch = arch_for_config(config, source.model_dir / "config.json")
+    except ArchError as exc:
+        raise CardError(str(exc)) from None
+    text = arch.text_config(config)
     drop_map = load_drop_map(source.drop_map_path)
     pruned = checkpoint_facts(source.model_dir)
 
@@ -214,17 +242,21 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
     dropped = num_experts - kept_counts[0] if len(kept_counts) == 1 else None
     card.add("experts.dropped_per_layer", dropped, f"−{dropped}/layer" if dropped is not None else "varies",
              "experts.base - experts.pruned")
-    card.add("experts.config", int(text["num_experts"]), str(text["num_experts"]), "config.json: num_experts")
+    config_experts = arch.num_experts(config)
+    card.add("experts.config", config_experts, str(config_experts), f"config.json: {arch.num_experts_key}")
     card.add("top_k", int(drop_map["top_k"]), str(drop_map["top_k"]), f"{source.drop_map_path.name}: top_k")
 
     # ---- architecture (config.json)
     layer_types = list(text.get("layer_types") or [])
     card.add("arch.layers", int(text["num_hidden_layers"]), str(text["num_hidden_layers"]), "config.json")
     card.add("arch.hidden", int(text["hidden_size"]), fmt_int(text["hidden_size"]), "config.json")
-    card.add("arch.expert_intermediate", int(text["moe_intermediate_size"]), fmt_int(text["moe_intermediate_size"]),
-             "config.json: moe_intermediate_size")
-    card.add("arch.dense_intermediate", int(text["intermediate_size"]), fmt_int(text["intermediate_size"]),
-             "config.json: intermediate_size")
+    expert_key = arch.expert_intermediate_key
+    card.add("arch.expert_intermediate", int(text[expert_key]), fmt_int(text[expert_key]), f"config.json: {expert_key}")
+    dense_key = arch.dense_intermediate_key
+    if dense_key is not None and text.get(dense_key) is not None:
+        card.add("arch.dense_intermediate", int(text[dense_key]), fmt_int(text[dense_key]), f"config.json: {dense_key}")
+    card.wording.update(family=arch.family, router_sentence=arch.router_sentence,
+                        num_experts_key=arch.num_experts_key)
     card.add("arch.vocab", int(text["vocab_size"]), fmt_int(text["vocab_size"]), "config.json: vocab_size")
     sliding = sum(1 for t in layer_types if t == "sliding_attention")
     full = sum(1 for t in layer_types if t == "full_attention")

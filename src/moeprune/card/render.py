@@ -124,7 +124,7 @@ def _template_inputs(numbers: CardNumbers) -> dict[str, Any]:
              for m in models}
     labels = {mark: (f"{int(mark) // 1000}k" if int(mark) % 1000 == 0 else mark)
               for ms in marks.values() for mark in ms}
-    facts = dict(numbers.facts)
+    facts = dict(numbers.facts) | numbers.wording
     facts["comparisons"] = numbers.tables.get("comparisons", [])
     return {"n": numbers.display(), "f": facts, "t": numbers.tables, "filters": filters, "letters": letters,
             "marks": marks, "mark_labels": labels}

@@ -3,7 +3,8 @@
 For each keep count (default 75% and 50% of the experts) and each criterion, the experts are
 ranked by that criterion's score from the profile, each layer keeps its top N (``uniform-count``),
 and the model is pruned *in memory* exactly as the prune stage does on disk: expert weights,
-router rows and per-expert scales are sliced to the kept experts and ``num_experts`` is updated.
+router rows (and per-expert biases and scales) are sliced to the kept experts and the expert
+count is updated.
 Then it measures
 
 - held-out next-token loss: mean negative log-likelihood (nats per token) of the reference
@@ -52,49 +53,29 @@ class HeldoutExample:
 
 
 def moe_decoder_layers(model: Any) -> dict[int, Any]:
-    """Decoder layers that hold an MoE block (``router`` and ``experts``), by layer index."""
-    layers: dict[int, Any] = {}
-    for module in model.modules():
-        if hasattr(module, "router") and hasattr(module, "experts") and hasattr(module, "layer_idx"):
-            layers[int(module.layer_idx)] = module
-    if not layers:
+    """The MoE layers' modules (router, experts and the block holding them), by layer index."""
+    from moeprune.arch import arch_for_model
+
+    modules = {m.layer_index: m for m in arch_for_model(model).moe_modules(model)}
+    if not modules:
         raise DropMapError("the model has no MoE decoder layers (router + experts) to prune")
-    return dict(sorted(layers.items()))
+    return dict(sorted(modules.items()))
 
 
 def prune_experts_in_memory(model: Any, keep_by_layer: Mapping[int, Sequence[int]]) -> None:
     """Keep only ``keep_by_layer[L]`` experts in every MoE layer L, in place.
 
-    Slices ``experts.gate_up_proj``/``down_proj`` on the expert axis, the router's ``proj`` rows
-    and ``per_expert_scale``, and sets ``num_experts`` on the modules and the text config. Kept
-    experts stay in increasing index order, so the router's top-k picks the best remaining ones.
+    The family adapter slices the expert weights on the expert axis and the router's rows (and its
+    per-expert biases and scales), and sets the expert count on the modules and the text config.
+    Kept experts stay in increasing index order, so the router's top-k picks the best remaining ones.
     """
-    import torch
-    from torch import nn
+    from moeprune.arch import ArchError, arch_for_model
 
-    layers = moe_decoder_layers(model)
-    if sorted(keep_by_layer) != sorted(layers):
-        raise DropMapError(
-            f"keep lists cover layers {sorted(keep_by_layer)} but the model's MoE layers are {sorted(layers)}"
-        )
-    counts = {len(keep) for keep in keep_by_layer.values()}
-    if len(counts) != 1:
-        raise DropMapError(f"layers keep different counts {sorted(counts)}; transformers needs one count")
-    kept = counts.pop()
-    for index, layer in layers.items():
-        rows = torch.tensor(sorted(int(i) for i in keep_by_layer[index]), dtype=torch.long)
-        experts, router = layer.experts, layer.router
-        experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.data[rows].clone(), requires_grad=False)
-        experts.down_proj = nn.Parameter(experts.down_proj.data[rows].clone(), requires_grad=False)
-        experts.num_experts = kept
-        router.proj.weight = nn.Parameter(router.proj.weight.data[rows].clone(), requires_grad=False)
-        router.proj.out_features = kept
-        router.per_expert_scale = nn.Parameter(router.per_expert_scale.data[rows].clone(), requires_grad=False)
-    config = getattr(model.config, "text_config", None) or model.config
-    config.num_experts = kept
-    for layer in layers.values():
-        if getattr(layer, "config", None) is not None:
-            layer.config.num_experts = kept
+    moe_decoder_layers(model)
+    try:
+        arch_for_model(model).prune_in_memory(model, keep_by_layer)
+    except ArchError as exc:
+        raise DropMapError(str(exc)) from None
 
 
 # --- measurements ------------------------------------------------------------------------------
@@ -212,8 +193,10 @@ def compare_criteria(
     if list(layers) != list(model_layers):
         raise DropMapError(f"profile layers {list(layers)} differ from the model's MoE layers {list(model_layers)}")
     contribution = np.asarray(totals["contribution_sum"], dtype=np.float64)
-    config = getattr(model.config, "text_config", None) or model.config
-    num_experts, top_k = int(config.num_experts), int(config.top_k_experts)
+    from moeprune.arch import arch_for_model
+
+    arch = arch_for_model(model)
+    num_experts, top_k = arch.model_num_experts(model), int(arch.model_top_k(model))
     if contribution.shape != (len(layers), num_experts):
         raise DropMapError(
             f"profile shape {contribution.shape} does not match the model ({len(layers)} layers x {num_experts} experts)"
@@ -521,7 +504,10 @@ def run_compare_criteria(
     extract of ``(X)``, thinking on), the same measure as the model's ``build_record.json``.
     """
     import torch
-    from transformers import AutoTokenizer, Gemma4ForConditionalGeneration
+    import transformers
+    from transformers import AutoTokenizer
+
+    from moeprune.arch import arch_for_dir
 
     from moeprune.dropmap.io import check_profile_matches_model, read_model_config
     from moeprune.profile.stats import load_stats
@@ -540,7 +526,8 @@ def run_compare_criteria(
         # No dataset file yet: regenerate the build's held-out questions from its recorded seed.
         data_path, questions = None, demo_build_questions(recipe.base_dir)[:limit]
     tokenizer = AutoTokenizer.from_pretrained(recipe.base_dir)
-    model = Gemma4ForConditionalGeneration.from_pretrained(recipe.base_dir, dtype=torch.float32).eval()
+    model_class = getattr(transformers, arch_for_dir(recipe.base_dir).transformers_causal_lm)
+    model = model_class.from_pretrained(recipe.base_dir, dtype=torch.float32).eval()
     examples = demo_heldout_examples(tokenizer, questions)
 
     accuracy_fn = None

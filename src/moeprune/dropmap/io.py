@@ -12,8 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from moeprune.arch import ArchError, arch_for_config
 from moeprune.atomic import write_json
 from moeprune.dropmap.select import DropMapError, Selection, meets_threshold, validate_keep_drop
+from moeprune.dropmap.types import DropMap
 from moeprune.schemas import validate
 
 FORMAT_VERSION = 1
@@ -23,19 +25,24 @@ FORMAT_VERSION = 1
 
 
 def moe_shape(config: dict[str, Any], source: str | Path = "config.json") -> tuple[int, int, list[int]]:
-    """(num_experts, top_k, MoE layer indices) of a Hugging Face config (text config if nested)."""
-    text = config.get("text_config") or config
-    num_experts = text.get("num_experts") or text.get("num_local_experts")
-    top_k = text.get("top_k_experts") or text.get("num_experts_per_tok")
-    num_layers = text.get("num_hidden_layers")
+    """(num_experts, top_k, MoE layer indices) of a Hugging Face config, read by its family's adapter."""
+    try:
+        arch = arch_for_config(config, source)
+    except ArchError as exc:
+        raise DropMapError(str(exc)) from None
+    num_experts = arch.raw_num_experts(config)
+    top_k = arch.top_k(config)
+    num_layers = arch.num_layers(config)
     if not num_experts or not top_k or not num_layers:
+        where = f" in {arch.text_config_key}" if arch.text_config_key else ""
         raise DropMapError(
-            f"{source}: not a mixture-of-experts config (needs num_experts, top_k_experts and "
-            "num_hidden_layers in text_config)"
+            f"{source}: not a mixture-of-experts config (needs {arch.num_experts_key}, {arch.top_k_key} and "
+            f"num_hidden_layers{where})"
         )
-    if text.get("enable_moe_block") is False:
-        raise DropMapError(f"{source}: enable_moe_block is false: this model has no expert layers")
-    return int(num_experts), int(top_k), list(range(int(num_layers)))
+    dense = arch.dense_reason(config)
+    if dense:
+        raise DropMapError(f"{source}: {dense}")
+    return int(num_experts), int(top_k), arch.moe_layers(config)
 
 
 def read_model_config(model_dir: Path) -> dict[str, Any]:
@@ -181,6 +188,7 @@ def check_drop_map(
                 f"{source}: covers layers {_short(seen_layers)} but the model has MoE layers "
                 f"{_short(model_layers)}: the drop map is of another model"
             )
+        arch_for_config(model_config).check_drop_map(drop_map, model_config, source)
 
 
 def write_drop_map(path: Path, drop_map: dict[str, Any]) -> None:
@@ -189,18 +197,10 @@ def write_drop_map(path: Path, drop_map: dict[str, Any]) -> None:
     write_json(Path(path), drop_map)
 
 
-def load_drop_map(path: str | Path, model_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read ``expert_drop_metadata.json``, validate the schema and invariants, return the dict.
+def load_drop_map(path: str | Path, model_config: dict[str, Any] | None = None) -> DropMap:
+    """Read ``expert_drop_metadata.json``, validate the schema and invariants: the typed :class:`DropMap`.
 
     Pass the model's ``config.json`` contents as ``model_config`` to also refuse a drop map made
-    for another model.
+    for another model (or one that breaks its family's constraints).
     """
-    path = Path(path)
-    try:
-        drop_map = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DropMapError(f"{path}: drop map not found; run `invoke dropmap` first") from None
-    except json.JSONDecodeError as exc:
-        raise DropMapError(f"{path}: not valid JSON: {exc}") from None
-    check_drop_map(drop_map, source=path, model_config=model_config)
-    return drop_map
+    return DropMap.load(path, model_config=model_config)

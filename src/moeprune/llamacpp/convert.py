@@ -5,9 +5,9 @@ The converter and the ``gguf`` package it imports both come from the pinned llam
 the GGUF layout must match the binaries that will read it.
 
 After conversion the GGUF is read back (with the pinned gguf-py's ``GGUFReader``) and checked
-against the checkpoint's config: ``<arch>.expert_count`` equals ``num_experts``, every expert
-tensor (and the router and ``ffn_down_exps.scale``) has that many experts, and the general
-metadata names the base model. The file only appears at ``out_path`` when all checks pass.
+against the checkpoint's config: ``<arch>.expert_count`` equals the config's expert count, every
+expert tensor (and the router, and the per-expert tensors the family adapter requires) has that
+many experts, and the general metadata names the base model. The file only appears at ``out_path`` when all checks pass.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from moeprune.arch import arch_for_config, arch_for_gguf
 from moeprune.atomic import write_json
 from moeprune.errors import MoepruneError
 from moeprune.hashing import sha256_file
@@ -31,15 +32,10 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 LOG_TAIL_LINES = 30
 # Tensors whose last GGUF dimension is the expert axis (ne order: fastest dimension first).
 _EXPERT_TENSOR_RE = re.compile(r"^blk\.\d+\.ffn_(gate|up|down|gate_up)_exps\.weight$|^blk\.\d+\.ffn_gate_inp\.weight$")
-_DOWN_SCALE_RE = re.compile(r"^blk\.\d+\.ffn_down_exps\.scale$")
 
 
 class GGUFCheckError(MoepruneError):
     """A converted GGUF disagrees with the checkpoint it came from."""
-
-
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    return config.get("text_config") or config
 
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
@@ -124,7 +120,9 @@ def verify_gguf_info(
     problems: list[str] = []
     expert_count = metadata.get(f"{arch}.expert_count")
     expert_tensors = sorted(name for name in tensors if _EXPERT_TENSOR_RE.match(name))
-    scale_tensors = sorted(name for name in tensors if _DOWN_SCALE_RE.match(name))
+    adapter = arch_for_gguf(arch)
+    required = adapter.gguf_required_tensors if adapter is not None else ()
+    scale_tensors = sorted(name for name in tensors if any(re.match(pattern, name) for pattern, _ in required))
     if num_experts is not None:
         if expert_count != num_experts:
             problems.append(f"{arch}.expert_count = {expert_count}, config num_experts = {num_experts}")
@@ -133,8 +131,9 @@ def verify_gguf_info(
         for name in expert_tensors:
             if tensors[name][-1] != num_experts:
                 problems.append(f"{name} has {tensors[name][-1]} experts (shape {tensors[name]}), expected {num_experts}")
-        if arch == "gemma4" and not scale_tensors:
-            problems.append("no blk.N.ffn_down_exps.scale tensors (router.per_expert_scale was not converted)")
+        for pattern, what in required:
+            if not any(re.match(pattern, name) for name in tensors):
+                problems.append(f"no {what}")
         for name in scale_tensors:
             if tensors[name] != [num_experts]:
                 problems.append(f"{name} has shape {tensors[name]}, expected [{num_experts}]")
@@ -180,7 +179,7 @@ def convert_to_gguf(
     if outtype not in OUTTYPES:
         raise MoepruneError(f"quantize.convert_outtype = {outtype!r}: use one of {', '.join(OUTTYPES)}")
     config = read_hf_config(hf_dir)
-    num_experts = _text_config(config).get("num_experts")
+    num_experts = arch_for_config(config, hf_dir / "config.json").raw_num_experts(config)
     base = base_model_of(hf_dir)
     metadata_override = {
         "general.base_models": [{k: v for k, v in base.items() if k != "id"}],

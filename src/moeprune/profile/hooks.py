@@ -5,7 +5,8 @@ For the duration of :func:`instrument_moe`, every MoE layer's experts module run
 routed (token, expert) output once, exactly as the model's experts implementation does (grouped
 matmuls over tokens sorted by expert, ``act(gate) * up``, down projection, times the routing weight
 the router produced), records ``||w_te * E_e(x_t)||_2`` and then sums the top-k outputs per token.
-The router's softmax probabilities come from a forward hook on the router. Nothing is recomputed,
+The router's probabilities come from a forward hook on the router (the family adapter reads them
+from the router's outputs). Nothing is recomputed,
 so profiling costs one norm per routed pair on top of a plain forward.
 
 Norms are taken from the float32 product (the product of a bf16 expert output and the fp32
@@ -47,28 +48,21 @@ class MoeLayer:
 
 
 def find_moe_layers(model: torch.nn.Module) -> list[MoeLayer]:
-    """Every decoder layer with ``router`` and ``experts`` children (Gemma 4 layout), in layer order.
+    """Every decoder layer with a router and routed experts (the family adapter finds them), in layer order.
 
     Raises NoMoeLayersError when there is none.
     """
-    found: list[MoeLayer] = []
-    for name, module in model.named_modules():
-        experts = getattr(module, "experts", None)
-        router = getattr(module, "router", None)
-        if experts is None or router is None:
-            continue
-        if not all(hasattr(experts, attr) for attr in ("gate_up_proj", "down_proj", "num_experts")):
-            continue
-        if not hasattr(router, "per_expert_scale"):
-            continue
-        layer_index = getattr(module, "layer_idx", None)
-        if layer_index is None:
-            layer_index = int(name.rsplit(".", 1)[-1]) if name.rsplit(".", 1)[-1].isdigit() else len(found)
-        found.append(MoeLayer(int(layer_index), router, experts))
+    from moeprune.arch import ArchError, arch_for_model
+
+    try:
+        modules = arch_for_model(model).moe_modules(model)
+    except ArchError as exc:
+        raise NoMoeLayersError(str(exc)) from None
+    found = [MoeLayer(m.layer_index, m.router, m.experts) for m in modules]
     if not found:
         raise NoMoeLayersError(
             f"model {type(model).__name__} has no MoE layers (no decoder layer with a router and "
-            "routed experts, e.g. Gemma 4 with enable_moe_block=false): there is nothing to profile; "
+            "routed experts, e.g. a dense configuration of an MoE family): there is nothing to profile; "
             "point model.base at a Mixture-of-Experts checkpoint"
         )
     found.sort(key=lambda layer: layer.layer_index)
@@ -184,40 +178,6 @@ def _grouped_mm_usable(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu"
 
 
-def _expert_outputs_sorted(
-    experts: torch.nn.Module, hidden_sorted: torch.Tensor, counts: torch.Tensor, use_grouped: bool
-) -> torch.Tensor:
-    """Unweighted expert outputs for tokens sorted by expert (``counts[e]`` rows for expert e)."""
-    gate_up_proj = experts.gate_up_proj
-    down_proj = experts.down_proj
-    apply_gate = getattr(experts, "_apply_gate", None)
-
-    def gate(projected: torch.Tensor) -> torch.Tensor:
-        if apply_gate is not None:
-            return apply_gate(projected)
-        gate_part, up_part = projected.chunk(2, dim=-1)
-        return experts.act_fn(gate_part) * up_part
-
-    if use_grouped:
-        # The same kernel and operand layout as transformers' grouped_mm experts implementation.
-        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        projected = F.grouped_mm(hidden_sorted.to(gate_up_proj.dtype), gate_up_proj.transpose(-2, -1), offs=offsets)
-        projected = gate(projected)
-        return F.grouped_mm(projected, down_proj.transpose(-2, -1), offs=offsets)
-
-    # One matmul pair per routed expert over its contiguous block of tokens (the eager algorithm).
-    output = hidden_sorted.new_empty((hidden_sorted.shape[0], down_proj.shape[1]), dtype=down_proj.dtype)
-    start = 0
-    for expert, count in enumerate(counts.tolist()):
-        if count == 0:
-            continue
-        block = hidden_sorted[start : start + count].to(gate_up_proj.dtype)
-        projected = gate(F.linear(block, gate_up_proj[expert]))
-        output[start : start + count] = F.linear(projected, down_proj[expert])
-        start += count
-    return output
-
-
 def _row_norms(weighted: torch.Tensor) -> torch.Tensor:
     """float64 L2 norm of each row of ``weighted``.
 
@@ -234,18 +194,14 @@ def _row_norms(weighted: torch.Tensor) -> torch.Tensor:
     return norms
 
 
-def _make_instrumented_forward(recorder: ContributionRecorder, layer: MoeLayer):
+def _make_instrumented_forward(recorder: ContributionRecorder, layer: MoeLayer, arch: Any):
     """The replacement forward of one experts module (bound to it with MethodType)."""
     layer_index = layer.layer_index
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        if getattr(self, "has_bias", False) or getattr(self, "is_transposed", False) or getattr(
-            self, "_is_expert_parallel", False
-        ):
-            raise MoepruneError(
-                f"layer {layer_index}: experts with biases, transposed weights or expert parallelism "
-                "are not supported by the profiler"
-            )
+        unsupported = arch.experts_unsupported(self)
+        if unsupported:
+            raise MoepruneError(f"layer {layer_index}: {unsupported}")
         implementation = getattr(getattr(self, "config", None), "_experts_implementation", "eager")
         num_tokens, top_k = top_k_index.shape
         num_experts = self.num_experts
@@ -262,9 +218,9 @@ def _make_instrumented_forward(recorder: ContributionRecorder, layer: MoeLayer):
         token_sorted = perm // top_k
         counts = torch.bincount(expert_sorted, minlength=num_experts)
         use_grouped = implementation == "grouped_mm" and _grouped_mm_usable(
-            hidden_states.device, self.gate_up_proj.dtype
+            hidden_states.device, arch.experts_dtype(self)
         )
-        expert_out = _expert_outputs_sorted(self, hidden_states[token_sorted], counts, use_grouped)
+        expert_out = arch.expert_outputs_sorted(self, hidden_states[token_sorted], counts, use_grouped)
 
         # The model's own product: a bf16/fp32 expert output times the fp32 routing weight.
         weighted = expert_out * sample_weights[perm].unsqueeze(-1)
@@ -313,7 +269,10 @@ def instrument_moe(
     Call ``recorder.set_token_domains(...)`` before each forward. ``capture=True`` also keeps every
     routed pair's weighted output vector (tests only: memory grows with tokens x top-k x hidden).
     """
+    from moeprune.arch import arch_for_model
+
     layers = find_moe_layers(model)
+    arch = arch_for_model(model)
     recorder = ContributionRecorder(layers=layers, num_domains=num_domains, capture=capture)
     saved: list[tuple[torch.nn.Module, str, Any]] = []
     handles = []
@@ -321,10 +280,11 @@ def instrument_moe(
         for layer in layers:
             attribute = _forward_attribute(layer.experts)
             saved.append((layer.experts, attribute, layer.experts.__dict__.get(attribute, _MISSING)))
-            setattr(layer.experts, attribute, types.MethodType(_make_instrumented_forward(recorder, layer), layer.experts))
+            setattr(layer.experts, attribute,
+                    types.MethodType(_make_instrumented_forward(recorder, layer, arch), layer.experts))
 
-            def router_hook(_module, _inputs, outputs, layer_index=layer.layer_index):
-                recorder.record_router(layer_index, outputs[0])
+            def router_hook(module, _inputs, outputs, layer_index=layer.layer_index):
+                recorder.record_router(layer_index, arch.router_probabilities(module, outputs))
 
             handles.append(layer.router.register_forward_hook(router_hook))
         yield recorder

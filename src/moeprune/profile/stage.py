@@ -239,11 +239,13 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
         )
     save_stats(stats, layout.profile_stats_path)
 
+    from moeprune.arch import arch_for_model
+
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     moe = {
         "layers": stats.layers,
         "num_experts": stats.num_experts,
-        "top_k": getattr(text_config, "top_k_experts", None) or getattr(text_config, "num_experts_per_tok", None),
+        "top_k": arch_for_model(model).model_top_k(model),
         "experts_implementation": getattr(text_config, "_experts_implementation", None),
     }
     hashes = {

@@ -1,46 +1,32 @@
 """Expert pruning as streaming checkpoint surgery.
 
-For every MoE layer the four expert-indexed tensors are sliced along dimension 0 by the layer's
-sorted keep indices: ``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I],
-``router.proj.weight`` [E, H] and ``router.per_expert_scale`` [E]. Every other tensor (attention,
-dense MLP, norms, embeddings, vision and audio towers) is copied byte for byte. Slices of a
-contiguous row-major tensor along dim 0 are contiguous byte runs, so the surgery never decodes a
-tensor: it copies byte ranges from the base shards into the output shards, one tensor at a time,
-and memory stays flat however large the model is.
+The model family's adapter (:mod:`moeprune.arch`) says which tensors are indexed by expert. Fused
+expert tensors and router tensors (weight rows, biases, correction biases, per-expert scales) are
+sliced along their expert axis (dimension 0) by each MoE layer's sorted keep indices; in a
+per-expert layout the kept experts' tensors are copied under their new index and the dropped
+ones left out. Every other tensor (attention, dense MLP, shared experts, norms, embeddings, vision
+and audio towers) is copied byte for byte. Slices of a contiguous row-major tensor along dim 0 are
+contiguous byte runs, so the surgery never decodes a tensor: it copies byte ranges from the base
+shards into the output shards, one tensor at a time, and memory stays flat however large the model is.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moeprune.arch import ArchError, MoeArch, arch_for_config
+from moeprune.arch.base import EXPERT, ExpertTensor
 from moeprune.errors import MoepruneError
 from moeprune.io.checkpoint import INDEX_NAME, SINGLE_FILE_NAME, Checkpoint, TensorInfo
+from moeprune.dropmap.types import DropMap
 from moeprune.io.writer import ShardedWriter
 
 DROP_MAP_NAME = "expert_drop_metadata.json"
-
-# Tensors indexed by expert along dim 0, per MoE layer (Gemma 4 naming).
-EXPERT_TENSOR_SUFFIXES: tuple[str, ...] = (
-    "experts.gate_up_proj",
-    "experts.down_proj",
-    "router.proj.weight",
-    "router.per_expert_scale",
-)
-_SUFFIX_ALTERNATIVES = "|".join(map(re.escape, EXPERT_TENSOR_SUFFIXES))
-_EXPERT_TENSOR_RE = re.compile(
-    r"^(?P<prefix>(?:.*\.)?)layers\.(?P<layer>\d+)\.(?P<suffix>" + _SUFFIX_ALTERNATIVES + r")$"
-)
-# Any other tensor under a layer's experts module would be expert-indexed too (quantized
-# scales, per-expert split weights): we must not copy those unsliced.
-_OTHER_EXPERT_RE = re.compile(r"(?:^|\.)layers\.\d+\.experts\.")
-# Multimodal towers have their own "layers.N" but never experts; skip them explicitly anyway.
-_TOWER_MARKERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "vision_model", "audio_model")
 
 # Companion files copied unchanged from the base model directory (names or glob patterns).
 COMPANION_PATTERNS: tuple[str, ...] = (
@@ -72,32 +58,44 @@ class PrunePlan:
     num_experts: int
     num_experts_kept: int
     keep_by_layer: dict[int, list[int]]
-    sliced: dict[str, int]  # tensor name -> MoE layer index
+    sliced: dict[str, int]  # fused tensor name -> MoE layer index (sliced on the expert axis)
+    arch: MoeArch | None = None
+    per_expert: dict[str, ExpertTensor] | None = None  # per-expert tensors (kept ones renamed, dropped ones left out)
 
     def output_shape(self, info: TensorInfo) -> tuple[int, ...]:
         if info.name in self.sliced:
             return (self.num_experts_kept, *info.shape[1:])
         return info.shape
 
+    def output_name(self, name: str) -> str | None:
+        """The tensor's name in the pruned checkpoint; None for a dropped expert's tensor."""
+        tensor = (self.per_expert or {}).get(name)
+        if tensor is None:
+            return name
+        keep = self.keep_by_layer[tensor.layer]
+        if tensor.expert not in keep:
+            return None
+        return tensor.renamed(keep.index(tensor.expert))
 
-def text_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The text part of a (possibly multimodal) config: ``text_config`` if present, else the config."""
-    nested = config.get("text_config")
-    return nested if isinstance(nested, dict) else config
+
+def arch_of(config: dict[str, Any], source: Path | str) -> MoeArch:
+    try:
+        return arch_for_config(config, source)
+    except ArchError as exc:
+        raise PruneError(str(exc)) from None
 
 
 def config_num_experts(config: dict[str, Any], source: Path | str) -> int:
-    value = text_config(config).get("num_experts")
-    if not isinstance(value, int) or value < 1:
-        raise PruneError(f"{source}: no integer num_experts (text_config.num_experts or num_experts); not an MoE model")
-    return value
+    arch = arch_of(config, source)
+    try:
+        return arch.num_experts(config, source)
+    except ArchError as exc:
+        raise PruneError(str(exc)) from None
 
 
 def pruned_config(config: dict[str, Any], num_experts_kept: int) -> dict[str, Any]:
     """A copy of ``config`` with the expert count set to ``num_experts_kept``."""
-    updated = json.loads(json.dumps(config))
-    text_config(updated)["num_experts"] = num_experts_kept
-    return updated
+    return arch_of(config, "config.json").with_num_experts(config, num_experts_kept)
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -112,92 +110,92 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return value
 
 
-def load_drop_map_file(path: Path) -> dict[str, Any]:
+def load_drop_map_file(path: Path) -> DropMap:
     """The drop map, schema- and invariant-checked by the drop-map stage's loader."""
     from moeprune.dropmap.io import load_drop_map
 
     return load_drop_map(path)
 
 
-def moe_expert_tensors(checkpoint: Checkpoint) -> dict[str, tuple[int, str]]:
-    """Expert-indexed tensors of the text model: name -> (layer, suffix). Refuses unknown ones."""
-    found: dict[str, tuple[int, str]] = {}
+def moe_expert_tensors(checkpoint: Checkpoint, arch: MoeArch) -> dict[str, ExpertTensor]:
+    """Expert-indexed tensors of the text model, by name. Refuses unknown ones."""
+    found: dict[str, ExpertTensor] = {}
     for info in checkpoint.tensors():
-        if any(marker in info.name for marker in _TOWER_MARKERS):
-            continue
-        match = _EXPERT_TENSOR_RE.match(info.name)
-        if match:
-            found[info.name] = (int(match["layer"]), match["suffix"])
-        elif _OTHER_EXPERT_RE.search(info.name):
-            raise PruneError(
-                f"{checkpoint.directory}: unsupported expert tensor '{info.name}' (only fused bf16/fp "
-                f"{', '.join(EXPERT_TENSOR_SUFFIXES[:2])} are supported; quantized or per-expert split "
-                "checkpoints must be converted first)"
-            )
+        try:
+            tensor = arch.classify_tensor(info.name)
+        except ArchError as exc:
+            raise PruneError(f"{checkpoint.directory}: {exc}") from None
+        if tensor is not None:
+            found[info.name] = tensor
     return found
 
 
 def plan_prune(checkpoint: Checkpoint, config: dict[str, Any], config_path: Path,
-               drop_map: dict[str, Any], drop_map_path: Path) -> PrunePlan:
+               drop_map: DropMap, drop_map_path: Path) -> PrunePlan:
     """Check that the drop map fits this checkpoint and say which tensors get which rows."""
+    arch = arch_of(config, config_path)
     num_experts = config_num_experts(config, config_path)
-    expert_tensors = moe_expert_tensors(checkpoint)
+    expert_tensors = moe_expert_tensors(checkpoint, arch)
     if not expert_tensors:
-        raise PruneError(f"{checkpoint.directory}: no expert tensors ({', '.join(EXPERT_TENSOR_SUFFIXES)}) found")
-    moe_layers = sorted({layer for layer, _ in expert_tensors.values()})
+        labels = ", ".join(p.label for p in arch.expert_patterns)
+        raise PruneError(f"{checkpoint.directory}: no {arch.family} expert tensors ({labels}) found")
+    moe_layers = sorted({t.layer for t in expert_tensors.values()})
     for layer in moe_layers:
-        present = {suffix for lyr, suffix in expert_tensors.values() if lyr == layer}
-        missing = [s for s in EXPERT_TENSOR_SUFFIXES if s not in present]
+        tensors = [t for t in expert_tensors.values() if t.layer == layer]
+        present = {t.label for t in tensors}
+        missing = [label for label in arch.required_labels({t.role for t in tensors}) if label not in present]
         if missing:
             raise PruneError(f"{checkpoint.directory}: MoE layer {layer} lacks tensor(s) {', '.join(missing)}")
-    for name in expert_tensors:
+        for label in sorted({t.label for t in tensors if t.role == EXPERT}):
+            experts = sorted(t.expert for t in tensors if t.label == label)
+            if experts != list(range(num_experts)):
+                raise PruneError(
+                    f"{checkpoint.directory}: MoE layer {layer} has '{label}' for experts {_brief(experts)}, "
+                    f"expected one per expert 0..{num_experts - 1} ({config_path} says {num_experts})"
+                )
+    for name, tensor in expert_tensors.items():
+        if tensor.role == EXPERT:
+            continue
         info = checkpoint[name]
+        if tensor.axis != 0:
+            raise PruneError(f"{info.shard}: tensor '{name}' has its experts on axis {tensor.axis}; only axis 0 is supported")
         if not info.shape or info.shape[0] != num_experts:
             raise PruneError(
                 f"{info.shard}: tensor '{name}' has shape {list(info.shape)} but {config_path} says "
-                f"num_experts = {num_experts}; the checkpoint and its config disagree"
+                f"{arch.num_experts_key} = {num_experts}; the checkpoint and its config disagree"
             )
 
-    map_experts = drop_map.get("num_experts")
-    if map_experts != num_experts:
+    if drop_map.num_experts != num_experts:
         raise PruneError(
-            f"{drop_map_path}: drop map is for {map_experts} experts per layer but the checkpoint "
+            f"{drop_map_path}: drop map is for {drop_map.num_experts} experts per layer but the checkpoint "
             f"{checkpoint.directory} has {num_experts}; it was made for another model: rebuild it "
             "from this model's profile"
         )
-    layers = drop_map.get("layers") or []
-    map_layers = [entry.get("layer") for entry in layers]
+    map_layers = drop_map.moe_layers
     if map_layers != moe_layers:
         raise PruneError(
             f"{drop_map_path}: drop map covers MoE layers {_brief(map_layers)} but the checkpoint "
             f"{checkpoint.directory} has MoE layers {_brief(moe_layers)}; it was made for another "
             "model: rebuild it from this model's profile"
         )
-    counts = {entry["layer"]: len(entry["keep"]) for entry in layers}
-    if not drop_map.get("uniform", False) or len(set(counts.values())) != 1:
-        strategy = (drop_map.get("strategy") or {}).get("name", "?")
+    counts = {entry.layer: len(entry.keep) for entry in drop_map.layers}
+    if not drop_map.uniform:
         shown = ", ".join(f"layer {layer}: {count}" for layer, count in list(counts.items())[:6])
         raise PruneError(
-            f"{drop_map_path}: non-uniform drop map (strategy '{strategy}'; kept experts per layer: {shown}"
-            f"{', ...' if len(counts) > 6 else ''}). A Gemma 4 config has one num_experts for all layers, "
-            "so transformers and llama.cpp could not load the result; build a uniform drop map "
+            f"{drop_map_path}: non-uniform drop map (strategy '{drop_map.strategy_name}'; kept experts per layer: {shown}"
+            f"{', ...' if len(counts) > 6 else ''}). A {arch.family} config has one {arch.num_experts_key} for all "
+            "layers, so transformers and llama.cpp could not load the result; build a uniform drop map "
             "(dropmap.strategy = 'uniform-min-retention' or 'uniform-count')"
         )
-    kept = next(iter(counts.values()))
-    if drop_map.get("num_experts_kept") != kept:
-        stated = drop_map.get("num_experts_kept")
-        raise PruneError(f"{drop_map_path}: num_experts_kept is {stated} but every layer keeps {kept}")
-    keep_by_layer: dict[int, list[int]] = {}
-    for entry in layers:
-        keep = [int(i) for i in entry["keep"]]
-        if keep != sorted(set(keep)) or not all(0 <= i < num_experts for i in keep):
-            raise PruneError(
-                f"{drop_map_path}: layer {entry['layer']}: keep indices must be sorted, unique and "
-                f"in [0, {num_experts})"
-            )
-        keep_by_layer[int(entry["layer"])] = keep
-    sliced = {name: layer for name, (layer, _) in expert_tensors.items()}
-    return PrunePlan(num_experts=num_experts, num_experts_kept=kept, keep_by_layer=keep_by_layer, sliced=sliced)
+    try:
+        arch.check_drop_map(drop_map, config, drop_map_path)
+    except ArchError as exc:
+        raise PruneError(str(exc)) from None
+    kept = int(drop_map.num_experts_kept)  # a uniform map states its one count (checked when loaded)
+    sliced = {name: t.layer for name, t in expert_tensors.items() if t.role != EXPERT}
+    per_expert = {name: t for name, t in expert_tensors.items() if t.role == EXPERT}
+    return PrunePlan(num_experts=num_experts, num_experts_kept=kept, keep_by_layer=drop_map.keep_by_layer,
+                     sliced=sliced, arch=arch, per_expert=per_expert)
 
 
 def _brief(values: list[Any]) -> str:
@@ -238,7 +236,10 @@ def prune_checkpoint(base_dir: str | Path, drop_map_path: str | Path, out_dir: s
             for info in checkpoint.tensors():
                 layer = plan.sliced.get(info.name)
                 if layer is None:
-                    writer.add(info.name, info.dtype, info.shape, checkpoint.source(info))
+                    name = plan.output_name(info.name)
+                    if name is None:  # a dropped expert's own tensor (per-expert layout)
+                        continue
+                    writer.add(name, info.dtype, info.shape, checkpoint.source(info))
                     copied_nbytes += info.nbytes
                 else:
                     source = checkpoint.rows_source(info, plan.keep_by_layer[layer])
@@ -259,7 +260,7 @@ def prune_checkpoint(base_dir: str | Path, drop_map_path: str | Path, out_dir: s
         "num_experts_kept": plan.num_experts_kept,
         "moe_layers": sorted(plan.keep_by_layer),
         "tensors": len(checkpoint.names()),
-        "tensors_sliced": len(plan.sliced),
+        "tensors_sliced": len(plan.sliced) + len(plan.per_expert or {}),
         "base_total_size": checkpoint.total_nbytes,
         "total_size": writer.total_size,
         "sliced_bytes": sliced_nbytes,

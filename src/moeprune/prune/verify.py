@@ -3,13 +3,14 @@
 :func:`verify_prune` re-reads both checkpoints (streaming, bounded chunks) and checks, using the
 drop map stored beside the pruned weights:
 
-- every kept expert slice of ``experts.gate_up_proj`` / ``experts.down_proj``, every kept router
-  row (``router.proj.weight``) and scale (``router.per_expert_scale``) is bit-identical to the
-  base tensor's row at the kept index, in the kept order;
+- every kept expert slice of the fused expert tensors, every kept router row (weights, biases,
+  correction biases) and per-expert scale (the family adapter names them) is bit-identical to the
+  base tensor's row at the kept index, in the kept order; in a per-expert layout every kept
+  expert's tensors are bit-identical under their new index and no dropped expert's remain;
 - every other tensor is bit-identical, with the same dtype and shape;
 - no tensor is missing or extra; the index is exact (checked when the pruned checkpoint opens,
   plus ``metadata.total_size``);
-- ``config.json`` equals the base config except ``num_experts``, which equals the kept count.
+- ``config.json`` equals the base config except the expert count, which equals the kept count.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moeprune.arch.base import CORRECTION_BIAS, EXPERT_SCALE, ROUTER_BIAS, ROUTER_WEIGHT
 from moeprune.io.checkpoint import Checkpoint, TensorInfo
 from moeprune.prune.surgery import (
     DROP_MAP_NAME,
@@ -44,7 +46,7 @@ class VerifyReport:
     moe_layers: list[int] = field(default_factory=list)
     tensors_checked: int = 0
     identical_tensors: int = 0
-    expert_slices_checked: int = 0  # (layer, kept expert) pairs of gate_up_proj and down_proj
+    expert_slices_checked: int = 0  # (layer, kept expert) slices of the expert tensors
     router_rows_checked: int = 0
     router_scales_checked: int = 0
     bytes_compared: int = 0
@@ -67,7 +69,7 @@ class VerifyReport:
             f"in {len(self.moe_layers)} MoE layers",
             f"  tensors checked: {self.tensors_checked} ({self.identical_tensors} copied tensors bit-identical)",
             f"  kept expert slices bit-identical: {self.expert_slices_checked} "
-            "(gate_up_proj and down_proj, per layer and kept expert)",
+            "(expert tensors, per layer and kept expert)",
             f"  kept router rows bit-identical: {self.router_rows_checked}; "
             f"per-expert scales: {self.router_scales_checked}",
             f"  bytes compared: {self.bytes_compared}",
@@ -100,13 +102,15 @@ def verify_prune(base_dir: str | Path, pruned_dir: str | Path) -> VerifyReport:
         expected_config = pruned_config(base_config, plan.num_experts_kept)
         if pruned_config_json != expected_config:
             kept_in_config = _safe_num_experts(pruned_config_json)
+            key = plan.arch.num_experts_key if plan.arch is not None else "num_experts"
             report.problems.append(
-                f"config.json: differs from the base config with num_experts = {plan.num_experts_kept} "
-                f"(pruned config says num_experts = {kept_in_config}; differing keys: "
+                f"config.json: differs from the base config with {key} = {plan.num_experts_kept} "
+                f"(pruned config says {key} = {kept_in_config}; differing keys: "
                 f"{', '.join(_diff_keys(expected_config, pruned_config_json)) or '?'})"
             )
 
-        extra = sorted(set(pruned.names()) - set(base.names()))
+        expected_names = {plan.output_name(name) for name in base.names()} - {None}
+        extra = sorted(set(pruned.names()) - expected_names)
         if extra:
             report.problems.append(f"pruned checkpoint has tensors the base lacks: {', '.join(extra[:5])}")
         if pruned.index is not None:
@@ -118,10 +122,13 @@ def verify_prune(base_dir: str | Path, pruned_dir: str | Path) -> VerifyReport:
 
         for info in base.tensors():
             report.tensors_checked += 1
-            if info.name not in pruned:
-                report.problems.append(f"tensor '{info.name}' is missing from the pruned checkpoint")
+            out_name = plan.output_name(info.name)
+            if out_name is None:
+                continue  # a dropped expert's tensor: its absence is checked with the extra names
+            if out_name not in pruned:
+                report.problems.append(f"tensor '{out_name}' is missing from the pruned checkpoint")
                 continue
-            got = pruned[info.name]
+            got = pruned[out_name]
             expected_shape = plan.output_shape(info)
             if got.dtype != info.dtype or got.shape != expected_shape:
                 report.problems.append(
@@ -130,17 +137,24 @@ def verify_prune(base_dir: str | Path, pruned_dir: str | Path) -> VerifyReport:
                 continue
             layer = plan.sliced.get(info.name)
             if layer is None:
-                if _same_bytes(base, info, pruned, got, report):
+                same = _same_bytes(base, info, pruned, got, report)
+                if out_name != info.name:  # a kept expert's own tensor, renumbered
+                    if same:
+                        report.expert_slices_checked += 1
+                    else:
+                        report.problems.append(f"tensor '{out_name}' differs from the base's '{info.name}'")
+                elif same:
                     report.identical_tensors += 1
                 else:
                     report.problems.append(f"tensor '{info.name}' differs from the base")
                 continue
-            _check_rows(base, info, pruned, got, plan.keep_by_layer[layer], report)
+            role = plan.arch.classify_tensor(info.name).role if plan.arch is not None else None
+            _check_rows(base, info, pruned, got, plan.keep_by_layer[layer], report, role)
     return report
 
 
 def _check_rows(base: Checkpoint, info: TensorInfo, pruned: Checkpoint, got: TensorInfo,
-                keep: list[int], report: VerifyReport) -> None:
+                keep: list[int], report: VerifyReport, role: str | None) -> None:
     """Row ``i`` of the pruned tensor must equal row ``keep[i]`` of the base tensor."""
     row_nbytes = info.row_nbytes()
     bad = []
@@ -161,9 +175,9 @@ def _check_rows(base: Checkpoint, info: TensorInfo, pruned: Checkpoint, got: Ten
             f"tensor '{info.name}': kept expert(s) {bad[:10]} differ from the base rows (wrong slice or order)"
         )
         return
-    if info.name.endswith("router.proj.weight"):
+    if role in (ROUTER_WEIGHT, ROUTER_BIAS, CORRECTION_BIAS):
         report.router_rows_checked += len(keep)
-    elif info.name.endswith("router.per_expert_scale"):
+    elif role == EXPERT_SCALE:
         report.router_scales_checked += len(keep)
     else:
         report.expert_slices_checked += len(keep)
