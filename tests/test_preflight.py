@@ -121,7 +121,7 @@ def test_dense_model_is_refused_from_its_config(tmp_path: Path):
     (dense / "config.json").write_text(json.dumps(config))
     text = replace_once(demo_recipe_text(), f'base = "{ROOT}/src/moeprune/demo/model"', f'base = "{dense}"')
     stderr = refused(check(write_recipe(tmp_path, text)))
-    assert "field 'model.base'" in stderr and "a dense model, nothing to prune" in stderr
+    assert "field 'model.base'" in stderr and "not a mixture-of-experts model" in stderr
     assert not list(dense.glob("*.safetensors")), "no weights were needed"
 
 

@@ -136,7 +136,8 @@ def check_moe_model(recipe: Recipe, report: PreflightReport) -> None:
         moe_shape(config, base_dir / "config.json")
     except MoepruneError as exc:
         report.errors.append(
-            f"field 'model.base' = {json.dumps(recipe.model.base)}: a dense model, nothing to prune ({exc})"
+            f"field 'model.base' = {json.dumps(recipe.model.base)}: not a mixture-of-experts model moeprune "
+            f"can prune, read from its config.json ({exc})"
         )
 
 
