@@ -161,11 +161,16 @@ def test_llamacpp_reports_the_cached_build():
 
 @pytest.mark.slow
 def test_demo_model_writes_an_untrained_model(tmp_path: Path):
+    shipped = ROOT / "src" / "moeprune" / "demo" / "tasks" / "demo_mcq"
+    before = {path.name: path.read_bytes() for path in shipped.iterdir() if path.is_file()}
     out = tmp_path / "model"
     result = invoke("demo-model", "--steps", "0", "--out", str(out), "--seed", "3")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (out / "config.json").is_file() and (out / "build_record.json").is_file()
     assert json.loads((out / "build_record.json").read_text())["seed"] == 3
+    assert (tmp_path / "model.demo_mcq.jsonl").is_file(), "its held-out questions go beside it"
+    after = {path.name: path.read_bytes() for path in shipped.iterdir() if path.is_file()}
+    assert after == before, "a model built elsewhere must not overwrite the shipped demo_mcq dataset"
 
 
 @pytest.mark.slow

@@ -255,13 +255,18 @@ def demo_model(out: Path | None = None, seed: int = 0, steps: int | None = None,
     from moeprune.demo.build import DEFAULT_STEPS, build_demo_model
 
     out = out or MODEL_DIR
+    # The shipped demo_mcq dataset belongs to the shipped model: a model built elsewhere gets its
+    # held-out questions beside it, never over the packaged ones.
+    shipped = out.resolve() == MODEL_DIR.resolve()
+    heldout_path = HELDOUT_PATH if shipped else out.parent / f"{out.name}.demo_mcq.jsonl"
     record = build_demo_model(out, seed=seed, steps=DEFAULT_STEPS if steps is None else steps, threads=threads,
-                              heldout_path=HELDOUT_PATH)
+                              heldout_path=heldout_path)
     heldout = record["heldout"]
     return TaskResult((
         f"wrote {out}: {record['model']['num_parameters']} parameters, "
         f"{record['model']['num_shards']} shards, {record['model']['weights_bytes']} bytes; held-out accuracy "
         f"{heldout['accuracy']:.3f} on {heldout['num_questions']} questions; {record['wall_s']:.0f} s",
+        f"held-out questions (the demo_mcq dataset of this model): {heldout_path}",
     ), data=record)
 
 
