@@ -136,7 +136,7 @@ def serve(c, recipe: Path | None = None, which: Which = "pruned", type: str | No
     help={
         "recipe": RECIPE_HELP, "runner": RUNNER_HELP,
         "strategy": "Override dropmap.strategy: uniform-min-retention, uniform-count or per-layer-retention.",
-        "criterion": "Override dropmap.criterion: contribution-sum, reap-mean, frequency, domain-max or random.",
+        "criterion": "Override dropmap.criterion: contribution-sum, sequence-norm-sum, reap-mean, frequency, domain-max or random.",
         "threshold": "Override dropmap.retention_threshold, in (0, 1] (e.g. 0.99).",
         "keep_count": "Override dropmap.keep_count (uniform-count).",
         "protect_top_k": "Override dropmap.protect_top_k: always keep each layer's top-K experts.",
@@ -215,6 +215,22 @@ def publish(c, recipe: Path | None = None, repo_id: str | None = None, gguf_repo
 def verify(c, target: str, base: Path | None = None, endpoint: str | None = None, revision: str | None = None):
     """Audit an artifact: hashes, schemas, every metric and card number recomputed; non-zero exit on failure."""
     return commands.verify(target, base, endpoint, revision)
+
+
+@moeprune_task(
+    help={
+        "source": "Directory or Hub repo id (owner/name, optionally @revision) of the pruned model.",
+        "base": "Base model directory: prove every kept expert and every other tensor bit-exact.",
+        "reprofile": "Recipe of the claimed method: re-run the profile, compare kept sets and retention.",
+        "json": "Also write the table of checks as JSON (schemas/audit.schema.json) to this file.",
+        "revision": "Hub revision for a repo id (default: main).",
+        "endpoint": "Hub endpoint for a repo id (default: https://huggingface.co).",
+    }
+)
+def audit(c, source: str, base: Path | None = None, reprofile: Path | None = None, json: Path | None = None,
+          revision: str | None = None, endpoint: str | None = None):
+    """Audit a pruned MoE (the seed's layout or moeprune's): weights, eval numbers, card claims; exit 1 on a mismatch."""
+    return commands.audit(source, base, reprofile=reprofile, json_path=json, revision=revision, endpoint=endpoint)
 
 
 # --- docker namespace: the pinned image (docker/README.md) ----------------------------------
@@ -301,6 +317,6 @@ def demo_model(c, seed: int | None = None, steps: int | None = None, out: Path |
 
 docker_ns = Collection("docker", docker_build, docker_shell, docker_lock)
 
-ns = Collection(test, schema, check, prune, verify_prune, llamacpp, convert, quantize, serve, dropmap,
+ns = Collection(test, schema, check, audit, prune, verify_prune, llamacpp, convert, quantize, serve, dropmap,
                 compare_criteria, profile, card, manifest, publish, verify, eval_, reproduce, stage, demo_model)
 ns.add_collection(docker_ns)

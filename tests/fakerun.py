@@ -55,7 +55,7 @@ def save_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def write_recipe(root: Path) -> Path:
+def write_recipe(root: Path, criterion: str = "contribution-sum") -> Path:
     prompts = root / "prompts.jsonl"
     with open(prompts, "w") as handle:
         for domain in DOMAINS:
@@ -80,7 +80,7 @@ def write_recipe(root: Path) -> Path:
         top_share_k = 2
         [dropmap]
         strategy = "uniform-min-retention"
-        criterion = "contribution-sum"
+        criterion = "{criterion}"
         retention_threshold = 0.95
         [prune]
         max_shard_bytes = 200_000
@@ -117,6 +117,7 @@ def write_stats(layout: RunLayout, seed: int = 0) -> None:
         contribution_sum=contribution,
         routed_count=counts.astype(np.int64),
         router_prob_sum=counts * 0.1,
+        sequence_norm_sum=contribution / np.sqrt(counts),
         domain_num_tokens={d: 40 for d in DOMAINS},
         model_sha256="0" * 64,
     )
@@ -187,14 +188,15 @@ def write_gguf(layout: RunLayout, seed: int = 0) -> None:
     (layout.gguf_dir / "fake-Q4_K_M.gguf.json").write_text(json.dumps({"quant_type": "Q4_K_M"}))
 
 
-def make_fake_run(root: Path, *, with_card: bool = True, with_manifest: bool = True) -> FakeRun:
+def make_fake_run(root: Path, *, with_card: bool = True, with_manifest: bool = True,
+                  criterion: str = "contribution-sum") -> FakeRun:
     """Build ``root/runs/fake`` (and ``root/base``): profile, drop map, pruned, gguf, eval, card, manifest."""
     from moeprune.dropmap.stage import run_dropmap
     from moeprune.prune.surgery import prune_checkpoint
 
     root.mkdir(parents=True, exist_ok=True)
     base_dir = save_tiny_model(root / "base")
-    recipe = load_recipe(write_recipe(root), check_inputs=False)
+    recipe = load_recipe(write_recipe(root, criterion), check_inputs=False)
     layout = RunLayout.for_recipe(recipe.name, runs_dir=root / "runs")
     layout.profile_dir.mkdir(parents=True, exist_ok=True)
     write_stats(layout)

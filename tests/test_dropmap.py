@@ -364,7 +364,8 @@ def test_report_says_per_layer_is_not_uniform():
 DOMAINS = ["math", "code"]
 
 
-def write_stats_fixture(path: Path, contribution: np.ndarray, layers: list[int], seed: int = 0) -> None:
+def write_stats_fixture(path: Path, contribution: np.ndarray, layers: list[int], seed: int = 0,
+                        with_sequence_norm: bool = True) -> None:
     """A profile statistics file in the format of moeprune.profile.stats, written with safetensors.numpy."""
     from safetensors.numpy import save_file
 
@@ -379,6 +380,8 @@ def write_stats_fixture(path: Path, contribution: np.ndarray, layers: list[int],
         tensors[prefix + "routed_count"] = counts
         tensors[prefix + "reap_mean"] = np.divide(contrib, counts, out=np.zeros_like(contrib), where=counts > 0)
         tensors[prefix + "router_prob_sum"] = contrib / 10
+        if with_sequence_norm:
+            tensors[prefix + "sequence_norm_sum"] = np.sqrt(contrib * (1 + np.arange(contrib.shape[1])))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={
         "layers": json.dumps(layers), "domains": json.dumps(DOMAINS), "model_sha256": "c" * 64, "num_tokens": "640",
@@ -415,6 +418,43 @@ def test_run_dropmap_writes_a_valid_map_and_prints_the_report(tmp_path):
     assert drop_map["base_model"] == {"id": str(tmp_path / "model"), "revision": None, "sha256": "c" * 64}
     assert min(e["retained_fraction"] for e in drop_map["layers"]) > 0.95
     assert f"chosen N = {drop_map['num_experts_kept']}" in console.export_text()
+
+
+def test_sequence_norm_sum_criterion_ranks_and_thresholds_on_its_own_statistic(tmp_path):
+    """The seed's rule: rank by sequence_norm_sum and keep the fewest experts retaining > threshold of it."""
+    from moeprune.dropmap.stage import run_dropmap
+    from moeprune.profile.stats import load_stats
+
+    layout = RunLayout(tmp_path / "runs" / "unit")
+    contribution = np.random.default_rng(1).gamma(0.5, size=(4, 16)) * 100
+    write_stats_fixture(layout.profile_stats_path, contribution, [0, 1, 2, 3])
+    drop_map = run_dropmap(_recipe(tmp_path, _config(), criterion="sequence-norm-sum"), layout)
+    assert drop_map["strategy"]["criterion"] == "sequence-norm-sum"
+    assert drop_map["summary"]["retention_measure"] == "sequence_norm_sum"
+    sequence_norm = load_stats(layout.profile_stats_path).totals["sequence_norm_sum"]
+    for row, entry in enumerate(drop_map["layers"]):
+        assert entry["keep"] == sorted(rank_experts(sequence_norm)[row][: len(entry["keep"])].tolist())
+        assert entry["retained_fraction"] == pytest.approx(sequence_norm[row, entry["keep"]].sum() / sequence_norm[row].sum())
+        assert entry["retained_fraction"] > 0.95
+    # The smallest such N: one expert fewer fails the threshold in some layer.
+    n = drop_map["num_experts_kept"]
+    order = rank_experts(sequence_norm)
+    short = [sequence_norm[r, order[r, : n - 1]].sum() / sequence_norm[r].sum() for r in range(4)]
+    assert min(short) <= 0.95
+    per_token = run_dropmap(_recipe(tmp_path, _config()), layout)
+    assert per_token["summary"]["retention_measure"] == "contribution_sum"
+    assert [e["keep"] for e in per_token["layers"]] != [e["keep"] for e in drop_map["layers"]]
+
+
+def test_profile_without_sequence_norm_sum_loads_but_the_seed_criterion_asks_for_a_new_one(tmp_path):
+    from moeprune.dropmap.stage import run_dropmap
+
+    layout = RunLayout(tmp_path / "runs" / "unit")
+    write_stats_fixture(layout.profile_stats_path, np.random.default_rng(1).gamma(0.5, size=(4, 16)) * 100,
+                        [0, 1, 2, 3], with_sequence_norm=False)
+    assert run_dropmap(_recipe(tmp_path, _config()), layout)["num_experts_kept"] >= 2
+    with pytest.raises(DropMapError, match="sequence_norm_sum.*rerun `invoke profile`"):
+        run_dropmap(_recipe(tmp_path, _config(), criterion="sequence-norm-sum"), layout)
 
 
 def test_run_dropmap_refuses_a_profile_of_another_model(tmp_path):
@@ -534,7 +574,8 @@ def test_compare_criteria_writes_table_and_plot(tiny_model, tmp_path):
     rng = np.random.default_rng(0)
     contribution = rng.gamma(0.5, size=(4, 16))
     counts = rng.integers(1, 40, size=(4, 16))
-    totals = {"contribution_sum": contribution, "routed_count": counts, "reap_mean": contribution / counts}
+    totals = {"contribution_sum": contribution, "routed_count": counts, "reap_mean": contribution / counts,
+              "sequence_norm_sum": np.sqrt(contribution)}
     per_domain = {d: {"contribution_sum": rng.gamma(0.5, size=(4, 16))} for d in DOMAINS}
     examples = [HeldoutExample("Q: 12 or 40? ", "The answer is (B).", "B"), HeldoutExample("Say hi: ", "hi there")]
     tokenizer = ByteTokenizer()
@@ -545,7 +586,7 @@ def test_compare_criteria_writes_table_and_plot(tiny_model, tmp_path):
     )
     keep_counts = sorted({row["keep_count"] for row in result["rows"]})
     assert keep_counts == [8, 12]
-    assert len(result["rows"]) == 2 * (4 + 2)  # four criteria + two random seeds per keep count
+    assert len(result["rows"]) == 2 * (5 + 2)  # five criteria + two random seeds per keep count
     assert tiny_model.config.text_config.num_experts == 16  # the original model is untouched
     assert all(row["answered"] == 1 for row in result["rows"])  # one example has an answer letter
     result["source"] = {"model": "tiny", "profile": "fixture", "heldout": "inline", "max_new_tokens": 3}
@@ -595,6 +636,6 @@ def test_compare_criteria_task_on_a_random_demo_model(tmp_path):
     result = json.loads((tmp_path / "docs" / "criteria.json").read_text())
     assert result["examples"] == 4 and result["num_experts"] == 16
     assert {row["keep_count"] for row in result["rows"]} == {12, 8}
-    assert {row["criterion"] for row in result["rows"]} == {"contribution-sum", "reap-mean", "frequency",
-                                                            "domain-max", "random"}
+    assert {row["criterion"] for row in result["rows"]} == {"contribution-sum", "sequence-norm-sum", "reap-mean",
+                                                            "frequency", "domain-max", "random"}
     assert "Lowest held-out loss at 12 experts" in (tmp_path / "docs" / "criteria.md").read_text()

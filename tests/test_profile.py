@@ -179,6 +179,75 @@ def test_captured_norms_match_an_independent_float64_recomputation(model):
             assert got[key] == pytest.approx(value, rel=1e-5), key
 
 
+def _independent_sequence_norm_sum(model, sequences, domains) -> np.ndarray:
+    """The seed's statistic recomputed without the profiler: each sequence alone through the plain
+    model, every routed expert's output from its weights in float64, one norm per (sequence, expert)."""
+    layers = find_moe_layers(model)
+    num_experts = layers[0].num_experts
+    expected = np.zeros((len(domains), len(layers), num_experts))
+    for record in sequences:
+        input_ids = torch.tensor([record["input_ids"]])
+        _, plain = _plain_run(model, input_ids, torch.ones_like(input_ids))
+        for row, layer in enumerate(layers):
+            seen, experts = plain[layer.layer_index], layer.experts
+            hidden = seen["experts_in"].to(torch.float64)
+            squares = np.zeros(num_experts)
+            for token in range(hidden.shape[0]):
+                for slot in range(seen["index"].shape[1]):
+                    e = int(seen["index"][token, slot])
+                    gate, up = (experts.gate_up_proj[e].double() @ hidden[token]).chunk(2)
+                    out = experts.down_proj[e].double() @ (experts.act_fn(gate) * up)
+                    squares[e] += float((seen["weights"][token, slot].double() * out).pow(2).sum().detach())
+            expected[domains.index(record["domain"]), row] += np.sqrt(squares)
+    return expected
+
+
+@pytest.fixture(scope="module")
+def demo_float64():
+    """The demo model in float64 (eager experts: grouped_mm has no float64 kernel)."""
+    if not demo_model_available():
+        return tiny_model().to(torch.float64)
+    import transformers
+
+    model = transformers.Gemma4ForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float64).eval()
+    model.set_experts_implementation("eager")
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_sequence_norm_sum_equals_an_independent_per_sequence_recomputation(model, demo_float64, dtype, batch_size):
+    """sum over sequences of sqrt(sum_t ||w_te E_e(x_t)||^2), to 1e-6 relative, whatever the batch.
+
+    Profiled as the demo recipe loads the model (float32, grouped_mm) and in float64; the reference
+    is always the float64 model, one sequence at a time, experts recomputed from their weights.
+    """
+    sequences = random_sequences([17, 33, 8, 25, 12, 40, 6, 21])
+    profiled = model if dtype == "float32" else demo_float64
+    result = replay_sequences(profiled, sequences, DOMAINS, batch_size=batch_size)
+    expected = _independent_sequence_norm_sum(demo_float64, sequences, DOMAINS)
+    assert result.sequence_norm_sum.dtype == np.float64
+    assert np.count_nonzero(expected) > 0
+    np.testing.assert_allclose(result.sequence_norm_sum, expected, rtol=1e-6, atol=0)
+    # It is not the per-token sum: with more than one token per sequence the two differ...
+    assert not np.allclose(result.sequence_norm_sum, result.contribution_sum, rtol=1e-3)
+    # ...and per expert never exceeds it (a norm of a sum of squares is at most the sum of norms).
+    assert np.all(result.sequence_norm_sum <= result.contribution_sum * (1 + 1e-6))
+
+
+def test_sequence_norm_sum_does_not_depend_on_batch_composition():
+    """Same sequences, different batch sizes and orders of padding: the same per-sequence sums."""
+    model = tiny_model().to(torch.float64)
+    sequences = random_sequences([4, 11, 7, 9, 2])
+    one = replay_sequences(model, sequences, DOMAINS, batch_size=1)
+    for batch_size in (2, 3, 5):
+        batched = replay_sequences(model, sequences, DOMAINS, batch_size=batch_size)
+        np.testing.assert_allclose(batched.sequence_norm_sum, one.sequence_norm_sum, rtol=1e-9, atol=0)
+    # One sequence per domain index: each domain holds only its own sequences' norms.
+    per_domain_total = one.sequence_norm_sum.sum(axis=(1, 2))
+    assert np.all(per_domain_total > 0)
+
+
 def test_original_forward_is_restored(model):
     experts = find_moe_layers(model)[0].experts
     router = find_moe_layers(model)[0].router
@@ -315,7 +384,7 @@ def test_statistics_round_trip(tmp_path):
     counts = rng.integers(0, 5, size=(2, 3, 4))
     stats = build_stats(
         layers=[0, 2, 5], domains=DOMAINS, contribution_sum=rng.random((2, 3, 4)) * counts,
-        routed_count=counts, router_prob_sum=rng.random((2, 3, 4)),
+        routed_count=counts, router_prob_sum=rng.random((2, 3, 4)), sequence_norm_sum=rng.random((2, 3, 4)),
         domain_num_tokens={"math": 7, "creative": 5}, model_sha256="ab" * 32,
     )
     path = tmp_path / "stats.safetensors"
@@ -332,8 +401,9 @@ def test_statistics_round_trip(tmp_path):
     for domain in DOMAINS:
         for name, array in stats.per_domain[domain].items():
             np.testing.assert_array_equal(loaded.per_domain[domain][name], array)
-    np.testing.assert_array_equal(loaded.totals["contribution_sum"], stats.per_domain["math"]["contribution_sum"]
-                                  + stats.per_domain["creative"]["contribution_sum"])
+    for name in ("contribution_sum", "sequence_norm_sum"):
+        np.testing.assert_array_equal(loaded.totals[name], stats.per_domain["math"][name]
+                                      + stats.per_domain["creative"][name])
     reap = loaded.totals["reap_mean"]
     total_counts = loaded.totals["routed_count"]
     assert np.all(reap[total_counts == 0] == 0)

@@ -18,7 +18,7 @@ NO_ENGINE = "unix:///nonexistent/moeprune-test/docker.sock"
 # Every task, and whether it is a stage task (honours --runner).
 STAGE_TASKS = ["profile", "dropmap", "prune", "verify-prune", "convert", "quantize", "eval", "card", "manifest",
                "stage"]
-OTHER_TASKS = ["test", "schema", "check", "llamacpp", "serve", "compare-criteria", "publish", "verify", "reproduce",
+OTHER_TASKS = ["test", "schema", "check", "audit", "llamacpp", "serve", "compare-criteria", "publish", "verify", "reproduce",
                "demo-model", "docker.build", "docker.shell", "docker.lock"]
 TASKS = STAGE_TASKS + OTHER_TASKS
 
@@ -138,6 +138,7 @@ def test_schema_rewrites_the_committed_schema_unchanged():
         (["reproduce", "--from", "no-such-stage"], ["no-such-stage"]),
         (["publish", "--dry-run", "--repo-id", "me/x"], ["runs"]),
         (["verify", "no-such-dir-or-repo"], ["no-such-dir-or-repo"]),
+        (["audit", "no-such-dir-or-repo"], ["no-such-dir-or-repo"]),
         (["serve", "--port", "1"], ["GGUF not found"]),
         (["eval"], ["GGUF of 'base' not found", "invoke convert --which base"]),
         (["compare-criteria", "--limit", "2"], ["profile statistics not found"]),

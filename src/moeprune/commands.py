@@ -249,6 +249,20 @@ def verify(target: str, base: Path | None = None, endpoint: str | None = None, r
                       data=report)
 
 
+def audit(source: str, base: Path | None = None, *, reprofile: Path | None = None, json_path: Path | None = None,
+          revision: str | None = None, endpoint: str | None = None) -> TaskResult:
+    from moeprune.audit import audit as run_audit, print_report, write_report_json
+
+    report = run_audit(source, base, reprofile=reprofile, revision=revision, endpoint=endpoint)
+    print_report(report)
+    lines = ()
+    if json_path:
+        write_report_json(report, json_path)
+        lines = (f"wrote {json_path}",)
+    return TaskResult(lines, failure=None if report.ok else f"the audit of {source} found a mismatch (see the table above)",
+                      data=report)
+
+
 # --- demo and image --------------------------------------------------------------------------
 def demo_model(out: Path | None = None, seed: int = 0, steps: int | None = None, threads: int = 1) -> TaskResult:
     from moeprune.demo import HELDOUT_PATH, MODEL_DIR

@@ -77,14 +77,20 @@ class ProfileSection(_Section):
 
 
 Strategy = Literal["uniform-min-retention", "uniform-count", "per-layer-retention"]
-Criterion = Literal["contribution-sum", "reap-mean", "frequency", "domain-max", "random"]
+Criterion = Literal["contribution-sum", "sequence-norm-sum", "reap-mean", "frequency", "domain-max", "random"]
 
 
 class DropMapSection(_Section):
     """How experts are selected for removal."""
 
     strategy: Strategy = Field(description="Selection strategy.")
-    criterion: Criterion = Field(default="contribution-sum", description="Score experts are ranked by.")
+    criterion: Criterion = Field(
+        default="contribution-sum",
+        description="Score experts are ranked by: contribution-sum (sum over tokens of each routed "
+        "token's weighted output norm), sequence-norm-sum (the seed's: sum over sequences of the "
+        "sequence's whole weighted output norm; retention is then measured on it too), reap-mean, "
+        "frequency, domain-max or random.",
+    )
     retention_threshold: float | None = Field(
         default=None,
         description="Every layer must retain more than this fraction of its contribution; in (0, 1].",
@@ -175,6 +181,11 @@ class ServeSection(_Section):
     parallel: int = Field(default=1, ge=1, description="Server slots (--parallel).")
     seed: int = Field(default=0, description="Sampling seed (--seed).")
     threads: int | None = Field(default=None, ge=1, description="CPU threads (--threads); default: llama.cpp's.")
+    dry_multiplier: float = Field(
+        default=0.0, ge=0.0,
+        description="DRY repetition-penalty multiplier (--dry-multiplier; 0 disables). It changes "
+        "greedy answers too: the penalty is applied to the logits before the argmax.",
+    )
     startup_timeout_s: float = Field(default=600.0, gt=0, description="Seconds to wait for /health.")
 
 
@@ -187,8 +198,22 @@ class EvalSection(_Section):
     )
     max_gen_toks: int = Field(ge=1, description="Generation budget per answer (lm-eval default 256 is too small).")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature (0: greedy).")
-    seed: int = Field(default=1234, description="Seed for lm-eval (choice shuffling) and numpy/torch.")
+    seed: int = Field(
+        default=1234,
+        description="lm-eval's numpy, torch and few-shot seed; also its Python random seed unless "
+        "random_seed is set.",
+    )
+    random_seed: int | None = Field(
+        default=None,
+        description="lm-eval's Python random seed, which shuffles gpqa's answer choices; default: "
+        "eval.seed. lm-eval's command line defaults it to 0 (--seed 0,1234,1234,1234).",
+    )
     limit: int | None = Field(default=None, ge=1, description="Evaluate only the first N samples.")
+    lm_eval_version: str | None = Field(
+        default=None,
+        description="lm-eval version the eval must run under (e.g. the seed's 0.4.11); `invoke eval` "
+        "refuses another before any server starts. Default: the installed version.",
+    )
     num_concurrent: int = Field(default=1, ge=1, description="Concurrent requests to the server.")
     request_timeout_s: float = Field(default=3600.0, gt=0, description="Timeout of one request.")
     max_retries: int = Field(

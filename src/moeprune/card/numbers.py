@@ -269,6 +269,8 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
     threshold = drop_map["strategy"].get("retention_threshold")
     card.facts["strategy"] = drop_map["strategy"]["name"]
     card.facts["criterion"] = drop_map["strategy"]["criterion"]
+    # Which profile statistic the retention (and the threshold) was measured on.
+    card.facts["retention_measure"] = (drop_map.get("summary") or {}).get("retention_measure", "contribution_sum")
     if threshold is not None:
         card.add("dropmap.threshold", threshold, fmt_pct(threshold, 0 if threshold * 100 == int(threshold * 100) else 2),
                  f"{source.drop_map_path.name}: strategy.retention_threshold")

@@ -134,7 +134,7 @@ def build_drop_map(
         "hashes": {"profile_stats_sha256": profile_stats_sha256, "recipe_sha256": recipe_sha256},
         "uniform": selection.uniform,
         "summary": {
-            "retention_measure": "contribution_sum",
+            "retention_measure": selection.retention_measure,
             "min_keep": selection.min_keep,
             "limited_by_min_keep": selection.limited_by_min_keep,
             "worst_layer": int(layers[worst_row]),

@@ -5,10 +5,13 @@ functions turn them into a score per expert (the *criterion*), an order in which
 (best first, ties broken by the lower expert index so the result never depends on sort internals),
 and a keep set per layer (the *strategy*).
 
-Retention is always measured on the contribution sum, the card's "weighted output norm"
-(sum over tokens of ``||w_te * E_e(x_t)||_2``), whatever criterion ranks the experts: it is the
-one quantity that says how much of a layer's MoE output the kept experts produced on the
-calibration data, so strategies with different criteria are compared on the same scale. The
+Retention is measured on the contribution sum, the card's "weighted output norm" (sum over
+tokens of ``||w_te * E_e(x_t)||_2``), whatever criterion ranks the experts: it is the one
+quantity that says how much of a layer's MoE output the kept experts produced on the
+calibration data, so strategies with different criteria are compared on the same scale. The one
+exception is the seed's own rule, criterion ``sequence-norm-sum`` in the drop-map stage: the seed
+ranked *and* thresholded on its per-sequence norm sum (:func:`retention_statistic`), so the keep
+count it reproduces is measured on that statistic (``retention_measure`` in the drop map). The
 fraction of the ranking criterion's own score that is kept is available too
 (:func:`retained_fraction` with the criterion scores) and is recorded in the drop map as
 ``criterion_retained_fraction``.
@@ -28,9 +31,11 @@ import numpy as np
 
 from moeprune.errors import MoepruneError
 
-Criterion = Literal["contribution-sum", "reap-mean", "frequency", "domain-max", "random"]
+Criterion = Literal["contribution-sum", "sequence-norm-sum", "reap-mean", "frequency", "domain-max", "random"]
 Strategy = Literal["uniform-min-retention", "uniform-count", "per-layer-retention"]
-CRITERIA: tuple[str, ...] = ("contribution-sum", "reap-mean", "frequency", "domain-max", "random")
+CRITERIA: tuple[str, ...] = ("contribution-sum", "sequence-norm-sum", "reap-mean", "frequency", "domain-max", "random")
+# Profile statistic a criterion's retention threshold is applied to in the drop-map stage.
+_RETENTION_STATISTIC = {"sequence-norm-sum": "sequence_norm_sum"}
 STRATEGIES: tuple[str, ...] = ("uniform-min-retention", "uniform-count", "per-layer-retention")
 
 
@@ -74,6 +79,14 @@ def _check_contribution(contribution: np.ndarray) -> np.ndarray:
     return array
 
 
+def _check_contribution_like(values: np.ndarray, name: str) -> np.ndarray:
+    array = _check_matrix(values, name)
+    empty = [int(i) for i in np.flatnonzero(array.sum(axis=1) <= 0)]
+    if empty:
+        raise DropMapError(f"{name}: layer rows {empty} are all zero (no tokens were profiled); re-run the profile stage")
+    return array
+
+
 # --- criteria ----------------------------------------------------------------------------------
 
 
@@ -101,6 +114,16 @@ def random_scores(shape: tuple[int, int], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random(shape)
 
 
+def retention_statistic(criterion: str) -> str:
+    """The profile statistic the drop-map stage measures retention on for ``criterion``.
+
+    ``contribution_sum`` for every criterion but ``sequence-norm-sum``, whose rule (the seed's)
+    keeps the fewest experts such that every layer retains more than the threshold of its
+    ``sequence_norm_sum``.
+    """
+    return _RETENTION_STATISTIC.get(criterion, "contribution_sum")
+
+
 def criterion_scores(
     criterion: str,
     totals: Mapping[str, np.ndarray],
@@ -117,6 +140,13 @@ def criterion_scores(
     contribution = _check_contribution(totals["contribution_sum"])
     if criterion == "contribution-sum":
         return contribution
+    if criterion == "sequence-norm-sum":
+        if "sequence_norm_sum" not in totals:
+            raise DropMapError(
+                "criterion 'sequence-norm-sum' needs the profile's sequence_norm_sum, which this "
+                "statistics file lacks (made by an older moeprune); rerun `invoke profile`"
+            )
+        return _check_contribution_like(totals["sequence_norm_sum"], "sequence_norm_sum")
     if criterion == "reap-mean":
         if "reap_mean" in totals:
             return _check_matrix(totals["reap_mean"], "reap_mean")
@@ -230,6 +260,7 @@ class Selection:
     seed: int
     min_keep: int
     limited_by_min_keep: bool
+    retention_measure: str = "contribution_sum"
 
     @property
     def uniform(self) -> bool:
@@ -274,6 +305,7 @@ def select_experts(
     keep_count: int | None = None,
     protect_top_k: int = 0,
     seed: int = 0,
+    retention_measure: str = "contribution_sum",
 ) -> Selection:
     """Choose each layer's kept experts.
 
@@ -285,7 +317,8 @@ def select_experts(
       report: transformers and llama.cpp need one count for all layers).
 
     ``scores`` ranks the experts (see :func:`criterion_scores`); the retained fraction is measured
-    on ``contribution``.
+    on ``contribution``, the profile statistic named by ``retention_measure``
+    (:func:`retention_statistic`).
     """
     if strategy not in STRATEGIES:
         raise DropMapError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
@@ -344,6 +377,7 @@ def select_experts(
         seed=seed,
         min_keep=min_keep,
         limited_by_min_keep=limited,
+        retention_measure=retention_measure,
     )
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from moeprune.base_model import resolve_base
 from moeprune.dropmap.io import build_drop_map, check_profile_matches_model, moe_shape, read_model_config, write_drop_map
 from moeprune.dropmap.report import print_report
-from moeprune.dropmap.select import DropMapError, criterion_scores, select_experts
+from moeprune.dropmap.select import DropMapError, criterion_scores, retention_statistic, select_experts
 from moeprune.errors import RecipeError
 from moeprune.hashing import sha256_file, sha256_json
 from moeprune.layout import RunLayout
@@ -68,9 +68,10 @@ def run_dropmap(recipe: Recipe, layout: RunLayout, console: Console | None = Non
 
     settings = recipe.dropmap
     scores = criterion_scores(settings.criterion, stats.totals, stats.per_domain, seed=settings.seed)
+    measure = retention_statistic(settings.criterion)
     selection = select_experts(
         settings.strategy,
-        contribution,
+        stats.totals[measure],
         scores,
         top_k=top_k,
         criterion=settings.criterion,
@@ -78,6 +79,7 @@ def run_dropmap(recipe: Recipe, layout: RunLayout, console: Console | None = Non
         keep_count=settings.keep_count,
         protect_top_k=settings.protect_top_k,
         seed=settings.seed,
+        retention_measure=measure,
     )
     model_sha = stats.model_sha256 if _SHA256.match(str(stats.model_sha256 or "")) else None
     drop_map = build_drop_map(

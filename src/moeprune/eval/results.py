@@ -20,7 +20,9 @@ reported are checked against the recomputation before anything is written.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,38 @@ def task_scores(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
             }
         scores[filter_name] = per_metric
     return scores
+
+
+def presented_choices(record: dict[str, Any]) -> tuple[str, list[Any]]:
+    """(source, the choices in the order the question presented them) of one sample record.
+
+    gpqa's docs carry the shuffled choices as ``choice1``..``choiceN``; other multiple-choice
+    docs a ``choices`` list; otherwise the rendered prompt stands for the order.
+    """
+    doc = record.get("doc") or {}
+    numbered = sorted((int(m[1]), key) for key in doc if (m := re.fullmatch(r"choice(\d+)", key)))
+    if numbered:
+        return "doc.choiceN", [doc[key] for _, key in numbered] + [record.get("target")]
+    if isinstance(doc.get("choices"), list):
+        return "doc.choices", list(doc["choices"]) + [record.get("target")]
+    return "prompt", [record.get("arguments"), record.get("target")]
+
+
+def choice_order(records: list[dict[str, Any]], filter_name: str) -> dict[str, Any]:
+    """A fingerprint of every question's presented choice order (and target), plus one of all.
+
+    Two evaluations asked the same questions in the same order exactly when these agree; a
+    different Python seed (or a stale datasets cache) shows up as differing questions.
+    """
+    per_question: dict[str, str] = {}
+    sources = set()
+    for record in records_for_filter(records, filter_name):
+        source, choices = presented_choices(record)
+        sources.add(source)
+        encoded = json.dumps(choices, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8")
+        per_question[str(record["doc_id"])] = hashlib.sha256(encoded).hexdigest()[:16]
+    overall = hashlib.sha256(json.dumps(per_question, sort_keys=True).encode()).hexdigest()
+    return {"source": "+".join(sorted(sources)), "sha256": overall, "per_question": per_question}
 
 
 def primary_filter(records: list[dict[str, Any]]) -> str:
@@ -222,6 +256,7 @@ def recompute_results(eval_dir: Path) -> dict[str, Any]:
                 "error_analysis": error_analysis(
                     task_records, filter_name=chosen_filter, metric=_primary_metric(task_records)
                 ),
+                "choice_order": choice_order(task_records, chosen_filter),
             }
         out_models[model] = {
             "gguf": run["gguf"],

@@ -15,7 +15,9 @@ request that times out mid-eval. In the last two cases the responses received so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import os
 import json
 import math
 import random
@@ -36,6 +38,7 @@ from moeprune.recipe import Recipe
 
 MODEL_TYPE = "local-chat-completions"
 PARTIAL_LOG_NAME = "samples.partial.jsonl"
+DATASETS_CACHE_NAME = "datasets_cache"
 RESPONSES_LOG_NAME = "responses.jsonl"
 LM_EVAL_RESULTS_NAME = "lm_eval_results.json"
 VOLATILE_LM_EVAL_KEYS = ("samples", "date", "start_time", "end_time", "total_evaluation_time_seconds")
@@ -112,8 +115,21 @@ def task_dataset_paths(task_manager: Any, tasks: list[str]) -> dict[str, str | N
                 f"eval.tasks: unknown lm-eval task '{task}'; check the name (`lm-eval ls tasks`) "
                 "or eval.include_path for a local task YAML"
             )
-        paths[task] = (entry.cfg or {}).get("dataset_path")
+        # lm-eval 0.4.13 indexes entries with a parsed ``cfg``; 0.4.11 (the seed's) with a dict.
+        cfg = entry.get("cfg") if isinstance(entry, dict) else getattr(entry, "cfg", None)
+        if cfg is None and isinstance(entry, dict) and hasattr(task_manager, "_get_config"):
+            cfg = task_manager._get_config(task)
+        paths[task] = (cfg or {}).get("dataset_path")
     return paths
+
+
+def load_tasks(task_manager: Any, tasks: list[str]) -> dict[str, Any]:
+    """{name: lm-eval Task} of ``tasks``: ``TaskManager.load`` (0.4.13) or ``get_task_dict`` (0.4.11)."""
+    if hasattr(task_manager, "load"):
+        return dict(task_manager.load(list(tasks))["tasks"])
+    from lm_eval.tasks import get_task_dict
+
+    return dict(get_task_dict(list(tasks), task_manager))
 
 
 def check_hub_access(dataset_paths: dict[str, str | None], token: str | None) -> None:
@@ -129,12 +145,59 @@ def check_hub_access(dataset_paths: dict[str, str | None], token: str | None) ->
             )
 
 
+def check_lm_eval_version(recipe: Recipe) -> None:
+    """``eval.lm_eval_version``, when set, must be the installed lm-eval (checked before any server)."""
+    wanted = recipe.eval.lm_eval_version
+    if wanted is None:
+        return
+    import lm_eval
+
+    installed = getattr(lm_eval, "__version__", "?")
+    if installed != wanted:
+        raise EvalError(
+            f"eval.lm_eval_version = {wanted!r} but lm-eval {installed} is installed; run "
+            f"`pip install 'lm-eval[api]=={wanted}'` (it co-installs with moeprune's pinned stack, see "
+            "docs/fidelity.md), or remove eval.lm_eval_version to evaluate with the installed version"
+        )
+
+
 def _seed_everything(seed: int) -> None:
     # Same order as lm_eval.simple_evaluate so a pre-flight load shuffles like the real one.
     import numpy as np
 
     random.seed(seed)
     np.random.seed(seed)
+
+
+@contextlib.contextmanager
+def private_datasets_cache(directory: Path) -> Iterator[Path]:
+    """Point ``datasets``' processed-data cache at an empty ``directory`` for the duration.
+
+    gpqa shuffles each question's choices inside ``dataset.map`` with Python's ``random``;
+    ``datasets`` caches the mapped table under a fingerprint that does not include the random
+    state, so a warm shared cache silently returns the order of an earlier run with another
+    seed. Each eval gets a cache of its own, removed afterwards (raw Hub downloads stay in the
+    Hub cache; only the processed tables are rebuilt).
+    """
+    import datasets
+
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    saved_config = datasets.config.HF_DATASETS_CACHE
+    saved_env = os.environ.get("HF_DATASETS_CACHE")
+    datasets.config.HF_DATASETS_CACHE = directory
+    os.environ["HF_DATASETS_CACHE"] = str(directory)  # for anything that reads it late
+    try:
+        yield directory
+    finally:
+        datasets.config.HF_DATASETS_CACHE = saved_config
+        if saved_env is None:
+            os.environ.pop("HF_DATASETS_CACHE", None)
+        else:
+            os.environ["HF_DATASETS_CACHE"] = saved_env
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def check_datasets(task_manager: Any, tasks: list[str], seed: int, limit: int | None) -> dict[str, int]:
@@ -144,16 +207,25 @@ def check_datasets(task_manager: Any, tasks: list[str], seed: int, limit: int | 
     instead of after a model has been loaded.
     """
     _seed_everything(seed)
+    import tempfile
+
     try:
-        loaded = task_manager.load(list(tasks))
+        with tempfile.TemporaryDirectory(prefix="moeprune-datasets-") as tmp, private_datasets_cache(Path(tmp) / "cache"):
+            counts = _doc_counts(load_tasks(task_manager, list(tasks)), limit)
+    except EvalError:
+        raise
     except Exception as exc:  # datasets raises many kinds; all mean "no data"
         raise EvalError(
             f"eval.tasks {tasks}: could not load the task dataset: {type(exc).__name__}: {exc}. "
             "For a local task check data_files in its YAML (paths are relative to the YAML's "
             "directory when rendered absolute); for a Hub task check the network and token"
         ) from None
+    return counts
+
+
+def _doc_counts(loaded: dict[str, Any], limit: int | None) -> dict[str, int]:
     counts = {}
-    for name, task in loaded["tasks"].items():
+    for name, task in loaded.items():
         docs = task.eval_docs
         count = len(docs) if limit is None else min(limit, len(docs))
         if count == 0:
@@ -262,6 +334,7 @@ def eval_settings(recipe: Recipe) -> dict[str, Any]:
     return {
         "tasks": list(section.tasks),
         "seed": section.seed,
+        "random_seed": seeds_of(recipe)["random_seed"],
         "max_gen_toks": section.max_gen_toks,
         "temperature": section.temperature,
         "num_concurrent": section.num_concurrent,
@@ -276,10 +349,11 @@ def eval_settings(recipe: Recipe) -> dict[str, Any]:
 
 
 def seeds_of(recipe: Recipe) -> dict[str, int]:
-    """Every seed lm-eval takes, all pinned to ``eval.seed``."""
+    """Every seed lm-eval takes: ``eval.random_seed`` (default ``eval.seed``) for Python's
+    ``random`` (gpqa's choice shuffling), ``eval.seed`` for numpy, torch and few-shot sampling."""
     seed = recipe.eval.seed
     return {
-        "random_seed": seed,
+        "random_seed": seed if recipe.eval.random_seed is None else recipe.eval.random_seed,
         "numpy_random_seed": seed,
         "torch_random_seed": seed,
         "fewshot_random_seed": seed,
@@ -456,16 +530,17 @@ def evaluate_served_model(
     try:
         lm = _recording_model_class()(partial_log=partial, **model_args)
         try:
-            output = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=list(section.tasks),
-                task_manager=task_manager,
-                apply_chat_template=True,
-                gen_kwargs=dict(gen_kwargs),
-                log_samples=True,
-                limit=section.limit,
-                **seeds,
-            )
+            with private_datasets_cache(model_dir / DATASETS_CACHE_NAME):
+                output = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=list(section.tasks),
+                    task_manager=task_manager,
+                    apply_chat_template=True,
+                    gen_kwargs=dict(gen_kwargs),
+                    log_samples=True,
+                    limit=section.limit,
+                    **seeds,
+                )
         except Exception as exc:
             reason = classify_failure(exc, server, section.request_timeout_s, section.max_retries)
             log_hint = getattr(server, "log_path", None)
@@ -555,6 +630,7 @@ def run_eval(
     section = recipe.eval
     eval_dir = layout.eval_dir
     # 1. Everything that can be checked without a server, before one starts.
+    check_lm_eval_version(recipe)
     include = resolve_include_path(recipe, eval_dir / "tasks")
     task_manager = make_task_manager(recipe, include)
     dataset_paths = task_dataset_paths(task_manager, list(section.tasks))
@@ -567,7 +643,7 @@ def run_eval(
                 f"GGUF of '{model}' not found: {path}; run `invoke convert --which {model}` and "
                 f"`invoke quantize --which {model}` first (quantize.eval_type = {recipe.quantize.eval_type!r})"
             )
-    check_datasets(task_manager, list(section.tasks), section.seed, section.limit)
+    check_datasets(task_manager, list(section.tasks), seeds_of(recipe)["random_seed"], section.limit)
 
     # A results.json from an earlier run no longer describes these logs.
     if combine:

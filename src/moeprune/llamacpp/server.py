@@ -109,6 +109,8 @@ def server_flags(serve: ServeSection) -> list[str]:
     ]
     if serve.threads is not None:
         flags += ["--threads", str(serve.threads)]
+    if serve.dry_multiplier:
+        flags += ["--dry-multiplier", f"{serve.dry_multiplier:g}"]
     return flags
 
 

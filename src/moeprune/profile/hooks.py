@@ -14,6 +14,13 @@ routing weight is fp32 in the model too) with a float32 sum of squares, falling 
 any row whose squares would overflow, and are accumulated in float64: a bf16 model can neither
 overflow nor round away the measurement. Padding tokens never count: the caller sets, before each
 forward, the domain index of every token of the batch, -1 for padding.
+
+Besides the per-token sum, the recorder measures the seed's statistic (omnimergekit
+``expert_contribution_v2.py``) in the same pass: per (sequence, expert) the float64 sum of squared
+weighted-output norms, square-rooted when the sequence ends (every forward holds whole sequences:
+one row of the batch is one sequence) and summed over sequences,
+``sequence_norm_sum[e] = sum_seq sqrt(sum_{t in seq} ||w_te * E_e(x_t)||^2)``. The seed summed
+its squares in bf16, which a later card of its author reports overflowed; here they are float64.
 """
 
 from __future__ import annotations
@@ -76,6 +83,10 @@ class _LayerAccumulator:
     contribution_sum: torch.Tensor
     routed_count: torch.Tensor
     router_prob_sum: torch.Tensor
+    sequence_norm_sum: torch.Tensor
+    # The current forward's per-(sequence, domain, expert) float64 sums of squares, flattened;
+    # square-rooted into sequence_norm_sum when the forward's sequences end.
+    open_squares: torch.Tensor | None = None
 
 
 @dataclass
@@ -101,11 +112,50 @@ class ContributionRecorder:
     router_probs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     _token_domain: torch.Tensor | None = None
     _token_domain_by_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    _token_sequence: torch.Tensor | None = None
+    _token_sequence_by_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    _num_sequences: int = 0
 
-    def set_token_domains(self, token_domain: torch.Tensor) -> None:
-        """Domain index of each token of the next forward, flattened ``[batch * seq]``; -1 = padding."""
+    def set_token_domains(self, token_domain: torch.Tensor, token_sequence: torch.Tensor | None = None) -> None:
+        """Domain index of each token of the next forward (``[batch, seq]`` or flat); -1 = padding.
+
+        ``token_sequence`` numbers the sequence each token belongs to (same shape); by default each
+        row of a 2-D ``token_domain`` is one sequence, and a flat one is a single sequence. Every
+        sequence must end within the forward (replay passes whole sequences): the sequences of the
+        previous forward are closed here.
+        """
+        self.end_sequences()
+        if token_sequence is None:
+            if token_domain.ndim == 2:
+                rows = torch.arange(token_domain.shape[0], dtype=torch.long)
+                token_sequence = rows.unsqueeze(1).expand_as(token_domain)
+            else:
+                token_sequence = torch.zeros(token_domain.numel(), dtype=torch.long)
+        if token_sequence.numel() != token_domain.numel():
+            raise ValueError(f"token_sequence has {token_sequence.numel()} entries, token_domain {token_domain.numel()}")
         self._token_domain = token_domain.reshape(-1).to(torch.long)
         self._token_domain_by_device = {}
+        self._token_sequence = token_sequence.reshape(-1).to(torch.long)
+        self._token_sequence_by_device = {}
+        self._num_sequences = int(self._token_sequence.max()) + 1 if self._token_sequence.numel() else 0
+
+    def _sequences_on(self, device: torch.device) -> torch.Tensor:
+        assert self._token_sequence is not None
+        cached = self._token_sequence_by_device.get(device)
+        if cached is None:
+            cached = self._token_sequence.to(device)
+            self._token_sequence_by_device[device] = cached
+        return cached
+
+    def end_sequences(self) -> None:
+        """Close the current forward's sequences: add sqrt(sum of squares) per (sequence, expert)."""
+        for acc in self.accumulators.values():
+            if acc.open_squares is None:
+                continue
+            num_domains, num_experts = acc.sequence_norm_sum.shape
+            per_sequence = acc.open_squares.view(-1, num_domains, num_experts).sqrt().sum(dim=0)
+            acc.sequence_norm_sum += per_sequence
+            acc.open_squares = None
 
     def _domains_on(self, device: torch.device) -> torch.Tensor:
         if self._token_domain is None:
@@ -124,6 +174,7 @@ class ContributionRecorder:
                 contribution_sum=torch.zeros(shape, dtype=torch.float64, device=device),
                 routed_count=torch.zeros(shape, dtype=torch.int64, device=device),
                 router_prob_sum=torch.zeros(shape, dtype=torch.float64, device=device),
+                sequence_norm_sum=torch.zeros(shape, dtype=torch.float64, device=device),
             )
             self.accumulators[layer_index] = acc
         return acc
@@ -144,6 +195,13 @@ class ContributionRecorder:
         flat = (token_domain * num_experts + expert_index)[valid]
         acc.contribution_sum.view(-1).index_add_(0, flat, norm[valid])
         acc.routed_count.view(-1).index_add_(0, flat, torch.ones_like(flat))
+        # The seed's statistic: squares summed per (sequence, domain, expert) until the sequence ends.
+        if acc.open_squares is None:
+            acc.open_squares = torch.zeros(
+                self._num_sequences * self.num_domains * num_experts, dtype=torch.float64, device=norm.device
+            )
+        sequence = self._sequences_on(norm.device)[token_index][valid]
+        acc.open_squares.index_add_(0, sequence * (self.num_domains * num_experts) + flat, norm[valid].square())
 
     def record_router(self, layer_index: int, probabilities: torch.Tensor) -> None:
         """Add the softmax router probabilities ``[tokens, experts]`` of non-padding tokens."""
@@ -159,6 +217,7 @@ class ContributionRecorder:
         """numpy ``[domains, layers, experts]`` arrays: contribution_sum, routed_count, router_prob_sum."""
         import numpy as np
 
+        self.end_sequences()
         contrib, count, prob = [], [], []
         for layer in self.layers:
             # A layer no forward reached has zeros (created on the CPU: offloaded weights sit on "meta").
@@ -167,6 +226,19 @@ class ContributionRecorder:
             count.append(acc.routed_count.cpu().numpy())
             prob.append(acc.router_prob_sum.cpu().numpy())
         return (np.stack(contrib, axis=1), np.stack(count, axis=1), np.stack(prob, axis=1))
+
+    def sequence_norm_arrays(self) -> Any:
+        """numpy float64 ``[domains, layers, experts]``: sum over sequences of each sequence's norm."""
+        import numpy as np
+
+        self.end_sequences()
+        return np.stack(
+            [
+                self._accumulator(layer.layer_index, layer.num_experts, torch.device("cpu")).sequence_norm_sum.cpu().numpy()
+                for layer in self.layers
+            ],
+            axis=1,
+        )
 
 
 def _grouped_mm_usable(device: torch.device, dtype: torch.dtype) -> bool:

@@ -2,6 +2,7 @@
 
 Sequences are batched with right padding (positions of real tokens stay 0..n-1, and causal
 attention never lets a real token see padding); padding tokens get domain -1 and are never counted.
+Each row of a batch is one whole sequence, so the per-sequence statistic closes at each forward.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class ReplayResult:
     contribution_sum: np.ndarray
     routed_count: np.ndarray
     router_prob_sum: np.ndarray
+    sequence_norm_sum: np.ndarray
     domain_num_tokens: dict[str, int]
     num_sequences: int
     elapsed_s: float
@@ -103,7 +105,7 @@ def replay_sequences(
                 attention_mask[row, : len(ids)] = 1
                 token_domain[row, : len(ids)] = domain_index[record["domain"]]
                 domain_num_tokens[record["domain"]] += len(ids)
-            recorder.set_token_domains(token_domain)
+            recorder.set_token_domains(token_domain)  # one row = one whole sequence
             body(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
@@ -112,12 +114,14 @@ def replay_sequences(
             if on_tokens is not None:
                 on_tokens(int(attention_mask.sum()))
         contribution_sum, routed_count, router_prob_sum = recorder.arrays()
+        sequence_norm_sum = recorder.sequence_norm_arrays()
     return ReplayResult(
         layers=[layer.layer_index for layer in recorder.layers],
         domains=list(domains),
         contribution_sum=contribution_sum,
         routed_count=routed_count,
         router_prob_sum=router_prob_sum,
+        sequence_norm_sum=sequence_norm_sum,
         domain_num_tokens=domain_num_tokens,
         num_sequences=len(sequences),
         elapsed_s=time.perf_counter() - started,

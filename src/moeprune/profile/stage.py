@@ -193,6 +193,8 @@ def profile_summary(
         },
         # Timings stay out of profile.json (equal inputs give equal bytes); they go to the log.
         "phase1": phase1,
+        # What stats.safetensors holds (overall and under domain/<d>/), each float64 but routed_count.
+        "statistics": sorted(stats.totals),
         "layers": layer_summaries(stats, settings.top_share_k, settings.coverage_fraction, moe.get("top_k")),
         "findings": found,
         "warnings": warnings,
@@ -229,10 +231,11 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
         contribution_sum=replay.contribution_sum,
         routed_count=replay.routed_count,
         router_prob_sum=replay.router_prob_sum,
+        sequence_norm_sum=replay.sequence_norm_sum,
         domain_num_tokens=replay.domain_num_tokens,
         model_sha256=model_hash,
     )
-    if not np.all(np.isfinite(stats.totals["contribution_sum"])):
+    if not all(np.all(np.isfinite(stats.totals[name])) for name in ("contribution_sum", "sequence_norm_sum")):
         raise MoepruneError(
             f"{layout.profile_stats_path}: non-finite expert contributions (the model produced inf/NaN); "
             "load it in float32 (model.dtype) and check the checkpoint"

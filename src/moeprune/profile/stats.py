@@ -6,7 +6,9 @@ File format (``runs/<name>/profile/stats.safetensors``, see team INTERFACES.md):
 - ``routed_count``     int64: tokens routed to the expert
 - ``reap_mean``        float64: contribution_sum / routed_count (0 where the count is 0)
 - ``router_prob_sum``  float64: sum over tokens of the softmax router probability
-- the same four under ``domain/<domain>/`` for each calibration domain.
+- ``sequence_norm_sum`` float64: sum over sequences of sqrt(sum over the sequence's tokens of
+  ||w_te * E_e(x_t)||_2^2), the seed's statistic (omnimergekit ``expert_contribution_v2.py``)
+- the same five under ``domain/<domain>/`` for each calibration domain.
 
 Metadata (str -> str): ``layers`` and ``domains`` (JSON lists), ``model_sha256``, ``num_tokens``,
 plus ``domain_num_tokens`` (JSON object) and ``format_version``.
@@ -23,8 +25,11 @@ import numpy as np
 from moeprune.atomic import atomic_file
 from moeprune.errors import MoepruneError
 
-STATS_FORMAT_VERSION = 1
-STAT_NAMES = ("contribution_sum", "routed_count", "reap_mean", "router_prob_sum")
+STATS_FORMAT_VERSION = 2
+STAT_NAMES = ("contribution_sum", "routed_count", "reap_mean", "router_prob_sum", "sequence_norm_sum")
+# Absent from files written before format 2: such a file still loads (criterion
+# 'sequence-norm-sum' then asks for a new profile).
+OPTIONAL_STAT_NAMES = ("sequence_norm_sum",)
 
 
 class StatsFileError(MoepruneError):
@@ -61,6 +66,7 @@ def build_stats(
     contribution_sum: np.ndarray,
     routed_count: np.ndarray,
     router_prob_sum: np.ndarray,
+    sequence_norm_sum: np.ndarray,
     domain_num_tokens: dict[str, int],
     model_sha256: str,
 ) -> ProfileStats:
@@ -71,24 +77,29 @@ def build_stats(
     contribution_sum = np.asarray(contribution_sum, dtype=np.float64)
     routed_count = np.asarray(routed_count, dtype=np.int64)
     router_prob_sum = np.asarray(router_prob_sum, dtype=np.float64)
+    sequence_norm_sum = np.asarray(sequence_norm_sum, dtype=np.float64)
     expected = (len(domains), len(layers))
     for name, array in (("contribution_sum", contribution_sum), ("routed_count", routed_count),
-                        ("router_prob_sum", router_prob_sum)):
+                        ("router_prob_sum", router_prob_sum), ("sequence_norm_sum", sequence_norm_sum)):
         if array.ndim != 3 or array.shape[:2] != expected:
             raise ValueError(f"{name}: expected shape [{expected[0]}, {expected[1]}, experts], got {array.shape}")
 
-    def four(contrib: np.ndarray, count: np.ndarray, prob: np.ndarray) -> dict[str, np.ndarray]:
+    def five(contrib: np.ndarray, count: np.ndarray, prob: np.ndarray, seq_norm: np.ndarray) -> dict[str, np.ndarray]:
         return {
             "contribution_sum": contrib,
             "routed_count": count,
             "reap_mean": reap_mean(contrib, count),
             "router_prob_sum": prob,
+            "sequence_norm_sum": seq_norm,
         }
 
     per_domain = {
-        domain: four(contribution_sum[d], routed_count[d], router_prob_sum[d]) for d, domain in enumerate(domains)
+        domain: five(contribution_sum[d], routed_count[d], router_prob_sum[d], sequence_norm_sum[d])
+        for d, domain in enumerate(domains)
     }
-    totals = four(contribution_sum.sum(axis=0), routed_count.sum(axis=0), router_prob_sum.sum(axis=0))
+    # Every sequence belongs to one domain, so the total is the sum over domains here too.
+    totals = five(contribution_sum.sum(axis=0), routed_count.sum(axis=0), router_prob_sum.sum(axis=0),
+                  sequence_norm_sum.sum(axis=0))
     return ProfileStats(
         layers=list(layers),
         domains=list(domains),
@@ -167,6 +178,8 @@ def load_stats(path: str | Path) -> ProfileStats:
         group = {}
         for name in STAT_NAMES:
             key = prefix + name
+            if key not in tensors and name in OPTIONAL_STAT_NAMES:
+                continue
             if key not in tensors:
                 raise StatsFileError(f"{path}: tensor '{key}' missing; rerun `invoke profile`")
             array = tensors[key]

@@ -84,15 +84,22 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def verify_prune(base_dir: str | Path, pruned_dir: str | Path) -> VerifyReport:
-    """Check ``pruned_dir`` against ``base_dir`` with the drop map stored in ``pruned_dir``."""
+def verify_prune(base_dir: str | Path, pruned_dir: str | Path, drop_map: dict[str, Any] | None = None,
+                 drop_map_path: Path | None = None) -> VerifyReport:
+    """Check ``pruned_dir`` against ``base_dir`` with the drop map stored in ``pruned_dir``.
+
+    ``drop_map`` (with ``drop_map_path`` for messages) is given instead by ``invoke audit`` for
+    artifacts whose drop map has another format (the seed's).
+    """
     base_dir, pruned_dir = Path(base_dir), Path(pruned_dir)
     report = VerifyReport(base_dir=str(base_dir), pruned_dir=str(pruned_dir))
     base_config_path = base_dir / "config.json"
     base_config = read_json(base_config_path, "model config")
     pruned_config_json = read_json(pruned_dir / "config.json", "pruned model config")
-    drop_map_path = pruned_dir / DROP_MAP_NAME
-    drop_map = load_drop_map_file(drop_map_path)
+    if drop_map is None:
+        drop_map_path = pruned_dir / DROP_MAP_NAME
+        drop_map = load_drop_map_file(drop_map_path)
+    drop_map_path = drop_map_path or pruned_dir / DROP_MAP_NAME
     with Checkpoint.open(base_dir) as base, Checkpoint.open(pruned_dir) as pruned:
         plan = plan_prune(base, base_config, base_config_path, drop_map, drop_map_path)
         report.num_experts = plan.num_experts
