@@ -58,3 +58,25 @@ def demo_run(tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, f"demo reproduce failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return runs / "demo"
+
+
+@pytest.fixture(scope="session")
+def llama_build_shared():
+    """The pinned llama.cpp build (built once into the cache, then reused)."""
+    from moeprune.llamacpp.build import ensure_llamacpp
+    from moeprune.recipe import LlamaCppSection
+
+    return ensure_llamacpp(LlamaCppSection(), say=print)
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory, llama_build_shared) -> dict[str, Path]:
+    """One tiny random model per supported MoE family, in its Hub on-disk layout (shared, read-only).
+
+    The tokenizer is GPT-2's, rebuilt from the pinned llama.cpp tree (see tests/families.py).
+    """
+    from families import FAMILIES, build_family_model, gpt2_vocab
+
+    root = tmp_path_factory.mktemp("families")
+    vocab = gpt2_vocab(llama_build_shared.root)
+    return {name: build_family_model(name, root / name, vocab) for name in FAMILIES}

@@ -101,18 +101,20 @@ def write_recipe(root: Path, criterion: str = "contribution-sum") -> Path:
     return path
 
 
-def write_stats(layout: RunLayout, seed: int = 0) -> None:
+def write_stats(layout: RunLayout, seed: int = 0, layers: list[int] | None = None,
+                num_experts: int = NUM_EXPERTS) -> None:
     from moeprune.profile.stats import build_stats, save_stats
 
+    layers = list(range(NUM_LAYERS)) if layers is None else layers
     rng = np.random.default_rng(seed)
-    shape = (len(DOMAINS), NUM_LAYERS, NUM_EXPERTS)
+    shape = (len(DOMAINS), len(layers), num_experts)
     # Each layer a different concentration: a few experts carry most of the contribution.
-    alpha = np.linspace(0.3, 1.5, NUM_LAYERS)[None, :, None]
-    base = rng.gamma(alpha, size=(1, NUM_LAYERS, NUM_EXPERTS))
+    alpha = np.linspace(0.3, 1.5, len(layers))[None, :, None]
+    base = rng.gamma(alpha, size=(1, len(layers), num_experts))
     counts = rng.integers(1, 50, size=shape)
     contribution = base * counts * rng.uniform(0.8, 1.2, size=shape)
     stats = build_stats(
-        layers=list(range(NUM_LAYERS)),
+        layers=layers,
         domains=DOMAINS,
         contribution_sum=contribution,
         routed_count=counts.astype(np.int64),
@@ -189,17 +191,23 @@ def write_gguf(layout: RunLayout, seed: int = 0) -> None:
 
 
 def make_fake_run(root: Path, *, with_card: bool = True, with_manifest: bool = True,
-                  criterion: str = "contribution-sum") -> FakeRun:
-    """Build ``root/runs/fake`` (and ``root/base``): profile, drop map, pruned, gguf, eval, card, manifest."""
+                  criterion: str = "contribution-sum", save_model=save_tiny_model) -> FakeRun:
+    """Build ``root/runs/fake`` (and ``root/base``): profile, drop map, pruned, gguf, eval, card, manifest.
+
+    ``save_model(directory)`` writes the base model (default: a tiny Gemma 4).
+    """
+    from moeprune.arch import arch_for_dir
     from moeprune.dropmap.stage import run_dropmap
     from moeprune.prune.surgery import prune_checkpoint
 
     root.mkdir(parents=True, exist_ok=True)
-    base_dir = save_tiny_model(root / "base")
+    base_dir = save_model(root / "base")
     recipe = load_recipe(write_recipe(root, criterion), check_inputs=False)
     layout = RunLayout.for_recipe(recipe.name, runs_dir=root / "runs")
     layout.profile_dir.mkdir(parents=True, exist_ok=True)
-    write_stats(layout)
+    config = json.loads((base_dir / "config.json").read_text())
+    arch = arch_for_dir(base_dir)
+    write_stats(layout, layers=arch.moe_layers(config), num_experts=arch.num_experts(config))
     run_dropmap(recipe, layout)
     prune_checkpoint(base_dir, layout.drop_map_path, layout.pruned_dir, recipe.prune.max_shard_bytes, fsync=False)
     write_gguf(layout)

@@ -61,6 +61,9 @@ def check(recipe_path: Path) -> TaskResult:
         problems = "\n  - ".join(report.errors)
         return TaskResult(tuple(lines), failure=f"{recipe.source_path}: preflight failed:\n  - {problems}")
     lines.append(f"recipe '{recipe.name}' is valid ({recipe.source_path}); {report.checked} preflight checks passed")
+    from moeprune.profile.memory_plan import check_memory_plan
+
+    lines += check_memory_plan(recipe)
     return TaskResult(tuple(lines), data=report)
 
 

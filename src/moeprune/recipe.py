@@ -74,6 +74,36 @@ class ProfileSection(_Section):
     coverage_fraction: float = Field(
         default=0.80, gt=0, le=1, description="Contribution fraction for 'experts needed to reach X%'."
     )
+    replay: Literal["whole", "streamed"] = Field(
+        default="whole",
+        description="Phase 2: 'whole' loads the whole model with device_map; 'streamed' holds one decoder "
+        "layer at a time (read from the shards) plus the hidden states, for models larger than the device.",
+    )
+    generate: Literal["transformers", "llama-server"] = Field(
+        default="transformers",
+        description="Phase 1: greedy continuations with the transformers model, or from generate_gguf "
+        "served by llama-server.",
+    )
+    generate_gguf: str | None = Field(
+        default=None,
+        description="Base-model GGUF (any type) that llama-server generates phase 1 from, relative to the "
+        "recipe file; required when generate = 'llama-server'.",
+    )
+    generate_n_gpu_layers: int = Field(
+        default=0, ge=0, description="Layers llama-server offloads to the GPU for phase 1 (--n-gpu-layers)."
+    )
+    memory_limit_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Memory budget for the profile phases on the chosen device (default: what `invoke check` "
+        "measures: free GPU memory, or available RAM).",
+    )
+
+    @model_validator(mode="after")
+    def _gguf_for_llama_server(self) -> "ProfileSection":
+        if self.generate == "llama-server" and not self.generate_gguf:
+            raise ValueError("generate = 'llama-server' needs generate_gguf: the base-model GGUF to serve")
+        return self
 
 
 Strategy = Literal["uniform-min-retention", "uniform-count", "per-layer-retention"]
@@ -302,6 +332,10 @@ class Recipe(_Section):
         return self.resolve(self.calibration.prompts)
 
     @property
+    def generate_gguf_path(self) -> Path | None:
+        return self.resolve(self.profile.generate_gguf) if self.profile.generate_gguf else None
+
+    @property
     def include_path(self) -> Path | None:
         return self.resolve(self.eval.include_path) if self.eval.include_path else None
 
@@ -367,6 +401,12 @@ def check_recipe_inputs(recipe: Recipe) -> None:
         raise RecipeError(
             f"{where}: field 'calibration.prompts' = {json.dumps(recipe.calibration.prompts)}: "
             f"file not found ({recipe.prompts_path}); create it or fix the path"
+        )
+    gguf = recipe.generate_gguf_path
+    if recipe.profile.generate == "llama-server" and gguf is not None and not gguf.is_file():
+        raise RecipeError(
+            f"{where}: field 'profile.generate_gguf' = {json.dumps(recipe.profile.generate_gguf)}: "
+            f"file not found ({gguf}); convert the base model (invoke convert --which base) and name that file"
         )
     if recipe.include_path is not None and not recipe.include_path.is_dir():
         raise RecipeError(

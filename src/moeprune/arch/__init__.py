@@ -13,9 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from moeprune.arch.base import ArchError, MoeArch
+from moeprune.arch.deepseek import DeepseekV2, DeepseekV3, Glm4Moe
 from moeprune.arch.gemma4 import Gemma4
+from moeprune.arch.gpt_oss import GptOss
+from moeprune.arch.mixtral import Mixtral
+from moeprune.arch.olmoe import Olmoe
+from moeprune.arch.qwen_moe import Qwen2Moe, Qwen3Moe
 
-ADAPTERS: tuple[MoeArch, ...] = (Gemma4(),)
+ADAPTERS: tuple[MoeArch, ...] = (
+    Gemma4(), Qwen3Moe(), Qwen2Moe(), Mixtral(), Olmoe(), DeepseekV3(), Glm4Moe(), DeepseekV2(), GptOss(),
+)
 
 
 def _by_model_type() -> dict[str, MoeArch]:

@@ -467,6 +467,39 @@ class MoeArch:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         return cls(text, layer_index)
 
+    # ---- layer-streamed replay (profile.replay = "streamed", moeprune.profile.streamed) ---------------
+
+    def replay_body_path(self, model: Any) -> str:
+        """Attribute path of the module whose forward the replay calls (the model without its LM head)."""
+        return "model" if getattr(model, "model", None) is not None else ""
+
+    def decoder_layers_path(self, model: Any) -> str:
+        """Attribute path, from ``model``, of :meth:`decoder_layers`."""
+        layers = self.decoder_layers(model)
+        for name, module in model.named_modules():
+            if module is layers:
+                return name
+        raise ArchError(f"{type(model).__name__}: the decoder layers are not a submodule of the model")
+
+    def streamed_unused_modules(self, model: Any) -> tuple[str, ...]:
+        """Attribute paths of modules a text-only forward never runs (multimodal towers, the LM head):
+        streamed replay leaves them unloaded."""
+        body = self.replay_body_path(model)
+        inner = getattr(model, body) if body else model
+        unused = [
+            f"{body}.{name}" if body else name
+            for name, _child in inner.named_children()
+            if any(word in name for word in ("vision", "audio", "video"))
+        ]
+        if getattr(model, "lm_head", None) is not None:
+            unused.append("lm_head")
+        return tuple(unused)
+
+    def checkpoint_tensor_name(self, name: str) -> str:
+        """The on-disk (Hub layout) name of the in-memory parameter or buffer ``name``; identity for
+        families whose checkpoints hold the in-memory layout (the fused-experts families override)."""
+        return name
+
     def layer_tensor_prefix(self, layer_index: int) -> str:
         """On-disk name prefix of decoder layer ``layer_index``'s tensors."""
         return f"{self.layer_prefix}{layer_index}."

@@ -154,7 +154,7 @@ def check_drop_metadata(report: AuditReport, root: Path, seed: SeedDropMap) -> N
                    config_experts,
                    config_experts == kept, f"{target} target_experts")
     if isinstance(top_k, int) and isinstance(kept, int):
-        report.compare("a", "top-k routing fits the kept experts", "config.json: top_k_experts",
+        report.compare("a", "top-k routing fits the kept experts", f"config.json: {arch.top_k_key}",
                        f"<= {kept}", top_k, top_k <= kept)
     # Each layer: keep + drop is a partition of 0..original-1 with target_experts kept.
     bad_layers = []

@@ -243,7 +243,7 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
     card.add("experts.dropped_per_layer", dropped, f"−{dropped}/layer" if dropped is not None else "varies",
              "experts.base - experts.pruned")
     config_experts = arch.num_experts(config)
-    card.add("experts.config", config_experts, str(config_experts), f"config.json: {arch.num_experts_key}")
+    card.add("experts.config", config_experts, str(config_experts), f"config.json: {arch.count_key(config)}")
     card.add("top_k", int(drop_map["top_k"]), str(drop_map["top_k"]), f"{source.drop_map_path.name}: top_k")
 
     # ---- architecture (config.json)
@@ -256,12 +256,13 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
     if dense_key is not None and text.get(dense_key) is not None:
         card.add("arch.dense_intermediate", int(text[dense_key]), fmt_int(text[dense_key]), f"config.json: {dense_key}")
     card.wording.update(family=arch.family, router_sentence=arch.router_sentence,
-                        num_experts_key=arch.num_experts_key)
+                        num_experts_key=arch.count_key(config))
     card.add("arch.vocab", int(text["vocab_size"]), fmt_int(text["vocab_size"]), "config.json: vocab_size")
-    sliding = sum(1 for t in layer_types if t == "sliding_attention")
-    full = sum(1 for t in layer_types if t == "full_attention")
-    card.add("arch.sliding_layers", sliding, str(sliding), "config.json: layer_types")
-    card.add("arch.full_layers", full, str(full), "config.json: layer_types")
+    if layer_types:  # families without per-layer attention types get no attention line
+        sliding = sum(1 for t in layer_types if t == "sliding_attention")
+        full = sum(1 for t in layer_types if t == "full_attention")
+        card.add("arch.sliding_layers", sliding, str(sliding), "config.json: layer_types")
+        card.add("arch.full_layers", full, str(full), "config.json: layer_types")
     card.add("arch.moe_layers", len(drop_map["layers"]), str(len(drop_map["layers"])),
              f"{source.drop_map_path.name}: layers")
 
@@ -318,6 +319,7 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
         card.add("calib.max_new_tokens", int(calibration["max_new_tokens"]), fmt_int(calibration["max_new_tokens"]),
                  "recipe: calibration.max_new_tokens")
         card.facts["thinking"] = bool(calibration.get("enable_thinking", True))
+    _phase1_facts(card, source, profile_cfg)
     card.add("find.share_k", findings["top_share_k"], str(findings["top_share_k"]), "recipe: profile.top_share_k")
     card.add("find.top_share", findings["top_k_share_pooled"], fmt_pct(findings["top_k_share_pooled"], 1), stats_src)
     card.add("find.coverage", coverage, fmt_pct(coverage, 0), "recipe: profile.coverage_fraction")
@@ -357,6 +359,21 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
     # ---- evaluation
     _eval_numbers(card, source, results, recipe)
     return card
+
+
+def _phase1_facts(card: CardNumbers, source: ArtifactSource, profile_cfg: dict[str, Any]) -> None:
+    """Which generator wrote the phase-1 sequences (profile.json's record, else the recipe) and how
+    phase 2 replayed them."""
+    summary_path = source.stats_path.parent / "profile.json"
+    generator = None
+    if summary_path.is_file():
+        generator = json.loads(summary_path.read_text(encoding="utf-8")).get("phase1", {}).get("generator")
+    if generator is None and profile_cfg.get("generate") == "llama-server" and profile_cfg.get("generate_gguf"):
+        generator = {"name": "llama-server", "gguf": Path(profile_cfg["generate_gguf"]).name}
+    if generator and generator.get("name") == "llama-server":
+        card.facts["phase1_gguf"] = generator.get("gguf")
+        card.facts["phase1_gguf_sha256"] = generator.get("gguf_sha256")
+    card.facts["replay_streamed"] = profile_cfg.get("replay") == "streamed"
 
 
 def _score(results: dict[str, Any], model: str, task: str, filter_name: str) -> dict[str, Any] | None:

@@ -191,9 +191,9 @@ def check_drop_map(
         arch_for_config(model_config).check_drop_map(drop_map, model_config, source)
 
 
-def write_drop_map(path: Path, drop_map: dict[str, Any]) -> None:
-    """Check a drop map and write it atomically (sorted keys, indented)."""
-    check_drop_map(drop_map, source=path)
+def write_drop_map(path: Path, drop_map: dict[str, Any], model_config: dict[str, Any] | None = None) -> None:
+    """Check a drop map (against ``model_config`` and its family's constraints if given) and write it atomically."""
+    check_drop_map(drop_map, source=path, model_config=model_config)
     write_json(Path(path), drop_map)
 
 

@@ -92,7 +92,7 @@ def run_dropmap(recipe: Recipe, layout: RunLayout, console: Console | None = Non
         recipe_sha256=sha256_json(recipe.settings()),
         profile_num_tokens=int(stats.num_tokens) if stats.num_tokens is not None else None,
     )
-    write_drop_map(layout.drop_map_path, drop_map)
+    write_drop_map(layout.drop_map_path, drop_map, model_config=config)
     if console is not None:
         print_report(drop_map, console)
         console.print(f"wrote {layout.drop_map_path}")

@@ -73,6 +73,7 @@ def check_gguf(
     gguf_path: Path,
     num_experts: int | None,
     base_model_name: str | None,
+    adapter: Any = None,
 ) -> dict[str, Any]:
     """Check a GGUF against the expected expert count and base model; return what was checked.
 
@@ -107,20 +108,25 @@ json.dump({"arch": arch, "metadata": metadata, "tensors": tensors, "types": type
     if result.returncode != 0:
         raise GGUFCheckError(f"{gguf_path}: not a readable GGUF:\n{result.stderr.strip()[-2000:]}")
     info = json.loads(result.stdout)
-    return verify_gguf_info(info, gguf_path, num_experts, base_model_name)
+    return verify_gguf_info(info, gguf_path, num_experts, base_model_name, adapter)
 
 
 def verify_gguf_info(
-    info: dict[str, Any], gguf_path: Path, num_experts: int | None, base_model_name: str | None
+    info: dict[str, Any], gguf_path: Path, num_experts: int | None, base_model_name: str | None, adapter: Any = None
 ) -> dict[str, Any]:
-    """Pure part of :func:`check_gguf`: compare read-back metadata/shapes with expectations."""
+    """Pure part of :func:`check_gguf`: compare read-back metadata/shapes with expectations.
+
+    ``adapter`` is the checkpoint's family adapter (default: the one named by the GGUF's architecture).
+    """
     arch = info["arch"]
     metadata = info["metadata"]
     tensors: dict[str, list[int]] = info["tensors"]
     problems: list[str] = []
     expert_count = metadata.get(f"{arch}.expert_count")
     expert_tensors = sorted(name for name in tensors if _EXPERT_TENSOR_RE.match(name))
-    adapter = arch_for_gguf(arch)
+    if adapter is not None and arch != adapter.gguf_arch:
+        problems.append(f"general.architecture = {arch!r}, expected {adapter.gguf_arch!r} for {adapter.family}")
+    adapter = arch_for_gguf(arch) if adapter is None else adapter
     required = adapter.gguf_required_tensors if adapter is not None else ()
     scale_tensors = sorted(name for name in tensors if any(re.match(pattern, name) for pattern, _ in required))
     if num_experts is not None:
@@ -179,7 +185,8 @@ def convert_to_gguf(
     if outtype not in OUTTYPES:
         raise MoepruneError(f"quantize.convert_outtype = {outtype!r}: use one of {', '.join(OUTTYPES)}")
     config = read_hf_config(hf_dir)
-    num_experts = arch_for_config(config, hf_dir / "config.json").raw_num_experts(config)
+    adapter = arch_for_config(config, hf_dir / "config.json")
+    num_experts = adapter.raw_num_experts(config)
     base = base_model_of(hf_dir)
     metadata_override = {
         "general.base_models": [{k: v for k, v in base.items() if k != "id"}],
@@ -216,7 +223,7 @@ def convert_to_gguf(
                 + (f"; log: {log_path}" if log_path else "")
                 + f"\n--- last lines ---\n{_tail(output)}"
             )
-        checks = check_gguf(build.root, tmp_out, num_experts, base["name"])
+        checks = check_gguf(build.root, tmp_out, num_experts, base["name"], adapter)
         record = {
             "stage": "convert",
             "converter": str(converter.relative_to(build.root)),

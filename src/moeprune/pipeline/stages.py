@@ -182,7 +182,8 @@ def _with_records(paths: list[Path]) -> list[Path]:
 
 # --- the graph -----------------------------------------------------------------------------------
 def _profile_deps(ctx: Context) -> list[Path]:
-    return [base_dir(ctx), ctx.recipe.prompts_path]
+    gguf = ctx.recipe.generate_gguf_path if ctx.recipe.profile.generate == "llama-server" else None
+    return [base_dir(ctx), ctx.recipe.prompts_path] + ([gguf] if gguf is not None else [])
 
 
 def build_pipeline() -> Pipeline:

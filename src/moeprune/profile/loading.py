@@ -67,6 +67,16 @@ def _model_class(config: Any):
     raise ModelLoadError(f"no transformers model class for config type {type(config).__name__}")
 
 
+def load_config(model_dir: Path) -> Any:
+    """The model's transformers config (no weights)."""
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{model_dir}: cannot read the model's config ({exc})") from None
+
+
 def load_model(model_dir: Path, dtype: str, device_map: str) -> Any:
     """Load the model for inference with accelerate's ``device_map`` (``auto`` spreads over GPUs / offloads)."""
     import torch

@@ -56,6 +56,66 @@ def check_sequence_lengths(
             )
 
 
+@dataclass
+class Batch:
+    """One forward's worth of stored sequences, right-padded to the longest."""
+
+    records: list[dict[str, Any]]
+    input_ids: Any  # torch.long [batch, width]
+    attention_mask: Any  # torch.long [batch, width], 1 = real token
+    token_domain: Any  # torch.long [batch, width], domain index, -1 = padding
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def check_sequences(
+    sequences: Sequence[dict[str, Any]], domains: Sequence[str], context_tokens: int | None, source: Path | str
+) -> None:
+    """Raise SequenceError naming the first sequence with an unknown domain or too many tokens."""
+    known = set(domains)
+    for index, record in enumerate(sequences):
+        if record["domain"] not in known:
+            line = record.get("_line", index + 1)
+            raise SequenceError(f"{source}:{line}: domain '{record['domain']}' is not one of {list(domains)}")
+    check_sequence_lengths(sequences, context_tokens, source)
+
+
+def make_batches(sequences: Sequence[dict[str, Any]], domains: Sequence[str], batch_size: int) -> list[Batch]:
+    """The replay's batches: similar lengths together (less padding), right padding, padding domain -1.
+
+    Both replay modes (whole-model and layer-streamed) run exactly these batches in this order.
+    """
+    import torch
+
+    domain_index = {domain: i for i, domain in enumerate(domains)}
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["input_ids"]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        records = [sequences[i] for i in order[start : start + batch_size]]
+        width = max(len(record["input_ids"]) for record in records)
+        input_ids = torch.zeros((len(records), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(records), width), dtype=torch.long)
+        token_domain = torch.full((len(records), width), -1, dtype=torch.long)
+        for row, record in enumerate(records):
+            ids = record["input_ids"]
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+            token_domain[row, : len(ids)] = domain_index[record["domain"]]
+        batches.append(Batch(records, input_ids, attention_mask, token_domain))
+    return batches
+
+
+def domain_tokens(batches: Sequence[Batch], domains: Sequence[str]) -> dict[str, int]:
+    """Real (non-padding) tokens per domain over the batches."""
+    counts = {domain: 0 for domain in domains}
+    for batch in batches:
+        for record in batch.records:
+            counts[record["domain"]] += len(record["input_ids"])
+    return counts
+
+
 def replay_sequences(
     model: Any,
     sequences: Sequence[dict[str, Any]],
@@ -79,40 +139,22 @@ def replay_sequences(
 
     if context_tokens is None:
         context_tokens = context_length(model)
-    domain_index = {domain: i for i, domain in enumerate(domains)}
-    for index, record in enumerate(sequences):
-        if record["domain"] not in domain_index:
-            line = record.get("_line", index + 1)
-            raise SequenceError(f"{source}:{line}: domain '{record['domain']}' is not one of {list(domains)}")
-    check_sequence_lengths(sequences, context_tokens, source)
+    check_sequences(sequences, domains, context_tokens, source)
 
     device = input_device(model)
     body = _body(model)
-    domain_num_tokens = {domain: 0 for domain in domains}
-    # Similar lengths together: less padding per batch.
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["input_ids"]))
     started = time.perf_counter()
+    batches = make_batches(sequences, domains, batch_size)
     with instrument_moe(model, num_domains=len(domains), capture=capture) as recorder, torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = [sequences[i] for i in order[start : start + batch_size]]
-            width = max(len(record["input_ids"]) for record in batch)
-            input_ids = torch.zeros((len(batch), width), dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            token_domain = torch.full((len(batch), width), -1, dtype=torch.long)
-            for row, record in enumerate(batch):
-                ids = record["input_ids"]
-                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, : len(ids)] = 1
-                token_domain[row, : len(ids)] = domain_index[record["domain"]]
-                domain_num_tokens[record["domain"]] += len(ids)
-            recorder.set_token_domains(token_domain)  # one row = one whole sequence
+        for batch in batches:
+            recorder.set_token_domains(batch.token_domain)  # one row = one whole sequence
             body(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
                 use_cache=False,
             )
             if on_tokens is not None:
-                on_tokens(int(attention_mask.sum()))
+                on_tokens(batch.num_tokens)
         contribution_sum, routed_count, router_prob_sum = recorder.arrays()
         sequence_norm_sum = recorder.sequence_norm_arrays()
     return ReplayResult(
@@ -122,7 +164,7 @@ def replay_sequences(
         routed_count=routed_count,
         router_prob_sum=router_prob_sum,
         sequence_norm_sum=sequence_norm_sum,
-        domain_num_tokens=domain_num_tokens,
+        domain_num_tokens=domain_tokens(batches, domains),
         num_sequences=len(sequences),
         elapsed_s=time.perf_counter() - started,
         recorder=recorder,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,10 @@ from moeprune.profile.generate import (
     template_supports_thinking,
     write_sequences,
 )
+from moeprune.profile.llama_generate import run_llama_server_generation
 from moeprune.profile.loading import (
     context_length,
+    load_config,
     load_model,
     load_tokenizer,
     model_sha256,
@@ -32,6 +35,7 @@ from moeprune.profile.loading import (
 )
 from moeprune.profile.progress import phase_progress
 from moeprune.profile.replay import ReplayResult, replay_sequences
+from moeprune.profile.streamed import StreamInfo, replay_streamed
 from moeprune.profile.stats import ProfileStats, build_stats, save_stats
 from moeprune.recipe import Recipe
 from moeprune.schemas import validate
@@ -78,11 +82,12 @@ def layer_summaries(stats: ProfileStats, share_k: int, coverage_fraction: float,
 def _phase1(
     recipe: Recipe,
     layout: RunLayout,
-    model: Any,
+    get_model: Callable[[], Any],
     model_dir: Path,
     model_hash: str,
     warnings: list[str],
     progress: bool,
+    context_tokens: int | None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     calibration = recipe.calibration
     prompts = load_calibration(recipe.prompts_path, calibration.domains, calibration.prompts_per_domain)
@@ -93,6 +98,22 @@ def _phase1(
         "dtype": recipe.model.dtype,
         "greedy": True,
     }
+    generator: dict[str, Any] = {"name": "transformers", "model_sha256": model_hash, "dtype": recipe.model.dtype}
+    if recipe.profile.generate == "llama-server":
+        gguf = recipe.generate_gguf_path
+        if gguf is None or not gguf.is_file():
+            raise MoepruneError(
+                f"profile.generate_gguf = {recipe.profile.generate_gguf!r}: GGUF not found ({gguf}); convert the "
+                "base model (invoke convert --which base) and name that file"
+            )
+        generator = {
+            "name": "llama-server",
+            "gguf": gguf.name,
+            "gguf_sha256": sha256_file(gguf),
+            "n_gpu_layers": recipe.profile.generate_n_gpu_layers,
+        }
+        # A different generator gives different sequences: it is part of every sequence's key.
+        settings = {**settings, "generator": {k: v for k, v in generator.items() if k != "gguf"}}
     keys = {
         p.id: sequence_key(model_sha256=model_hash, tokenizer_sha256=tokenizer_hash, prompt=p, settings=settings)
         for p in prompts
@@ -113,20 +134,35 @@ def _phase1(
         thinking_supported = template_supports_thinking(tokenizer)
         if calibration.enable_thinking and not thinking_supported:
             _warn(warnings, "the chat template has no 'enable_thinking' switch: prompts were rendered without thinking")
-        with phase_progress("phase 1: generate", len(missing), progress) as advance:
-            records = generate_sequences(
-                model,
-                tokenizer,
-                missing,
-                max_new_tokens=calibration.max_new_tokens,
-                enable_thinking=calibration.enable_thinking,
-                batch_size=calibration.batch_size,
-                keys=keys,
-                context_tokens=context_length(model),
-                prompts_path=recipe.prompts_path,
-                on_batch=advance,
+        with phase_progress(f"phase 1: generate ({generator['name']})", len(missing), progress) as advance:
+            if generator["name"] == "llama-server":
+                records = run_llama_server_generation(
+                    recipe, layout, model_dir, tokenizer, missing,
+                    keys=keys, context_tokens=context_tokens, on_batch=advance,
+                )
+            else:
+                records = generate_sequences(
+                    get_model(),
+                    tokenizer,
+                    missing,
+                    max_new_tokens=calibration.max_new_tokens,
+                    enable_thinking=calibration.enable_thinking,
+                    batch_size=calibration.batch_size,
+                    keys=keys,
+                    context_tokens=context_tokens,
+                    prompts_path=recipe.prompts_path,
+                    on_batch=advance,
+                )
+        # The phase-1 file says, line by line, what produced each sequence.
+        generated = {r["id"]: {**r, "generator": generator} for r in records}
+        odd = [r["id"] for r in records if r.get("canonical") is False]
+        if odd:
+            _warn(
+                warnings,
+                f"{len(odd)} generated sequence(s) ({', '.join(odd[:5])}{', ...' if len(odd) > 5 else ''}) are not "
+                "the HF tokenizer's own tokenization of their text (the model generated them so); phase 2 "
+                "replays the generated ids",
             )
-        generated = {r["id"]: r for r in records}
     sequences = [reused.get(p.id) or generated[p.id] for p in prompts]
     write_sequences(layout.sequences_path, sequences)
     info = {
@@ -134,6 +170,7 @@ def _phase1(
         "reused": len(reused),
         "settings": settings,
         "thinking_supported": thinking_supported,
+        "generator": generator,
         "tokenizer_sha256": tokenizer_hash,
     }
     return sequences, info
@@ -209,22 +246,54 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
     warnings: list[str] = []
     model_dir = resolve_base(recipe).local_dir
     model_hash, model_files = model_sha256(model_dir)
-    model = load_model(model_dir, recipe.model.dtype, recipe.profile.device_map)
+    loaded: dict[str, Any] = {}
+
+    def whole_model() -> Any:
+        """The whole model, loaded on first use (streamed replay with reused sequences never loads it)."""
+        if "model" not in loaded:
+            loaded["model"] = load_model(model_dir, recipe.model.dtype, recipe.profile.device_map)
+        return loaded["model"]
+
+    config = load_config(model_dir)
     layout.profile_dir.mkdir(parents=True, exist_ok=True)
 
-    sequences, phase1 = _phase1(recipe, layout, model, model_dir, model_hash, warnings, progress)
+    sequences, phase1 = _phase1(
+        recipe, layout, whole_model, model_dir, model_hash, warnings, progress, context_length(config)
+    )
 
     total_tokens = sum(len(r["input_ids"]) for r in sequences)
-    with phase_progress("phase 2: replay (tokens)", total_tokens, progress) as advance:
-        replay = replay_sequences(
-            model,
-            sequences,
-            recipe.calibration.domains,
-            batch_size=recipe.calibration.batch_size,
-            context_tokens=context_length(model),
-            source=layout.sequences_path,
-            on_tokens=advance,
-        )
+    if recipe.profile.replay == "streamed":
+        loaded.clear()  # phase 1's whole model (if any) goes before the layers come one by one
+        info = StreamInfo()
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        with phase_progress("phase 2: streamed replay (layer x tokens)", total_tokens * text.num_hidden_layers, progress) as advance:
+            replay = replay_streamed(
+                model_dir,
+                sequences,
+                recipe.calibration.domains,
+                dtype=recipe.model.dtype,
+                device_map=recipe.profile.device_map,
+                batch_size=recipe.calibration.batch_size,
+                context_tokens=context_length(config),
+                source=layout.sequences_path,
+                on_tokens=advance,
+                stream_info=info,
+            )
+        model = info.model  # the meta-device model: config and module structure, no weights
+        config = model.config
+    else:
+        model = whole_model()
+        config = model.config
+        with phase_progress("phase 2: replay (tokens)", total_tokens, progress) as advance:
+            replay = replay_sequences(
+                model,
+                sequences,
+                recipe.calibration.domains,
+                batch_size=recipe.calibration.batch_size,
+                context_tokens=context_length(model),
+                source=layout.sequences_path,
+                on_tokens=advance,
+            )
     stats = build_stats(
         layers=replay.layers,
         domains=replay.domains,
@@ -244,7 +313,7 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
 
     from moeprune.arch import arch_for_model
 
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     moe = {
         "layers": stats.layers,
         "num_experts": stats.num_experts,

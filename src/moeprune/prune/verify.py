@@ -145,7 +145,7 @@ def verify_prune(base_dir: str | Path, pruned_dir: str | Path, drop_map: dict[st
             layer = plan.sliced.get(info.name)
             if layer is None:
                 same = _same_bytes(base, info, pruned, got, report)
-                if out_name != info.name:  # a kept expert's own tensor, renumbered
+                if info.name in (plan.per_expert or {}):  # a kept expert's own tensor, renumbered
                     if same:
                         report.expert_slices_checked += 1
                     else:

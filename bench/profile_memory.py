@@ -1,0 +1,224 @@
+"""Peak memory and time of phase 2: whole-model replay vs layer-streamed replay.
+
+Two models:
+  * ``demo``: the shipped demo MoE (src/moeprune/demo/model), float32, the demo's calibration size;
+  * ``synthetic``: a Gemma-4-26B-A4B-shaped stack of a few layers (hidden 2816, 128 experts of
+    intermediate 704, top-8, dense MLP 2112, 16 heads of 256 / global 512, vocabulary 262144), bf16
+    random weights written once as safetensors shards (one per layer) under --work-dir.
+
+Each mode runs in its own subprocess, so the peaks are separate. The figures, per model and mode:
+  * peak RSS of the subprocess (``ru_maxrss``), and the RSS it had after importing torch and
+    transformers (the interpreter's own baseline); on a GPU (``--device cuda``) the CUDA peak
+    (``torch.cuda.max_memory_allocated``) instead;
+  * time: whole = load the model + replay; streamed = the streamed replay (it reads each layer itself);
+    CPU time of the subprocess (``time.process_time``: on a shared machine it does not count time
+    lost to other processes) and wall time;
+  * for streamed: the largest layer's bytes, the shell's (embeddings) and the hidden states kept
+    between layers, and the acceptance bound ``layer + hidden states + 500 MB``.
+Both modes' statistics are compared too (bit-identical or the max relative difference).
+
+    python bench/profile_memory.py [--models demo,synthetic] [--layers 4] [--sequences 4] [--tokens 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DIR = ROOT / "src" / "moeprune" / "demo" / "model"
+MB = 1e6
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def synthetic_config(num_layers: int):
+    from transformers import Gemma4Config, Gemma4TextConfig
+
+    layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * (num_layers // 6 + 1)
+    text = Gemma4TextConfig(
+        vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=num_layers,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+        num_global_key_value_heads=2, attention_k_eq_v=True,
+        enable_moe_block=True, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+        hidden_size_per_layer_input=0, sliding_window=1024, max_position_embeddings=262144,
+        layer_types=layer_types[:num_layers], final_logit_softcapping=30.0,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )
+    return Gemma4Config(text_config=text, vision_config=None, audio_config=None)
+
+
+def write_synthetic(directory: Path, num_layers: int) -> Path:
+    """Random bf16 weights of the 26B-A4B shapes, one shard per decoder layer (written one at a time)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Gemma4ForConditionalGeneration
+
+    marker = directory / "config.json"
+    if marker.is_file():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    config = synthetic_config(num_layers)
+    with torch.device("meta"):
+        model = Gemma4ForConditionalGeneration(config)
+    names = [n for n in model.state_dict() if not n.startswith("lm_head")]
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        key = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "shell"
+        groups.setdefault(key, []).append(name)
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    shapes = dict(model.state_dict())
+    for index, (key, members) in enumerate(groups.items()):
+        tensors = {}
+        for name in members:
+            shape = shapes[name].shape
+            if name.endswith(("norm.weight", "scale", "layer_scalar")) or "layernorm" in name:
+                value = torch.ones(shape)
+            elif name.endswith("router.proj.weight"):
+                value = torch.randn(shape, generator=generator)  # decisive routing, as trained routers are
+            else:
+                value = torch.randn(shape, generator=generator) * 0.02
+            tensors[name] = value.to(torch.bfloat16).contiguous()
+        shard = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(tensors, str(directory / shard), metadata={"format": "pt"})
+        weight_map.update({name: shard for name in tensors})
+        del tensors
+    index_json = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index_json))
+    config.save_pretrained(directory)
+    return directory
+
+
+def sequences_for(model_dir: Path, count: int, tokens: int) -> list[dict]:
+    vocab = json.loads((model_dir / "config.json").read_text())["text_config"]["vocab_size"]
+    rng = np.random.default_rng(1)
+    lengths = [max(8, int(tokens * f)) for f in np.linspace(0.6, 1.0, count)]
+    return [
+        {"id": f"s{i}", "domain": ["a", "b"][i % 2], "prompt_len": 1,
+         "input_ids": rng.integers(3, min(vocab, 100000), n).tolist()}
+        for i, n in enumerate(lengths)
+    ]
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    import transformers  # noqa: F401  (imported before the baseline is taken)
+    from moeprune.profile.loading import load_model
+    from moeprune.profile.replay import replay_sequences
+    from moeprune.profile.streamed import StreamInfo, replay_streamed
+
+    torch.set_num_threads(args.threads)
+    model_dir = Path(args.model_dir)
+    sequences = sequences_for(model_dir, args.sequences, args.tokens)
+    device = args.device
+    baseline = rss_bytes()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    out: dict = {"mode": args.worker, "baseline_rss": baseline}
+    if args.worker == "whole":
+        model = load_model(model_dir, args.dtype, "cpu" if device == "cpu" else device)
+        out["load_s"] = time.perf_counter() - started
+        result = replay_sequences(model, sequences, ["a", "b"], batch_size=args.batch_size)
+    else:
+        info = StreamInfo()
+        result = replay_streamed(model_dir, sequences, ["a", "b"], dtype=args.dtype, device_map=device,
+                                 batch_size=args.batch_size, stream_info=info)
+        out.update(layer_bytes=info.max_layer_nbytes, shell_bytes=info.shell_nbytes, hidden_bytes=info.hidden_nbytes)
+    out["time_s"] = time.perf_counter() - started
+    out["cpu_s"] = time.process_time() - cpu_started
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device.startswith("cuda"):
+        out["cuda_peak"] = torch.cuda.max_memory_allocated()
+    out["tokens"] = sum(len(s["input_ids"]) for s in sequences)
+    np.savez(args.stats_out, contribution_sum=result.contribution_sum, routed_count=result.routed_count,
+             router_prob_sum=result.router_prob_sum)
+    print("RESULT " + json.dumps(out))
+
+
+def run_mode(mode: str, model_dir: Path, args: argparse.Namespace, stats_out: Path) -> dict:
+    command = [sys.executable, __file__, "--worker", mode, "--model-dir", str(model_dir),
+               "--sequences", str(args.sequences), "--tokens", str(args.tokens), "--dtype", args.dtype_for,
+               "--batch-size", str(args.batch_size), "--device", args.device, "--threads", str(args.threads),
+               "--stats-out", str(stats_out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.exit(f"{mode} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def compare(a: Path, b: Path) -> str:
+    x, y = np.load(a), np.load(b)
+    worst = 0.0
+    for name in x.files:
+        if not np.array_equal(x[name], y[name]):
+            scale = np.abs(x[name]).max(axis=(0, 2), keepdims=True)
+            worst = max(worst, float(np.max(np.abs(x[name] - y[name]) / np.where(scale == 0, 1, scale))))
+    return "bit-identical" if worst == 0 else f"max difference {worst:.2e} of the layer's largest value"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="demo,synthetic")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the synthetic stack")
+    parser.add_argument("--sequences", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=256, help="length of the longest sequence")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    parser.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "moeprune" / "bench"))
+    parser.add_argument("--worker", choices=["whole", "streamed"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--stats-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    peak_key = "cuda_peak" if args.device.startswith("cuda") else "peak_rss"
+    for name in args.models.split(","):
+        if name == "demo":
+            model_dir, args.dtype_for = DEMO_DIR, "float32"
+        else:
+            model_dir, args.dtype_for = write_synthetic(work / f"gemma4-26b-a4b-shaped-{args.layers}l", args.layers), "bfloat16"
+        results = {mode: run_mode(mode, model_dir, args, work / f"{name}-{mode}.npz") for mode in ("whole", "streamed")}
+        whole, streamed = results["whole"], results["streamed"]
+        bound = streamed["layer_bytes"] + streamed["hidden_bytes"] + 500 * MB
+        print(f"== {name} ({model_dir.name}, {args.dtype_for}, {whole['tokens']} tokens, device {args.device})")
+        for mode, r in results.items():
+            load = f", load {r['load_s']:.1f} s" if "load_s" in r else ""
+            print(f"  {mode:9s} peak {r[peak_key] / MB:9.1f} MB (interpreter baseline {r['baseline_rss'] / MB:.1f} MB), "
+                  f"CPU time {r['cpu_s']:.1f} s, wall {r['time_s']:.1f} s{load}")
+        print(f"  streamed: largest layer {streamed['layer_bytes'] / MB:.1f} MB, shell {streamed['shell_bytes'] / MB:.1f} MB, "
+              f"hidden states {streamed['hidden_bytes'] / MB:.1f} MB")
+        print(f"  peak ratio streamed/whole {streamed[peak_key] / whole[peak_key]:.3f}; "
+              f"time ratio streamed/whole {streamed['cpu_s'] / whole['cpu_s']:.3f} (CPU), "
+              f"{streamed['time_s'] / whole['time_s']:.3f} (wall)")
+        print(f"  acceptance bound layer + hidden + 500 MB = {bound / MB:.1f} MB: streamed peak "
+              f"{'within' if streamed[peak_key] <= bound else 'ABOVE'} it "
+              f"(above the interpreter baseline: {(streamed[peak_key] - streamed['baseline_rss']) / MB:.1f} MB)")
+        print(f"  statistics: {compare(work / f'{name}-whole.npz', work / f'{name}-streamed.npz')}")
+
+
+if __name__ == "__main__":
+    main()

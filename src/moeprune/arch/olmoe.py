@@ -1,0 +1,29 @@
+"""OLMoE (``olmoe``): every layer MoE, per-expert Hub layout, softmax then top-k.
+
+``mlp.experts.{i}.{gate,up,down}_proj.weight`` and ``mlp.gate.weight``; the expert width is
+``intermediate_size``; top-k weights are renormalised only when ``norm_topk_prob`` (false in
+OLMoE-1B-7B).
+"""
+
+from __future__ import annotations
+
+from moeprune.arch.base import ROUTER_WEIGHT, SOFTMAX_TOPK, MoeArch, TensorPattern
+from moeprune.arch.families_common import expert_patterns
+
+
+class Olmoe(MoeArch):
+    name = "olmoe"
+    family = "OLMoE"
+    model_types = ("olmoe",)
+    transformers_causal_lm = "OlmoeForCausalLM"
+    num_experts_key = "num_experts"
+    num_experts_aliases = ("num_local_experts",)
+    top_k_key = "num_experts_per_tok"
+    expert_intermediate_key = "intermediate_size"
+    dense_intermediate_key = None
+    expert_patterns = expert_patterns("mlp", ("gate_proj", "up_proj", "down_proj")) + (
+        TensorPattern(r"mlp\.gate\.weight", ROUTER_WEIGHT, "mlp.gate.weight"),
+    )
+    routing = SOFTMAX_TOPK
+    decoder_layer_class = "OlmoeDecoderLayer"
+    gguf_arch = "olmoe"

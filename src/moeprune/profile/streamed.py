@@ -1,0 +1,475 @@
+"""Phase 2, layer-streamed: the replay with one decoder layer in memory at a time.
+
+The whole-model replay (:mod:`moeprune.profile.replay`) needs every weight of the model on the
+device. Each decoder layer's input is the previous layer's output, so the same statistics can be
+measured holding one layer at a time plus the hidden states of every calibration sequence:
+
+1. The model is built on the ``meta`` device from its config with its own transformers class
+   (nothing is allocated). Only the modules a text forward needs outside the decoder layers (the
+   "shell": embeddings, rotary tables, final norm, per-layer-input embeddings) are materialised
+   from the checkpoint.
+2. **Embed once.** For each replay batch (exactly :func:`~moeprune.profile.replay.make_batches`,
+   the whole-model replay's batches), the body's own ``forward`` runs with every decoder layer
+   replaced by a recorder that keeps the arguments the model passes to that layer (the hidden
+   states entering layer 0, attention masks per layer type, rotary position embeddings,
+   per-layer inputs, KV-sharing state, ...) and returns its input unchanged. So masks, padding,
+   sliding windows and rotary come from transformers' code, not from ours. The shell is freed.
+3. **For each decoder layer in order:** read only its tensors through the lazy checkpoint reader
+   (:class:`moeprune.io.checkpoint.Checkpoint`), put them into that layer's module, run every
+   batch's hidden states through it under the profiler's instrumentation (the same
+   :class:`~moeprune.profile.hooks.ContributionRecorder` the whole-model replay feeds, with the
+   same per-batch token domains), keep the outputs as the next layer's inputs, and free the layer.
+
+Every tensor op is the one the whole-model forward performs on the same inputs, and each
+layer's accumulators receive the batches in the same order, so on the same device the
+statistics are bit-identical to the whole-model replay's (the tests check it).
+
+Non-persistent buffers (rotary inverse frequencies, embedding scales) are not in checkpoints;
+they are filled by the model's own ``_init_weights``, as ``from_pretrained`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeprune.errors import MoepruneError
+from moeprune.io.checkpoint import Checkpoint, TensorInfo
+from moeprune.profile.hooks import ContributionRecorder, instrument_moe
+from moeprune.profile.replay import (
+    ReplayResult,
+    check_sequences,
+    domain_tokens,
+    make_batches,
+)
+
+
+class StreamedReplayError(MoepruneError):
+    """The model cannot be replayed layer by layer (or its checkpoint does not match its class)."""
+
+
+# safetensors dtype strings -> torch dtypes
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+# --- where things are in a model --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """Where the streamed replay finds its parts in a loaded model (attribute paths from the model).
+
+    ``body``: the module whose forward the whole-model replay calls (no LM head);
+    ``layers``: the decoder layers' ``ModuleList``; ``unused``: modules a text-only forward never
+    touches (vision / audio towers, the LM head): left on ``meta``; ``checkpoint_name``: the
+    checkpoint tensor name of an in-memory parameter or buffer name.
+    """
+
+    body: str
+    layers: str
+    unused: tuple[str, ...] = ()
+    checkpoint_name: Callable[[str], str] = lambda name: name
+
+
+def _get(root: torch.nn.Module, path: str) -> Any:
+    module: Any = root
+    for part in [p for p in path.split(".") if p]:
+        module = getattr(module, part)
+    return module
+
+
+def find_stream_layout(model: torch.nn.Module) -> StreamLayout:
+    """The layout of ``model``, as its family adapter (:mod:`moeprune.arch`) gives it.
+
+    Raises StreamedReplayError for a model no adapter supports.
+    """
+    from moeprune.arch import ArchError, arch_for_model
+
+    try:
+        arch = arch_for_model(model)
+        return StreamLayout(
+            body=arch.replay_body_path(model),
+            layers=arch.decoder_layers_path(model),
+            unused=arch.streamed_unused_modules(model),
+            checkpoint_name=arch.checkpoint_tensor_name,
+        )
+    except ArchError as exc:
+        raise StreamedReplayError(f"streamed replay: {exc}; use profile.replay = \"whole\"") from None
+
+
+# --- building modules from the checkpoint -----------------------------------------------------
+
+
+def read_tensor_into(checkpoint: Checkpoint, info: TensorInfo, target: torch.Tensor) -> None:
+    """Fill ``target`` with the checkpoint tensor ``info`` (cast to target's dtype and device,
+    exactly as ``tensor.to(dtype)``). Raises StreamedReplayError on a dtype or shape mismatch."""
+    dtype = _DTYPES.get(info.dtype)
+    if dtype is None:
+        raise StreamedReplayError(f"{info.shard}: tensor '{info.name}' has dtype {info.dtype}, which streamed replay cannot read")
+    if tuple(target.shape) != tuple(info.shape):
+        raise StreamedReplayError(
+            f"{info.shard}: tensor '{info.name}' has shape {list(info.shape)}, the model's class expects "
+            f"{list(target.shape)}; the checkpoint does not match its config.json"
+        )
+    direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
+    buffer = target if direct else torch.empty(info.shape, dtype=dtype)
+    view = memoryview(buffer.reshape(-1).view(torch.uint8).numpy())
+    if view.nbytes != info.nbytes:
+        raise StreamedReplayError(f"{info.shard}: tensor '{info.name}' holds {info.nbytes} bytes, expected {view.nbytes}")
+    fd = checkpoint.fd(info.shard)
+    done = 0
+    while done < info.nbytes:
+        read = os.preadv(fd, [view[done:]], info.data_offset + done)
+        if read <= 0:
+            raise StreamedReplayError(f"{info.shard}: file ended early while reading '{info.name}'")
+        done += read
+    if not direct:
+        target.copy_(buffer)
+
+
+def _slots(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str, bool, bool]]:
+    """(full name, owner module, attribute, is_parameter, persistent) of every tensor slot under ``module``."""
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        for attr, param in owner._parameters.items():
+            if param is not None:
+                yield (f"{prefix}.{attr}" if prefix else attr), owner, attr, True, True
+        for attr, buffer in owner._buffers.items():
+            if buffer is not None:
+                persistent = attr not in owner._non_persistent_buffers_set
+                yield (f"{prefix}.{attr}" if prefix else attr), owner, attr, False, persistent
+
+
+def _init_owner(model: torch.nn.Module, path: str) -> Any:
+    """The nearest transformers PreTrainedModel at or above ``path`` (its ``_init_weights`` applies)."""
+    from transformers import PreTrainedModel
+
+    owner: Any = model
+    module: Any = model
+    for part in [p for p in path.split(".") if p]:
+        module = getattr(module, part)
+        if isinstance(module, PreTrainedModel):
+            owner = module
+    return owner
+
+
+@dataclass
+class _Built:
+    """Tensor slots materialised for one module tree (so they can be sent back to ``meta``)."""
+
+    slots: list[tuple[torch.nn.Module, str, bool]] = field(default_factory=list)
+    nbytes: int = 0
+
+    def release(self) -> None:
+        for owner, attr, is_param in self.slots:
+            if is_param:
+                old = owner._parameters[attr]
+                owner._parameters[attr] = torch.nn.Parameter(torch.empty_like(old, device="meta"), requires_grad=False)
+            else:
+                owner._buffers[attr] = torch.empty_like(owner._buffers[attr], device="meta")
+        self.slots.clear()
+        self.nbytes = 0
+
+
+def materialize(
+    model: torch.nn.Module,
+    path: str,
+    checkpoint: Checkpoint,
+    layout: StreamLayout,
+    device: torch.device,
+    skip: Sequence[str] = (),
+) -> _Built:
+    """Give every tensor under module ``path`` of the meta-built ``model`` its value on ``device``:
+    persistent ones from the checkpoint, non-persistent buffers from the model's own init.
+
+    Modules under any path in ``skip`` stay on ``meta``. Raises StreamedReplayError naming a
+    tensor the checkpoint lacks.
+    """
+    from transformers import initialization
+
+    module = _get(model, path)
+    built = _Built()
+    init_modules: list[str] = []
+    skip_prefixes = tuple(s + "." for s in skip)
+    for relative, owner, attr, is_param, persistent in list(_slots(module)):
+        full = f"{path}.{relative}" if path else relative
+        if full.startswith(skip_prefixes):
+            continue
+        old = owner._parameters[attr] if is_param else owner._buffers[attr]
+        if old.device.type != "meta":
+            continue  # tied to an already materialised tensor
+        new = torch.empty_like(old, device=device)
+        if persistent:
+            name = layout.checkpoint_name(full)
+            if name not in checkpoint:
+                raise StreamedReplayError(
+                    f"{checkpoint.directory}: no tensor '{name}' for {type(owner).__name__}.{attr}; the checkpoint "
+                    "does not match the model class of its config.json (or its layout needs a family adapter)"
+                )
+            read_tensor_into(checkpoint, checkpoint[name], new)
+            new._is_hf_initialized = True
+        else:
+            owner_path = full.rsplit(".", 1)[0]
+            if owner_path not in init_modules:
+                init_modules.append(owner_path)
+        if is_param:
+            owner._parameters[attr] = torch.nn.Parameter(new, requires_grad=False)
+            owner._parameters[attr]._is_hf_initialized = bool(persistent)
+        else:
+            owner._buffers[attr] = new
+        built.slots.append((owner, attr, is_param))
+        built.nbytes += new.numel() * new.element_size()
+    if init_modules:
+        with torch.no_grad(), initialization.guard_torch_init_functions():
+            for owner_path in init_modules:
+                _init_owner(model, owner_path)._init_weights(_get(model, owner_path))
+    return built
+
+
+def meta_model(model_dir: Path, dtype: str) -> torch.nn.Module:
+    """The model of ``model_dir`` built from its config with its own transformers class, on ``meta``."""
+    import transformers
+
+    from moeprune.profile.loading import ModelLoadError, _model_class
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+        cls = _model_class(config)
+        with torch.device("meta"):
+            if hasattr(cls, "_from_config"):
+                model = cls._from_config(config, dtype=getattr(torch, dtype))
+            else:
+                model = cls.from_config(config, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{model_dir}: cannot build the model from its config ({exc})") from None
+    return model.eval()
+
+
+# --- capturing each layer's inputs ------------------------------------------------------------
+
+
+class _LayerInputs(torch.nn.Module):
+    """Stands in for decoder layer ``index`` during the embedding pass: records the arguments the
+    model passes and returns the hidden states unchanged. Attribute reads the model's forward makes
+    on the layer (e.g. ``attention_type``) are answered by the real layer."""
+
+    def __init__(self, index: int, layer: torch.nn.Module, sink: _Capture) -> None:
+        super().__init__()
+        self.index = index
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_sink", sink)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._sink.record(self.index, hidden_states, args, kwargs)
+        return hidden_states
+
+
+@dataclass
+class _Capture:
+    """What one batch's embedding pass recorded: the hidden states entering layer 0 and, per layer,
+    the other arguments of its call."""
+
+    num_layers: int
+    hidden: torch.Tensor | None = None
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+    _last: torch.Tensor | None = None
+
+    def record(self, index: int, hidden_states: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if index != len(self.calls):
+            raise StreamedReplayError(
+                f"decoder layer {index} was called out of order (after {len(self.calls)} layers): streamed "
+                "replay needs the layers to run once each, in order; use profile.replay = \"whole\""
+            )
+        if index == 0:
+            self.hidden = hidden_states
+        elif not _same_tensor(hidden_states, self._last):
+            raise StreamedReplayError(
+                f"the model changes the hidden states between decoder layers {index - 1} and {index}: streamed "
+                "replay cannot reproduce that; use profile.replay = \"whole\""
+            )
+        self._last = hidden_states
+        self.calls.append((args, kwargs))
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return b is not None and (
+        a is b
+        or (a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr() and a.dtype == b.dtype)
+    )
+
+
+def _embed_batches(
+    model: torch.nn.Module, layout: StreamLayout, batches: Sequence[Any], device: torch.device
+) -> list[_Capture]:
+    """Run the body's forward for each batch with recorders instead of decoder layers."""
+    layers = _get(model, layout.layers)
+    body = _get(model, layout.body)
+    captures = []
+    originals = list(layers)
+    try:
+        for batch in batches:
+            capture = _Capture(num_layers=len(originals))
+            for index, layer in enumerate(originals):
+                layers[index] = _LayerInputs(index, layer, capture)
+            body(
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                use_cache=False,
+            )
+            if len(capture.calls) != len(originals) or capture.hidden is None:
+                raise StreamedReplayError(
+                    f"the body's forward called {len(capture.calls)} of {len(originals)} decoder layers; "
+                    "use profile.replay = \"whole\""
+                )
+            if capture.hidden.device.type == "meta":
+                raise StreamedReplayError("the embedding pass produced meta tensors: a module it needs was not loaded")
+            capture._last = None
+            captures.append(capture)
+    finally:
+        for index, layer in enumerate(originals):
+            layers[index] = layer
+    return captures
+
+
+# --- the replay -------------------------------------------------------------------------------
+
+
+def stream_device(device_map: str) -> torch.device:
+    """The one device streamed replay runs on: ``auto`` = the first GPU if any, else the CPU."""
+    if device_map == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise StreamedReplayError(
+            f"profile.device_map = '{device_map}': streamed replay runs on one device; use 'auto', 'cpu' or 'cuda:N'"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StreamedReplayError(f"profile.device_map = '{device_map}': no CUDA device is available")
+    return device
+
+
+@dataclass
+class StreamInfo:
+    """What a streamed replay measured about itself: bytes of the shell (embeddings etc.), of the
+    largest decoder layer and of the hidden states kept between layers; and the model's config."""
+
+    shell_nbytes: int = 0
+    max_layer_nbytes: int = 0
+    hidden_nbytes: int = 0
+    model: Any = None  # the model on the meta device (config, module structure)
+
+
+def replay_streamed(
+    model_dir: Path,
+    sequences: Sequence[dict[str, Any]],
+    domains: Sequence[str],
+    *,
+    dtype: str = "float32",
+    device_map: str = "cpu",
+    batch_size: int = 1,
+    context_tokens: int | None = None,
+    source: Path | str = "sequences",
+    on_tokens: Callable[[int], None] | None = None,
+    capture: bool = False,
+    layout: StreamLayout | None = None,
+    stream_info: StreamInfo | None = None,
+) -> ReplayResult:
+    """The replay of :func:`moeprune.profile.replay.replay_sequences`, one decoder layer at a time.
+
+    ``model_dir`` is the checkpoint directory (safetensors), loaded in ``dtype`` on the device of
+    ``device_map``. ``on_tokens(n)`` is called after each (layer, batch) with the batch's real
+    tokens, so the total is ``num_layers * tokens``. Returns the same statistics as the
+    whole-model replay.
+    """
+    from moeprune.profile.loading import context_length
+
+    device = stream_device(device_map)
+    model = meta_model(model_dir, dtype)
+    if context_tokens is None:
+        context_tokens = context_length(model.config)
+    check_sequences(sequences, domains, context_tokens, source)
+    layout = layout or find_stream_layout(model)
+    stats = stream_info if stream_info is not None else StreamInfo()
+    stats.model = model
+    batches = make_batches(sequences, domains, batch_size)
+    started = time.perf_counter()
+    layers = list(_get(model, layout.layers))
+    with Checkpoint.open(model_dir) as checkpoint, torch.inference_mode():
+        shell = materialize(model, layout.body, checkpoint, layout, device, skip=(layout.layers, *layout.unused))
+        stats.shell_nbytes = shell.nbytes
+        captures = _embed_batches(model, layout, batches, device)
+        shell.release()
+        hidden = [c.hidden for c in captures]
+        stats.hidden_nbytes = sum(h.numel() * h.element_size() for h in hidden)
+        with instrument_moe(model, num_domains=len(domains), capture=capture) as recorder:
+            for index, layer in enumerate(layers):
+                built = materialize(model, f"{layout.layers}.{index}", checkpoint, layout, device)
+                stats.max_layer_nbytes = max(stats.max_layer_nbytes, built.nbytes)
+                for position, (batch, batch_capture) in enumerate(zip(batches, captures)):
+                    args, kwargs = batch_capture.calls[index]
+                    recorder.set_token_domains(batch.token_domain)
+                    output = layer(hidden[position], *args, **kwargs)
+                    if not isinstance(output, torch.Tensor):
+                        raise StreamedReplayError(
+                            f"decoder layer {index} returned {type(output).__name__}, not the hidden states tensor; "
+                            "use profile.replay = \"whole\""
+                        )
+                    hidden[position] = output
+                    if on_tokens is not None:
+                        on_tokens(batch.num_tokens)
+                built.release()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            arrays = recorder.arrays()
+            extra = _extra_statistics(recorder)
+    del captures, hidden
+    contribution_sum, routed_count, router_prob_sum = arrays
+    return ReplayResult(
+        layers=[layer.layer_index for layer in recorder.layers],
+        domains=list(domains),
+        contribution_sum=contribution_sum,
+        routed_count=routed_count,
+        router_prob_sum=router_prob_sum,
+        domain_num_tokens=domain_tokens(batches, domains),
+        num_sequences=len(sequences),
+        elapsed_s=time.perf_counter() - started,
+        recorder=recorder,
+        **extra,
+    )
+
+
+def _extra_statistics(recorder: ContributionRecorder) -> dict[str, Any]:
+    """Statistics the recorder offers beyond the three base arrays, for the ReplayResult fields that
+    take them (e.g. the seed's per-sequence ``sequence_norm_sum``)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(ReplayResult)}
+    extra: dict[str, Any] = {}
+    if "sequence_norm_sum" in fields and hasattr(recorder, "sequence_norm_arrays"):
+        extra["sequence_norm_sum"] = recorder.sequence_norm_arrays()
+    return extra
