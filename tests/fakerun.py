@@ -126,27 +126,48 @@ def write_stats(layout: RunLayout, seed: int = 0, layers: list[int] | None = Non
     save_stats(stats, layout.profile_stats_path)
 
 
+def demo_task_config() -> dict:
+    """The demo task's definition, as lm-eval records it in lm_eval_results.json's configs."""
+    from moeprune.eval.rescore import reference_task_config
+
+    return reference_task_config(TASK)
+
+
 def _records(model: str, n: int, correct: np.ndarray, rng: np.random.Generator) -> list[dict]:
-    records = []
+    """lm-eval-shaped records whose filtered answers and scores come from the task's own filters."""
+    from moeprune.eval.rescore import _filters, _metrics, _score, apply_filter_batch
+
+    config = demo_task_config()
+    ensembles, metrics = _filters(config), _metrics(config)
+    texts, docs = [], []
     for doc_id in range(n):
         target = LETTERS[doc_id % 4]
         if correct[doc_id]:
             answer = f"({target})"
         elif doc_id % 7 == 3:
-            answer = "[invalid]"
+            answer = None
         else:
             answer = f"({LETTERS[(doc_id + 1 + rng.integers(0, 3)) % 4]})"
-        text = f"Let me think. {'x' * int(rng.integers(10, 400))} The answer is {answer}"
-        doc = {"question": f"question {doc_id}", "answer": target}
-        for filter_name, filtered in (("strict-match", "[invalid]"), ("flexible-extract", answer)):
-            records.append({
-                "doc_id": doc_id, "doc": doc, "target": f"({target})", "arguments": [[f"q{doc_id}", {}]],
+        thought = f"Let me think. {'x' * int(rng.integers(10, 400))}"
+        texts.append(f"{thought} The answer is {answer}." if answer else f"{thought} I cannot decide")
+        docs.append({"question": f"question {doc_id}", "choices": [f"option {c.lower()}{doc_id}" for c in LETTERS],
+                     "answer": f"({target})"})
+    extracted = {name: apply_filter_batch(e, [[t] for t in texts], docs) for name, e in ensembles.items()}
+    records = []
+    for doc_id, (text, doc) in enumerate(zip(texts, docs)):
+        for filter_name in ensembles:
+            filtered = extracted[filter_name][doc_id]
+            record = {
+                "doc_id": doc_id, "doc": doc, "target": doc["answer"], "arguments": [[f"q{doc_id}", {}]],
                 "resps": [[text]], "filtered_resps": [filtered], "filter": filter_name,
-                "metrics": ["exact_match"], "exact_match": float(filtered == f"({target})"),
+                "metrics": list(metrics),
                 "doc_hash": hashlib.sha256(json.dumps(doc).encode()).hexdigest(),
                 "prompt_hash": hashlib.sha256(f"q{doc_id}".encode()).hexdigest(),
-                "target_hash": hashlib.sha256(target.encode()).hexdigest(),
-            })
+                "target_hash": hashlib.sha256(doc["answer"].encode()).hexdigest(),
+            }
+            for name, (fn, kwargs) in metrics.items():
+                record[name] = _score(fn, kwargs, name, doc["answer"], filtered)
+            records.append(record)
     return records
 
 
@@ -179,6 +200,8 @@ def write_eval(recipe: Recipe, layout: RunLayout, n: int = 40, seed: int = 0) ->
                                           for f, ms in scores.items()}}},
         }
         (model_dir / "run.json").write_text(json.dumps(record, indent=2))
+        (model_dir / "lm_eval_results.json").write_text(
+            json.dumps({"configs": {TASK: demo_task_config()}}, indent=2, sort_keys=True, default=str))
     write_results(layout.eval_dir)
 
 

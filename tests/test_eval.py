@@ -21,7 +21,7 @@ import pytest
 from moeprune.errors import MoepruneError
 from moeprune.eval import analysis, stats
 from moeprune.eval.results import check_results, recompute_results
-from moeprune.eval.run import EvalError, check_hub_access, reported_scores, run_eval
+from moeprune.eval.run import EvalError, check_hub_access, partial_log_path, reported_scores, run_eval
 from moeprune.eval.samples import read_sample_log, write_sample_log
 from moeprune.layout import RunLayout
 from moeprune.recipe import parse_recipe
@@ -421,6 +421,8 @@ def test_run_eval_scores_both_models_and_recomputes_exactly(eval_setup):
     log = layout.eval_dir / "base" / "samples_tiny_mcq.jsonl"
     assert len(read_sample_log(log)) == 2 * QUESTIONS  # one record per (question, filter)
     assert not (layout.eval_dir / "base" / "samples.partial.jsonl").exists()
+    assert not partial_log_path(layout, "base").exists()
+    assert not list(layout.eval_dir.glob(".*.tmp-*")), "no staging directory left behind"
     responses = [json.loads(line) for line in (layout.eval_dir / "base" / "responses.jsonl").read_text().splitlines()]
     assert sorted(r["doc_ids"][0] for r in responses) == list(range(QUESTIONS))
     assert {(r["finish_reason"], r["reasoning_chars"]) for r in responses} == {("stop", len("thinking " * 3))}
@@ -454,14 +456,54 @@ def test_server_dying_mid_eval_keeps_partial_log_and_writes_no_results(eval_setu
         _run(tmp_path, layout, ggufs, servers, num_concurrent=1)
     message = str(caught.value)
     assert "'pruned'" in message and "exited with code 1" in message
-    partial = layout.eval_dir / "pruned" / "samples.partial.jsonl"
+    partial = partial_log_path(layout, "pruned")
     assert str(partial) in message
     lines = [json.loads(line) for line in partial.read_text().splitlines()]
     assert len(lines) == 5
     assert all(line["task"] == "tiny_mcq" and line["response"] for line in lines)
     assert not layout.results_path.exists()
+    # eval/ is replaced only when every model completed: nothing of this failed run is in it.
     assert not (layout.eval_dir / "pruned" / "run.json").exists()
-    assert (layout.eval_dir / "base" / "run.json").exists()  # base completed before
+    assert not (layout.eval_dir / "base" / "run.json").exists()
+    assert not list(layout.eval_dir.glob(".*.tmp-*")) if layout.eval_dir.exists() else True
+
+
+def _tree_bytes(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_failed_eval_keeps_previous_results_and_logs(eval_setup):
+    """Issue 15: a failed `invoke eval` must not delete the finished eval/results.json."""
+    tmp_path, layout, ggufs = eval_setup
+    _run(tmp_path, layout, ggufs, FakeServers(tmp_path))
+    before = _tree_bytes(layout.eval_dir)
+    assert "results.json" in before and "base/run.json" in before
+
+    # Fault 1: the server dies mid-eval of the second model.
+    servers = FakeServers(tmp_path, extra_args={"pruned": ["--die-after", "3"]})
+    with pytest.raises(EvalError, match="'pruned'.*exited with code 1") as caught:
+        _run(tmp_path, layout, ggufs, servers, num_concurrent=1)
+    assert "Traceback" not in str(caught.value)
+    assert _tree_bytes(layout.eval_dir) == before, "eval/ changed although the eval failed"
+    assert partial_log_path(layout, "pruned").is_file()
+
+    # Fault 2: the server never starts (before any request).
+    class NoServer:
+        def __call__(self, model, gguf_path, log_path):
+            raise EvalError(f"llama-server for '{model}' did not start; log: {log_path}")
+
+    with pytest.raises(EvalError, match="did not start"):
+        run_eval(_recipe(tmp_path), layout, gguf_paths=ggufs, server_factory=NoServer(),
+                 build_record={"key": "fake-build"})
+    assert _tree_bytes(layout.eval_dir) == before
+    assert not list(layout.eval_dir.glob(".*.tmp-*"))
+
+    # The previous results still verify against their logs, and a rerun recovers.
+    assert check_results(layout.eval_dir) == []
+    _run(tmp_path, layout, ggufs, FakeServers(tmp_path))
+    after = _tree_bytes(layout.eval_dir)
+    assert after["results.json"] == before["results.json"]  # (responses.jsonl is in arrival order)
+    assert sorted(after) == sorted(before)
 
 
 def test_request_timeout_is_a_clear_error(eval_setup):
@@ -469,7 +511,7 @@ def test_request_timeout_is_a_clear_error(eval_setup):
     servers = FakeServers(tmp_path, extra_args={"base": ["--slow", "[q03]", "--slow-s", "20"]})
     with pytest.raises(EvalError, match=r"timed out \(eval.request_timeout_s = 1 s, tried eval.max_retries = 1"):
         _run(tmp_path, layout, ggufs, servers, request_timeout_s=1, max_retries=1, models=["base"])
-    partial = layout.eval_dir / "base" / "samples.partial.jsonl"
+    partial = partial_log_path(layout, "base")
     assert partial.exists()
     assert not layout.results_path.exists()
 
@@ -627,7 +669,7 @@ def test_demo_server_killed_mid_eval(demo_ggufs, tmp_path):
     recipe = _demo_recipe(num_concurrent=1, max_retries=1)
     build = ensure_llamacpp(recipe.llamacpp)
     layout = RunLayout(tmp_path / "demo")
-    partial = layout.eval_dir / "base" / "samples.partial.jsonl"
+    partial = partial_log_path(layout, "base")
 
     @contextlib.contextmanager
     def killing_factory(model, gguf_path, log_path):

@@ -168,3 +168,34 @@ def test_lock_records_deps_params_and_outs(ctx):
     assert set(entry) >= {"cmd", "deps", "params", "outs", "code", "tools"}
     assert list(entry["deps"]) == ["a.txt"] and list(entry["outs"]) == ["b.txt"]
     assert len(entry["outs"]["b.txt"]["sha256"]) == 64
+
+
+def test_failed_rerun_keeps_previous_outputs_and_lock_entry(ctx):
+    """Issue 15: outputs and lock entries are replaced only on success."""
+    calls: list[str] = []
+    toy_pipeline(calls).run(ctx)
+    lock_before = ctx.layout.lock_path.read_bytes()
+    b_before = (ctx.layout.root / "b.txt").read_bytes()
+    with pytest.raises(Boom):
+        toy_pipeline(calls, fail_in={"b"}).run(ctx, force=True, from_stage="b")
+    assert (ctx.layout.root / "b.txt").read_bytes() == b_before
+    assert ctx.layout.lock_path.read_bytes() == lock_before
+    calls.clear()
+    again = toy_pipeline(calls).run(ctx)
+    assert statuses(again) == {"a": "skipped", "b": "skipped", "c": "skipped"} and calls == []
+
+
+def test_lock_names_no_absolute_path_and_survives_a_move(ctx, tmp_path):
+    import shutil
+
+    calls: list[str] = []
+    toy_pipeline(calls).run(ctx)
+    text = ctx.layout.lock_path.read_text() + (ctx.layout.root / ".hashcache.json").read_text()
+    assert str(tmp_path) not in text and '"/' not in text
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copytree(ctx.layout.root, moved / "run")
+    shutil.copy2(tmp_path / "input.txt", moved / "input.txt")
+    calls.clear()
+    results = toy_pipeline(calls).run(Context(recipe=ctx.recipe, layout=RunLayout(moved / "run")))
+    assert statuses(results) == {"a": "skipped", "b": "skipped", "c": "skipped"} and calls == []

@@ -87,11 +87,21 @@ def test_manifest_lists_every_file_sorted_with_hashes(tmp_path):
 
 def test_dry_run_lists_files_and_sizes_without_network(tmp_path):
     layout = make_run(tmp_path)
+    before = _snapshot(layout.root)
     report = publish_minimal(layout, "me/tiny", "me/tiny-GGUF", dry_run=True, endpoint="http://127.0.0.1:9")
     kinds = {r.kind: r for r in report.repos}
     assert ("pruned-Q4_K_M.gguf", 2000) in kinds["gguf"].files
-    assert ("manifest.json", layout.manifest_path.stat().st_size) in kinds["model"].files
+    assert "manifest.json" in dict(kinds["model"].files)  # rendered in a temporary copy
     assert all(r.commit_oid is None for r in report.repos)
+    # Issue 15: a dry run touches nothing (no manifest written, no card re-rendered).
+    assert _snapshot(layout.root) == before
+    assert not layout.manifest_path.exists()
+
+
+def _snapshot(root):
+    """{relative path: (bytes, mtime_ns)} of every file below root, links included."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.lstat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file() or p.is_symlink()}
 
 
 def test_publish_one_commit_per_repo_and_read_back(tmp_path):

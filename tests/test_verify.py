@@ -194,6 +194,19 @@ def test_invoke_verify_exit_code(fake_run, run_copy, repo_root):
 def test_invoke_publish_dry_run_lists_files_with_sizes(fake_run, repo_root, tmp_path):
     env = {**os.environ, "MOEPRUNE_RUNS_DIR": str(fake_run.layout.root.parent), "COLUMNS": "200"}
     env.pop("HF_TOKEN", None)
+    root = fake_run.layout.root
+    before = {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+              for p in sorted(root.rglob("*")) if p.is_file()}
+    result = subprocess.run(
+        [sys.executable, "-m", "invoke", "publish", "--recipe", str(fake_run.recipe.source_path), "--dry-run",
+         "--repo-id", "someone-else/other-name"],
+        cwd=repo_root, capture_output=True, text=True, env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "would upload to someone-else/other-name (model)" in result.stdout
+    after = {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+             for p in sorted(root.rglob("*")) if p.is_file()}
+    assert after == before, "publish --dry-run changed the run (card re-rendered or manifest rewritten)"
     result = subprocess.run(
         [sys.executable, "-m", "invoke", "publish", "--recipe", str(fake_run.recipe.source_path), "--dry-run"],
         cwd=repo_root, capture_output=True, text=True, env=env,

@@ -35,6 +35,14 @@ MANIFEST_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REPOS = ("model", "gguf")
 GGUF_CARD_DIR = "gguf"  # card/gguf/README.md is the GGUF repo's README.md
+# repo path -> schema name of the JSON artifacts (validated by publish, checked by verify)
+SCHEMA_OF: dict[str, str] = {
+    "expert_drop_metadata.json": "drop_map",
+    "profile/profile.json": "profile",
+    "eval/results.json": "results",
+    "card_numbers.json": "card_numbers",
+    MANIFEST_NAME: "manifest",
+}
 
 # Names inside pruned/ and card/ that are scratch, never published.
 _SKIP_NAMES = {".DS_Store"}

@@ -19,29 +19,20 @@ redacted from every message this module raises.
 from __future__ import annotations
 
 import hashlib
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moeprune.errors import MoepruneError
+from moeprune.hub import DEFAULT_ENDPOINT, redact, resolve_endpoint, resolve_token
 from moeprune.layout import RunLayout
-from moeprune.manifest import MANIFEST_NAME, ArtifactFile, artifact_files, write_manifest
+from moeprune.manifest import MANIFEST_NAME, SCHEMA_OF, ArtifactFile, artifact_files, write_manifest
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
+__all__ = ["DEFAULT_ENDPOINT", "SCHEMA_OF", "PublishError", "PublishReport", "RepoReport", "publish", "redact",
+           "resolve_token", "verify_remote"]
+
 # Files every Hub repo starts with; never deleted as "stale".
 _KEEP_REMOTE = {".gitattributes"}
-_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{8,}")
-
-# repo path (or suffix) -> schema name, for JSON artifacts validated before publishing
-SCHEMA_OF: dict[str, str] = {
-    "expert_drop_metadata.json": "drop_map",
-    "profile/profile.json": "profile",
-    "eval/results.json": "results",
-    "card_numbers.json": "card_numbers",
-    MANIFEST_NAME: "manifest",
-}
 
 
 class PublishError(MoepruneError):
@@ -66,24 +57,6 @@ class PublishReport:
     manifest_path: Path
     repos: list[RepoReport]
     validated: list[str]
-
-
-def redact(text: str, token: str | None) -> str:
-    """Remove the token (and anything shaped like an HF token) from a message."""
-    if token:
-        text = text.replace(token, "***")
-    return _TOKEN_PATTERN.sub("hf_***", text)
-
-
-def resolve_token(token: str | None = None) -> str | None:
-    """Explicit token, else $HF_TOKEN, else the token saved by `hf auth login`."""
-    if token:
-        return token
-    if os.environ.get("HF_TOKEN"):
-        return os.environ["HF_TOKEN"]
-    from huggingface_hub import get_token
-
-    return get_token()
 
 
 def git_blob_id(path: Path) -> str:
@@ -143,11 +116,67 @@ def publish(
     manifest). Raises PublishError (token redacted) on any failure; a failed commit leaves the
     repo as it was.
     """
-    recipe_settings = _retarget_card(layout, recipe_settings, repo_id, gguf_repo_id)
+    repo_ids = {"model": repo_id, "gguf": gguf_repo_id}
+    if dry_run:
+        # Render the card and the manifest into a temporary copy of the run (its files linked, not
+        # copied), so a dry run changes nothing the pipeline's lock records.
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="moeprune-publish-dry-run-") as tmp:
+            staged = _staged_layout(layout, Path(tmp))
+            _, reports, validated = _prepare(staged, recipe_settings, repo_ids, audit, shown_root=layout.root)
+        return PublishReport(dry_run=True, manifest_path=layout.manifest_path, repos=reports, validated=validated)
+    files, reports, validated = _prepare(layout, recipe_settings, repo_ids, audit)
+    report = PublishReport(dry_run=False, manifest_path=layout.manifest_path, repos=reports, validated=validated)
+
+    token = resolve_token(token)
+    if not token:
+        raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then publish again")
+    for repo_report in reports:
+        chosen = [f for f in files if f.repo == repo_report.kind]
+        done = "".join(f"; already published: {r.repo_id} at {r.commit_oid}" for r in reports if r.commit_oid)
+        try:
+            _publish_repo(repo_report, chosen, resolve_endpoint(endpoint), token, private, commit_message, layout)
+        except PublishError as exc:
+            raise PublishError(redact(str(exc), token) + done) from None
+        except Exception as exc:  # noqa: BLE001 - any client/server failure becomes one clear message
+            raise PublishError(
+                f"publishing to {repo_report.repo_id} failed, nothing was committed there: "
+                f"{redact(f'{type(exc).__name__}: {exc}', token)}{done}"
+            ) from None
+    return report
+
+
+def _staged_layout(layout: RunLayout, tmp: Path) -> RunLayout:
+    """A run directory under ``tmp`` whose entries are symlinks to ``layout``'s (nothing copied).
+
+    Writers replace an entry (atomic_dir/atomic_file rename over the link), so what publish
+    renders lands in ``tmp`` and the real run stays byte for byte as it was.
+    """
+    if not layout.root.is_dir():
+        raise PublishError(f"{layout.root}: run directory not found; run `invoke reproduce` first")
+    staged = RunLayout(tmp / layout.root.name)
+    staged.root.mkdir(parents=True)
+    for entry in sorted(layout.root.iterdir()):
+        if entry.name.startswith(".") or entry.name == MANIFEST_NAME:
+            continue
+        (staged.root / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    return staged
+
+
+def _prepare(
+    layout: RunLayout,
+    recipe_settings: dict[str, Any],
+    repo_ids: dict[str, str | None],
+    audit: bool,
+    shown_root: Path | None = None,
+) -> tuple[list[ArtifactFile], list[RepoReport], list[str]]:
+    """Re-render the card for the targets, validate, write the manifest and audit ``layout``."""
+    shown_root = shown_root or layout.root
+    recipe_settings = _retarget_card(layout, recipe_settings, repo_ids["model"], repo_ids["gguf"])
     published, _ = artifact_files(layout)
     validated = validate_artifacts(published)
-    repo_ids = {"model": repo_id, "gguf": gguf_repo_id}
-    manifest_path = write_manifest(layout, recipe_settings, {"repo_ids": repo_ids})
+    write_manifest(layout, recipe_settings, {"repo_ids": repo_ids})
     files = _with_manifest(layout, published)
     validated += validate_artifacts([f for f in files if f.path_in_repo == MANIFEST_NAME])
     if audit:
@@ -157,10 +186,9 @@ def publish(
         if not audit_report.ok:
             details = "\n  - ".join(f"{c.name} ({c.target}): {c.detail}" for c in audit_report.failures)
             raise PublishError(
-                f"{layout.root}: the run fails its own audit, nothing was uploaded (run `invoke verify "
-                f"{layout.root}` for the full table):\n  - {details}"
+                f"{shown_root}: the run fails its own audit, nothing was uploaded (run `invoke verify "
+                f"{shown_root}` for the full table):\n  - {details}"
             )
-
     reports: list[RepoReport] = []
     # Model repo first: the GGUF repo's card names it as base_model, which the Hub checks.
     for kind in ("model", "gguf"):
@@ -171,26 +199,7 @@ def publish(
         reports.append(
             RepoReport(kind, target, files=[(f.path_in_repo, f.local_path.stat().st_size) for f in chosen])
         )
-    report = PublishReport(dry_run=dry_run, manifest_path=manifest_path, repos=reports, validated=validated)
-    if dry_run:
-        return report
-
-    token = resolve_token(token)
-    if not token:
-        raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then publish again")
-    for repo_report in reports:
-        chosen = [f for f in files if f.repo == repo_report.kind]
-        done = "".join(f"; already published: {r.repo_id} at {r.commit_oid}" for r in reports if r.commit_oid)
-        try:
-            _publish_repo(repo_report, chosen, endpoint or DEFAULT_ENDPOINT, token, private, commit_message, layout)
-        except PublishError as exc:
-            raise PublishError(redact(str(exc), token) + done) from None
-        except Exception as exc:  # noqa: BLE001 - any client/server failure becomes one clear message
-            raise PublishError(
-                f"publishing to {repo_report.repo_id} failed, nothing was committed there: "
-                f"{redact(f'{type(exc).__name__}: {exc}', token)}{done}"
-            ) from None
-    return report
+    return files, reports, validated
 
 
 def _retarget_card(

@@ -5,7 +5,8 @@ From the artifact alone (plus, optionally, the base checkpoint) it:
 1. validates ``manifest.json`` and re-hashes every file it lists (size and sha256); files present
    but not listed are failures too;
 2. validates every JSON artifact against its schema;
-3. recomputes ``eval/results.json`` from the per-sample logs and compares every number;
+3. recomputes ``eval/results.json`` from the per-sample logs and compares every number, and
+   re-scores every sample with its task's own filters and metric (``moeprune.eval.rescore``);
 4. checks the drop map against the weight shapes and ``config.json``, and against the profile
    statistics it was made from (sha256); recomputes ``profile/profile.json``'s findings;
 5. recomputes every number of the card from the artifacts, compares it with
@@ -13,7 +14,9 @@ From the artifact alone (plus, optionally, the base checkpoint) it:
 6. with ``--base``, checks every kept expert bit-exact against the base (and the base's
    parameter count and size as the card states them).
 
-A Hub repo id is first downloaded with ``snapshot_download`` into a temporary directory; its GGUF
+Manifest paths that are absolute or leave the artifact (``..``) are refused, never read. Code
+(``*.py``, ``auto_map``) and pickle files in the artifact are listed as a warning: nothing here
+runs or unpickles them, but an auditor should know they are there. A Hub repo id is first downloaded with ``snapshot_download`` into a temporary directory; its GGUF
 repository is checked remotely (sha256 of each file from the Hub's file listing).
 Each check is one row of the report; any failure names the file and the value that disagrees.
 """
@@ -29,8 +32,8 @@ from typing import Any
 
 from moeprune.errors import MoepruneError
 from moeprune.hashing import sha256_file
-from moeprune.manifest import MANIFEST_NAME, artifact_files
 from moeprune.layout import RunLayout
+from moeprune.manifest import MANIFEST_NAME, SCHEMA_OF, artifact_files
 
 _IGNORED_LOCAL = {MANIFEST_NAME, ".gitattributes"}
 _MAX_DETAILS = 8
@@ -44,8 +47,9 @@ class VerifyError(MoepruneError):
 class Check:
     name: str
     target: str
-    ok: bool | None  # None: skipped
+    ok: bool | None  # None: skipped (or, with ``warning``, a finding that does not fail the audit)
     detail: str = ""
+    warning: bool = False
 
 
 @dataclass
@@ -60,6 +64,15 @@ class VerifyReport:
     @property
     def failures(self) -> list[Check]:
         return [check for check in self.checks if check.ok is False]
+
+    @property
+    def warnings(self) -> list[Check]:
+        return [check for check in self.checks if check.warning]
+
+    def warn(self, name: str, target: str, findings: list[str]) -> None:
+        shown = findings[:_MAX_DETAILS]
+        more = f"\n… and {len(findings) - _MAX_DETAILS} more" if len(findings) > _MAX_DETAILS else ""
+        self.checks.append(Check(name, target, None, "\n".join(shown) + more, warning=True))
 
     def add(self, name: str, target: str, problems: list[str], passed: str = "", skipped: str | None = None) -> None:
         if skipped is not None:
@@ -82,32 +95,95 @@ class _Artifact:
     extra_local: list[str]
     source: Any  # ArtifactSource
     is_run: bool
+    refused: list[str] = field(default_factory=list)  # manifest paths never read (absolute, escaping)
+
+
+def unsafe_manifest_path(path: str) -> str | None:
+    """Why a manifest path must not be read (absolute, escaping the artifact...), or None."""
+    if not isinstance(path, str) or not path:
+        return "is not a non-empty string"
+    if path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":"):
+        return "is absolute"
+    if "\\" in path:
+        return "contains a backslash"
+    if "\x00" in path:
+        return "contains a NUL byte"
+    parts = path.split("/")
+    if ".." in parts:
+        return "leaves the artifact ('..')"
+    if any(part in ("", ".") for part in parts):
+        return "has an empty or '.' component"
+    return None
+
+
+def _inside(root: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def load_manifest(manifest_path: Path) -> dict[str, Any]:
+    """Read a manifest and check the structure verify relies on; VerifyError on anything malformed."""
+    if not manifest_path.is_file():
+        raise VerifyError(f"{manifest_path}: not found; pass a run directory (runs/<name>) or a published artifact")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise VerifyError(f"{manifest_path}: not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise VerifyError(f"{manifest_path}: expected a JSON object; re-download the artifact or rerun `invoke manifest`")
+    for key in ("files", "unpublished"):
+        entries = manifest.get(key, [])
+        if not isinstance(entries, list):
+            raise VerifyError(f"{manifest_path}: '{key}' must be a list of file entries")
+        for index, entry in enumerate(entries):
+            if not (isinstance(entry, dict) and entry.get("repo") in ("model", "gguf")
+                    and isinstance(entry.get("path"), str)
+                    and isinstance(entry.get("size_bytes"), int) and not isinstance(entry.get("size_bytes"), bool)
+                    and isinstance(entry.get("sha256"), str)):
+                raise VerifyError(
+                    f"{manifest_path}: {key}[{index}] is not an entry with repo ('model'/'gguf'), path, "
+                    "size_bytes (integer) and sha256; the manifest is malformed: re-download the artifact "
+                    "or rerun `invoke manifest`"
+                )
+    for key in ("recipe", "repo_ids"):
+        if manifest.get(key) is not None and not isinstance(manifest.get(key), dict):
+            raise VerifyError(f"{manifest_path}: '{key}' must be an object")
+    return manifest
 
 
 def _open_artifact(path: Path, base_dir: Path | None, gguf_dir: Path | None = None) -> _Artifact:
     from moeprune.card.source import ArtifactSource
 
-    manifest_path = path / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise VerifyError(f"{manifest_path}: not found; pass a run directory (runs/<name>) or a published artifact")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise VerifyError(f"{manifest_path}: not valid JSON: {exc}") from None
+    manifest = load_manifest(path / MANIFEST_NAME)
+    entries = manifest.get("files", []) + manifest.get("unpublished", [])
+    refused = [f"{e['repo']}:{e['path']}: manifest path {why}; refused (never read)"
+               for e in entries if (why := unsafe_manifest_path(e["path"]))]
+    safe = {(e["repo"], e["path"]) for e in entries if not unsafe_manifest_path(e["path"])}
     if (path / "pruned").is_dir():  # a run directory
         layout = RunLayout(path)
         published, unpublished = artifact_files(layout)
         local = {(f.repo, f.path_in_repo): f.local_path for f in published + unpublished}
-        listed = {(f["repo"], f["path"]) for f in manifest.get("files", []) + manifest.get("unpublished", [])}
+        listed = {(e["repo"], e["path"]) for e in entries}
         extra = sorted(f"{repo}:{p}" for repo, p in set(local) - listed)
-        source = ArtifactSource.from_run(layout, manifest.get("recipe", {}), base_dir=base_dir)
-        return _Artifact(path, manifest, local, extra, source, True)
+        local = {key: value for key, value in local.items() if key in safe or key not in listed}
+        source = ArtifactSource.from_run(layout, manifest.get("recipe") or {}, base_dir=base_dir)
+        return _Artifact(path, manifest, local, extra, source, True, refused)
     local = {}
     for entry in manifest.get("files", []):
-        if entry.get("repo") == "model":
-            local[("model", entry["path"])] = path / entry["path"]
-        elif gguf_dir is not None and (gguf_dir / entry["path"]).is_file():
-            local[("gguf", entry["path"])] = gguf_dir / entry["path"]
+        key = (entry["repo"], entry["path"])
+        if key not in safe:
+            continue
+        if entry["repo"] == "model":
+            candidate = path / entry["path"]
+            if candidate.exists() and not _inside(path, candidate):
+                refused.append(f"{entry['path']}: a link that leaves the artifact; refused (never read)")
+                continue
+            local[key] = candidate
+        elif gguf_dir is not None and (gguf_dir / entry["path"]).is_file() and _inside(gguf_dir, gguf_dir / entry["path"]):
+            local[key] = gguf_dir / entry["path"]
     present = {
         p.relative_to(path).as_posix()
         for p in path.rglob("*")
@@ -115,7 +191,8 @@ def _open_artifact(path: Path, base_dir: Path | None, gguf_dir: Path | None = No
     }
     listed_model = {entry["path"] for entry in manifest.get("files", []) if entry.get("repo") == "model"}
     extra = sorted(f"model:{p}" for p in present - listed_model - _IGNORED_LOCAL)
-    return _Artifact(path, manifest, local, extra, ArtifactSource.from_artifact(path, base_dir=base_dir), False)
+    return _Artifact(path, manifest, local, extra, ArtifactSource.from_artifact(path, base_dir=base_dir), False,
+                     refused)
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -136,6 +213,8 @@ def _check_hashes(report: VerifyReport, art: _Artifact, remote_gguf: dict[str, A
         (e, "unpublished") for e in art.manifest.get("unpublished", [])
     ]
     for entry, kind in entries:
+        if unsafe_manifest_path(entry["path"]):
+            continue  # reported below (art.refused), never read
         key = (entry["repo"], entry["path"])
         shown = f"{entry['repo']}:{entry['path']}" if entry["repo"] != "model" else entry["path"]
         path = art.local.get(key)
@@ -150,10 +229,11 @@ def _check_hashes(report: VerifyReport, art: _Artifact, remote_gguf: dict[str, A
                 else:
                     checked += 1
                 continue
-            if entry["repo"] == "gguf":
+            if entry["repo"] == "gguf" and not art.is_run:
                 skipped += 1  # the GGUF repo or the unpublished base GGUF is not part of this download
                 continue
-            problems.append(f"{shown}: listed in the manifest but missing")
+            problems.append(f"{shown}: listed in the manifest but missing"
+                            + ("; restore it or rerun the stage that makes it" if art.is_run else ""))
             continue
         size = path.stat().st_size
         if size != entry["size_bytes"]:
@@ -164,13 +244,13 @@ def _check_hashes(report: VerifyReport, art: _Artifact, remote_gguf: dict[str, A
             problems.append(f"{shown}: sha256 {digest} does not match the manifest's {entry['sha256']}")
             continue
         checked += 1
+    problems += art.refused
     problems += [f"{name}: present but not listed in the manifest" for name in art.extra_local]
     note = f"{checked} files match" + (f"; {skipped} GGUF files not downloaded (not checked)" if skipped else "")
     report.add("sha256 + size", "manifest.json files", problems, note)
 
 
 def _check_schemas(report: VerifyReport, art: _Artifact) -> None:
-    from moeprune.publish import SCHEMA_OF
     from moeprune.schemas import SCHEMA_DIR, SchemaError, validate_file
 
     for path_in_repo, schema in sorted(SCHEMA_OF.items()):
@@ -224,6 +304,62 @@ def _check_results(report: VerifyReport, art: _Artifact) -> dict[str, Any] | Non
     problems = [f"{target}{line}" for line in _diff(stored, recomputed)]
     report.add("recompute from sample logs", target, problems, "every metric matches the sample logs")
     return recomputed
+
+
+def _check_rescore(report: VerifyReport, art: _Artifact) -> None:
+    """Every sample re-scored with its task's own filters and metric (see moeprune.eval.rescore)."""
+    from moeprune.eval.rescore import rescore_eval_dir
+
+    target = "eval/*/samples_*.jsonl"
+    try:
+        outcome = rescore_eval_dir(art.source.eval_dir)
+    except MoepruneError as exc:
+        report.add("re-score samples", target, [str(exc)])
+        return
+    passed = f"{outcome.samples_checked} samples re-scored with the task's filters: every score agrees"
+    if outcome.notes:
+        passed += "; " + "; ".join(outcome.notes)
+    report.add("re-score samples", target, outcome.problems, passed)
+
+
+CODE_SUFFIXES = (".py", ".pyc", ".so", ".dll", ".dylib", ".sh", ".ipynb")
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt", ".joblib", ".npy", ".npz", ".dill")
+
+
+def risky_files(art: _Artifact) -> list[str]:
+    """Code and pickle files in the artifact, and code a config names through ``auto_map``."""
+    findings = []
+    names = sorted({f"{repo}:{p}" if repo != "model" else p for repo, p in art.local}
+                   | {name.removeprefix("model:") for name in art.extra_local})
+    for name in names:
+        lower = name.lower()
+        if lower.endswith(CODE_SUFFIXES):
+            findings.append(f"{name}: code file (not run by verify; read it before loading with trust_remote_code)")
+        elif lower.endswith(PICKLE_SUFFIXES):
+            findings.append(f"{name}: pickle-capable format (not loaded by verify; unpickling can run code)")
+    for (repo, rel), path in sorted(art.local.items()):
+        if repo != "model" or not rel.endswith("config.json") or not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        for holder in (config, config.get("text_config") if isinstance(config, dict) else None):
+            auto_map = holder.get("auto_map") if isinstance(holder, dict) else None
+            if isinstance(auto_map, dict) and auto_map:
+                refs = sorted({str(v if isinstance(v, str) else v[0] if isinstance(v, list) and v else v)
+                               for v in auto_map.values()})
+                findings.append(f"{rel}: auto_map names custom code ({', '.join(refs)}); transformers runs it "
+                                "only with trust_remote_code=True")
+    return findings
+
+
+def _check_risky_files(report: VerifyReport, art: _Artifact) -> None:
+    findings = risky_files(art)
+    if findings:
+        report.warn("code / pickle files", "artifact", findings)
+    else:
+        report.add("code / pickle files", "artifact", [], "none: safetensors and JSON only")
 
 
 def _check_drop_map(report: VerifyReport, art: _Artifact) -> None:
@@ -473,21 +609,44 @@ def verify_artifact(
     from these very files, as ``publish`` does before uploading).
     """
     path = Path(path)
-    art = _open_artifact(path, base_dir, gguf_dir)
+    try:
+        art = _open_artifact(path, base_dir, gguf_dir)
+    except MoepruneError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise VerifyError(f"{path}: cannot be read as an artifact ({type(exc).__name__}: {exc})") from None
     report = VerifyReport(str(path))
-    _check_manifest(report, art)
+    _guarded(report, "schema", MANIFEST_NAME, _check_manifest, report, art)
     if rehash:
-        _check_hashes(report, art, remote_gguf)
+        _guarded(report, "sha256 + size", "manifest.json files", _check_hashes, report, art, remote_gguf)
     else:
         report.add("sha256 + size", "manifest.json files", [], skipped="manifest written from these files just now")
-    _check_schemas(report, art)
-    results = _check_results(report, art)
-    _check_gguf_records(report, art, results)
-    _check_drop_map(report, art)
-    _check_profile(report, art)
-    _check_card(report, art, results)
-    _check_base(report, art, base_dir)
+    _guarded(report, "code / pickle files", "artifact", _check_risky_files, report, art)
+    _guarded(report, "schema", "JSON artifacts", _check_schemas, report, art)
+    results = _guarded(report, "recompute from sample logs", "eval/results.json", _check_results, report, art)
+    _guarded(report, "re-score samples", "eval/*/samples_*.jsonl", _check_rescore, report, art)
+    _guarded(report, "evaluated GGUF = published GGUF", "eval/results.json", _check_gguf_records, report, art,
+             results)
+    _guarded(report, "drop map vs weights", "expert_drop_metadata.json", _check_drop_map, report, art)
+    _guarded(report, "profile findings", "profile/stats.safetensors", _check_profile, report, art)
+    _guarded(report, "card numbers", "card_numbers.json", _check_card, report, art, results)
+    _guarded(report, "kept experts bit-exact", str(base_dir), _check_base, report, art, base_dir)
     return report
+
+
+def _guarded(report: VerifyReport, name: str, target: str, check: Any, *args: Any) -> Any:
+    """Run one check; malformed input it cannot digest is a failed row naming the target, never a traceback."""
+    try:
+        return check(*args)
+    except MoepruneError as exc:
+        report.add(name, target, [str(exc)])
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, LookupError,
+            ArithmeticError, RecursionError) as exc:
+        report.add(name, target, [f"{target}: malformed or unreadable input ({type(exc).__name__}: {exc}); "
+                                  "this artifact cannot be checked here"])
+    except Exception as exc:  # noqa: BLE001 - e.g. jinja2/safetensors errors on crafted files
+        report.add(name, target, [f"{target}: cannot be checked ({type(exc).__name__}: {exc})"])
+    return None
 
 
 def _remote_gguf_listing(api: Any, repo_id: str) -> dict[str, Any]:
@@ -503,15 +662,27 @@ def _remote_gguf_listing(api: Any, repo_id: str) -> dict[str, Any]:
 
 def verify(target: str, base_dir: Path | None = None, *, endpoint: str | None = None, token: str | None = None,
            revision: str | None = None) -> VerifyReport:
-    """Verify a local path, or download a Hub repo id (``endpoint`` configurable) and verify it."""
+    """Verify a local path, or download a Hub repo id (``endpoint`` configurable) and verify it.
+
+    ``target`` is taken for a Hub id only when it is not an existing or path-like local name
+    (absolute, ``./``, ``~``, more than one ``/``, or a first component that exists here), so a
+    mistyped local path is reported as not found instead of being looked up on the Hub.
+    """
+    from moeprune.hub import is_hub_repo_id, looks_like_local_path, redact, resolve_endpoint, resolve_token
+
     local = Path(target).expanduser()
     if local.exists():
+        if not local.is_dir():
+            raise VerifyError(f"{target}: not a directory; pass a run directory (runs/<name>) or a downloaded artifact")
         return verify_artifact(local, base_dir)
+    if looks_like_local_path(target) or not is_hub_repo_id(target):
+        raise VerifyError(
+            f"{target}: no such local directory (and not a Hub repo id of the form owner/name); check the "
+            "path, or pass the Hub id as owner/name"
+        )
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
-    from moeprune.publish import DEFAULT_ENDPOINT, redact, resolve_token
-
-    endpoint = endpoint or DEFAULT_ENDPOINT
+    endpoint = resolve_endpoint(endpoint)
     token = resolve_token(token)
     try:
         with tempfile.TemporaryDirectory(prefix="moeprune-verify-") as tmp:
@@ -548,10 +719,12 @@ def print_report(report: VerifyReport) -> None:
     table.add_column("result")
     table.add_column("detail", overflow="fold")
     for check in report.checks:
-        status = "[green]ok[/green]" if check.ok else "[yellow]skipped[/yellow]" if check.ok is None else "[red]FAILED[/red]"
+        status = ("[green]ok[/green]" if check.ok else "[yellow]warning[/yellow]" if check.warning
+                  else "[yellow]skipped[/yellow]" if check.ok is None else "[red]FAILED[/red]")
         table.add_row(check.name, check.target, status, check.detail)
     console.print(table)
     if report.ok:
-        console.print(f"[green]verified[/green]: {sum(1 for c in report.checks if c.ok)} checks passed")
+        warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
+        console.print(f"[green]verified[/green]: {sum(1 for c in report.checks if c.ok)} checks passed{warned}")
     else:
         console.print(f"[red]verification failed[/red]: {len(report.failures)} check(s) failed")

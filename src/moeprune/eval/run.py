@@ -9,7 +9,9 @@ recorded, per-sample logs written by us (lm-eval only *logs* a failure to save t
 Failures a user can meet end with a :class:`EvalError` naming what to do: no Hub token for a
 gated dataset (checked before any server starts), a missing dataset, a server that dies or a
 request that times out mid-eval. In the last two cases the responses received so far stay in
-``eval/<model>/samples.partial.jsonl`` and neither ``run.json`` nor ``results.json`` is written.
+``logs/eval-<model>.samples.partial.jsonl`` and ``eval/`` is left exactly as it was: each model is
+evaluated into a staging directory, and ``eval/<model>`` and ``results.json`` are replaced only
+when every model completed.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import os
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -30,7 +32,7 @@ from typing import Any, ContextManager, Protocol
 
 from moeprune.atomic import atomic_file, write_json
 from moeprune.errors import MoepruneError
-from moeprune.eval.results import RESULTS_NAME, RUN_RECORD_NAME, write_results
+from moeprune.eval.results import RUN_RECORD_NAME, write_results
 from moeprune.eval.samples import read_sample_log, sample_log_name, write_sample_log
 from moeprune.hashing import sha256_file
 from moeprune.layout import RunLayout
@@ -64,18 +66,19 @@ ServerFactory = Callable[[str, Path, Path], ContextManager[ServedModel]]
 # --- pre-flight checks (before any server starts) ---------------------------------------------
 def hub_token() -> str | None:
     """The Hugging Face token: HF_TOKEN, else huggingface_hub's stored login; None if neither."""
-    from huggingface_hub import get_token
+    from moeprune.hub import resolve_token
 
-    return get_token()
+    return resolve_token()
 
 
 def resolve_include_path(recipe: Recipe, work_dir: Path) -> Path | None:
     """The directory of local task YAMLs handed to lm-eval.
 
     ``datasets`` resolves a relative ``data_files`` against the working directory, not the
-    YAML's folder; the packaged demo task is therefore rendered into ``work_dir`` with an
-    absolute data path (``moeprune.demo.tasks.render_task_dir``), so the eval works from any
-    directory. Other include paths are used as they are.
+    YAML's folder; the packaged demo task is therefore rendered, with a copy of its data, into
+    ``work_dir`` (a temporary directory outside the run) with an absolute data path
+    (``moeprune.demo.tasks.render_task_dir``), so the eval works from any directory and the
+    checkout's path appears nowhere. Other include paths are used as they are.
     """
     include = recipe.include_path
     if include is None:
@@ -88,7 +91,10 @@ def resolve_include_path(recipe: Recipe, work_dir: Path) -> Path | None:
     from moeprune.demo import tasks as demo_tasks
 
     if include.resolve() == demo_tasks.TASKS_DIR.resolve():
-        return demo_tasks.render_task_dir(Path(work_dir))
+        data_copy = Path(work_dir) / demo_tasks.TASK_NAME / demo_tasks.DATA_PATH.name
+        data_copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(demo_tasks.DATA_PATH, data_copy)
+        return demo_tasks.render_task_dir(Path(work_dir), data_path=data_copy)
     return include
 
 
@@ -376,12 +382,12 @@ def gguf_file_type(path: Path) -> str | None:
 
 
 def gguf_record(path: Path, quant_type: str, layout: RunLayout) -> dict[str, Any]:
-    """Path (relative to the run directory when inside it), sha256, size and quant type."""
+    """Path (relative to the run directory; the file name when outside it), sha256, size and quant type."""
     path = Path(path)
     try:
         shown = path.resolve().relative_to(layout.root.resolve()).as_posix()
     except ValueError:
-        shown = str(path.resolve())
+        shown = path.name  # outside the run: its name only (no machine's path in an artifact)
     return {
         "path": shown,
         "sha256": sha256_file(path),
@@ -496,11 +502,15 @@ def evaluate_served_model(
     server: ServedModel,
     task_manager: Any,
     model_dir: Path,
+    partial_path: Path | None = None,
+    path_placeholders: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate one served model with lm-eval; write its sample logs and lm-eval's summary.
 
     Returns what the model's ``run.json`` records (model args, seeds, per-task versions and the
-    scores lm-eval reported). On failure raises EvalError and leaves the partial response log.
+    scores lm-eval reported). On failure raises EvalError and leaves the partial response log
+    (``partial_path``, default ``model_dir/samples.partial.jsonl``). ``path_placeholders``
+    ({local path: placeholder}) keep machine-specific paths out of what is written.
     """
     import lm_eval
 
@@ -511,6 +521,7 @@ def evaluate_served_model(
     # What differs between two runs of the same evaluation (the server's free port, where the
     # run directory is) is recorded as a placeholder, so equal evaluations give equal files.
     volatile = {server.base_url.rstrip("/").split("//", 1)[-1]: "127.0.0.1:<port>",
+                **(path_placeholders or {}),
                 str(model_dir.resolve().parent): "<eval_dir>"}
     model_args = {
         "model": model,
@@ -526,7 +537,7 @@ def evaluate_served_model(
         "seed": section.seed,
     }
     gen_kwargs = {"max_gen_toks": section.max_gen_toks, "temperature": section.temperature, "do_sample": False}
-    partial = PartialLog(model_dir / PARTIAL_LOG_NAME)
+    partial = PartialLog(partial_path or model_dir / PARTIAL_LOG_NAME)
     try:
         lm = _recording_model_class()(partial_log=partial, **model_args)
         try:
@@ -627,11 +638,47 @@ def run_eval(
     the results dict. ``gguf_paths``/``server_factory``/``build_record`` override the defaults
     (``gguf/<model>-<eval_type>.gguf`` served by ``moeprune.llamacpp.LlamaServer``).
     """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="moeprune-eval-tasks-") as tasks_tmp:
+        return _run_eval(recipe, layout, Path(tasks_tmp), gguf_paths, server_factory, build_record, combine)
+
+
+def partial_log_path(layout: RunLayout, model: str) -> Path:
+    """Where the responses of an evaluation in progress are appended (kept when it fails)."""
+    return layout.logs_dir / f"eval-{model}.{PARTIAL_LOG_NAME}"
+
+
+def _staging_dir(eval_dir: Path, model: str) -> Path:
+    return eval_dir / f".{model}.tmp-{os.getpid()}"
+
+
+def _commit_model_dirs(eval_dir: Path, staged: dict[str, Path]) -> None:
+    """Replace each ``eval/<model>`` with its finished staging directory."""
+    from moeprune.atomic import replace_dir
+
+    for model, staging in staged.items():
+        replace_dir(staging, eval_dir / model)
+
+
+def _run_eval(
+    recipe: Recipe,
+    layout: RunLayout,
+    tasks_tmp: Path,
+    gguf_paths: dict[str, Path] | None,
+    server_factory: ServerFactory | None,
+    build_record: dict[str, Any] | None,
+    combine: bool,
+) -> dict[str, Any]:
     section = recipe.eval
     eval_dir = layout.eval_dir
-    # 1. Everything that can be checked without a server, before one starts.
+    # 1. Everything that can be checked without a server, before one starts. Local task YAMLs
+    # are rendered outside the run: the artifact must not carry this machine's paths.
     check_lm_eval_version(recipe)
-    include = resolve_include_path(recipe, eval_dir / "tasks")
+    include = resolve_include_path(recipe, tasks_tmp)
+    placeholders = {str(tasks_tmp.resolve()): "<tasks_dir>", str(tasks_tmp): "<tasks_dir>"}
+    if include is not None:
+        placeholders.setdefault(str(Path(include).resolve()), "<include_path>")
     task_manager = make_task_manager(recipe, include)
     dataset_paths = task_dataset_paths(task_manager, list(section.tasks))
     check_hub_access(dataset_paths, hub_token())
@@ -645,41 +692,49 @@ def run_eval(
             )
     check_datasets(task_manager, list(section.tasks), seeds_of(recipe)["random_seed"], section.limit)
 
-    # A results.json from an earlier run no longer describes these logs.
-    if combine:
-        (eval_dir / RESULTS_NAME).unlink(missing_ok=True)
+    # Each model is evaluated into a staging directory; eval/<model> and results.json are replaced
+    # only when every model completed, so a failed eval leaves the previous good state in place.
     records: dict[str, Any] = {}
     if server_factory is None:
         server_factory, build_record = _llamacpp_server_factory(recipe)
     settings = eval_settings(recipe)
-
-    for model in section.models:
-        gguf = gguf_record(paths[model], recipe.quantize.eval_type, layout)
-        log_path = layout.logs_dir / f"llama-server-{model}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        model_dir = eval_dir / model
-        with server_factory(model, paths[model], log_path) as server:
-            outcome = evaluate_served_model(recipe, model, server, task_manager, model_dir)
-            flags = stable_flags([str(flag) for flag in getattr(server, "flags", [])], paths[model])
-        record = {
-            "model": model,
-            "recipe_name": recipe.name,
-            "settings": settings,
-            "gguf": gguf,
-            "llamacpp_build": build_record or {},
-            "server_flags": flags,
-            "lm_eval": {
-                "version": outcome["lm_eval_version"],
-                "model_type": MODEL_TYPE,
-                "model_args": outcome["model_args"],
-                "gen_kwargs": outcome["gen_kwargs"],
-            },
-            "seeds": outcome["seeds"],
-            "tasks": outcome["tasks"],
-        }
-        # The raw responses (with finish_reason and reasoning length, which lm-eval's sample
-        # log drops) stay as evidence under their final name; run.json marks completion.
-        Path(outcome["partial_log"]).replace(model_dir / RESPONSES_LOG_NAME)
-        write_json(model_dir / RUN_RECORD_NAME, record)
-        records[model] = record
+    staged: dict[str, Path] = {}
+    try:
+        for model in section.models:
+            gguf = gguf_record(paths[model], recipe.quantize.eval_type, layout)
+            log_path = layout.logs_dir / f"llama-server-{model}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            model_dir = _staging_dir(eval_dir, model)
+            staged[model] = model_dir
+            partial_path = partial_log_path(layout, model)
+            with server_factory(model, paths[model], log_path) as server:
+                outcome = evaluate_served_model(recipe, model, server, task_manager, model_dir,
+                                                partial_path=partial_path, path_placeholders=placeholders)
+                flags = stable_flags([str(flag) for flag in getattr(server, "flags", [])], paths[model])
+            record = {
+                "model": model,
+                "recipe_name": recipe.name,
+                "settings": settings,
+                "gguf": gguf,
+                "llamacpp_build": build_record or {},
+                "server_flags": flags,
+                "lm_eval": {
+                    "version": outcome["lm_eval_version"],
+                    "model_type": MODEL_TYPE,
+                    "model_args": outcome["model_args"],
+                    "gen_kwargs": outcome["gen_kwargs"],
+                },
+                "seeds": outcome["seeds"],
+                "tasks": outcome["tasks"],
+            }
+            # The raw responses (with finish_reason and reasoning length, which lm-eval's sample
+            # log drops) stay as evidence under their final name; run.json marks completion.
+            Path(outcome["partial_log"]).replace(model_dir / RESPONSES_LOG_NAME)
+            write_json(model_dir / RUN_RECORD_NAME, record)
+            records[model] = record
+        _commit_model_dirs(eval_dir, staged)
+    finally:
+        for staging in staged.values():
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
     return write_results(eval_dir) if combine else records

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
+from moeprune.atomic import WriteError as AtomicWriteError
 from moeprune.atomic import atomic_dir
 from moeprune.errors import MoepruneError
 from moeprune.io.checkpoint import INDEX_NAME
@@ -110,10 +111,10 @@ class ShardedWriter:
     def __enter__(self) -> ShardedWriter:
         try:
             self._staging = self._stack.enter_context(atomic_dir(self.out_dir))
-        except OSError as exc:
+        except (OSError, AtomicWriteError) as exc:
+            reason = exc.reason if isinstance(exc, AtomicWriteError) else exc.strerror or exc
             raise WriteError(
-                f"cannot create output directory next to {self.out_dir}: {exc.strerror or exc}; "
-                "choose a writable location"
+                f"cannot create output directory next to {self.out_dir}: {reason}; choose a writable location"
             ) from None
         return self
 

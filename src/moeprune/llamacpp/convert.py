@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from moeprune.atomic import write_json
 from moeprune.errors import MoepruneError
 from moeprune.hashing import sha256_file
 from moeprune.llamacpp.build import LlamaCppBuild
+from moeprune.llamacpp.process import run_tool, write_tool_log
 from moeprune.llamacpp.quantize import public_record
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -43,6 +43,17 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise MoepruneError(f"{hf_dir}: no config.json; pass a Hugging Face model directory")
     return json.loads(config_path.read_text())
+
+
+def check_shards(hf_dir: Path) -> None:
+    """Every safetensors shard whole and readable, before the converter mmaps it.
+
+    A truncated shard would otherwise end in the converter's ``mmap length is greater than file
+    size``, naming no file. Raises CheckpointError naming the shard and what to do.
+    """
+    from moeprune.io.checkpoint import Checkpoint
+
+    Checkpoint.open(hf_dir).close()
 
 
 def base_model_of(hf_dir: Path) -> dict[str, str]:
@@ -102,9 +113,7 @@ types = {t.name: t.tensor_type.name for t in reader.tensors}
 json.dump({"arch": arch, "metadata": metadata, "tensors": tensors, "types": types}, sys.stdout)
 """
     env = {**os.environ, "PYTHONPATH": str(gguf_root / "gguf-py"), "NO_LOCAL_GGUF": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(gguf_path)], capture_output=True, text=True, env=env
-    )
+    result = run_tool([sys.executable, "-c", script, str(gguf_path)], env=env)
     if result.returncode != 0:
         raise GGUFCheckError(f"{gguf_path}: not a readable GGUF:\n{result.stderr.strip()[-2000:]}")
     info = json.loads(result.stdout)
@@ -185,6 +194,7 @@ def convert_to_gguf(
     if outtype not in OUTTYPES:
         raise MoepruneError(f"quantize.convert_outtype = {outtype!r}: use one of {', '.join(OUTTYPES)}")
     config = read_hf_config(hf_dir)
+    check_shards(hf_dir)
     adapter = arch_for_config(config, hf_dir / "config.json")
     num_experts = adapter.raw_num_experts(config)
     base = base_model_of(hf_dir)
@@ -212,17 +222,17 @@ def convert_to_gguf(
             "TRANSFORMERS_OFFLINE": "1",
         }
         env.pop("NO_LOCAL_GGUF", None)
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
-        output = result.stdout + result.stderr
-        if log_path is not None:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_path.write_text(f"$ {' '.join(command)}\n{output}")
+        result = run_tool(command, env=env)  # own process group; dies with this process
+        output = result.output
+        log_problem = write_tool_log(log_path, command, output)
         if result.returncode != 0 or not tmp_out.is_file():
+            log_note = f" ({log_problem})" if log_problem else (f"; log: {log_path}" if log_path else "")
             raise MoepruneError(
-                f"convert_hf_to_gguf.py failed on {hf_dir} (exit {result.returncode})"
-                + (f"; log: {log_path}" if log_path else "")
-                + f"\n--- last lines ---\n{_tail(output)}"
+                f"convert_hf_to_gguf.py failed on {hf_dir} (exit {result.returncode}){log_note}"
+                f"\n--- last lines ---\n{_tail(output)}"
             )
+        if log_problem:
+            print(f"warning: {log_problem}", file=sys.stderr)
         checks = check_gguf(build.root, tmp_out, num_experts, base["name"], adapter)
         record = {
             "stage": "convert",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -66,16 +65,18 @@ def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def _run(command: list[str], log_path: Path | None, what: str) -> str:
-    result = subprocess.run(command, capture_output=True, text=True, errors="replace")
-    output = result.stdout + result.stderr
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text(f"$ {' '.join(command)}\n{output}")
+    from moeprune.llamacpp.process import run_tool, write_tool_log
+
+    result = run_tool(command)  # own process group; dies with this process
+    output = result.output
+    log_problem = write_tool_log(log_path, command, output)
     if result.returncode != 0:
-        raise MoepruneError(
-            f"{what} failed (exit {result.returncode})" + (f"; log: {log_path}" if log_path else "")
-            + f"\n--- last lines ---\n{_tail(output)}"
-        )
+        log_note = f" ({log_problem})" if log_problem else (f"; log: {log_path}" if log_path else "")
+        raise MoepruneError(f"{what} failed (exit {result.returncode}){log_note}\n--- last lines ---\n{_tail(output)}")
+    if log_problem:
+        import sys
+
+        print(f"warning: {log_problem}", file=sys.stderr)
     return output
 
 

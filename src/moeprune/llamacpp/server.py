@@ -6,7 +6,8 @@
         requests.post(server.base_url + "/v1/chat/completions", ...)
 
 The server runs in its own process group (``start_new_session``) and the whole group is
-killed on exit, on error and on Ctrl-C, so no llama-server outlives the ``with`` block. Its
+killed on exit, on error and on Ctrl-C, so no llama-server outlives the ``with`` block. A free
+port taken by another process before llama-server binds it (a port race) is retried on another. Its
 output goes to ``log_path``; every failure message quotes the log's tail.
 """
 
@@ -35,6 +36,7 @@ LOG_TAIL_LINES = 40
 POLL_INTERVAL_S = 0.25
 NO_GPU_WARNING = "no usable GPU found"  # llama.cpp common/arg.cpp, printed for --n-gpu-layers
 STOP_GRACE_S = 10.0
+PORT_RACE_ATTEMPTS = 5
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -201,9 +203,30 @@ class LlamaServer:
                     f"port {self.requested_port} on {HOST} is already in use; stop what is using it, "
                     "pass another port, or pass none to use a free one"
                 )
-            self.port = self.requested_port
-        else:
-            self.port = free_port()
+        # A free port is only free when it was looked at: another process may bind it before
+        # llama-server does. Then the server exits with "couldn't bind"; try another port.
+        attempts = 1 if self.requested_port is not None else PORT_RACE_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            self.port = self.requested_port if self.requested_port is not None else free_port()
+            self._launch(binary)
+            try:
+                self._wait_healthy()
+                return
+            except LlamaServerError:
+                if attempt < attempts and self._lost_port_race():
+                    self.stop()
+                    continue
+                raise
+
+    def _lost_port_race(self) -> bool:
+        """The server exited because its port was taken after we picked it."""
+        if self.process is None or self.process.poll() is None:
+            return False
+        tail = log_tail(self.log_path)
+        return "couldn't bind" in tail or "Address already in use" in tail
+
+    def _launch(self, binary: Path) -> None:
+        assert self.port is not None
         self.flags = [
             "--host", HOST, "--port", str(self.port), *server_flags(self.serve), *self.extra_flags,
         ]
@@ -221,7 +244,6 @@ class LlamaServer:
                 preexec_fn=_die_with_parent if os.uname().sysname == "Linux" else None,
             )
         _started_groups.add(self.process.pid)
-        self._wait_healthy()
 
     def _wait_healthy(self) -> None:
         assert self.process is not None and self.port is not None
@@ -230,9 +252,9 @@ class LlamaServer:
             code = self.process.poll()
             if code is not None:
                 raise self._died_error(code, starting=True)
-            if _health_status(HOST, self.port) == 200:
+            if _health_status(HOST, self.port) == 200 and self.process.poll() is None:
                 self._refuse_cpu_fallback()
-                return
+                return  # (ours: a process that lost the port race has exited)
             if time.monotonic() > deadline:
                 raise LlamaServerError(
                     f"llama-server did not become healthy within serve.startup_timeout_s = "

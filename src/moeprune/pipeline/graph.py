@@ -1,10 +1,10 @@
 """A cached, resumable chain of stages.
 
 Each stage declares what it reads (files, recipe values, its own code, tool versions) and what it
-writes. A stage reruns only when one of those changed or an output is missing or altered; before
-a rerun its stale outputs are removed; after success its lock entry is written. Interrupting a run
+writes. A stage reruns only when one of those changed or an output is missing or altered; after
+success its lock entry is written. Interrupting a run
 at any point leaves the finished stages and their lock entries intact, and the next run resumes
-at the interrupted stage.
+at the interrupted stage. Outputs are replaced by the stages' atomic writers, never deleted first.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Any
 
 from moeprune.errors import MoepruneError
 from moeprune.layout import RunLayout
-from moeprune.pipeline.fingerprint import HashCache, source_digest
+from moeprune.atomic import describe_write_error, is_disk_error
+from moeprune.pipeline.fingerprint import Anchors, HashCache, dep_key, source_digest
 from moeprune.pipeline.lock import Lock, stage_key
 from moeprune.recipe import Recipe
 
@@ -87,11 +88,10 @@ def _remove_leftover_temporaries(path: Path) -> None:
             _remove(leftover)
 
 
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return str(path.resolve())
+def anchors_of(ctx: Context) -> Anchors:
+    """Where the lock's dependency names are relative to (never an absolute path)."""
+    source = getattr(ctx.recipe, "source_path", None)
+    return Anchors(run=ctx.layout.root, recipe_dir=Path(source).resolve().parent if source else None)
 
 
 class Pipeline:
@@ -123,7 +123,7 @@ class Pipeline:
 
     def key(self, stage: Stage, ctx: Context, hashes: HashCache) -> dict[str, Any]:
         """Everything that decides whether ``stage`` must rerun, as recorded in the lock."""
-        root = ctx.layout.root
+        anchors = anchors_of(ctx)
         deps = {}
         for path in stage.deps(ctx):
             if not path.exists():
@@ -131,7 +131,7 @@ class Pipeline:
                     f"stage '{stage.name}' needs {path}, which does not exist; "
                     "run the stages before it first (drop --from)"
                 )
-            deps[_relative(path, root)] = hashes.path_digest(path)
+            deps[dep_key(path, anchors)] = hashes.path_digest(path)
         return {
             "cmd": stage.command(ctx) if stage.command else f"invoke {stage.name}",
             "deps": dict(sorted(deps.items())),
@@ -146,7 +146,7 @@ class Pipeline:
         for path in stage.outs(ctx):
             if not path.exists():
                 return None
-            digests[_relative(path, ctx.layout.root)] = hashes.path_digest(path)
+            digests[dep_key(path, anchors_of(ctx))] = hashes.path_digest(path)
         return dict(sorted(digests.items()))
 
     def run(
@@ -161,7 +161,7 @@ class Pipeline:
         selected = set(self.selection(from_stage, until_stage))
         ctx.layout.root.mkdir(parents=True, exist_ok=True)
         lock = Lock.load(ctx.layout.lock_path)
-        hashes = HashCache(ctx.layout.root / ".hashcache.json")
+        hashes = HashCache(ctx.layout.root / ".hashcache.json", anchors_of(ctx))
         results: list[StageResult] = []
         try:
             for stage in self.stages:
@@ -170,7 +170,7 @@ class Pipeline:
                     continue
                 results.append(self._run_stage(stage, ctx, lock, hashes, force or stage.name == from_stage, listener))
         finally:
-            hashes.save()
+            hashes.save()  # best effort: never raises, so it cannot hide the stage's own error
         return results
 
     def _run_stage(
@@ -191,13 +191,21 @@ class Pipeline:
             return result
 
         listener.stage_started(stage.name, reason)
-        lock.forget(stage.name)
+        # Only a killed run's temporaries go: the previous outputs, and the lock entry describing
+        # them, stay until the stage succeeds (its atomic writers replace the outputs), so a failed
+        # rerun leaves the last good state in place. Outputs half-replaced by a failed stage no
+        # longer match the entry's digests, so the next run reruns the stage.
         for path in stage.outs(ctx):
             _remove_leftover_temporaries(path)
-            _remove(path)
         started = time.monotonic()
         try:
             headline = stage.action(ctx) or {}
+        except OSError as exc:
+            listener.stage_finished(StageResult(stage.name, "failed", time.monotonic() - started, reason=reason))
+            if is_disk_error(exc):
+                target = Path(exc.filename) if exc.filename else ctx.layout.root
+                raise MoepruneError(f"stage '{stage.name}': {describe_write_error(target, exc)}") from None
+            raise
         except BaseException:
             listener.stage_finished(StageResult(stage.name, "failed", time.monotonic() - started, reason=reason))
             raise

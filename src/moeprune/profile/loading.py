@@ -77,17 +77,34 @@ def load_config(model_dir: Path) -> Any:
         raise ModelLoadError(f"{model_dir}: cannot read the model's config ({exc})") from None
 
 
+def check_weights(model_dir: Path) -> None:
+    """Every safetensors shard of ``model_dir`` whole and readable (headers only, no weights).
+
+    A truncated or corrupt shard ends here as a CheckpointError naming the shard, instead of a
+    ``SafetensorError`` from deep inside transformers that names no file.
+    """
+    from moeprune.io.checkpoint import Checkpoint
+
+    Checkpoint.open(model_dir).close()
+
+
 def load_model(model_dir: Path, dtype: str, device_map: str) -> Any:
     """Load the model for inference with accelerate's ``device_map`` (``auto`` spreads over GPUs / offloads)."""
     import torch
     import transformers
 
+    check_weights(model_dir)
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir)
         cls = _model_class(config)
         model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype), device_map=device_map)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{model_dir}: cannot load the model ({exc})") from None
+    except MoepruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ValueError...: one clear message
+        raise ModelLoadError(
+            f"{model_dir}: cannot load the model ({type(exc).__name__}: {exc}); check that the download is "
+            "complete (re-download damaged shards) and that model.base points at the right directory"
+        ) from None
     model.eval()
     return model
 

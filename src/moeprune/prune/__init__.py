@@ -7,6 +7,6 @@
 from __future__ import annotations
 
 from moeprune.prune.surgery import PruneError, prune_checkpoint, run_prune
-from moeprune.prune.verify import VerifyReport, verify_prune
+from moeprune.prune.verify import PruneVerifyReport, verify_prune
 
-__all__ = ["PruneError", "VerifyReport", "prune_checkpoint", "run_prune", "verify_prune"]
+__all__ = ["PruneError", "PruneVerifyReport", "prune_checkpoint", "run_prune", "verify_prune"]

@@ -36,7 +36,7 @@ _COMPARE_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
-class VerifyReport:
+class PruneVerifyReport:
     """Outcome of :func:`verify_prune`: counts of what was checked and every problem found."""
 
     base_dir: str
@@ -85,14 +85,14 @@ class VerifyReport:
 
 
 def verify_prune(base_dir: str | Path, pruned_dir: str | Path, drop_map: dict[str, Any] | None = None,
-                 drop_map_path: Path | None = None) -> VerifyReport:
+                 drop_map_path: Path | None = None) -> PruneVerifyReport:
     """Check ``pruned_dir`` against ``base_dir`` with the drop map stored in ``pruned_dir``.
 
     ``drop_map`` (with ``drop_map_path`` for messages) is given instead by ``invoke audit`` for
     artifacts whose drop map has another format (the seed's).
     """
     base_dir, pruned_dir = Path(base_dir), Path(pruned_dir)
-    report = VerifyReport(base_dir=str(base_dir), pruned_dir=str(pruned_dir))
+    report = PruneVerifyReport(base_dir=str(base_dir), pruned_dir=str(pruned_dir))
     base_config_path = base_dir / "config.json"
     base_config = read_json(base_config_path, "model config")
     pruned_config_json = read_json(pruned_dir / "config.json", "pruned model config")
@@ -161,7 +161,7 @@ def verify_prune(base_dir: str | Path, pruned_dir: str | Path, drop_map: dict[st
 
 
 def _check_rows(base: Checkpoint, info: TensorInfo, pruned: Checkpoint, got: TensorInfo,
-                keep: list[int], report: VerifyReport, role: str | None) -> None:
+                keep: list[int], report: PruneVerifyReport, role: str | None) -> None:
     """Row ``i`` of the pruned tensor must equal row ``keep[i]`` of the base tensor."""
     row_nbytes = info.row_nbytes()
     bad = []
@@ -190,7 +190,7 @@ def _check_rows(base: Checkpoint, info: TensorInfo, pruned: Checkpoint, got: Ten
         report.expert_slices_checked += len(keep)
 
 
-def _same_bytes(base: Checkpoint, a: TensorInfo, pruned: Checkpoint, b: TensorInfo, report: VerifyReport) -> bool:
+def _same_bytes(base: Checkpoint, a: TensorInfo, pruned: Checkpoint, b: TensorInfo, report: PruneVerifyReport) -> bool:
     if a.nbytes != b.nbytes:
         return False
     for left, right in zip(_chunks(base, a), _chunks(pruned, b), strict=True):

@@ -4,7 +4,7 @@ Public interface:
 
 - ``get_runner(kind, recipe, image=None) -> Runner``: ``kind`` is "native", "docker" or None
   (the recipe's ``[runner] kind``). Inside the image it is always native.
-- ``runner.run_stage(argv, mounts=(), env=None, log_path=None, stream=print) -> StageResult``:
+- ``runner.run_stage(argv, mounts=(), env=None, log_path=None, stream=print) -> RunnerResult``:
   ``argv`` is the ``invoke`` command line after ``invoke``, e.g.
   ``stage_argv("prune", recipe)`` = ``["prune", "--recipe", "/abs/recipes/demo.toml"]``.
 - ``runner.describe() -> dict``: what the manifest records (docker: image id, repo digests).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from moeprune.layout import runs_root
 from moeprune.recipe import Recipe
-from moeprune.runner.base import Mount, Runner, StageResult, redact, secret_values
+from moeprune.runner.base import Mount, Runner, RunnerResult, redact, secret_values
 from moeprune.runner.docker_runner import DockerRunner, gpu_present
 from moeprune.runner.errors import (
     ContainerKilledError,
@@ -36,7 +36,7 @@ IN_CONTAINER_ENV = "MOEPRUNE_IN_CONTAINER"
 __all__ = [
     "RUNNER_KINDS", "ContainerKilledError", "DockerRunner", "DockerUnavailableError", "ImageBuildError",
     "ImageNotFoundError", "Mount", "NativeRunner", "Runner", "RunnerError", "StageFailedError",
-    "StageResult", "get_runner", "gpu_present", "hf_home", "in_container", "recipe_mounts", "redact",
+    "RunnerResult", "get_runner", "gpu_present", "hf_home", "in_container", "recipe_mounts", "redact",
     "secret_values", "stage_argv",
 ]
 

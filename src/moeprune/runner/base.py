@@ -50,7 +50,7 @@ class Mount:
 
 
 @dataclass(frozen=True)
-class StageResult:
+class RunnerResult:
     """What happened when a stage command ran."""
 
     runner: str
@@ -153,8 +153,8 @@ class Runner(abc.ABC):
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
         stream: Stream | None = _print_line,
-    ) -> StageResult:
-        """Run ``invoke <argv...>``; stream its output; return a StageResult.
+    ) -> RunnerResult:
+        """Run ``invoke <argv...>``; stream its output; return a RunnerResult.
 
         ``mounts`` and ``env`` add to those the runner was made with. Output lines (secrets
         redacted) go to ``stream`` and are appended to ``log_path``. Raises StageFailedError

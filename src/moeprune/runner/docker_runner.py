@@ -26,7 +26,7 @@ from moeprune.runner.base import (
     LogSink,
     Mount,
     Runner,
-    StageResult,
+    RunnerResult,
     Stream,
     _print_line,
     redact,
@@ -163,7 +163,7 @@ class DockerRunner(Runner):
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
         stream: Stream | None = _print_line,
-    ) -> StageResult:
+    ) -> RunnerResult:
         from docker.errors import APIError, DockerException, NotFound
 
         client = self.client
@@ -222,7 +222,7 @@ class DockerRunner(Runner):
                        f"{spec['name']} (image {image['ref']}){where}\n--- last lines ---\n{tail}", secrets),
                 exit_code=exit_code, log_tail=tail,
             )
-        return StageResult(self.kind, tuple(argv), exit_code, duration_s, log_path, environment)
+        return RunnerResult(self.kind, tuple(argv), exit_code, duration_s, log_path, environment)
 
 
 def _start_error(exc: Exception, spec: Mapping[str, Any]) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from moeprune.runner.base import LogSink, Mount, Runner, StageResult, Stream, _print_line, redact, secret_values
+from moeprune.runner.base import LogSink, Mount, Runner, RunnerResult, Stream, _print_line, redact, secret_values
 from moeprune.runner.errors import RunnerError, StageFailedError
 
 TERMINATE_GRACE_S = 10
@@ -54,7 +54,7 @@ class NativeRunner(Runner):
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
         stream: Stream | None = _print_line,
-    ) -> StageResult:
+    ) -> RunnerResult:
         full_env = {**os.environ, **self.env, **(env or {})}
         secrets = secret_values(full_env)
         sink = LogSink(log_path, stream, secrets)
@@ -91,7 +91,7 @@ class NativeRunner(Runner):
                        f"--- last lines ---\n{sink.tail_text()}", secrets),
                 exit_code=exit_code, log_tail=sink.tail_text(),
             )
-        return StageResult(self.kind, tuple(argv), exit_code, duration_s, log_path, self.describe())
+        return RunnerResult(self.kind, tuple(argv), exit_code, duration_s, log_path, self.describe())
 
     def describe(self) -> dict[str, Any]:
         return {
