@@ -21,7 +21,7 @@ import torch
 from moeprune.profile.hooks import find_moe_layers, instrument_moe
 
 
-def build_stack(num_layers: int, dtype: torch.dtype) -> torch.nn.Module:
+def build_stack(num_layers: int, dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
     """Gemma 4 26B-A4B shapes: hidden 2816, 128 experts of 704, top-8, dense MLP 2112."""
     from transformers import Gemma4TextConfig, Gemma4TextModel
 
@@ -46,6 +46,7 @@ def build_stack(num_layers: int, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = Gemma4TextModel(config).to(dtype).eval()
+    model = model.to(device)
     with torch.no_grad():
         for layer in find_moe_layers(model):  # decisive routing, like a trained router
             layer.router.proj.weight.normal_(0.0, 1.0)
@@ -57,7 +58,9 @@ class NaiveProfiler:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.layers = find_moe_layers(model)
-        self.sums = {layer.layer_index: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in self.layers}
+        device = next(model.parameters()).device
+        self.sums = {layer.layer_index: torch.zeros(layer.num_experts, dtype=torch.float64, device=device)
+                     for layer in self.layers}
         self.handles = []
 
     def __enter__(self) -> NaiveProfiler:
@@ -74,7 +77,8 @@ class NaiveProfiler:
 
         def hook(_module, args, _output):
             hidden, top_k_index, top_k_weights = args
-            dense_weights = torch.zeros(hidden.shape[0], experts.num_experts, dtype=top_k_weights.dtype)
+            dense_weights = torch.zeros(hidden.shape[0], experts.num_experts, dtype=top_k_weights.dtype,
+                                        device=hidden.device)
             dense_weights.scatter_(1, top_k_index, top_k_weights)
             for expert in range(experts.num_experts):
                 gate, up = torch.nn.functional.linear(hidden, experts.gate_up_proj[expert]).chunk(2, dim=-1)
@@ -93,12 +97,14 @@ def main() -> None:
     parser.add_argument("--naive-repeats", type=int, default=1)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (CUDA times are wall times after synchronize).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     dtype = getattr(torch, args.dtype)
-    model = build_stack(args.layers, dtype)
-    input_ids = torch.randint(0, 1024, (1, args.tokens), generator=torch.Generator().manual_seed(1))
+    model = build_stack(args.layers, dtype, args.device)
+    input_ids = torch.randint(0, 1024, (1, args.tokens), generator=torch.Generator().manual_seed(1)).to(args.device)
+    cuda = args.device.startswith("cuda")
     attention_mask = torch.ones_like(input_ids)
 
     def plain() -> None:
@@ -106,7 +112,7 @@ def main() -> None:
 
     def profiled() -> None:
         with instrument_moe(model, num_domains=1) as recorder:
-            recorder.set_token_domains(torch.zeros(args.tokens, dtype=torch.long))
+            recorder.set_token_domains(torch.zeros(args.tokens, dtype=torch.long, device=args.device))
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
     def naive() -> None:
@@ -114,9 +120,15 @@ def main() -> None:
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
     def timed(fn) -> tuple[float, float]:
+        if cuda:
+            torch.cuda.synchronize()
         wall_start, cpu_start = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             fn()
+        if cuda:  # kernels run asynchronously: the GPU time is the wall time after synchronizing
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - wall_start
+            return wall, wall
         return time.process_time() - cpu_start, time.perf_counter() - wall_start
 
     timed(plain), timed(profiled)  # warm-up: allocator, kernels
@@ -129,7 +141,7 @@ def main() -> None:
     wall = {name: min(t[1] for t in values) for name, values in runs.items()}
 
     print(f"stack: {args.layers} MoE layers, hidden 2816, 128 experts x 704, top-8, dense MLP 2112, "
-          f"{args.dtype}, {args.tokens} tokens, {args.threads} thread(s), best of {args.repeats}")
+          f"{args.dtype}, {args.tokens} tokens, {args.threads} thread(s), {args.device}, best of {args.repeats}")
     for name in ("plain", "profiled", "naive"):
         print(f"{name:9s} forward  cpu {cpu[name]:7.3f} s   wall {wall[name]:7.3f} s")
     # Each profiled run is paired with the plain run just before it: the median of those ratios is

@@ -238,3 +238,21 @@ def test_demo_mcq_loads_in_lm_eval_from_a_rendered_task_dir(tmp_path, monkeypatc
         question=first["Question"], c1=first["choice1"], c2=first["choice2"], c3=first["choice3"],
         c4=first["choice4"])
     assert task.doc_to_target(docs[0]) == first["answer"]
+
+
+def test_demo_calibration_and_kld_text_come_from_the_training_distribution():
+    """Committed files equal what moeprune.demo.calibration generates; none holds a held-out question."""
+    from moeprune.demo import calibration
+    from moeprune.demo.data import heldout_mcqs
+
+    assert calibration.CALIBRATION_PATH.read_text(encoding="utf-8") == calibration.calibration_jsonl()
+    assert calibration.KLD_TEXT_PATH.read_text(encoding="utf-8") == calibration.kld_text()
+    rows = calibration.calibration_prompts()
+    assert {row["domain"] for row in rows} == set(calibration.DOMAINS)
+    heldout = calibration.heldout_keys()
+    calibrated = calibration.calibration_keys(rows)
+    assert len(calibrated) == 4 * calibration.PROMPTS_PER_DOMAIN and not calibrated & heldout
+    text = calibration.KLD_TEXT_PATH.read_text(encoding="utf-8")
+    heldout_prompts = {q.prompt() for q in heldout_mcqs(calibration.HELDOUT_COUNT, calibration.DEMO_SEED)}
+    assert not any(prompt in text for prompt in heldout_prompts)
+    assert not any(row["prompt"] in text for row in rows if row["domain"].startswith("mcq-"))

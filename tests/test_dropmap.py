@@ -593,9 +593,13 @@ def test_compare_criteria_writes_table_and_plot(tiny_model, tmp_path):
     paths = write_criteria_docs(result, tmp_path / "docs")
     markdown = paths["markdown"].read_text()
     assert "## Keep 12 of 16 experts (75%)" in markdown and "## Keep 8 of 16 experts (50%)" in markdown
+    assert result["baseline"]["kld"] == pytest.approx(0.0, abs=1e-12)  # the unpruned model against itself
+    assert result["baseline"]["top1_agreement"] == 1.0
     for row in result["rows"]:
+        assert row["kld"] > 0 and 0 <= row["top1_agreement"] <= 1 and row["tokens"] == row["target_tokens"]
         if row["criterion"] != "random":
-            assert f"`{row['criterion']}` | {row['loss']:.4f}" in markdown
+            assert f"`{row['criterion']}` | {row['kld']:.4f} ± {row['kld_stderr']:.4f} |" in markdown
+    assert "Lowest KL divergence at 12 experts" in markdown
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(paths["json"].read_text())["baseline"]["loss"] == pytest.approx(result["baseline"]["loss"])
 
@@ -639,3 +643,20 @@ def test_compare_criteria_task_on_a_random_demo_model(tmp_path):
     assert {row["criterion"] for row in result["rows"]} == {"contribution-sum", "sequence-norm-sum", "reap-mean",
                                                             "frequency", "domain-max", "random"}
     assert "Lowest held-out loss at 12 experts" in (tmp_path / "docs" / "criteria.md").read_text()
+
+
+def test_agreement_with_base_is_kl_divergence_and_top1_share():
+    from moeprune.dropmap.compare import agreement_with_base
+
+    base = np.log(np.array([[0.7, 0.2, 0.1], [0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
+    other = np.log(np.array([[0.6, 0.3, 0.1], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]]))
+    same = agreement_with_base(base, base)
+    assert same["kld"] == 0.0 and same["top1_agreement"] == 1.0 and same["tokens"] == 3
+    got = agreement_with_base(base, other)
+    per_token = [sum(p * (np.log(p) - np.log(q)) for p, q in zip(pb, pq))
+                 for pb, pq in zip(np.exp(base), np.exp(other))]
+    assert got["kld"] == pytest.approx(np.mean(per_token))
+    assert got["kld_stderr"] == pytest.approx(np.std(per_token, ddof=1) / np.sqrt(3))
+    assert got["top1_agreement"] == pytest.approx(2 / 3)  # token 2's top choice moved from 0 to 1
+    with pytest.raises(DropMapError, match="do not pair up"):
+        agreement_with_base(base, other[:2])

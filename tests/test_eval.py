@@ -315,7 +315,8 @@ def _recipe(tmp_path: Path, **eval_overrides):
         "calibration": {"prompts": "p.jsonl", "domains": ["math"], "prompts_per_domain": 1, "max_new_tokens": 4},
         "dropmap": {"strategy": "uniform-count", "keep_count": 2},
         "prune": {"max_shard_bytes": 4096},
-        "serve": {"ctx_size": 512},
+        # one request per server slot (the recipe requires eval.num_concurrent == serve.parallel)
+        "serve": {"ctx_size": 512, "parallel": eval_overrides.get("num_concurrent", 2)},
         "eval": {"tasks": ["tiny_mcq"], "include_path": "tasks", "max_gen_toks": 77, "seed": 1234,
                  "num_concurrent": 2, "request_timeout_s": 30, "bootstrap_resamples": 500, **eval_overrides},
     }

@@ -211,6 +211,14 @@ def test_server_flags_follow_the_recipe():
                         "--reasoning-budget": "8192", "--parallel": "1", "--seed": "0"}.items():
         assert flag in flags and flags[flags.index(flag) + 1] == value, (flag, pairs)
     assert "--threads" not in flags
+    assert "--kv-unified" not in flags  # one slot: nothing to share
+
+
+def test_parallel_slots_share_one_kv_cache_unless_told_not_to():
+    serve = ServeSection(ctx_size=8192, parallel=4)
+    flags = server_flags(serve)
+    assert flags[flags.index("--parallel") + 1] == "4" and "--kv-unified" in flags
+    assert "--kv-unified" not in server_flags(serve.model_copy(update={"kv_unified": False}))
 
 
 # --- with the real build --------------------------------------------------------------------

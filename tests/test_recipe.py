@@ -22,6 +22,7 @@ def _absolute(data: dict) -> None:
     data["model"]["base"] = str((recipes / data["model"]["base"]).resolve())
     data["calibration"]["prompts"] = str((recipes / data["calibration"]["prompts"]).resolve())
     data["eval"]["include_path"] = str((recipes / data["eval"]["include_path"]).resolve())
+    data["kld"]["text"] = str((recipes / data["kld"]["text"]).resolve())
 
 
 def _dump_toml(data: dict, prefix: str = "") -> str:
@@ -155,3 +156,31 @@ def test_every_field_is_documented():
                 assert field.description, f"{model.__name__}.{name} has no description"
 
     walk(Recipe)
+
+
+def test_concurrency_must_match_the_server_slots(variant):
+    path = variant(lambda d: d["eval"].update(num_concurrent=4))
+    with pytest.raises(RecipeError, match=r"eval.num_concurrent = 4 must equal serve.parallel = 1"):
+        load_recipe(path, check_inputs=False)
+    path = variant(lambda d: (d["eval"].update(num_concurrent=4), d["serve"].update(parallel=4)))
+    assert load_recipe(path, check_inputs=False).serve.kv_unified
+
+
+def test_split_kv_cache_must_hold_each_slots_budget(variant):
+    path = variant(lambda d: (d["eval"].update(num_concurrent=32), d["serve"].update(parallel=32, kv_unified=False)))
+    with pytest.raises(RecipeError, match=r"32 slots of 64 tokens, fewer than eval.max_gen_toks = 128"):
+        load_recipe(path, check_inputs=False)
+
+
+def test_kld_needs_a_held_out_text(variant):
+    path = variant(lambda d: d["kld"].pop("text"))
+    with pytest.raises(RecipeError, match=r"kld.enabled needs kld.text"):
+        load_recipe(path, check_inputs=False)
+    path = variant(lambda d: d["kld"].update(text=str(ROOT / "nope.txt")))
+    with pytest.raises(RecipeError, match=r"field 'kld.text'.*nope.txt.*file not found"):
+        load_recipe(path)
+
+
+def test_reference_recipe_stays_serial():
+    recipe = load_recipe(REFERENCE, check_inputs=False)
+    assert recipe.serve.parallel == 1 and recipe.eval.num_concurrent == 1

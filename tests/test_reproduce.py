@@ -84,7 +84,7 @@ def reference_run(demo_run: Path, tmp_path_factory) -> Path:
 def test_full_demo_then_everything_skipped(reference_run: Path):
     entries = lock(reference_run)
     assert set(entries) == {"profile", "dropmap", "prune", "convert-base", "convert-pruned", "quantize-base",
-                             "quantize-pruned", "eval-base", "eval-pruned", "results", "card", "manifest"}
+                             "quantize-pruned", "eval-base", "eval-pruned", "results", "kld", "card", "manifest"}
     for name in ARTIFACTS:
         assert (reference_run / name).exists(), name
     second = reproduce(reference_run.parent)
@@ -124,7 +124,7 @@ def test_new_threshold_reruns_dropmap_and_downstream_only(reference_run: Path, t
     assert statuses["profile"] == "skipped"
     for name in ("convert-base", "quantize-base", "eval-base"):
         assert statuses[name] == "skipped", (name, result.stderr)
-    for name in ("dropmap", "prune", "convert-pruned", "quantize-pruned", "eval-pruned", "results", "card",
+    for name in ("dropmap", "prune", "convert-pruned", "quantize-pruned", "eval-pruned", "results", "kld", "card",
                  "manifest"):
         assert statuses[name] == "ran", (name, result.stderr)
     new_map = json.loads((runs / "demo" / "expert_drop_metadata.json").read_text())

@@ -8,7 +8,8 @@
                                   ``<name>-<TYPE>.gguf`` (pruned), ``base-<TYPE>.gguf`` (base, not
                                   published), ``<file>.gguf.json`` beside each, and
                                   ``<stem>.imatrix.gguf`` when the recipe asks for an imatrix
-    ``eval/``                     lm-eval outputs, per-sample logs, ``results.json``
+    ``eval/``                     lm-eval outputs, per-sample logs, ``results.json``, ``kld.json``
+    ``kld/``                      reference log-probabilities and rival quants of the kld stage
     ``card/``                     rendered README.md (model card) and plots
     ``manifest.json``             every artifact file with size and sha256
     ``run.lock.json``             per-stage dependencies and outputs (what produced what)
@@ -126,6 +127,21 @@ class RunLayout:
     @property
     def results_path(self) -> Path:
         return self.eval_dir / "results.json"
+
+    @property
+    def kld_path(self) -> Path:
+        """KL divergence to the base model of each measured GGUF (schemas/kld.schema.json)."""
+        return self.eval_dir / "kld.json"
+
+    @property
+    def kld_evidence_dir(self) -> Path:
+        """The deterministic part of each llama-perplexity output, re-parsed by verify (published)."""
+        return self.eval_dir / "kld"
+
+    @property
+    def kld_work_dir(self) -> Path:
+        """The reference's saved log-probabilities and the rival quants (large, not published)."""
+        return self.root / "kld"
 
     @property
     def card_dir(self) -> Path:

@@ -40,6 +40,7 @@ SCHEMA_OF: dict[str, str] = {
     "expert_drop_metadata.json": "drop_map",
     "profile/profile.json": "profile",
     "eval/results.json": "results",
+    "eval/kld.json": "kld",
     "card_numbers.json": "card_numbers",
     MANIFEST_NAME: "manifest",
 }

@@ -208,7 +208,17 @@ class ServeSection(_Section):
         default="deepseek", description="--reasoning-format."
     )
     reasoning_budget: int = Field(default=-1, ge=-1, description="--reasoning-budget in tokens (-1: unlimited).")
-    parallel: int = Field(default=1, ge=1, description="Server slots (--parallel).")
+    parallel: int = Field(
+        default=1, ge=1,
+        description="Server slots (--parallel); eval.num_concurrent must match. More than 1 batches requests "
+        "together, which can change greedy outputs slightly: keep 1 where a published run must be reproduced.",
+    )
+    kv_unified: bool = Field(
+        default=True,
+        description="With parallel > 1: one KV cache shared by all slots (--kv-unified), so every slot can use "
+        "the whole ctx_size; off: each slot gets ctx_size / parallel tokens, and ctx_size must hold "
+        "parallel x eval.max_gen_toks.",
+    )
     seed: int = Field(default=0, description="Sampling seed (--seed).")
     threads: int | None = Field(default=None, ge=1, description="CPU threads (--threads); default: llama.cpp's.")
     dry_multiplier: float = Field(
@@ -257,6 +267,43 @@ class EvalSection(_Section):
     bootstrap_resamples: int = Field(default=10000, ge=100, description="Paired bootstrap resamples.")
 
 
+class KldSection(_Section):
+    """Teacher-forced agreement with the base model: llama-perplexity's KL divergence.
+
+    The base model at the converted precision is the reference; the stage measures the pruned and
+    the base eval quants against it, and the base quantized to the type of ``rival_types`` whose
+    file is closest in size to the pruned eval quant (the equal-size rival).
+    """
+
+    enabled: bool = Field(default=False, description="Run the kld stage (off: kld.json records that it was off).")
+    text: str | None = Field(
+        default=None,
+        description="Held-out plain-text file (not the calibration prompts), relative to the recipe file; "
+        "required when enabled.",
+    )
+    ctx_size: int = Field(default=512, ge=16, description="Tokens per chunk; the second half of each is scored.")
+    chunks: int | None = Field(
+        default=None, ge=1,
+        description="Score this many chunks (None: all the text holds but one); the text must hold one chunk more.",
+    )
+    rival_types: list[str] = Field(
+        default=["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S"],
+        description="llama-quantize types the base is quantized to; the one whose file size is closest to the "
+        "pruned eval quant is the equal-size rival (every one is measured and plotted).",
+    )
+    self_kld_tolerance: float = Field(
+        default=1e-3, gt=0,
+        description="The reference measured against its own saved log-probabilities must give |KLD| at most "
+        "this (nats/token; the saved log-probabilities are 16-bit, so not exactly 0).",
+    )
+
+    @model_validator(mode="after")
+    def _text_when_enabled(self) -> KldSection:
+        if self.enabled and not self.text:
+            raise ValueError("kld.enabled needs kld.text, a held-out plain-text file (or set enabled = false)")
+        return self
+
+
 class CardSection(_Section):
     """Model card rendering."""
 
@@ -294,12 +341,33 @@ class Recipe(_Section):
     quantize: QuantizeSection = QuantizeSection()
     serve: ServeSection
     eval: EvalSection
+    kld: KldSection = KldSection()
     card: CardSection = CardSection()
     publish: PublishSection = PublishSection()
     runner: RunnerSection = RunnerSection()
 
     # Set by load_recipe, not by the TOML: where the file lives (for relative paths).
     source_path: Annotated[Path | None, Field(exclude=True)] = None
+
+    @model_validator(mode="after")
+    def _concurrency_matches_slots(self) -> Recipe:
+        # More requests than slots only queue in the server; fewer leave slots idle. Either way the
+        # recorded settings would not say what ran in parallel.
+        if self.eval.num_concurrent != self.serve.parallel:
+            raise ValueError(
+                f"eval.num_concurrent = {self.eval.num_concurrent} must equal serve.parallel = "
+                f"{self.serve.parallel} (one request per server slot)"
+            )
+        if self.serve.parallel > 1 and not self.serve.kv_unified:
+            per_slot = self.serve.ctx_size // self.serve.parallel
+            if per_slot < self.eval.max_gen_toks:
+                raise ValueError(
+                    f"serve.kv_unified = false splits serve.ctx_size = {self.serve.ctx_size} into "
+                    f"{self.serve.parallel} slots of {per_slot} tokens, fewer than eval.max_gen_toks = "
+                    f"{self.eval.max_gen_toks}; set kv_unified = true or raise ctx_size to at least "
+                    f"{self.serve.parallel * self.eval.max_gen_toks} plus the prompts"
+                )
+        return self
 
     @field_validator("name")
     @classmethod
@@ -330,6 +398,10 @@ class Recipe(_Section):
     @property
     def prompts_path(self) -> Path:
         return self.resolve(self.calibration.prompts)
+
+    @property
+    def kld_text_path(self) -> Path | None:
+        return self.resolve(self.kld.text) if self.kld.enabled and self.kld.text else None
 
     @property
     def generate_gguf_path(self) -> Path | None:
@@ -375,6 +447,8 @@ def _describe(error: dict[str, Any], data: dict[str, Any]) -> str:
         return f"unknown field '{field}': remove it or check its spelling"
     if kind == "missing":
         return f"missing required field '{field}'"
+    if not loc:  # a check across sections: its message names the fields
+        return message
     value = _lookup(data, loc)
     shown = json.dumps(value) if value is not None else "(section)"
     return f"field '{field}' = {shown}: {message}"
@@ -401,6 +475,11 @@ def check_recipe_inputs(recipe: Recipe) -> None:
         raise RecipeError(
             f"{where}: field 'calibration.prompts' = {json.dumps(recipe.calibration.prompts)}: "
             f"file not found ({recipe.prompts_path}); create it or fix the path"
+        )
+    if recipe.kld_text_path is not None and not recipe.kld_text_path.is_file():
+        raise RecipeError(
+            f"{where}: field 'kld.text' = {json.dumps(recipe.kld.text)}: file not found "
+            f"({recipe.kld_text_path}); point it at a held-out plain-text file or set kld.enabled = false"
         )
     gguf = recipe.generate_gguf_path
     if recipe.profile.generate == "llama-server" and gguf is not None and not gguf.is_file():

@@ -362,6 +362,42 @@ def _check_risky_files(report: VerifyReport, art: _Artifact) -> None:
         report.add("code / pickle files", "artifact", [], "none: safetensors and JSON only")
 
 
+def _check_kld(report: VerifyReport, art: _Artifact, results: dict[str, Any] | None) -> None:
+    """eval/kld.json: every number re-parsed from its llama-perplexity evidence, the rival re-chosen,
+    the self-check redone, and the pruned row measured the GGUF that was evaluated and published."""
+    from moeprune.kld.report import recompute_kld
+
+    target = "eval/kld.json"
+    path = art.local.get(("model", target))
+    if path is None or not path.is_file():
+        enabled = ((art.manifest.get("recipe") or {}).get("kld") or {}).get("enabled", False)
+        if enabled:
+            report.add("KLD recompute", target, [f"{target}: missing, but the recipe has kld.enabled = true"])
+        else:
+            report.add("KLD recompute", target, [], skipped="the recipe did not measure KL divergence")
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        recomputed = recompute_kld(art.source.eval_dir, stored)
+    except (ValueError, KeyError, StopIteration, MoepruneError) as exc:
+        report.add("KLD recompute", target, [f"{target}: {exc}"])
+        return
+    problems = [f"{target}{line}" for line in _diff(stored, recomputed)]
+    if stored.get("enabled"):
+        rows = {row["role"]: row for row in stored.get("rows", [])}
+        pruned = rows.get("pruned-eval")
+        evaluated = ((results or {}).get("models", {}).get("pruned") or {}).get("gguf")
+        if pruned is not None and evaluated is not None and pruned["gguf"]["sha256"] != evaluated["sha256"]:
+            problems.append(f"{target}: the pruned-eval row measured sha256 {pruned['gguf']['sha256']}, but "
+                            f"eval/results.json evaluated {evaluated['sha256']}")
+        published = {e["sha256"] for e in art.manifest.get("files", []) if e.get("repo") == "gguf"}
+        if pruned is not None and published and pruned["gguf"]["sha256"] not in published:
+            problems.append(f"{target}: the pruned-eval row's GGUF ({pruned['gguf']['file']}) is no published GGUF")
+    passed = (f"{len(stored.get('rows', []))} rows re-parsed from eval/kld/; rival {stored['rival']['quant_type']}"
+              if stored.get("enabled") else "the recipe turned the kld stage off")
+    report.add("KLD recompute", target, problems, passed)
+
+
 def _check_drop_map(report: VerifyReport, art: _Artifact) -> None:
     from moeprune.card.numbers import checkpoint_facts
     from moeprune.dropmap.io import load_drop_map
@@ -627,6 +663,7 @@ def verify_artifact(
     _guarded(report, "re-score samples", "eval/*/samples_*.jsonl", _check_rescore, report, art)
     _guarded(report, "evaluated GGUF = published GGUF", "eval/results.json", _check_gguf_records, report, art,
              results)
+    _guarded(report, "KLD recompute", "eval/kld.json", _check_kld, report, art, results)
     _guarded(report, "drop map vs weights", "expert_drop_metadata.json", _check_drop_map, report, art)
     _guarded(report, "profile findings", "profile/stats.safetensors", _check_profile, report, art)
     _guarded(report, "card numbers", "card_numbers.json", _check_card, report, art, results)

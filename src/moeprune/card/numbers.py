@@ -358,7 +358,76 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
 
     # ---- evaluation
     _eval_numbers(card, source, results, recipe)
+    _kld_numbers(card, source)
     return card
+
+
+_KLD_ROLE_NAMES = {
+    "reference": "base {q}: the reference against itself",
+    "pruned-converted": "pruned {q} (pruning alone)",
+    "base-eval": "base {q} (quantization alone)",
+    "pruned-eval": "**pruned {q} (this model)**",
+    "pruned-quant": "pruned {q}",
+    "base-candidate": "base {q}",
+}
+_KLD_ORDER = ("reference", "pruned-converted", "base-eval", "pruned-eval", "pruned-quant", "base-candidate")
+
+
+def _kld_numbers(card: CardNumbers, source: ArtifactSource) -> None:
+    """The KLD table, the equal-size comparison and the plot series, from ``eval/kld.json``."""
+    from moeprune.kld.report import load_kld
+
+    kld = load_kld(source.eval_dir / "kld.json")
+    card.tables["kld"] = []
+    if kld is None or not kld["enabled"]:
+        return
+    src = "eval/kld.json"
+    rows = sorted(kld["rows"], key=lambda r: (_KLD_ORDER.index(r["role"]), -r["gguf"]["size_bytes"]))
+    rival = kld["rival"]
+    reference = kld["reference"]
+    card.facts["kld_text"] = kld["text"]["file"]
+    card.facts["kld_reference"] = reference["label"].replace("base-", "", 1)
+    card.add("kld.tokens", rows[0]["scored_tokens"], fmt_int(rows[0]["scored_tokens"]), f"{src}: rows[].scored_tokens")
+    card.add("kld.chunks", reference["chunks"], fmt_int(reference["chunks"]), f"{src}: reference.chunks")
+    card.add("kld.ctx_size", reference["ctx_size"], fmt_int(reference["ctx_size"]), f"{src}: reference.ctx_size")
+    card.add("kld.reference_ppl", reference["ppl"], f"{reference['ppl']:.2f}", f"{src}: reference.ppl")
+    table = []
+    for row in rows:
+        key = f"kld.{row['label']}"
+        where = f"{src}: rows[{row['label']}]"
+        kl, top1 = row["mean_kld"], row["top1_agreement"]
+        card.add(f"{key}.size", row["gguf"]["size_bytes"], fmt_bytes(row["gguf"]["size_bytes"]), f"{where}.gguf.size_bytes")
+        # + 0.0: the reference against itself reads 0.0000, not -0.0000
+        card.add(f"{key}.kld", kl["value"], f"{kl['value'] + 0.0:.4f} ± {kl['stderr']:.4f}", f"{where}.mean_kld")
+        card.add(f"{key}.top1", top1["value"], f"{100 * top1['value']:.2f}% ± {100 * top1['stderr']:.2f}%",
+                 f"{where}.top1_agreement")
+        card.add(f"{key}.ppl_ratio", row["ppl_ratio"], f"{row['ppl_ratio']:.4f}", f"{where}.ppl_ratio")
+        name = _KLD_ROLE_NAMES[row["role"]].format(q=row["quant_type"])
+        if row["label"] == rival["label"]:
+            name = f"**{name} (equal-size rival)**"
+        table.append({"name": name, "key": key})
+    card.tables["kld"] = table
+    card.facts["kld_rival"] = rival["quant_type"]
+    card.add("kld.rival_size_delta", rival["size_difference_fraction"], fmt_signed_pct(rival["size_difference_fraction"], 1),
+             f"{src}: rival.size_difference_fraction")
+    by_label = {row["label"]: row for row in kld["rows"]}
+    pruned, rival_row = by_label[rival["pruned_label"]], by_label[rival["label"]]
+    gap = pruned["mean_kld"]["value"] - rival_row["mean_kld"]["value"]
+    spread = math.hypot(pruned["mean_kld"]["stderr"], rival_row["mean_kld"]["stderr"])
+    card.add("kld.equal_size_gap", gap, f"{gap:+.4f}".replace("-", "−"), "pruned - rival mean KLD")
+    sigmas = abs(gap) / spread if spread > 0 else math.inf
+    card.add("kld.equal_size_sigmas", sigmas, f"{sigmas:.1f}", "|gap| / combined uncertainty")
+    closer = ("the pruned model is closer to the base than the base quantized harder" if gap < 0 else
+              f"the base quantized to {rival['quant_type']} is closer to the base than the pruned model")
+    card.facts["kld_verdict"] = (closer + ("" if sigmas >= 2 else
+                                 ", but by less than two combined uncertainties (not a clear difference)"))
+    card.series["kld"] = {
+        "points": [{"label": row["label"], "model": row["model"], "role": row["role"], "quant_type": row["quant_type"],
+                    "size_bytes": row["gguf"]["size_bytes"], "kld": row["mean_kld"]["value"],
+                    "stderr": row["mean_kld"]["stderr"]} for row in rows if row["role"] != "reference"],
+        "rival": rival["label"],
+        "pruned": rival["pruned_label"],
+    }
 
 
 def _phase1_facts(card: CardNumbers, source: ArtifactSource, profile_cfg: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PLOT_NAMES = ("retention.png", "concentration.png", "gini.png", "agreement.png")
+PLOT_NAMES = ("retention.png", "concentration.png", "gini.png", "agreement.png", "kld.png")
 
 
 def _pyplot() -> Any:
@@ -92,6 +92,37 @@ def render_plots(series: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.set_title(task)
         fig.suptitle("Base vs pruned, same questions")
         written.append(out_dir / "agreement.png")
+        _save(fig, written[-1])
+        plt.close(fig)
+
+    kld = series.get("kld")
+    if kld:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for model, color in (("base", "#4c72b0"), ("pruned", "#dd8452")):
+            points = sorted((p for p in kld["points"] if p["model"] == model), key=lambda p: p["size_bytes"])
+            if not points:
+                continue
+            sizes = [p["size_bytes"] / 1e6 for p in points]
+            ax.errorbar(sizes, [p["kld"] for p in points], yerr=[p["stderr"] for p in points], color=color,
+                        marker="o", linestyle="-" if model == "base" else ":", capsize=3, label=f"{model} quants")
+            for p, size in zip(points, sizes):
+                ax.annotate(p["quant_type"], (size, p["kld"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for label, marker, name in ((kld["rival"], "s", "equal-size rival"), (kld["pruned"], "D", "this model")):
+            point = next((p for p in kld["points"] if p["label"] == label), None)
+            if point is not None:
+                ax.scatter([point["size_bytes"] / 1e6], [point["kld"]], s=140, facecolors="none",
+                           edgecolors="black", marker=marker, label=name, zorder=5)
+        ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter
+
+        for axis in (ax.xaxis,):
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("GGUF file size (MB)")
+        ax.set_ylabel("mean KL divergence to the base (nats/token)")
+        ax.set_title("What pruning costs, and what quantization costs")
+        ax.legend(fontsize="small")
+        written.append(out_dir / "kld.png")
         _save(fig, written[-1])
         plt.close(fig)
     return written

@@ -4,13 +4,18 @@ For each keep count (default 75% and 50% of the experts) and each criterion, the
 ranked by that criterion's score from the profile, each layer keeps its top N (``uniform-count``),
 and the model is pruned *in memory* exactly as the prune stage does on disk: expert weights,
 router rows (and per-expert biases and scales) are sliced to the kept experts and the expert
-count is updated.
-Then it measures
+count is updated. Then it measures, teacher-forced on the reference answers of the held-out
+examples (answer tokens only):
 
-- held-out next-token loss: mean negative log-likelihood (nats per token) of the reference
-  answers given their prompts, over the answer tokens only;
+- KL divergence of the pruned model's next-token distribution from the unpruned model's,
+  ``KL(base || pruned)`` in nats per token, with its standard error over tokens (primary: it uses
+  the whole distribution at every token, so it separates criteria that accuracy cannot);
+- top-1 agreement: the fraction of tokens where both models put the highest probability on the
+  same token (primary);
+- held-out next-token loss: mean negative log-likelihood (nats per token) of the reference answers;
 - held-out accuracy (when the examples carry an answer letter): greedy generation, answer read
-  with the ``The answer is (X)`` pattern, like the eval stage's flexible extraction.
+  with the ``The answer is (X)`` pattern, like the eval stage's flexible extraction (secondary:
+  one question is 100/N points).
 
 ``run_compare_criteria`` writes ``docs/criteria.json`` (every measured number), ``docs/criteria.md``
 (the table) and ``docs/criteria.png`` (the plot).
@@ -31,7 +36,13 @@ from typing import Any
 import numpy as np
 
 from moeprune.atomic import atomic_file, write_json
-from moeprune.dropmap.select import CRITERIA, DropMapError, criterion_scores, select_experts
+from moeprune.dropmap.select import (
+    CRITERIA,
+    DropMapError,
+    criterion_scores,
+    select_experts,
+)
+from moeprune.hashing import sha256_file
 
 DEFAULT_KEEP_FRACTIONS = (0.75, 0.5)
 ANSWER_PATTERN = re.compile(r"answer is \(([A-D])\)")
@@ -131,6 +142,56 @@ def heldout_nll(model: Any, encoded: Sequence[EncodedExample], batch_size: int =
     return total_nll, total_tokens
 
 
+def heldout_logprobs(model: Any, encoded: Sequence[EncodedExample], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Next-token log-probabilities at every scored position and the token that follows there.
+
+    Returns ``(log_probs [tokens, vocab] float64, next_ids [tokens])``, in example order.
+    """
+    import torch
+
+    pad_id = 0
+    rows, targets = [], []
+    with torch.inference_mode():
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start : start + batch_size]
+            width = max(len(e.input_ids) for e in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, example in enumerate(batch):
+                ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
+                mask[row, : len(example.input_ids)] = 1
+            log_probs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), dim=-1)
+            for row, example in enumerate(batch):
+                # position t predicts token t+1; score the positions that predict target tokens
+                positions = slice(max(example.target_start, 1) - 1, len(example.input_ids) - 1)
+                rows.append(log_probs[row, positions].numpy())
+                targets.append(np.asarray(example.input_ids[positions.start + 1 : positions.stop + 1]))
+    return np.concatenate(rows), np.concatenate(targets)
+
+
+def agreement_with_base(base_log_probs: np.ndarray, log_probs: np.ndarray) -> dict[str, float]:
+    """KL(base || model) per token (nats) and top-1 agreement, each with its standard error.
+
+    Pure: both arrays are ``[tokens, vocab]`` log-probabilities of the same positions. The standard
+    errors treat tokens as independent (tokens of one answer are not, so read them as a lower bound).
+    """
+    base_log_probs = np.asarray(base_log_probs, dtype=np.float64)
+    log_probs = np.asarray(log_probs, dtype=np.float64)
+    if base_log_probs.shape != log_probs.shape or base_log_probs.ndim != 2:
+        raise DropMapError(f"log-probabilities of shapes {base_log_probs.shape} and {log_probs.shape} do not pair up")
+    n = base_log_probs.shape[0]
+    kld = np.sum(np.exp(base_log_probs) * (base_log_probs - log_probs), axis=1)
+    same = (np.argmax(base_log_probs, axis=1) == np.argmax(log_probs, axis=1)).astype(np.float64)
+    top1 = float(same.mean())
+    return {
+        "kld": float(kld.mean()),
+        "kld_stderr": float(kld.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+        "top1_agreement": top1,
+        "top1_stderr": math.sqrt(top1 * (1 - top1) / (n - 1)) if n > 1 else 0.0,
+        "tokens": int(n),
+    }
+
+
 def greedy_accuracy(
     model: Any, tokenizer: Any, examples: Sequence[HeldoutExample], max_new_tokens: int
 ) -> tuple[int, int]:
@@ -203,11 +264,16 @@ def compare_criteria(
         )
     encoded = encode_examples(tokenizer, examples)
     model.eval()
+    reference: dict[str, np.ndarray] = {}
 
     def measure(candidate: Any) -> dict[str, Any]:
         started = time.monotonic()
-        nll, tokens = heldout_nll(candidate, encoded, batch_size)
-        row: dict[str, Any] = {"loss": nll / tokens, "target_tokens": tokens}
+        log_probs, next_ids = heldout_logprobs(candidate, encoded, batch_size)
+        nll = -log_probs[np.arange(len(next_ids)), next_ids]
+        row: dict[str, Any] = {"loss": float(nll.mean()), "target_tokens": int(len(next_ids))}
+        if not reference:
+            reference["log_probs"] = log_probs
+        row.update(agreement_with_base(reference["log_probs"], log_probs))
         if accuracy_fn is not None:
             correct, total = accuracy_fn(candidate)
             row.update(correct=correct, answered=total, accuracy=correct / total if total else None)
@@ -215,7 +281,8 @@ def compare_criteria(
         return row
 
     baseline = measure(model) | {"keep_count": num_experts}
-    log(f"baseline ({num_experts} experts): loss {baseline['loss']:.4f}" + _accuracy_note(baseline))
+    log(f"baseline ({num_experts} experts): loss {baseline['loss']:.4f}, KLD to itself {baseline['kld']:.2g}"
+        + _accuracy_note(baseline))
     rows = []
     for keep_count, fraction in zip(keep_counts_for(num_experts, top_k, keep_fractions), keep_fractions):
         for criterion in criteria:
@@ -242,6 +309,7 @@ def compare_criteria(
                 rows.append(row)
                 log(
                     f"keep {keep_count}/{num_experts} {criterion}{'' if row['seed'] is None else f' seed {seed}'}: "
+                    f"KLD {row['kld']:.4f} ± {row['kld_stderr']:.4f}, top-1 {row['top1_agreement']:.3f}, "
                     f"loss {row['loss']:.4f}, min retained {row['min_retained_fraction']:.4f}" + _accuracy_note(row)
                 )
     return {
@@ -271,12 +339,21 @@ def summarize(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     for (keep_count, criterion), rows in grouped.items():
         losses = [r["loss"] for r in rows]
         accuracies = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
+        klds = [r["kld"] for r in rows]
         table.append(
             {
                 "keep_count": keep_count,
                 "keep_fraction": rows[0]["keep_fraction"],
                 "criterion": criterion,
                 "runs": len(rows),
+                "kld": float(np.mean(klds)),
+                "kld_min": min(klds),
+                "kld_max": max(klds),
+                # one run: its standard error over tokens; several (random seeds): the mean's, over runs
+                "kld_stderr": rows[0]["kld_stderr"] if len(rows) == 1 else float(np.std(klds, ddof=1) / math.sqrt(len(rows))),
+                "top1_agreement": float(np.mean([r["top1_agreement"] for r in rows])),
+                "top1_stderr": rows[0]["top1_stderr"] if len(rows) == 1 else float(
+                    np.std([r["top1_agreement"] for r in rows], ddof=1) / math.sqrt(len(rows))),
                 "loss": float(np.mean(losses)),
                 "loss_min": min(losses),
                 "loss_max": max(losses),
@@ -290,11 +367,12 @@ def summarize(result: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def criteria_markdown(result: Mapping[str, Any], plot_name: str = "criteria.png") -> str:
-    """The docs page: setup, table per keep count (best loss first), and the plot."""
+    """The docs page: setup, table per keep count (lowest KL divergence first), and the plot."""
     table = summarize(result)
     baseline = result["baseline"]
     has_accuracy = baseline.get("accuracy") is not None
     source = result.get("source", {})
+    seeds = sorted({r["seed"] for r in result["rows"] if r["seed"] is not None})
     lines = [
         "# Drop-map criteria compared on the demo model",
         "",
@@ -302,10 +380,14 @@ def criteria_markdown(result: Mapping[str, Any], plot_name: str = "criteria.png"
         "measured, and all of them are in `criteria.json` next to this page.",
         "",
         f"- Model: `{source.get('model', '?')}` ({result['num_experts']} experts per MoE layer, top-{result['top_k']} routing).",
-        f"- Profile: `{source.get('profile', '?')}` (scores of every criterion come from it).",
-        f"- Held-out text: {result['examples']} examples from `{source.get('heldout', '?')}`; "
-        f"loss = mean negative log-likelihood (nats/token) of the reference answer given the prompt, "
-        f"{baseline['target_tokens']} answer tokens.",
+        f"- Profile: `{source.get('profile', '?')}` (scores of every criterion come from it)"
+        + (f"; calibration: {source['calibration']}" if source.get("calibration") else "") + ".",
+        f"- Held-out text: {result['examples']} examples from `{source.get('heldout', '?')}`, teacher-forced on "
+        f"the reference answers ({baseline['target_tokens']} answer tokens).",
+        "- **Primary metrics:** mean KL divergence `KL(unpruned || pruned)` of the next-token distributions "
+        "(nats/token, ± standard error) and top-1 agreement (share of tokens where both models rank the same "
+        "token first). Secondary: held-out loss (mean negative log-likelihood of the reference answer, nats/token)"
+        + (" and accuracy" if has_accuracy else "") + ".",
     ]
     if has_accuracy:
         lines.append(f"- Accuracy: {source.get('accuracy', 'greedy decoding, answer read from `The answer is (X)`')}.")
@@ -313,47 +395,71 @@ def criteria_markdown(result: Mapping[str, Any], plot_name: str = "criteria.png"
         "- Each layer keeps its top-N experts under the criterion (`uniform-count`); the model is pruned in",
         "  memory (expert weights, router rows and per-expert scales sliced, `num_experts` updated).",
         "- Retained = fraction of the layer's contribution sum (weighted output norm) the kept experts hold,",
-        "  whatever criterion ranked them; `random` is averaged over seeds "
-        f"{sorted({r['seed'] for r in result['rows'] if r['seed'] is not None})} (loss range in brackets).",
+        f"  whatever criterion ranked them; `random` is averaged over seeds {seeds} (its ± is the standard error",
+        "  over seeds, its range in brackets); for one run ± is the standard error over tokens.",
         "",
         f"Unpruned baseline ({result['num_experts']} experts): loss **{baseline['loss']:.4f}**"
-        + (f", accuracy **{100 * baseline['accuracy']:.1f}%**" if has_accuracy else "") + ".",
+        + (f", accuracy **{100 * baseline['accuracy']:.1f}%**" if has_accuracy else "")
+        + f"; against itself KLD {baseline['kld']:.1e}, top-1 agreement {100 * baseline['top1_agreement']:.1f}%.",
         "",
     ]
     for keep_count in sorted({r["keep_count"] for r in table}, reverse=True):
-        rows = sorted((r for r in table if r["keep_count"] == keep_count), key=lambda r: r["loss"])
+        rows = sorted((r for r in table if r["keep_count"] == keep_count), key=lambda r: r["kld"])
         fraction = rows[0]["keep_fraction"]
         lines += [f"## Keep {keep_count} of {result['num_experts']} experts ({100 * fraction:.0f}%)", ""]
-        header = "| Criterion | Held-out loss | vs. baseline | Worst-layer retained | Mean retained |"
-        rule = "|---|---:|---:|---:|---:|"
+        header = ("| Criterion | Mean KLD (nats/token) | Top-1 agreement | Held-out loss | vs. baseline | "
+                  "Worst-layer retained | Mean retained |")
+        rule = "|---|---:|---:|---:|---:|---:|---:|"
         if has_accuracy:
             header += " Accuracy |"
             rule += "---:|"
         lines += [header, rule]
         for row in rows:
+            kld = f"{row['kld']:.4f} ± {row['kld_stderr']:.4f}"
             loss = f"{row['loss']:.4f}"
             if row["runs"] > 1:
+                kld += f" [{row['kld_min']:.4f}-{row['kld_max']:.4f}]"
                 loss += f" [{row['loss_min']:.4f}-{row['loss_max']:.4f}]"
             cells = [
-                f"`{row['criterion']}`", loss, f"{row['loss_delta']:+.4f}",
+                f"`{row['criterion']}`", kld, f"{100 * row['top1_agreement']:.1f}% ± {100 * row['top1_stderr']:.1f}%",
+                loss, f"{row['loss_delta']:+.4f}",
                 f"{100 * row['min_retained_fraction']:.2f}%", f"{100 * row['mean_retained_fraction']:.2f}%",
             ]
             if has_accuracy:
                 cells.append("-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%")
             lines.append("| " + " | ".join(cells) + " |")
         best = rows[0]
-        lines += ["", f"Lowest held-out loss at {keep_count} experts: `{best['criterion']}` ({best['loss']:.4f})."]
+        lines += ["", f"Lowest KL divergence at {keep_count} experts: `{best['criterion']}` ({best['kld']:.4f})"
+                  + _margin_note(rows) + "."]
+        top = max(rows, key=lambda r: r["top1_agreement"])
+        lines.append(f"Highest top-1 agreement at {keep_count} experts: `{top['criterion']}` "
+                     f"({100 * top['top1_agreement']:.1f}%).")
+        lowest = min(rows, key=lambda r: r["loss"])
+        lines.append(f"Lowest held-out loss at {keep_count} experts: `{lowest['criterion']}` ({lowest['loss']:.4f}).")
         if has_accuracy:
             top = max(rows, key=lambda r: r["accuracy"] or 0.0)
             lines.append(f"Highest accuracy at {keep_count} experts: `{top['criterion']}` ({100 * top['accuracy']:.1f}%).")
         lines.append("")
     if has_accuracy:
         lines += [f"One question is {100 / result['examples']:.1f} accuracy points: differences of a few questions are "
-                  "within noise at this size.", ""]
+                  "within noise at this size, which is why accuracy is secondary here.", ""]
     for note in source.get("notes", []):
         lines += [note, ""]
-    lines += [f"![held-out loss per criterion and keep count]({plot_name})", ""]
+    lines += [f"![KL divergence, top-1 agreement and accuracy per criterion and keep count]({plot_name})", ""]
     return "\n".join(lines)
+
+
+def _margin_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    """How far the best criterion is ahead of the runner-up, in combined standard errors."""
+    if len(rows) < 2:
+        return ""
+    best, second = rows[0], rows[1]
+    spread = math.hypot(best["kld_stderr"], second["kld_stderr"])
+    if spread <= 0:
+        return ""
+    gap = (second["kld"] - best["kld"]) / spread
+    return (f", {gap:.1f} standard errors ahead of `{second['criterion']}` ({second['kld']:.4f})"
+            + ("" if gap >= 2 else ": not a clear win"))
 
 
 def plot_criteria(result: Mapping[str, Any], path: Path) -> None:
@@ -369,11 +475,12 @@ def plot_criteria(result: Mapping[str, Any], path: Path) -> None:
     keep_counts = sorted({r["keep_count"] for r in table}, reverse=True)
     criteria = list(dict.fromkeys(r["criterion"] for r in table))
     has_accuracy = baseline.get("accuracy") is not None
-    fig, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(12 if has_accuracy else 7.5, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, 3 if has_accuracy else 2, figsize=(17 if has_accuracy else 12, 4.5), squeeze=False)
     width = 0.8 / len(criteria)
-    panels = [("loss_delta", "held-out loss increase (nats/token)", 0.0)]
+    panels = [("kld", "mean KL divergence to unpruned (nats/token)", 0.0),
+              ("top1_agreement", "top-1 agreement with unpruned", 1.0)]
     if has_accuracy:
-        panels.append(("accuracy", "held-out accuracy", baseline["accuracy"]))
+        panels.append(("accuracy", "held-out accuracy (secondary)", baseline["accuracy"]))
     for ax, (key, label, reference) in zip(axes[0], panels):
         for i, criterion in enumerate(criteria):
             xs, heights, low, high = [], [], [], []
@@ -381,20 +488,22 @@ def plot_criteria(result: Mapping[str, Any], path: Path) -> None:
                 row = next(r for r in table if r["keep_count"] == keep_count and r["criterion"] == criterion)
                 xs.append(j + (i - (len(criteria) - 1) / 2) * width)
                 heights.append(row[key] if row[key] is not None else 0.0)
-                if key == "loss_delta":  # random: range over seeds
-                    low.append(row["loss"] - row["loss_min"])
-                    high.append(row["loss_max"] - row["loss"])
-            error = [low, high] if key == "loss_delta" and (any(low) or any(high)) else None
+                if key == "kld":  # ± standard error
+                    low.append(row["kld_stderr"])
+                    high.append(row["kld_stderr"])
+            error = [low, high] if key == "kld" and (any(low) or any(high)) else None
             ax.bar(xs, heights, width, label=criterion, yerr=error, capsize=3)
         ax.axhline(reference, color="black", linestyle="--", linewidth=1,
                    label=f"unpruned ({result['num_experts']} experts)")
         ax.set_xticks(range(len(keep_counts)))
         ax.set_xticklabels([f"keep {k}/{result['num_experts']}" for k in keep_counts])
         ax.set_ylabel(label)
-    axes[0][0].set_title("Loss increase after pruning (lower is better)")
+    axes[0][0].set_title("KL divergence after pruning (lower is better)")
+    axes[0][1].set_title("Top-1 agreement after pruning (higher is better)")
+    axes[0][1].set_ylim(0, 1.02)
     if has_accuracy:
-        axes[0][1].set_title("Accuracy after pruning (higher is better)")
-        axes[0][1].set_ylim(0, 1)
+        axes[0][2].set_title("Accuracy after pruning (secondary)")
+        axes[0][2].set_ylim(0, 1)
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     with atomic_file(path, "wb") as handle:
@@ -553,10 +662,21 @@ def run_compare_criteria(
                     "evaluate_heldout`, up to 96 new tokens), answer = last `(X)` in the visible reply "
                     "(lm-eval's flexible-extract)" if accuracy else None,
         "torch_threads": threads,
+        "profile_stats_sha256": sha256_file(layout.profile_stats_path),
+        "calibration": (_calibration_note(recipe.prompts_path, root)
+                        + f" in domains {', '.join(f'`{d}`' for d in stats.domains)}, {stats.num_tokens} profiled tokens"),
     }
     paths = write_criteria_docs(result, Path(docs_dir))
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return result
+
+
+def _calibration_note(path: Path, root: Path) -> str:
+    """'N prompts from `file`' when the recipe's prompts file is at hand (the profile is what counts)."""
+    if not Path(path).is_file():
+        return "prompts file not at hand"
+    count = sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    return f"{count} prompts from `{_display_path(path, root)}`"
 
 
 def _display_path(path: Path, root: Path) -> str:

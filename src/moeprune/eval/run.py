@@ -305,6 +305,8 @@ def _recording_model_class() -> type:
                     "response": content,
                     "reasoning_chars": len(reply.get("reasoning_content") or ""),
                     "finish_reason": choice.get("finish_reason"),
+                    "completion_tokens": ((outputs.get("usage") if isinstance(outputs, dict) else None)
+                                          or {}).get("completion_tokens"),
                 }
             )
 
@@ -351,6 +353,9 @@ def eval_settings(recipe: Recipe) -> dict[str, Any]:
         "model_type": MODEL_TYPE,
         "include_path": section.include_path,
         "bootstrap_resamples": section.bootstrap_resamples,
+        # Batched slots can change greedy outputs slightly: a pair evaluated differently is refused.
+        "server_parallel": recipe.serve.parallel,
+        "kv_unified": recipe.serve.parallel > 1 and recipe.serve.kv_unified,
     }
 
 

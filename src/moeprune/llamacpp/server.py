@@ -109,6 +109,8 @@ def server_flags(serve: ServeSection) -> list[str]:
         "--seed", str(serve.seed),
         "--no-webui",  # an API server: the UI is not built (LLAMA_BUILD_UI=OFF) and not wanted
     ]
+    if serve.parallel > 1 and serve.kv_unified:
+        flags.append("--kv-unified")  # every slot may use the whole context, not ctx_size / parallel
     if serve.threads is not None:
         flags += ["--threads", str(serve.threads)]
     if serve.dry_multiplier:

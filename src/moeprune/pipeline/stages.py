@@ -1,7 +1,7 @@
 """The stages of `invoke reproduce`, wired to the stage functions of each package.
 
 profile -> dropmap -> prune -> convert-base -> convert-pruned -> quantize-base -> quantize-pruned
--> eval-base -> eval-pruned -> results -> card -> manifest
+-> eval-base -> eval-pruned -> results -> kld -> card -> manifest
 
 Base and pruned models have stages of their own, so a new drop map reruns only the pruned side:
 the base model's GGUF and its evaluation are reused. Every stage runs the same way natively and in
@@ -130,6 +130,29 @@ def _results(ctx: Context) -> dict[str, Any]:
     return _headline_results(results)
 
 
+def _kld(ctx: Context) -> dict[str, Any]:
+    from moeprune.kld.stage import run_kld
+
+    document = run_kld(ctx.recipe, ctx.layout, llamacpp_build(ctx))
+    if not document["enabled"]:
+        return {}
+    rows = {row["role"]: row for row in document["rows"]}
+    return {"pruned_kld": round(rows["pruned-eval"]["mean_kld"]["value"], 5),
+            "base_kld": round(rows["base-eval"]["mean_kld"]["value"], 5),
+            "rival": document["rival"]["quant_type"],
+            "rival_kld": round(next(r for r in document["rows"] if r["label"] == document["rival"]["label"])
+                               ["mean_kld"]["value"], 5)}
+
+
+def _kld_deps(ctx: Context) -> list[Path]:
+    recipe = ctx.recipe
+    if not recipe.kld.enabled:
+        return []
+    types = (recipe.quantize.convert_outtype, *recipe.quantize.types)
+    files = [gguf_file(ctx, which, t) for which in MODELS for t in types]
+    return [*dict.fromkeys(files), *([recipe.kld_text_path] if recipe.kld_text_path else [])]
+
+
 def _card(ctx: Context) -> dict[str, Any]:
     from moeprune.card.render import run_card
 
@@ -231,9 +254,14 @@ def build_pipeline() -> Pipeline:
               deps=lambda c: [L(c).eval_model_dir(m) for m in MODELS], outs=lambda c: [L(c).results_path],
               params=lambda r: {"bootstrap_resamples": r.eval.bootstrap_resamples, "seed": r.eval.seed},
               code=("moeprune.eval",)),
+        Stage("kld", "KL divergence to the base: pruned, base and the equal-size rival (llama-perplexity)", _kld,
+              deps=_kld_deps, outs=lambda c: [L(c).kld_path, L(c).kld_evidence_dir],
+              params=lambda r: {"kld": r.kld.model_dump(mode="json"), "quantize": _section(r, "quantize")["quantize"],
+                                "threads": r.serve.threads, "n_gpu_layers": r.serve.n_gpu_layers},
+              code=("moeprune.kld", "moeprune.llamacpp"), tools=llamacpp_tools),
         Stage("card", "render the model card and its plots", _card,
               deps=lambda c: [L(c).profile_summary_path, L(c).profile_stats_path, L(c).drop_map_path,
-                              L(c).pruned_dir, L(c).results_path, L(c).gguf_dir, _card_templates()],
+                              L(c).pruned_dir, L(c).results_path, L(c).kld_path, L(c).gguf_dir, _card_templates()],
               outs=lambda c: [L(c).card_dir],
               params=lambda r: _section(r, "model", "calibration", "profile", "dropmap", "serve", "eval", "card",
                                         "publish"),
