@@ -23,8 +23,9 @@ fi
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
 .venv/bin/python -m pip install --quiet -e ".[dev]"
 
-# Build (or reuse) the pinned llama.cpp tools.
-if .venv/bin/invoke --list 2>/dev/null | grep -q '^  llamacpp'; then
-    .venv/bin/invoke llamacpp
-fi
+# Build (or find) the pinned llama.cpp tools. No `invoke --list | grep -q` test here: under
+# pipefail, grep exiting at its first match makes the pipeline fail and skipped the build.
+# The task says whether it built or found the tools, with the cache key and path; a build
+# prints its compiler step counter as it goes.
+.venv/bin/invoke llamacpp
 echo "moeprune is set up: activate with '. .venv/bin/activate'"

@@ -132,7 +132,7 @@ def write_tiny_model(directory: Path) -> None:
 
 
 def write_stats(path: Path, layers: int = 4, experts: int = 16) -> None:
-    """Profile statistics in the INTERFACES.md format (safetensors, float64/int64)."""
+    """Profile statistics in the format of moeprune.profile.stats (safetensors, float64/int64)."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(7)

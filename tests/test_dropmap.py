@@ -366,7 +366,7 @@ DOMAINS = ["math", "code"]
 
 def write_stats_fixture(path: Path, contribution: np.ndarray, layers: list[int], seed: int = 0,
                         with_sequence_norm: bool = True) -> None:
-    """A profile statistics file in the INTERFACES.md format, written with safetensors.numpy."""
+    """A profile statistics file in the format of moeprune.profile.stats, written with safetensors.numpy."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)

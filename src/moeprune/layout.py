@@ -4,20 +4,34 @@
     ``profile/``                  phase-1 sequences (JSONL), statistics (safetensors), summary JSON
     ``expert_drop_metadata.json`` the drop map
     ``pruned/``                   the pruned Hugging Face checkpoint (sharded safetensors)
-    ``gguf/``                     GGUF files (base and pruned, converted and quantized) + records
+    ``gguf/``                     GGUF files (base and pruned, converted and quantized) + records:
+                                  ``<name>-<TYPE>.gguf`` (pruned), ``base-<TYPE>.gguf`` (base, not
+                                  published), ``<file>.gguf.json`` beside each, and
+                                  ``<stem>.imatrix.gguf`` when the recipe asks for an imatrix
     ``eval/``                     lm-eval outputs, per-sample logs, ``results.json``, ``kld.json``
     ``kld/``                      reference log-probabilities and rival quants of the kld stage
     ``card/``                     rendered README.md (model card) and plots
     ``manifest.json``             every artifact file with size and sha256
     ``run.lock.json``             per-stage dependencies and outputs (what produced what)
     ``logs/``                     stage and server logs
+
+Every stage, the manifest and the card ask this class for a path; none spells a file name. A
+GGUF's role (base or pruned) is read back with :meth:`RunLayout.gguf_role`, which parses the
+names this class gives, exactly (a run named ``baseline`` is a pruned model, not a base).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+Model = Literal["base", "pruned"]
+BASE_GGUF_PREFIX = "base"
+# GGUF types (F32, BF16, Q4_K_M, IQ4_XS...) never contain '-', so "<prefix>-<TYPE>" parses one way.
+_GGUF_NAME = r"-(?P<type>[A-Za-z0-9_]+)(?:\.imatrix)?\.gguf(?:\.json)?"
 
 DEFAULT_RUNS_DIR = Path("runs")
 
@@ -66,8 +80,49 @@ class RunLayout:
         return self.root / "gguf"
 
     @property
+    def run_name(self) -> str:
+        """The run's name (the recipe's ``name``): the pruned GGUFs are named after it."""
+        return self.root.name
+
+    def gguf_path(self, which: Model, gguf_type: str) -> Path:
+        """The ``which`` model's GGUF of ``gguf_type`` (e.g. "Q4_K_M", "bf16")."""
+        prefix = self.run_name if which == "pruned" else BASE_GGUF_PREFIX
+        return self.gguf_dir / f"{prefix}-{gguf_type.upper()}.gguf"
+
+    @staticmethod
+    def gguf_record_path(gguf: Path) -> Path:
+        """The conversion/quantization record written beside a GGUF (``<file>.gguf.json``)."""
+        return gguf.with_name(gguf.name + ".json")
+
+    def imatrix_path(self, which: Model, source_type: str) -> Path:
+        """The importance matrix computed from the ``which`` model's ``source_type`` GGUF."""
+        source = self.gguf_path(which, source_type)
+        return source.with_name(f"{source.stem}.imatrix.gguf")
+
+    @property
+    def imatrix_calibration_path(self) -> Path:
+        """The calibration text llama-imatrix reads (hidden: scratch, never published)."""
+        return self.gguf_dir / ".imatrix-calibration.txt"
+
+    def gguf_role(self, name: str) -> Model | None:
+        """Which model a file of ``gguf/`` belongs to, from the names this layout gives; None for
+        anything else."""
+        for role, prefix in (("base", BASE_GGUF_PREFIX), ("pruned", self.run_name)):
+            if re.fullmatch(re.escape(prefix) + _GGUF_NAME, name):
+                return role  # type: ignore[return-value]
+        return None
+
+    @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
+
+    def eval_model_dir(self, which: Model) -> Path:
+        """lm-eval outputs and per-sample logs of one model (``eval/base``, ``eval/pruned``)."""
+        return self.eval_dir / which
+
+    def log_path(self, name: str) -> Path:
+        """``logs/<name>.log``: the log of one step (``convert-demo-F32``, ``prune.container``...)."""
+        return self.logs_dir / f"{name}.log"
 
     @property
     def results_path(self) -> Path:

@@ -58,12 +58,6 @@ class ArtifactFile:
     local_path: Path
 
 
-def is_base_gguf(name: str) -> bool:
-    """True for the base (unpruned) model's GGUF files, which are measured but not published."""
-    stem = name.lower()
-    return stem.startswith("base") or "/base" in stem or "-base-" in stem or stem.startswith("orig")
-
-
 def _files_below(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
@@ -114,7 +108,7 @@ def artifact_files(layout: RunLayout) -> tuple[list[ArtifactFile], list[Artifact
     unpublished: list[ArtifactFile] = []
     for path in _files_below(layout.gguf_dir):
         rel = path.relative_to(layout.gguf_dir).as_posix()
-        if is_base_gguf(rel):
+        if layout.gguf_role(rel) == "base":  # measured for the card, not published
             unpublished.append(ArtifactFile("gguf", rel, path))
         else:
             add("gguf", rel, path)
@@ -217,6 +211,7 @@ def build_manifest(layout: RunLayout, recipe: dict[str, Any], extra: dict[str, A
     """Describe every file of the artifact (sorted, with size and sha256) and its provenance.
 
     ``recipe`` is ``Recipe.settings()``. ``extra`` may hold ``repo_ids`` ({"model": id, "gguf": id}),
+    ``base_model`` ({"id", "revision"}: a Hub base and the commit downloaded),
     ``llamacpp`` (a build record; default: the one found in ``gguf/``) and ``container``
     ({"image": tag, "digest": "sha256:..."}; default: the docker runner recorded in run.lock.json, else
     $MOEPRUNE_IMAGE / $MOEPRUNE_IMAGE_DIGEST when set).
@@ -243,6 +238,7 @@ def build_manifest(layout: RunLayout, recipe: dict[str, Any], extra: dict[str, A
         "llamacpp": extra.pop("llamacpp", None) or _llamacpp_record(layout),
         "container": container,
         "repo_ids": {repo: (extra.get("repo_ids") or {}).get(repo) for repo in REPOS},
+        **({"base_model": extra.pop("base_model")} if extra.get("base_model") else {}),
         "files": files,
         "unpublished": [_file_entry(item) for item in unpublished],
         "totals": totals,
@@ -263,9 +259,14 @@ def write_manifest(layout: RunLayout, recipe: dict[str, Any], extra: dict[str, A
     return layout.manifest_path
 
 
-def manifest_index(manifest: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    """{(repo, path): entry} of a manifest's published files."""
-    return {(f["repo"], f["path"]): f for f in manifest["files"]}
+def _hub_base(layout: RunLayout) -> dict[str, Any] | None:
+    """The Hub base model and the commit the run downloaded, as the drop map recorded them (None
+    for a local base: nothing more than the recipe's path to say)."""
+    drop_map = _read_json(layout.drop_map_path) if layout.drop_map_path.is_file() else None
+    base = drop_map.get("base_model") if isinstance(drop_map, dict) else None
+    if isinstance(base, dict) and base.get("revision"):
+        return {"id": base["id"], "revision": base["revision"]}
+    return None
 
 
 def run_manifest(recipe: Any, layout: RunLayout, tools: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -276,6 +277,9 @@ def run_manifest(recipe: Any, layout: RunLayout, tools: dict[str, Any] | None = 
     """
     tools = dict(tools or {})
     extra: dict[str, Any] = {"repo_ids": {"model": recipe.publish.repo_id, "gguf": recipe.publish.gguf_repo_id}}
+    base = _hub_base(layout)
+    if base:
+        extra["base_model"] = base
     if tools.get("llamacpp"):
         extra["llamacpp"] = tools["llamacpp"]
     if tools.get("image_digest"):

@@ -2,11 +2,13 @@
 
 A recipe is a TOML file (``recipes/*.toml``). Relative paths inside it are resolved against the
 directory of the recipe file, so a recipe means the same thing whatever the working directory.
-``schemas/recipe.schema.json`` is generated from :class:`Recipe` (``invoke schema``) and a test
+``src/moeprune/schemas/recipe.schema.json`` is generated from :class:`Recipe` (``invoke schema``) and a test
 keeps the two in sync.
 
 Loading is strict: unknown fields, wrong types and out-of-range values fail before any work,
-with a message naming the file, the field, the value and what is allowed.
+with a message naming the file, the field, the value and what is allowed. Types are exact
+(pydantic strict mode): ``ctx_size = "2048"`` or ``enable_thinking = "no"`` is refused, never
+converted; the one widening allowed is an integer where a number is expected (``timeout = 120``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ RECIPE_SCHEMA_VERSION = 1
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelSection(_Section):
@@ -169,6 +171,11 @@ class LlamaCppSection(_Section):
         default="auto", description="Build with CUDA: auto (when nvcc and a GPU are present), on, off."
     )
     cuda_architectures: str = Field(default="80;86;89;90", description="CMAKE_CUDA_ARCHITECTURES.")
+    # Not recorded in settings(): the number of jobs changes how long a build takes, not what it makes.
+    jobs: int | None = Field(
+        default=None, ge=1, exclude=True,
+        description="Parallel compile jobs (default: the CPU count of the building machine).",
+    )
 
     @model_validator(mode="after")
     def _git_needs_pin(self) -> LlamaCppSection:
@@ -367,6 +374,8 @@ class Recipe(_Section):
     def _name_is_dirname(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
             raise ValueError("must be letters, digits, '.', '_' or '-' (it names runs/<name>/)")
+        if value == "base":
+            raise ValueError("'base' names the base model's GGUF files (runs/<name>/gguf/base-*.gguf); choose another")
         return value
 
     # --- derived paths -------------------------------------------------------------------
@@ -532,7 +541,7 @@ def load_recipe(path: str | Path, check_inputs: bool = True) -> Recipe:
 
 
 def recipe_json_schema() -> dict[str, Any]:
-    """JSON Schema of the recipe file, as committed in schemas/recipe.schema.json."""
+    """JSON Schema of the recipe file, as committed in src/moeprune/schemas/recipe.schema.json."""
     schema = Recipe.model_json_schema(mode="validation")
     schema["properties"].pop("source_path", None)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

@@ -1,6 +1,6 @@
 """Render the model card: ``card/README.md``, ``card/card_numbers.json`` and ``card/plots/*.png``.
 
-The card text comes from ``model_card/template.md`` rendered by huggingface_hub's
+The card text comes from ``card/templates/template.md`` (package data) rendered by huggingface_hub's
 ``ModelCard.from_template`` with ``ModelCardData`` metadata (base_model, license, tags, the model
 index built from ``EvalResult``s). Every number it shows is a key of
 :class:`~moeprune.card.numbers.CardNumbers`; ``card_numbers.json`` stores them with their sources
@@ -22,8 +22,9 @@ from moeprune.card.source import ArtifactSource
 from moeprune.errors import MoepruneError
 from moeprune.hashing import sha256_file
 from moeprune.manifest import GGUF_CARD_DIR
+from moeprune.resources import package_dir
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[3] / "model_card" / "template.md"
+TEMPLATE_PATH = package_dir("moeprune.card") / "templates" / "template.md"
 GGUF_TEMPLATE_PATH = TEMPLATE_PATH.with_name("gguf_template.md")
 CARD_NUMBERS_NAME = "card_numbers.json"
 CARD_FORMAT_VERSION = 1
@@ -34,8 +35,12 @@ def is_hub_id(value: str | None) -> bool:
     return bool(value) and bool(_HUB_ID.match(value)) and ".." not in value  # type: ignore[arg-type]
 
 
-def card_context(recipe: dict[str, Any], drop_map_base_id: str | None, code: dict[str, Any]) -> dict[str, Any]:
-    """Non-numeric inputs of the template: names, links, license, code version."""
+def card_context(recipe: dict[str, Any], drop_map_base_id: str | None, code: dict[str, Any],
+                 drop_map_base_revision: str | None = None) -> dict[str, Any]:
+    """Non-numeric inputs of the template: names, links, license, code version.
+
+    ``drop_map_base_revision`` is the Hub commit of the base the drop map was made from: the link
+    then points at that commit, not at the branch that may have moved since."""
     publish = recipe.get("publish", {}) or {}
     repo_id = publish.get("repo_id")
     base_id = drop_map_base_id if is_hub_id(drop_map_base_id) else None
@@ -46,7 +51,7 @@ def card_context(recipe: dict[str, Any], drop_map_base_id: str | None, code: dic
         "title": recipe["model"]["name"],
         "run_name": recipe["name"],
         "base_id": base_id,
-        "base_link": f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{drop_map_base_id}`",
+        "base_link": _base_link(base_id, drop_map_base_id, drop_map_base_revision),
         "repo_ref": repo_id or f"path/to/{recipe['name']}",
         "gguf_repo": publish.get("gguf_repo_id"),
         "license": recipe["model"].get("license", "other"),
@@ -54,6 +59,14 @@ def card_context(recipe: dict[str, Any], drop_map_base_id: str | None, code: dic
         "language": list((recipe.get("card") or {}).get("language", [])),
         "code_version": version,
     }
+
+
+def _base_link(base_id: str | None, written: str | None, commit: str | None) -> str:
+    if not base_id:
+        return f"`{written}`"
+    if commit:
+        return f"[{base_id}](https://huggingface.co/{base_id}/tree/{commit}) (commit `{commit[:12]}`)"
+    return f"[{base_id}](https://huggingface.co/{base_id})"
 
 
 def card_data(numbers: CardNumbers, context: dict[str, Any]) -> Any:
@@ -192,6 +205,16 @@ def render_card(
     return numbers
 
 
+def _base_dir_if_present(recipe: Any) -> Path | None:
+    """The base checkpoint if it is here (local, or a Hub snapshot already downloaded), else None."""
+    from moeprune.base_model import BaseModelError, resolve_base
+
+    try:
+        return resolve_base(recipe, download=False).local_dir
+    except BaseModelError:
+        return None
+
+
 def run_card(recipe: Any, layout: Any) -> Path:
     """The ``invoke card`` stage: render ``runs/<name>/card/`` from the run's artifacts."""
     from moeprune.eval.results import RESULTS_NAME
@@ -203,8 +226,8 @@ def run_card(recipe: Any, layout: Any) -> Path:
         raise MoepruneError(f"{results_path}: not found; run `invoke eval` before `invoke card`")
     results = validate_file("results", results_path)
     settings = recipe.settings()
-    source = ArtifactSource.from_run(layout, settings, base_dir=recipe.base_dir)
+    source = ArtifactSource.from_run(layout, settings, base_dir=_base_dir_if_present(recipe))
     drop_map = json.loads(source.drop_map_path.read_text(encoding="utf-8"))
-    context = card_context(settings, drop_map["base_model"]["id"], code_version())
+    context = card_context(settings, drop_map["base_model"]["id"], code_version(), drop_map["base_model"].get("revision"))
     render_card(source, results, layout.card_dir, context)
     return layout.card_dir / "README.md"

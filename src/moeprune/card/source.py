@@ -16,7 +16,7 @@ from typing import Any
 from moeprune.errors import MoepruneError
 from moeprune.hashing import sha256_file
 from moeprune.layout import RunLayout
-from moeprune.manifest import MANIFEST_NAME, is_base_gguf
+from moeprune.manifest import MANIFEST_NAME
 
 DROP_MAP_NAME = "expert_drop_metadata.json"
 
@@ -44,7 +44,7 @@ class ArtifactSource:
                 gguf[path.name] = {
                     "size_bytes": path.stat().st_size,
                     "sha256": sha256_file(path),
-                    "published": not is_base_gguf(path.name),
+                    "published": layout.gguf_role(path.name) != "base",
                 }
         drop_map = layout.drop_map_path
         if not drop_map.is_file() and (layout.pruned_dir / DROP_MAP_NAME).is_file():

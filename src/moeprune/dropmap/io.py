@@ -96,7 +96,7 @@ def build_drop_map(
     recipe_sha256: str | None,
     profile_num_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """The drop-map dict (INTERFACES.md "Drop map") for a selection over ``layers``."""
+    """The drop-map dict (schemas/drop_map.schema.json) for a selection over ``layers``."""
     num_layers, num_experts = selection.keep_mask.shape
     if len(layers) != num_layers:
         raise DropMapError(f"selection has {num_layers} layer rows but {len(layers)} layer indices were given")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from rich.console import Console
 
+from moeprune.base_model import resolve_base
 from moeprune.dropmap.io import build_drop_map, check_profile_matches_model, moe_shape, read_model_config, write_drop_map
 from moeprune.dropmap.report import print_report
 from moeprune.dropmap.select import DropMapError, criterion_scores, retention_statistic, select_experts
@@ -42,22 +42,10 @@ def with_dropmap_overrides(recipe: Recipe, **overrides: Any) -> Recipe:
 
 def base_model_config(recipe: Recipe) -> tuple[dict[str, Any], str]:
     """(config.json contents, where it was read) of the recipe's base model."""
-    if recipe.base_dir is not None:
-        return read_model_config(recipe.base_dir), str(recipe.base_dir / "config.json")
-    # A Hub model was downloaded by the profile stage; read its config from the cache first.
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from moeprune.base_model import resolve_base
 
-    cached = try_to_load_from_cache(recipe.model.base, "config.json", revision=recipe.model.revision)
-    if isinstance(cached, str):
-        return read_model_config(Path(cached).parent), cached
-    try:
-        path = hf_hub_download(recipe.model.base, "config.json", revision=recipe.model.revision)
-    except Exception as exc:  # network, auth or missing repo: the user must fix access
-        raise DropMapError(
-            f"cannot read config.json of {recipe.model.base}@{recipe.model.revision}: {exc}; "
-            "run the profile stage first (it downloads the model) or check Hub access"
-        ) from None
-    return read_model_config(Path(path).parent), path
+    base_dir = resolve_base(recipe).local_dir  # a Hub model: the snapshot the profile stage downloaded
+    return read_model_config(base_dir), str(base_dir / "config.json")
 
 
 def run_dropmap(recipe: Recipe, layout: RunLayout, console: Console | None = None) -> dict[str, Any]:
@@ -98,7 +86,8 @@ def run_dropmap(recipe: Recipe, layout: RunLayout, console: Console | None = Non
         selection,
         layers=list(stats.layers),
         top_k=top_k,
-        base_model={"id": recipe.model.base, "revision": recipe.model.revision, "sha256": model_sha},
+        # A Hub model's revision is recorded as the commit downloaded, never as a branch name.
+        base_model={**resolve_base(recipe).record(), "sha256": model_sha},
         profile_stats_sha256=sha256_file(stats_path),
         recipe_sha256=sha256_json(recipe.settings()),
         profile_num_tokens=int(stats.num_tokens) if stats.num_tokens is not None else None,

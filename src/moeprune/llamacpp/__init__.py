@@ -1,6 +1,6 @@
 """llama.cpp toolchain: pinned source, cached build, GGUF conversion, quantization, serving.
 
-Public interface (see /work/team/INTERFACES.md, "llama.cpp"):
+Public interface:
 
 - ``ensure_llamacpp(recipe.llamacpp) -> LlamaCppBuild`` (fields root, bin_dir, key, record)
 - ``convert_to_gguf(build, hf_dir, out_path, outtype) -> dict``

@@ -15,6 +15,10 @@ Choices recorded in every build record:
 - No network at build time: ``LLAMA_OPENSSL=OFF`` and ``LLAMA_USE_PREBUILT_UI=OFF`` (the server's
   web UI would otherwise be downloaded from the Hub); tests, examples and the unified app off.
 - The llama.cpp commit is passed explicitly (``LLAMA_BUILD_COMMIT``) so the build never asks git.
+
+The number of compile jobs (``--jobs``, ``llamacpp.jobs``, default: the CPU count) and the
+generator do not change the binaries, so they are recorded but are not part of the key. While
+it builds, the compiler's step counter (``[123/456]``) is reported every few percent.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -41,8 +46,26 @@ from moeprune.recipe import LlamaCppSection
 BINARIES = ("llama-quantize", "llama-server", "llama-imatrix", "llama-perplexity", "llama-gguf-split")
 RECORD_NAME = "build_record.json"
 RECORD_FORMAT_VERSION = 1
-DEFAULT_JOBS = 2
 LOG_TAIL_LINES = 40
+PROGRESS_EVERY_PERCENT = 5
+# ninja prints "[12/345] Building CXX object ...", make "[ 12%] Building CXX object ...".
+_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+_MAKE_STEP = re.compile(r"^\[\s*(\d+)%\]")
+
+
+def default_jobs() -> int:
+    """Compile jobs when neither --jobs nor llamacpp.jobs says: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def say_stderr(message: str) -> None:
+    """The default reporter of a build: one line on stderr (visible under a live view and in CI)."""
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
 
 
 class LlamaCppBuildError(MoepruneError):
@@ -65,6 +88,11 @@ class LlamaCppBuild:
     @property
     def cache_dir(self) -> Path:
         return self.bin_dir.parent
+
+    @property
+    def cuda(self) -> bool:
+        """True when the binaries were built with CUDA (GGML_CUDA=ON): they can offload to a GPU."""
+        return self.record.get("flags", {}).get("GGML_CUDA") == "ON"
 
     def binary(self, name: str) -> Path:
         """Path of one built tool, e.g. ``build.binary("llama-server")``."""
@@ -232,14 +260,43 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _run_logged(command: list[str], log_path: Path, env: dict[str, str], step: str) -> None:
+def step_progress(line: str) -> tuple[int, int] | None:
+    """(done, total) from a build tool's step counter line (ninja or make), else None."""
+    match = _NINJA_STEP.match(line)
+    if match:
+        return int(match.group(1)), int(match.group(2))
+    match = _MAKE_STEP.match(line)
+    if match:
+        return int(match.group(1)), 100
+    return None
+
+
+def _run_logged(command: list[str], log_path: Path, env: dict[str, str], step: str,
+                say: Callable[[str], None] | None = None, started: float | None = None) -> None:
+    """Run ``command`` with its output in ``log_path``; with ``say``, report its step counter."""
+    reported = -PROGRESS_EVERY_PERCENT
+    started = time.monotonic() if started is None else started
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                   text=True, errors="replace", bufsize=1)
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            progress = step_progress(line) if say is not None else None
+            if progress is None:
+                continue
+            done, total = progress
+            percent = 100 * done // max(total, 1)
+            if percent >= reported + PROGRESS_EVERY_PERCENT or done == total:
+                reported = percent
+                assert say is not None
+                say(f"llama.cpp {step}: [{done}/{total}] {percent}% ({time.monotonic() - started:.0f} s)")
+        returncode = process.wait()
+    if returncode != 0:
         raise LlamaCppBuildError(
-            f"llama.cpp {step} failed (exit {result.returncode}); full log: {log_path}\n"
+            f"llama.cpp {step} failed (exit {returncode}); full log: {log_path}\n"
             f"--- last lines ---\n{_tail(log_path)}"
         )
 
@@ -269,11 +326,11 @@ def _build(
             configure.append(f"-DCMAKE_CUDA_COMPILER={tools['nvcc']}")
         say(f"configuring llama.cpp (key {key}); log: {log_path}")
         _run_logged(configure, log_path, env, "configure")
-        say(f"building {', '.join(BINARIES)} with -j{jobs} (this takes minutes)")
+        say(f"building {', '.join(BINARIES)} with -j{jobs} (a cold build takes minutes to tens of minutes)")
         _run_logged(
             [tools["cmake"], "--build", str(build_dir), "--config", "Release", "-j", str(jobs),
              "--target", *BINARIES],
-            log_path, env, "build",
+            log_path, env, "build", say=say, started=started,
         )
         bin_dir = tmp / "bin"
         bin_dir.mkdir()
@@ -326,15 +383,18 @@ def resolve_build(section: LlamaCppSection, env: dict[str, str] | None = None) -
 
 def ensure_llamacpp(
     section: LlamaCppSection,
-    jobs: int = DEFAULT_JOBS,
+    jobs: int | None = None,
     env: dict[str, str] | None = None,
-    say: Callable[[str], None] = lambda message: None,
+    say: Callable[[str], None] = say_stderr,
 ) -> LlamaCppBuild:
     """Return the build pinned by ``section``, building it first if the cache lacks it.
 
-    ``env`` (default: os.environ) is the environment the toolchain is looked up and run in.
+    ``jobs``: compile jobs (default: ``section.jobs``, else :func:`default_jobs`). ``env``
+    (default: os.environ) is the environment the toolchain is looked up and run in. ``say``
+    reports a build's steps (default: stderr, so a build started by any stage is visible).
     Raises LlamaCppBuildError (a MoepruneError) for a missing compiler/CMake or a failed build.
     """
+    jobs = jobs or section.jobs or default_jobs()
     env = dict(os.environ if env is None else env)
     source, flags, tools, key = resolve_build(section, env)
     cache_dir = builds_root() / key
@@ -348,4 +408,5 @@ def ensure_llamacpp(
         if cache_dir.exists():
             # Present but not matching its record (tampered or truncated): rebuild it.
             shutil.rmtree(cache_dir)
+        say(f"llama.cpp {key} is not in the cache ({cache_dir}): building it once")
         return _build(source, flags, tools, key, jobs, env, say)

@@ -34,6 +34,7 @@ from moeprune.recipe import ServeSection
 HOST = "127.0.0.1"
 LOG_TAIL_LINES = 40
 POLL_INTERVAL_S = 0.25
+NO_GPU_WARNING = "no usable GPU found"  # llama.cpp common/arg.cpp, printed for --n-gpu-layers
 STOP_GRACE_S = 10.0
 PORT_RACE_ATTEMPTS = 5
 
@@ -254,6 +255,7 @@ class LlamaServer:
             if code is not None:
                 raise self._died_error(code, starting=True)
             if _health_status(HOST, self.port) == 200 and self.process.poll() is None:
+                self._refuse_cpu_fallback()
                 return  # (ours: a process that lost the port race has exited)
             if time.monotonic() > deadline:
                 raise LlamaServerError(
@@ -262,6 +264,23 @@ class LlamaServer:
                     f"--- last lines of the log ---\n{log_tail(self.log_path)}"
                 )
             time.sleep(POLL_INTERVAL_S)
+
+    def _refuse_cpu_fallback(self) -> None:
+        """llama-server only warns when it cannot offload (no GPU, or a CPU-only build) and then
+        runs everything on the CPU; with serve.n_gpu_layers > 0 that is an error, not a warning."""
+        if self.serve.n_gpu_layers <= 0:
+            return
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return
+        if NO_GPU_WARNING in text:
+            self.stop()
+            raise LlamaServerError(
+                f"serve.n_gpu_layers = {self.serve.n_gpu_layers}, but llama-server found no usable GPU "
+                f"(\"{NO_GPU_WARNING}\" in {self.log_path}) and would run on the CPU: build llama.cpp with "
+                "CUDA (llamacpp.cuda = \"on\") on a machine with a GPU, or set serve.n_gpu_layers = 0"
+            )
 
     def _died_error(self, code: int, starting: bool) -> LlamaServerError:
         tail = log_tail(self.log_path)

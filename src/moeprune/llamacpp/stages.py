@@ -1,11 +1,7 @@
-"""The llama.cpp stages of a run, as called by ``tasks.py``: build, convert, quantize, serve.
+"""The llama.cpp stages of a run: build, convert, quantize, serve.
 
-File names in ``runs/<name>/gguf/`` (the manifest publishes every file there except those
-starting with ``base``):
-
-- ``<name>-<TYPE>.gguf``  the pruned model (``TYPE`` = convert outtype in upper case, or a quant type)
-- ``base-<TYPE>.gguf``    the unpruned base model, for comparisons (not published)
-- ``<file>.gguf.json``    the conversion/quantization record of each file
+Every file name in ``runs/<name>/gguf/`` comes from :class:`moeprune.layout.RunLayout`
+(``gguf_path``, ``imatrix_path``); the manifest asks the layout which of them are the base's.
 """
 
 from __future__ import annotations
@@ -29,26 +25,23 @@ Which = Literal["pruned", "base"]
 
 def gguf_path(recipe: Recipe, which: Which, gguf_type: str, layout: RunLayout | None = None) -> Path:
     """Where the ``which`` model's GGUF of ``gguf_type`` (e.g. "Q4_K_M", "bf16") lives."""
-    layout = layout or RunLayout.for_recipe(recipe.name)
-    prefix = recipe.name if which == "pruned" else "base"
-    return layout.gguf_dir / f"{prefix}-{gguf_type.upper()}.gguf"
+    return (layout or RunLayout.for_recipe(recipe.name)).gguf_path(which, gguf_type)
 
 
 def _hf_dir(recipe: Recipe, which: Which, layout: RunLayout) -> Path:
     if which == "pruned":
         return layout.pruned_dir
-    if recipe.base_dir is None:
-        raise MoepruneError(
-            f"model.base = {recipe.model.base!r} is a Hub id: download it to a local directory and "
-            "pass --hf-dir to convert the base model"
-        )
-    return recipe.base_dir
+    from moeprune.base_model import resolve_base
+
+    return resolve_base(recipe).local_dir
 
 
-def build_stage(recipe: Recipe, say: Callable[[str], None] = print) -> tuple[LlamaCppBuild, float]:
-    """Ensure the pinned llama.cpp build; return it and the seconds this call took."""
+def build_stage(recipe: Recipe, say: Callable[[str], None] = print,
+                jobs: int | None = None) -> tuple[LlamaCppBuild, float]:
+    """Ensure the pinned llama.cpp build (``jobs`` compile jobs if it builds); return it and the
+    seconds this call took."""
     started = time.monotonic()
-    build = ensure_llamacpp(recipe.llamacpp, say=say)
+    build = ensure_llamacpp(recipe.llamacpp, jobs=jobs, say=say)
     return build, time.monotonic() - started
 
 
@@ -73,7 +66,7 @@ def convert_stage(
     return convert_to_gguf(
         build, hf_dir, out_path, outtype,
         model_name=recipe.model.name if which == "pruned" else None,
-        log_path=layout.logs_dir / f"convert-{out_path.stem}.log",
+        log_path=layout.log_path(f"convert-{out_path.stem}"),
     )
 
 
@@ -92,11 +85,11 @@ def quantize_stage(
     build = build or ensure_llamacpp(recipe.llamacpp)
     imatrix = None
     if recipe.quantize.imatrix:
-        text = calibration_text(recipe.prompts_path, layout.gguf_dir / ".imatrix-calibration.txt")
-        imatrix = layout.gguf_dir / f"{source.stem}.imatrix.gguf"
+        text = calibration_text(recipe.prompts_path, layout.imatrix_calibration_path)
+        imatrix = layout.imatrix_path(which, recipe.quantize.convert_outtype)
         compute_imatrix(
             build, source, text, imatrix, threads=recipe.serve.threads,
-            log_path=layout.logs_dir / f"imatrix-{source.stem}.log",
+            log_path=layout.log_path(f"imatrix-{source.stem}"),
         )
     records = []
     for qtype in recipe.quantize.types:
@@ -104,7 +97,7 @@ def quantize_stage(
         records.append(
             quantize_gguf(
                 build, source, out_path, qtype, imatrix=imatrix, threads=recipe.serve.threads,
-                log_path=layout.logs_dir / f"quantize-{out_path.stem}.log",
+                log_path=layout.log_path(f"quantize-{out_path.stem}"),
             )
         )
     return records
@@ -121,7 +114,7 @@ def serve_stage(
     layout = RunLayout.for_recipe(recipe.name)
     path = gguf_path(recipe, which, gguf_type or recipe.quantize.eval_type, layout)
     build = ensure_llamacpp(recipe.llamacpp)
-    log_path = layout.logs_dir / f"serve-{path.stem}.log"
+    log_path = layout.log_path(f"serve-{path.stem}")
     # SIGTERM and SIGINT -> KeyboardInterrupt, so `with` cleans up the same way as for Ctrl-C
     # (SIGINT too: a shell starts background jobs with SIGINT ignored).
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}

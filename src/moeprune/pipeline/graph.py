@@ -59,10 +59,11 @@ class Stage:
 @dataclass
 class StageResult:
     name: str
-    status: str  # "ran", "skipped", "not selected", "failed"
+    status: str  # "ran", "skipped", "not selected", "failed", "not run" (after a failure)
     duration_s: float = 0.0
     headline: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
+    error: str = ""  # a failed stage's error message
 
 
 class PipelineListener:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from moeprune.errors import MoepruneError
 from moeprune.layout import RunLayout
-from moeprune.pipeline.graph import Context, Stage, StageResult
+from moeprune.pipeline.graph import Context, PipelineListener, Stage, StageResult
 from moeprune.pipeline.stages import build_pipeline
 from moeprune.pipeline.view import LiveView, summary_table
+from moeprune.preflight import require_preflight
 from moeprune.recipe import Recipe
 
 
@@ -18,12 +23,54 @@ def _in_container(stage: Stage, runner: Any, recipe: Recipe) -> Stage:
     from moeprune.runner import recipe_mounts
 
     def action(ctx: Context) -> dict[str, Any]:
-        log_path = ctx.layout.logs_dir / f"{stage.name}.container.log"
+        log_path = ctx.layout.log_path(f"{stage.name}.container")
         runner.run_stage(["stage", stage.name, "--recipe", str(recipe.source_path)],
                          mounts=recipe_mounts(recipe), log_path=log_path)
         return {}
 
     return replace(stage, action=action)
+
+
+class _Recorder(PipelineListener):
+    """Forwards stage events to the view and keeps each stage's last result (for the summary
+    when a stage fails: the pipeline then raises instead of returning its results)."""
+
+    def __init__(self, view: LiveView) -> None:
+        self.view = view
+        self.results: dict[str, StageResult] = {}
+
+    def stage_started(self, name: str, reason: str) -> None:
+        self.view.stage_started(name, reason)
+
+    def stage_finished(self, result: StageResult) -> None:
+        self.results[result.name] = result
+        self.view.stage_finished(result)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, MoepruneError):
+        return str(exc)
+    return "".join(traceback.format_exception(exc)).rstrip()  # a bug: keep the traceback
+
+
+def _results_after_failure(pipeline: Any, selected: list[str], recorder: _Recorder, exc: Exception) -> list[StageResult]:
+    """Every stage's status once a stage failed: finished ones as they were, the failed one with
+    its error, later selected ones "not run"."""
+    results, failed_seen = [], False
+    for name in pipeline.names:
+        done = recorder.results.get(name)
+        if name not in selected:
+            results.append(StageResult(name, "not selected"))
+        elif done is not None and done.status == "failed":
+            results.append(replace(done, error=_error_text(exc)))
+            failed_seen = True
+        elif done is not None and not failed_seen:
+            results.append(done)
+        else:
+            results.append(StageResult(name, "not run"))
+    if not failed_seen:  # failed before any stage started (a missing input of --from, ...)
+        results.append(StageResult("(pipeline)", "failed", error=_error_text(exc)))
+    return results
 
 
 def reproduce(
@@ -36,10 +83,19 @@ def reproduce(
     until_stage: str | None = None,
     live: bool = True,
 ) -> list[StageResult]:
-    """Run (or resume) the pipeline for ``recipe``; return each stage's result."""
+    """Run (or resume) the pipeline for ``recipe``; return each stage's result.
+
+    The selected stages' preflight checks run first (nothing runs if one fails). When a stage
+    fails, the summary table still prints, with that stage's error, and the returned results
+    say "failed" there (later stages: "not run"), as DVC does.
+    """
     layout = layout or RunLayout.for_recipe(recipe.name)
     kind = runner_kind or recipe.runner.kind
     pipeline = build_pipeline()
+    selected = pipeline.selection(from_stage, until_stage)
+    # In the image the build is the image's: its stages check the GPU build themselves.
+    require_preflight(recipe, selected, skip=("gpu-build",) if kind == "docker" else (),
+                      warn=lambda line: print(line, file=sys.stderr))
     ctx = Context(recipe=recipe, layout=layout, runner=kind)
     if kind == "docker":
         from moeprune.runner import get_runner
@@ -48,11 +104,13 @@ def reproduce(
         ctx.tools["image_digest"] = runner.describe().get("image_id")
         pipeline.stages = [_in_container(stage, runner, recipe) for stage in pipeline.stages]
     view = LiveView(pipeline.names, {s.name: s.description for s in pipeline.stages})
-    if live:
-        with view.showing():
-            results = pipeline.run(ctx, force=force, from_stage=from_stage, until_stage=until_stage, listener=view)
-    else:
-        results = pipeline.run(ctx, force=force, from_stage=from_stage, until_stage=until_stage, listener=view)
+    recorder = _Recorder(view)
+    try:
+        with view.showing() if live else contextlib.nullcontext():
+            results = pipeline.run(ctx, force=force, from_stage=from_stage, until_stage=until_stage,
+                                   listener=recorder)
+    except Exception as exc:  # not KeyboardInterrupt: Ctrl-C stops without a summary
+        results = _results_after_failure(pipeline, selected, recorder, exc)
     view.console.print(summary_table(results))
     view.console.print(f"run directory: {Path(layout.root).resolve()}")
     return results

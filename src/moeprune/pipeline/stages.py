@@ -25,12 +25,9 @@ MODELS = ("base", "pruned")
 # --- shared helpers ------------------------------------------------------------------------------
 def base_dir(ctx: Context) -> Path:
     """Local directory of the base model (downloaded once from the Hub for a Hub id)."""
-    if "base_dir" not in ctx.cache:
-        from moeprune.profile.loading import resolve_model_dir
+    from moeprune.base_model import resolve_base
 
-        recipe = ctx.recipe
-        ctx.cache["base_dir"] = Path(resolve_model_dir(recipe.model.base, recipe.base_dir, recipe.model.revision))
-    return ctx.cache["base_dir"]
+    return resolve_base(ctx.recipe).local_dir
 
 
 def llamacpp_build(ctx: Context):
@@ -51,9 +48,7 @@ def _image(ctx: Context) -> dict[str, Any]:
 
 
 def gguf_file(ctx: Context, which: str, gguf_type: str) -> Path:
-    from moeprune.llamacpp.stages import gguf_path
-
-    return gguf_path(ctx.recipe, which, gguf_type, ctx.layout)
+    return ctx.layout.gguf_path(which, gguf_type)  # type: ignore[arg-type]
 
 
 def _hf_dir(ctx: Context, which: str) -> Path:
@@ -198,13 +193,14 @@ def _imatrix(ctx: Context, which: str) -> list[Path]:
     """The importance matrix quantize_stage writes beside the GGUFs, when the recipe asks for one."""
     if not ctx.recipe.quantize.imatrix:
         return []
-    source = gguf_file(ctx, which, ctx.recipe.quantize.convert_outtype)
-    return [source.with_name(f"{source.stem}.imatrix.gguf")]
+    return [ctx.layout.imatrix_path(which, ctx.recipe.quantize.convert_outtype)]  # type: ignore[arg-type]
 
 
 def _with_records(paths: list[Path]) -> list[Path]:
     """GGUF files and the record written beside each (``<file>.gguf.json``)."""
-    return [p for path in paths for p in (path, path.with_name(path.name + ".json"))]
+    from moeprune.layout import RunLayout
+
+    return [p for path in paths for p in (path, RunLayout.gguf_record_path(path))]
 
 
 # --- the graph -----------------------------------------------------------------------------------
@@ -250,12 +246,12 @@ def build_pipeline() -> Pipeline:
             f"eval-{which}", f"serve the {which} GGUF and evaluate it with lm-eval", _eval(which),
             deps=lambda c, w=which: [gguf_file(c, w, c.recipe.quantize.eval_type)]
             + ([c.recipe.include_path] if c.recipe.include_path else []),
-            outs=lambda c, w=which: [L(c).eval_dir / w],
+            outs=lambda c, w=which: [L(c).eval_model_dir(w)],
             params=lambda r: _section(r, "eval", "serve"), code=("moeprune.eval", "moeprune.llamacpp"),
             tools=llamacpp_tools))
     stages += [
         Stage("results", "scores, error analysis and the paired comparison", _results,
-              deps=lambda c: [L(c).eval_dir / m for m in MODELS], outs=lambda c: [L(c).results_path],
+              deps=lambda c: [L(c).eval_model_dir(m) for m in MODELS], outs=lambda c: [L(c).results_path],
               params=lambda r: {"bootstrap_resamples": r.eval.bootstrap_resamples, "seed": r.eval.seed},
               code=("moeprune.eval",)),
         Stage("kld", "KL divergence to the base: pruned, base and the equal-size rival (llama-perplexity)", _kld,

@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from moeprune import progress as progress_bars
@@ -21,6 +22,7 @@ STATUS_STYLE = {
     "skipped": "cyan",
     "not selected": "dim",
     "failed": "bold red",
+    "not run": "dim",
 }
 
 
@@ -112,8 +114,8 @@ def summary_table(results: Sequence[StageResult]) -> Table:
     total_s = 0.0
     for result in results:
         total_s += result.duration_s
-        shown = f"{result.duration_s:.1f} s" if result.status == "ran" else ""
-        table.add_row(result.name, f"[{STATUS_STYLE[result.status]}]{result.status}[/]", shown,
-                      format_headline(result.headline))
+        shown = f"{result.duration_s:.1f} s" if result.status in ("ran", "failed") else ""
+        detail = f"[red]{escape(result.error)}[/]" if result.error else format_headline(result.headline)
+        table.add_row(result.name, f"[{STATUS_STYLE[result.status]}]{result.status}[/]", shown, detail)
     table.add_row("total", "", f"{total_s:.1f} s", "")
     return table

@@ -25,23 +25,6 @@ class ModelLoadError(MoepruneError):
     """The base model cannot be found or loaded."""
 
 
-def resolve_model_dir(base: str, local_dir: Path | None, revision: str | None) -> Path:
-    """The local directory of the base model: ``local_dir`` if given, else a Hub snapshot (pinned revision)."""
-    if local_dir is not None:
-        if not (local_dir / "config.json").is_file():
-            raise ModelLoadError(f"model.base: no config.json in {local_dir}; point it at a Hugging Face model directory")
-        return local_dir
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=base, revision=revision))
-    except Exception as exc:  # network, auth, missing revision: all need the same user action
-        raise ModelLoadError(
-            f"model.base '{base}' (revision {revision}): cannot download from the Hub ({exc}); "
-            "check the repo id, the revision and HF_TOKEN, or point model.base at a local directory"
-        ) from None
-
-
 def _matching_files(model_dir: Path, patterns: tuple[str, ...]) -> list[Path]:
     files: set[Path] = set()
     for pattern in patterns:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from moeprune.atomic import write_json
+from moeprune.base_model import resolve_base
 from moeprune.errors import MoepruneError
 from moeprune.hashing import sha256_file, sha256_json
 from moeprune.layout import RunLayout
@@ -30,7 +31,6 @@ from moeprune.profile.loading import (
     load_model,
     load_tokenizer,
     model_sha256,
-    resolve_model_dir,
     tokenizer_sha256,
 )
 from moeprune.profile.progress import phase_progress
@@ -244,7 +244,7 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
     Returns the summary written to ``layout.profile_summary_path``.
     """
     warnings: list[str] = []
-    model_dir = resolve_model_dir(recipe.model.base, recipe.base_dir, recipe.model.revision)
+    model_dir = resolve_base(recipe).local_dir
     model_hash, model_files = model_sha256(model_dir)
     loaded: dict[str, Any] = {}
 

@@ -280,17 +280,9 @@ def run_prune(recipe: Any, layout: Any) -> dict[str, Any]:
 
 def resolve_base_dir(recipe: Any) -> Path:
     """Local directory of the recipe's base model (a local path, or a Hub snapshot already cached)."""
-    if recipe.base_dir is not None:
-        return Path(recipe.base_dir)
-    try:
-        from huggingface_hub import snapshot_download
+    from moeprune.base_model import resolve_base
 
-        return Path(snapshot_download(recipe.model.base, revision=recipe.model.revision, local_files_only=True))
-    except Exception as exc:  # not cached (or no hub library): say what to do
-        raise PruneError(
-            f"model.base '{recipe.model.base}' is not downloaded ({exc.__class__.__name__}); download it "
-            "first or pass --base DIR"
-        ) from None
+    return resolve_base(recipe, download=False).local_dir
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Where stages run: here (``native``) or in the pinned image (``docker``).
 
-Public interface (see /work/team/INTERFACES.md, "Runner"):
+Public interface:
 
 - ``get_runner(kind, recipe, image=None) -> Runner``: ``kind`` is "native", "docker" or None
   (the recipe's ``[runner] kind``). Inside the image it is always native.

@@ -35,6 +35,7 @@ from typing import Any
 
 from moeprune.atomic import atomic_dir, write_json
 from moeprune.hashing import sha256_file, sha256_json, sha256_tree
+from moeprune.llamacpp.build import default_jobs
 from moeprune.llamacpp.source import cache_root, fetch_sdist
 from moeprune.recipe import LlamaCppSection
 from moeprune.runner.engine import connect, image_record
@@ -55,9 +56,8 @@ BOOTSTRAP_LOCK = "requirements-bootstrap.lock"
 # are sdists built with --no-build-isolation, so setuptools and wheel must be in the venv.
 BOOTSTRAP_PACKAGES = ("pip", "setuptools", "wheel")
 # Top-level entries of the project copied into the image (everything else stays out).
-PROJECT_ENTRIES = ("pyproject.toml", "README.md", "tasks.py", "src", "recipes", "schemas",
-                   "calibration", "model_card")
-PROJECT_DIRS = ("src", "recipes", "schemas", "calibration", "model_card")
+PROJECT_ENTRIES = ("pyproject.toml", "README.md", "tasks.py", "src", "recipes", "calibration")
+PROJECT_DIRS = ("src", "recipes", "calibration")
 DOCKER_ENTRIES = ("Dockerfile", "build_llamacpp.py", BOOTSTRAP_LOCK, *LOCK_FILES.values())
 SKIPPED_NAMES = {"__pycache__", ".pytest_cache", ".mypy_cache"}
 SKIPPED_SUFFIXES = (".pyc", ".egg-info")
@@ -352,7 +352,7 @@ def build_image(
     cpu: bool,
     llamacpp: LlamaCppSection,
     tag: str | None = None,
-    jobs: int = 2,
+    jobs: int | None = None,
     say: Say = print,
 ) -> BuiltImage:
     """Build (or reuse) the image; CPU mode makes its own base and wheelhouse first.
@@ -374,7 +374,7 @@ def build_image(
         "LLAMACPP_SDIST_VERSION": llamacpp.sdist_version,
         "LLAMACPP_SDIST_SHA256": llamacpp.sdist_sha256,
         "LLAMACPP_CUDA_ARCHITECTURES": llamacpp.cuda_architectures,
-        "LLAMACPP_JOBS": str(jobs),
+        "LLAMACPP_JOBS": str(jobs or llamacpp.jobs or default_jobs()),
     }
     wheelhouse = None
     docker_dir = project_root / "docker"

@@ -1,4 +1,5 @@
-"""Validation of JSON artifacts against the schemas in ``schemas/``."""
+"""Validation of JSON artifacts against the JSON Schemas shipped in this package
+(``src/moeprune/schemas/<name>.schema.json``, read through importlib.resources)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 import jsonschema
 
 from moeprune.errors import MoepruneError
+from moeprune.resources import package_dir
 
-SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+SCHEMA_DIR = package_dir(__name__)
 
 
 class SchemaError(MoepruneError):
@@ -20,7 +22,7 @@ class SchemaError(MoepruneError):
 
 @lru_cache(maxsize=None)
 def load_schema(name: str) -> dict[str, Any]:
-    """Load ``schemas/<name>.schema.json``."""
+    """Load ``<name>.schema.json`` of this package."""
     path = SCHEMA_DIR / f"{name}.schema.json"
     if not path.is_file():
         raise SchemaError(f"schema '{name}' not found at {path}")
