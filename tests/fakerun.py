@@ -18,11 +18,18 @@ import numpy as np
 from moeprune.layout import RunLayout
 from moeprune.recipe import Recipe, load_recipe
 
+ROOT = Path(__file__).resolve().parents[1]
 NUM_EXPERTS = 16
 NUM_LAYERS = 4
 DOMAINS = ["math", "logic", "code", "science", "creative"]
 TASK = "demo_mcq"
 LETTERS = "ABCD"
+
+
+def demo_recipe_text() -> str:
+    """recipes/demo.toml with every path it names relative to recipes/ made absolute, so that a
+    copy written anywhere reads the same model, calibration, task and held-out files."""
+    return (ROOT / "recipes" / "demo.toml").read_text().replace('"../', f'"{ROOT}/')
 
 
 @dataclass

@@ -25,6 +25,7 @@ import pytest
 
 from moeprune.atomic import WriteError, atomic_dir, atomic_file, write_json
 from moeprune.errors import MoepruneError
+from fakerun import demo_recipe_text
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "src" / "moeprune" / "demo" / "model"
@@ -258,10 +259,7 @@ def test_damaged_shard_in_profile_names_the_shard(tmp_path, how):
 @pytest.mark.slow
 def test_invoke_profile_with_a_truncated_shard_is_one_clear_line(tmp_path):
     model = _damaged_model(tmp_path, "truncated")
-    recipe = (ROOT / "recipes" / "demo.toml").read_text()
-    recipe = recipe.replace('base = "../src/moeprune/demo/model"', f'base = "{model}"')
-    for rel in ('"../calibration/demo.jsonl"', '"../src/moeprune/demo/tasks"'):
-        recipe = recipe.replace(rel, json.dumps(str((ROOT / "recipes" / json.loads(rel)).resolve())))
+    recipe = demo_recipe_text().replace(f'base = "{ROOT}/src/moeprune/demo/model"', f'base = "{model}"')
     recipe_path = tmp_path / "demo.toml"
     recipe_path.write_text(recipe)
     env = {**os.environ, "MOEPRUNE_RUNS_DIR": str(tmp_path / "runs")}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fakerun import demo_recipe_text
 from moeprune.profile.llama_generate import (
     completion_request,
     context_size,
@@ -68,9 +69,7 @@ def demo_gguf(tmp_path_factory) -> Path:
 def _recipe(tmp_path: Path, gguf: Path | None, generate: str, check_inputs: bool = True):
     from moeprune.recipe import load_recipe
 
-    text = (ROOT / "recipes" / "demo.toml").read_text()
-    # Every relative path in the demo recipe is relative to recipes/: make them absolute.
-    text = text.replace('"../', f'"{ROOT}/')
+    text = demo_recipe_text()
     extra = f'generate = "{generate}"\n' + (f'generate_gguf = "{gguf}"\n' if gguf else "")
     text = text.replace("[profile]\n", "[profile]\n" + extra)
     path = tmp_path / "recipe.toml"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from moeprune.profile.memory_plan import GIB, ModelFacts, model_facts, plan_memory
+from fakerun import demo_recipe_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,11 +62,7 @@ def test_facts_of_the_demo_come_from_its_headers():
 
 
 def _invoke_check(tmp_path: Path, extra: str) -> subprocess.CompletedProcess:
-    text = (ROOT / "recipes" / "demo.toml").read_text()
-    for old, new in (("../src/moeprune/demo/model", ROOT / "src/moeprune/demo/model"),
-                     ("../calibration/demo.jsonl", ROOT / "calibration/demo.jsonl"),
-                     ("../src/moeprune/demo/tasks", ROOT / "src/moeprune/demo/tasks")):
-        text = text.replace(f'"{old}"', f'"{new}"')
+    text = demo_recipe_text()
     text = text.replace('name = "demo"', 'name = "demo-memory-plan"').replace("[profile]\n", "[profile]\n" + extra)
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(text)

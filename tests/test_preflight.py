@@ -60,7 +60,8 @@ def test_demo_recipe_passes_every_check():
 def test_gpu_layers_slots_and_budget_refused_together_naming_each_field(tmp_path: Path):
     text = demo_recipe_text()
     text = replace_once(text, "n_gpu_layers = 0", "n_gpu_layers = 99")
-    text = replace_once(text, "parallel = 1", "parallel = 4")
+    text = replace_once(text, "parallel = 1", "parallel = 4\nkv_unified = false")
+    text = replace_once(text, "num_concurrent = 1", "num_concurrent = 4")
     text = replace_once(text, "reasoning_budget = 64", "reasoning_budget = 128")
     text += '\n[llamacpp]\ncuda = "off"\n'
     stderr = refused(check(write_recipe(tmp_path, text)))
@@ -93,14 +94,10 @@ def test_cuda_on_without_nvcc_is_refused_naming_the_field(tmp_path: Path):
 
 def test_unified_kv_cache_lets_every_slot_use_the_whole_context():
     recipe = load_recipe(ROOT / "recipes" / "demo.toml")
-    serve = recipe.serve.model_copy(update={"parallel": 4})
+    serve = recipe.serve.model_copy(update={"parallel": 4, "kv_unified": False})
     split = preflight(recipe.model_copy(update={"serve": serve}), ["eval"])
     assert any("serve.ctx_size" in e for e in split.errors)
-
-    class Unified(type(serve)):  # a serve section with a unified KV cache (llama-server --kv-unified)
-        kv_unified: bool = True
-
-    unified = Unified(**{**serve.model_dump(), "kv_unified": True})
+    unified = serve.model_copy(update={"kv_unified": True})  # llama-server --kv-unified
     assert preflight(recipe.model_copy(update={"serve": unified}), ["eval"]).ok
 
 
@@ -163,9 +160,9 @@ def test_too_long_calibration_prompt_is_refused_with_the_tokenizer_only(tmp_path
     prompts.write_text("\n".join(lines) + "\n")
     text = replace_once(demo_recipe_text(), f'prompts = "{ROOT}/calibration/demo.jsonl"', f'prompts = "{prompts}"')
     stderr = refused(check(write_recipe(tmp_path, text)))
-    match = re.search(r"prompt 'math-01' is (\d+) tokens; with calibration.max_new_tokens = 32 it exceeds "
-                      r"the model's context of 4096 tokens", stderr)
-    assert match and int(match.group(1)) > 4096 - 32, stderr
+    match = re.search(rf"prompt '{re.escape(record['id'])}' is (\d+) tokens; with calibration.max_new_tokens = "
+                      r"(\d+) it exceeds the model's context of 4096 tokens", stderr)
+    assert match and int(match.group(1)) > 4096 - int(match.group(2)), stderr
     assert "field 'calibration.prompts'" in stderr
 
 
@@ -178,7 +175,8 @@ def test_each_stage_checks_only_what_concerns_it():
 
 
 def test_a_stage_task_refuses_before_any_work(tmp_path: Path):
-    text = replace_once(demo_recipe_text(), "parallel = 1", "parallel = 8")
+    text = replace_once(demo_recipe_text(), "parallel = 1", "parallel = 8\nkv_unified = false")
+    text = replace_once(text, "num_concurrent = 1", "num_concurrent = 8")
     runs = tmp_path / "runs"
     result = subprocess.run([sys.executable, "-m", "invoke", "eval", "--recipe", str(write_recipe(tmp_path, text))],
                             cwd=ROOT, env={**os.environ, "MOEPRUNE_RUNS_DIR": str(runs)}, capture_output=True,
@@ -189,7 +187,8 @@ def test_a_stage_task_refuses_before_any_work(tmp_path: Path):
 
 
 def test_reproduce_refuses_before_the_first_stage(tmp_path: Path):
-    text = replace_once(demo_recipe_text(), "parallel = 1", "parallel = 8")
+    text = replace_once(demo_recipe_text(), "parallel = 1", "parallel = 8\nkv_unified = false")
+    text = replace_once(text, "num_concurrent = 1", "num_concurrent = 8")
     runs = tmp_path / "runs"
     result = subprocess.run([sys.executable, "-m", "invoke", "reproduce", "--no-live", "--recipe",
                              str(write_recipe(tmp_path, text))], cwd=ROOT,
@@ -240,7 +239,7 @@ def test_check_warns_on_a_branch_name_and_passes_a_commit(tmp_path: Path):
 
 def test_require_preflight_raises_with_every_problem():
     recipe = load_recipe(ROOT / "recipes" / "demo.toml")
-    serve = recipe.serve.model_copy(update={"parallel": 16, "reasoning_budget": 500})
+    serve = recipe.serve.model_copy(update={"parallel": 16, "kv_unified": False, "reasoning_budget": 500})
     with pytest.raises(PreflightError, match=r"(?s)refused before any work:.*serve.ctx_size.*serve.reasoning_budget"):
         require_preflight(recipe.model_copy(update={"serve": serve}), ["eval"])
 

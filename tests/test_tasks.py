@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fakerun import demo_recipe_text
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_ENGINE = "unix:///nonexistent/moeprune-test/docker.sock"
@@ -102,8 +103,7 @@ def test_every_stage_task_dispatches_to_the_image(name: str, tmp_path: Path, emp
 
 def test_recipe_runner_kind_docker_is_honoured_too(tmp_path: Path, empty_runs):
     recipe = tmp_path / "docker.toml"
-    text = (ROOT / "recipes" / "demo.toml").read_text().replace('../src/', f'{ROOT}/src/').replace(
-        '"../calibration/', f'"{ROOT}/calibration/')
+    text = demo_recipe_text()
     recipe.write_text(text + '\n[runner]\nkind = "docker"\n')
     result = invoke("card", "--recipe", str(recipe), env={**empty_runs, "DOCKER_HOST": NO_ENGINE})
     assert_clean_error(result, "cannot reach the Docker engine")

@@ -658,12 +658,12 @@ def _staging_dir(eval_dir: Path, model: str) -> Path:
     return eval_dir / f".{model}.tmp-{os.getpid()}"
 
 
-def _commit_model_dirs(eval_dir: Path, staged: dict[str, Path]) -> None:
+def _commit_model_dirs(layout: RunLayout, staged: dict[str, Path]) -> None:
     """Replace each ``eval/<model>`` with its finished staging directory."""
     from moeprune.atomic import replace_dir
 
     for model, staging in staged.items():
-        replace_dir(staging, eval_dir / model)
+        replace_dir(staging, layout.eval_model_dir(model))
 
 
 def _run_eval(
@@ -707,7 +707,7 @@ def _run_eval(
     try:
         for model in section.models:
             gguf = gguf_record(paths[model], recipe.quantize.eval_type, layout)
-            log_path = layout.logs_dir / f"llama-server-{model}.log"
+            log_path = layout.log_path(f"llama-server-{model}")
             log_path.parent.mkdir(parents=True, exist_ok=True)
             model_dir = _staging_dir(eval_dir, model)
             staged[model] = model_dir
@@ -737,7 +737,7 @@ def _run_eval(
             Path(outcome["partial_log"]).replace(model_dir / RESPONSES_LOG_NAME)
             write_json(model_dir / RUN_RECORD_NAME, record)
             records[model] = record
-        _commit_model_dirs(eval_dir, staged)
+        _commit_model_dirs(layout, staged)
     finally:
         for staging in staged.values():
             if staging.exists():
