@@ -28,7 +28,6 @@ from moeprune.prune.surgery import DROP_MAP_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "src" / "moeprune" / "demo" / "model"
-LLAMA_CPP = Path.home() / ".cache/moeprune/src/llama_cpp_python-0.3.36/vendor/llama.cpp"
 
 NUM_EXPERTS = 16
 NUM_LAYERS = 4
@@ -561,8 +560,11 @@ def test_cli_prune_and_verify_succeed(pruned_tiny, tiny_model, tmp_path):
 @pytest.mark.slow
 @pytest.mark.llamacpp
 @pytest.mark.skipif(not (DEMO_MODEL / "tokenizer.json").is_file(), reason="demo model (with tokenizer) not built yet")
-@pytest.mark.skipif(not (LLAMA_CPP / "convert_hf_to_gguf.py").is_file(), reason="llama.cpp source tree not unpacked")
 def test_pruned_demo_model_goes_through_llama_cpp_converter(tmp_path):
+    from moeprune.llamacpp.source import ensure_source
+    from moeprune.recipe import LlamaCppSection
+
+    llama_cpp = ensure_source(LlamaCppSection()).root  # the pinned tree, unpacked (and verified) if needed
     config = json.loads((DEMO_MODEL / "config.json").read_text())
     text = config.get("text_config") or config
     keep = max(text["top_k_experts"], text["num_experts"] * 3 // 4)
@@ -570,14 +572,14 @@ def test_pruned_demo_model_goes_through_llama_cpp_converter(tmp_path):
                   layers=list(range(text["num_hidden_layers"])), keep_count=keep, top_k=text["top_k_experts"])
     prune_checkpoint(DEMO_MODEL, tmp_path / "drop.json", tmp_path / "pruned", 4_000_000)
     gguf_path = tmp_path / "pruned-f32.gguf"
-    env = dict(os.environ, PYTHONPATH=str(LLAMA_CPP / "gguf-py"))
+    env = dict(os.environ, PYTHONPATH=str(llama_cpp / "gguf-py"))
     result = subprocess.run(
-        [sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(tmp_path / "pruned"),
+        [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(tmp_path / "pruned"),
          "--outfile", str(gguf_path), "--outtype", "f32"],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    sys.path.insert(0, str(LLAMA_CPP / "gguf-py"))
+    sys.path.insert(0, str(llama_cpp / "gguf-py"))
     from gguf import GGUFReader
 
     reader = GGUFReader(gguf_path)
