@@ -51,18 +51,19 @@ class ToolResult:
         return self.stdout + self.stderr
 
 
-def kill_group(process: subprocess.Popen) -> None:
-    """SIGTERM the child's process group, then SIGKILL what is left."""
+def kill_group(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM the child's process group, then SIGKILL what is left (also after a clean exit of
+    the leader: its children must not survive)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=STOP_GRACE_S)
+        process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=STOP_GRACE_S)
+        process.wait(timeout=grace_s)
 
 
 def run_tool(command: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> ToolResult:

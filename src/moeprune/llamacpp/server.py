@@ -29,6 +29,7 @@ from typing import Any
 
 from moeprune.errors import MoepruneError
 from moeprune.llamacpp.build import LlamaCppBuild
+from moeprune.llamacpp.process import kill_group
 from moeprune.recipe import ServeSection
 
 HOST = "127.0.0.1"
@@ -307,20 +308,8 @@ class LlamaServer:
 
     def stop(self) -> None:
         """Stop the server's whole process group: SIGTERM, then SIGKILL after a grace period."""
-        process = self.process
-        if process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-        # SIGKILL the group even after a clean exit of the leader: children must not survive.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=STOP_GRACE_S)
+        if self.process is not None:
+            kill_group(self.process, STOP_GRACE_S)
 
     # --- requests --------------------------------------------------------------------------
     def chat(self, messages: list[dict[str, Any]], timeout_s: float = 600.0, **params: Any) -> dict[str, Any]:
