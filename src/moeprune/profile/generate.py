@@ -140,6 +140,23 @@ def sequence_key(
     )
 
 
+def sequence_record(
+    prompt: CalibrationPrompt, prompt_ids: list[int], response: list[int], tokenizer: Any, input_key: str
+) -> dict[str, Any]:
+    """One line of ``sequences.jsonl``: the prompt, its ids plus the response ids, and both decoded."""
+    full = prompt_ids + response
+    return {
+        "id": prompt.id,
+        "domain": prompt.domain,
+        "prompt": prompt.prompt,
+        "input_ids": full,
+        "prompt_len": len(prompt_ids),
+        "text": tokenizer.decode(full, skip_special_tokens=False),
+        "response_text": tokenizer.decode(response, skip_special_tokens=False),
+        "input_key": input_key,
+    }
+
+
 def read_sequences(path: Path) -> list[dict[str, Any]]:
     """Read a sequences JSONL file; errors name the line."""
     path = Path(path)
@@ -252,19 +269,7 @@ def generate_sequences(
                 if token in eos_ids:
                     response = response[: position + 1]
                     break
-            prompt_ids = rendered[i]
-            full = prompt_ids + response
-            prompt = prompts[i]
-            by_index[i] = {
-                "id": prompt.id,
-                "domain": prompt.domain,
-                "prompt": prompt.prompt,
-                "input_ids": full,
-                "prompt_len": len(prompt_ids),
-                "text": tokenizer.decode(full, skip_special_tokens=False),
-                "response_text": tokenizer.decode(response, skip_special_tokens=False),
-                "input_key": keys[prompt.id],
-            }
+            by_index[i] = sequence_record(prompts[i], rendered[i], response, tokenizer, keys[prompts[i].id])
         if on_batch is not None:
             on_batch(len(batch))
     return [by_index[i] for i in range(len(prompts))]

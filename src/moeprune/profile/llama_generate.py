@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from moeprune.errors import MoepruneError
-from moeprune.profile.generate import CalibrationPrompt, SequenceError, render_prompt_ids
+from moeprune.profile.generate import CalibrationPrompt, SequenceError, render_prompt_ids, sequence_record
 
 # llama.cpp's KV cache is allocated in cells of this many tokens; the context is rounded up to it.
 _CTX_ROUND_TOKENS = 256
@@ -161,20 +161,9 @@ def generate_with_server(
                 f"{place}: the HF tokenizer decodes the generated ids to other text than llama-server does; "
                 "the GGUF's vocabulary is not the HF tokenizer's: convert the GGUF from model.base"
             )
-        full = prompt_ids + response
-        records.append(
-            {
-                "id": prompt.id,
-                "domain": prompt.domain,
-                "prompt": prompt.prompt,
-                "input_ids": full,
-                "prompt_len": len(prompt_ids),
-                "text": tokenizer.decode(full, skip_special_tokens=False),
-                "response_text": tokenizer.decode(response, skip_special_tokens=False),
-                "input_key": keys[prompt.id],
-                "canonical": round_trip_mismatch(tokenizer, full) is None,
-            }
-        )
+        record = sequence_record(prompt, prompt_ids, response, tokenizer, keys[prompt.id])
+        record["canonical"] = round_trip_mismatch(tokenizer, record["input_ids"]) is None
+        records.append(record)
         if on_batch is not None:
             on_batch(1)
     return records
