@@ -296,6 +296,7 @@ def _make_instrumented_forward(recorder: ContributionRecorder, layer: MoeLayer, 
 
         # The model's own product: a bf16/fp32 expert output times the fp32 routing weight.
         weighted = expert_out * sample_weights[perm].unsqueeze(-1)
+        del expert_out  # freed before the reordered copy below: one [pairs, hidden] buffer less at the peak
         norms = _row_norms(weighted)
         recorder.record_experts(layer_index, num_experts, token_sorted, expert_sorted, norms)
         if recorder.capture:

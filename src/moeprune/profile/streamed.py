@@ -19,6 +19,9 @@ measured holding one layer at a time plus the hidden states of every calibration
    batch's hidden states through it under the profiler's instrumentation (the same
    :class:`~moeprune.profile.hooks.ContributionRecorder` the whole-model replay feeds, with the
    same per-batch token domains), keep the outputs as the next layer's inputs, and free the layer.
+   The C allocator is told to give freed memory back to the kernel
+   (:func:`moeprune.profile.allocator.return_freed_memory`), so the resident size stays one layer
+   plus the activations instead of creeping up from layer to layer.
 
 Which on-disk tensors make each in-memory one is the family adapter's
 :meth:`~moeprune.arch.base.MoeArch.checkpoint_sources`: transformers' own weight-loading plan
@@ -50,6 +53,7 @@ import torch
 from moeprune.arch.base import TensorSource
 from moeprune.errors import MoepruneError
 from moeprune.io.checkpoint import Checkpoint, TensorInfo
+from moeprune.profile.allocator import return_freed_memory
 from moeprune.profile.hooks import ContributionRecorder, instrument_moe
 from moeprune.profile.replay import (
     ReplayResult,
@@ -519,6 +523,7 @@ def replay_streamed(
     batches = make_batches(sequences, domains, batch_size)
     started = time.perf_counter()
     layers = list(_get(model, layout.layers))
+    return_freed_memory()
     with Checkpoint.open(model_dir) as checkpoint, torch.inference_mode():
         sources = layout.plan(model, checkpoint)
         shell = materialize(model, layout.body, checkpoint, layout, device, skip=(layout.layers, *layout.unused),
@@ -526,6 +531,7 @@ def replay_streamed(
         stats.shell_nbytes = shell.nbytes
         captures = _embed_batches(model, layout, batches, device)
         shell.release()
+        return_freed_memory()
         hidden = [c.hidden for c in captures]
         stats.hidden_nbytes = sum(h.numel() * h.element_size() for h in hidden)
         with instrument_moe(model, num_domains=len(domains), capture=capture) as recorder:
@@ -547,6 +553,7 @@ def replay_streamed(
                 built.release()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                return_freed_memory()
             arrays = recorder.arrays()
             extra = _extra_statistics(recorder)
     del captures, hidden
