@@ -212,11 +212,12 @@ def activations_worker(args: argparse.Namespace) -> None:
                                   "forward_activation_bytes": int(peak)}))
 
 
-def run_mode(mode: str, model_dir: Path, args: argparse.Namespace, stats_out: Path) -> dict:
+def run_mode(mode: str, model_dir: Path, args: argparse.Namespace, stats_out: Path | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", mode, "--model-dir", str(model_dir),
                "--sequences", str(args.sequences), "--tokens", str(args.tokens), "--dtype", args.dtype_for,
-               "--batch-size", str(args.batch_size), "--device", args.device, "--threads", str(args.threads),
-               "--stats-out", str(stats_out)]
+               "--batch-size", str(args.batch_size), "--device", args.device, "--threads", str(args.threads)]
+    if stats_out is not None:
+        command += ["--stats-out", str(stats_out)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -266,7 +267,7 @@ def main() -> None:
             model_dir, args.dtype_for = write_synthetic(work / f"gemma4-26b-a4b-shaped-{args.layers}l", args.layers), "bfloat16"
         results = {mode: run_mode(mode, model_dir, args, work / f"{name}-{mode}.npz") for mode in ("whole", "streamed")}
         whole, streamed = results["whole"], results["streamed"]
-        forward = run_mode("activations", model_dir, args, work / f"{name}-activations.npz")["forward_activation_bytes"]
+        forward = run_mode("activations", model_dir, args)["forward_activation_bytes"]
         activations = streamed["hidden_bytes"] + forward
         bound = streamed["layer_bytes"] + activations + 500 * MB
         strict = streamed["layer_bytes"] + streamed["hidden_bytes"] + 500 * MB

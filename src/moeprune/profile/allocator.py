@@ -26,8 +26,8 @@ import functools
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-# Blocks of at least 1 MiB get their own mapping: page-faulting a fresh mapping costs well under a
-# millisecond per MB, against seconds of matrix products per layer.
+# Blocks of at least 1 MiB get their own mapping: the page faults of a fresh mapping are small
+# next to a layer's matrix products (the bench's streamed/whole time ratio includes them).
 MMAP_THRESHOLD_BYTES = 1 << 20
 # Free memory at the top of the heap above this is given back at once.
 TRIM_THRESHOLD_BYTES = 1 << 20
@@ -48,12 +48,20 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
-def return_freed_memory() -> bool:
-    """Fix glibc's mmap and trim thresholds and trim the heap now; False where it cannot (not glibc)."""
+@functools.cache
+def _fixed_thresholds() -> ctypes.CDLL | None:
+    """glibc with its mmap and trim thresholds fixed (set once per process); None elsewhere."""
     libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    return libc
+
+
+def return_freed_memory() -> bool:
+    """Fix glibc's mmap and trim thresholds (once) and trim the heap now; False where it cannot (not glibc)."""
+    libc = _fixed_thresholds()
     if libc is None:
         return False
-    libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     libc.malloc_trim(0)
     return True
