@@ -59,10 +59,8 @@ def test(c, k="", fast=False):
 
 @moeprune_task()
 def schema(c):
-    """Regenerate src/moeprune/schemas/recipe.schema.json from the typed recipe model."""
-    from moeprune.schemas import SCHEMA_DIR
-
-    return commands.write_recipe_schema(SCHEMA_DIR / "recipe.schema.json")
+    """Regenerate schemas/recipe.schema.json from the typed recipe model."""
+    return commands.write_recipe_schema(ROOT / "schemas" / "recipe.schema.json")
 
 
 @moeprune_task(help={"recipe": RECIPE_HELP})

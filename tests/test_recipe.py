@@ -131,8 +131,8 @@ def test_invalid_toml_is_named(tmp_path):
 
 
 def test_committed_schema_matches_the_model():
-    committed = json.loads((ROOT / "src" / "moeprune" / "schemas" / "recipe.schema.json").read_text())
-    assert committed == recipe_json_schema(), "run `invoke schema` and commit src/moeprune/schemas/recipe.schema.json"
+    committed = json.loads((ROOT / "schemas" / "recipe.schema.json").read_text())
+    assert committed == recipe_json_schema(), "run `invoke schema` and commit schemas/recipe.schema.json"
 
 
 def test_recipes_validate_against_the_schema():

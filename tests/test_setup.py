@@ -116,42 +116,75 @@ def built_wheel(tmp_path_factory) -> Path:
     return wheel
 
 
-PACKAGE_DATA = [
-    "moeprune/schemas/drop_map.schema.json",
-    "moeprune/schemas/manifest.schema.json",
-    "moeprune/schemas/recipe.schema.json",
-    "moeprune/schemas/results.schema.json",
-    "moeprune/schemas/profile.schema.json",
-    "moeprune/schemas/card_numbers.schema.json",
-    "moeprune/card/templates/template.md",
-    "moeprune/card/templates/gguf_template.md",
-]
+def top_level_data() -> dict[str, bytes]:
+    """Every committed file of the top-level data directories (schemas/, model_card/), by path."""
+    from moeprune.resources import DATA_DIRS
+
+    listed = subprocess.run(["git", "ls-files", "-z", "--", *DATA_DIRS], cwd=ROOT, capture_output=True, check=True)
+    files = {os.fsdecode(name): (ROOT / os.fsdecode(name)).read_bytes() for name in listed.stdout.split(b"\0") if name}
+    assert {name.split("/", 1)[0] for name in files} == set(DATA_DIRS), sorted(files)
+    return files
+
+
+def packaged_data(wheel: Path) -> dict[str, bytes]:
+    """The wheel's copies of the data directories (``moeprune/_data/<dir>/...``), by top-level path."""
+    from moeprune.resources import PACKAGED_DATA
+
+    prefix = f"moeprune/{PACKAGED_DATA}/"
+    with zipfile.ZipFile(wheel) as archive:
+        return {name.removeprefix(prefix): archive.read(name) for name in archive.namelist()
+                if name.startswith(prefix) and not name.endswith("/")}
+
+
+def test_schemas_and_the_card_template_live_at_the_top_level_only():
+    """The design's layout: `ls schemas model_card` at the root, no second copy committed, and a
+    checkout reads those very directories."""
+    from moeprune.card.render import GGUF_TEMPLATE_PATH, TEMPLATE_PATH
+    from moeprune.resources import data_dir
+    from moeprune.schemas import SCHEMA_DIR
+
+    files = top_level_data()
+    assert {"schemas/recipe.schema.json", "schemas/manifest.schema.json", "model_card/template.md",
+            "model_card/gguf_template.md"} <= set(files)
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    card_names = {Path(name).name for name in files if name.startswith("model_card/")}
+    copies = [name for name in tracked if name not in files
+              and (name.endswith(".schema.json") or (name.startswith("src/") and Path(name).name in card_names))]
+    assert not copies, f"second copies of schemas/ or model_card/ files: {copies}"
+    assert data_dir("schemas") == SCHEMA_DIR == ROOT / "schemas"
+    assert data_dir("model_card") == TEMPLATE_PATH.parent == GGUF_TEMPLATE_PATH.parent == ROOT / "model_card"
 
 
 @pytest.mark.slow
-def test_wheel_carries_the_schemas_and_templates(built_wheel: Path):
-    names = set(zipfile.ZipFile(built_wheel).namelist())
-    missing = [name for name in PACKAGE_DATA if name not in names]
-    assert not missing, f"not in {built_wheel.name}: {missing}"
-
-
-@pytest.mark.slow
-def test_sdist_carries_the_schemas_and_templates(tmp_path: Path):
+def test_wheel_and_sdist_carry_the_top_level_bytes(built_wheel: Path, tmp_path: Path):
+    """The wheel's copies, the sdist's top-level directories and a wheel built from that sdist all
+    hold exactly the committed files, byte for byte."""
+    expected = top_level_data()
+    assert packaged_data(built_wheel) == expected
     project = _project_copy(tmp_path)
     out = tmp_path / "sdist"
     code = f"from setuptools import build_meta; print(build_meta.build_sdist({str(out)!r}))"
     result = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     (sdist,) = out.glob("moeprune-*.tar.gz")
-    names = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
-    missing = [name for name in PACKAGE_DATA if f"src/{name}" not in names]
-    assert not missing, f"not in {sdist.name}: {missing}"
+    with tarfile.open(sdist) as archive:
+        members = {member.name.split("/", 1)[1]: member for member in archive.getmembers()
+                   if member.isfile() and "/" in member.name}
+        in_sdist = {name: archive.extractfile(member).read() for name, member in members.items()
+                    if name.split("/", 1)[0] in {"schemas", "model_card"}}
+    assert in_sdist == expected
+    wheels = tmp_path / "from-sdist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-q", "-w", str(wheels), str(sdist)], check=True, capture_output=True, text=True)
+    (wheel,) = wheels.glob("moeprune-*.whl")
+    assert packaged_data(wheel) == expected
 
 
 @pytest.mark.slow
 def test_installed_wheel_validates_and_renders_a_card(built_wheel: Path, tmp_path: Path):
     """A fresh venv with only the wheel of moeprune (dependencies from this environment, nothing
-    downloaded) validates an artifact and renders a card, far from any source tree."""
+    downloaded) validates an artifact and renders a card, far from any source tree, from its own
+    copies of schemas/ and model_card/, which equal the top-level files byte for byte."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -167,6 +200,7 @@ def test_installed_wheel_validates_and_renders_a_card(built_wheel: Path, tmp_pat
         sys.path.insert(0, {str(ROOT / 'tests')!r})  # fakerun only: moeprune itself is the wheel's
         from pathlib import Path
         import moeprune
+        from moeprune.card.render import TEMPLATE_PATH
         from moeprune.schemas import SCHEMA_DIR, validate_file
         assert Path(moeprune.__file__).is_relative_to({str(site)!r}), moeprune.__file__
         from fakerun import make_fake_run
@@ -176,11 +210,18 @@ def test_installed_wheel_validates_and_renders_a_card(built_wheel: Path, tmp_pat
         card = (run.layout.card_dir / "README.md").read_text()
         assert "Fake MoE, expert-pruned" in card, card[:500]
         print("rendered", len(card), "characters from", SCHEMA_DIR)
+        print("data", SCHEMA_DIR, TEMPLATE_PATH.parent, sep="\\n")
         """)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     result = subprocess.run([str(python), "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"from {site}" in result.stdout
+    schema_dir, card_dir = map(Path, result.stdout.split("data\n", 1)[1].split())
+    installed = {f"{top}/{path.relative_to(directory).as_posix()}": path.read_bytes()
+                 for top, directory in (("schemas", schema_dir), ("model_card", card_dir))
+                 for path in directory.rglob("*") if path.is_file()}
+    assert schema_dir.is_relative_to(site) and card_dir.is_relative_to(site)
+    assert installed == top_level_data()
 
 
 # --- the run layout ----------------------------------------------------------------------------

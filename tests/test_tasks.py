@@ -117,7 +117,7 @@ def test_check_passes_the_demo_recipe():
 
 
 def test_schema_rewrites_the_committed_schema_unchanged():
-    path = ROOT / "src" / "moeprune" / "schemas" / "recipe.schema.json"
+    path = ROOT / "schemas" / "recipe.schema.json"
     before = path.read_bytes()
     result = invoke("schema")
     assert result.returncode == 0, result.stderr

@@ -2,7 +2,7 @@
 
 A recipe is a TOML file (``recipes/*.toml``). Relative paths inside it are resolved against the
 directory of the recipe file, so a recipe means the same thing whatever the working directory.
-``src/moeprune/schemas/recipe.schema.json`` is generated from :class:`Recipe` (``invoke schema``) and a test
+``schemas/recipe.schema.json`` is generated from :class:`Recipe` (``invoke schema``) and a test
 keeps the two in sync.
 
 Loading is strict: unknown fields, wrong types and out-of-range values fail before any work,
@@ -541,7 +541,7 @@ def load_recipe(path: str | Path, check_inputs: bool = True) -> Recipe:
 
 
 def recipe_json_schema() -> dict[str, Any]:
-    """JSON Schema of the recipe file, as committed in src/moeprune/schemas/recipe.schema.json."""
+    """JSON Schema of the recipe file, as committed in schemas/recipe.schema.json."""
     schema = Recipe.model_json_schema(mode="validation")
     schema["properties"].pop("source_path", None)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

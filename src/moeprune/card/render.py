@@ -1,6 +1,6 @@
 """Render the model card: ``card/README.md``, ``card/card_numbers.json`` and ``card/plots/*.png``.
 
-The card text comes from ``card/templates/template.md`` (package data) rendered by huggingface_hub's
+The card text comes from ``model_card/template.md`` (top level of the repository) rendered by huggingface_hub's
 ``ModelCard.from_template`` with ``ModelCardData`` metadata (base_model, license, tags, the model
 index built from ``EvalResult``s). Every number it shows is a key of
 :class:`~moeprune.card.numbers.CardNumbers`; ``card_numbers.json`` stores them with their sources
@@ -22,9 +22,9 @@ from moeprune.card.source import ArtifactSource
 from moeprune.errors import MoepruneError
 from moeprune.hashing import sha256_file
 from moeprune.manifest import GGUF_CARD_DIR
-from moeprune.resources import package_dir
+from moeprune.resources import data_dir
 
-TEMPLATE_PATH = package_dir("moeprune.card") / "templates" / "template.md"
+TEMPLATE_PATH = data_dir("model_card") / "template.md"
 GGUF_TEMPLATE_PATH = TEMPLATE_PATH.with_name("gguf_template.md")
 CARD_NUMBERS_NAME = "card_numbers.json"
 CARD_FORMAT_VERSION = 1

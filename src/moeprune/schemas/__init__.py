@@ -1,5 +1,6 @@
-"""Validation of JSON artifacts against the JSON Schemas shipped in this package
-(``src/moeprune/schemas/<name>.schema.json``, read through importlib.resources)."""
+"""Validation of JSON artifacts against the project's JSON Schemas (``schemas/<name>.schema.json``
+at the repository's top level; an installed wheel carries the same bytes, see
+:mod:`moeprune.resources`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from typing import Any
 import jsonschema
 
 from moeprune.errors import MoepruneError
-from moeprune.resources import package_dir
+from moeprune.resources import data_dir
 
-SCHEMA_DIR = package_dir(__name__)
+SCHEMA_DIR = data_dir("schemas")
 
 
 class SchemaError(MoepruneError):
@@ -22,7 +23,7 @@ class SchemaError(MoepruneError):
 
 @lru_cache(maxsize=None)
 def load_schema(name: str) -> dict[str, Any]:
-    """Load ``<name>.schema.json`` of this package."""
+    """Load ``schemas/<name>.schema.json``."""
     path = SCHEMA_DIR / f"{name}.schema.json"
     if not path.is_file():
         raise SchemaError(f"schema '{name}' not found at {path}")
