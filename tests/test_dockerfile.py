@@ -133,3 +133,45 @@ def test_locks_agree_on_torch_and_build_tools():
     assert boot["setuptools"] == cpu["setuptools"] == cuda["setuptools"]
     shared = set(cpu) & set(cuda)
     assert {name for name in shared if cpu[name] != cuda[name]} <= {"torch"}
+
+
+def runtime_copies(parsed: list[tuple[str, str]]) -> dict[str, str]:
+    """{source: destination} of the runtime stage's COPY instructions from the build context."""
+    stages = [i for i, (kw, rest) in enumerate(parsed) if kw == "FROM"]
+    runtime = next(i for i in stages if parsed[i][1].endswith(" AS runtime"))
+    copies: dict[str, str] = {}
+    for kw, rest in parsed[runtime:]:
+        if kw == "COPY" and not rest.startswith("--from"):
+            *sources, destination = rest.split()
+            for source in sources:
+                copies[source.rstrip("/")] = destination.rstrip("/") or "."
+    return copies
+
+
+def test_runtime_copies_every_project_entry_of_the_context_to_the_same_place(parsed):
+    """The staged context and the Dockerfile name the same files: schemas/ and model_card/ sit at
+    the app's top level, where tasks.py's source tree reads them (and setup.py finds them for
+    `pip install .`)."""
+    from moeprune.resources import DATA_DIRS
+    from moeprune.runner.image import PROJECT_ENTRIES
+
+    copies = runtime_copies(parsed)
+    assert set(DATA_DIRS) <= set(PROJECT_ENTRIES)
+    for entry in PROJECT_ENTRIES:
+        assert copies.get(entry) in (entry, "."), f"the runtime stage does not copy {entry} to ./{entry}: {copies}"
+
+
+def test_staged_context_holds_the_top_level_data_dirs(tmp_path, monkeypatch):
+    from moeprune.resources import DATA_DIRS
+    from moeprune.runner.image import stage_context
+
+    monkeypatch.setenv("MOEPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    sdist = tmp_path / "llama_cpp_python-0.tar.gz"
+    sdist.write_bytes(b"sdist")
+    context, _ = stage_context(ROOT, "cpu", sdist, None)
+    for name in ("setup.py", "MANIFEST.in"):
+        assert (context / name).read_bytes() == (ROOT / name).read_bytes()
+    for name in DATA_DIRS:
+        committed = {p.relative_to(ROOT): p.read_bytes() for p in (ROOT / name).rglob("*") if p.is_file()}
+        staged = {p.relative_to(context): p.read_bytes() for p in (context / name).rglob("*") if p.is_file()}
+        assert committed and staged == committed, name

@@ -38,6 +38,7 @@ from moeprune.hashing import sha256_file, sha256_json, sha256_tree
 from moeprune.llamacpp.build import default_jobs
 from moeprune.llamacpp.source import cache_root, fetch_sdist
 from moeprune.recipe import LlamaCppSection
+from moeprune.resources import DATA_DIRS
 from moeprune.runner.engine import connect, image_record
 from moeprune.runner.errors import ImageBuildError
 
@@ -55,9 +56,10 @@ BOOTSTRAP_LOCK = "requirements-bootstrap.lock"
 # Build tools installed (hash-checked) before the locked packages: three packages in the lock
 # are sdists built with --no-build-isolation, so setuptools and wheel must be in the venv.
 BOOTSTRAP_PACKAGES = ("pip", "setuptools", "wheel")
-# Top-level entries of the project copied into the image (everything else stays out).
-PROJECT_ENTRIES = ("pyproject.toml", "README.md", "tasks.py", "src", "recipes", "calibration")
+# Top-level entries of the project copied into the image (everything else stays out). The image
+# runs tasks.py from src/, so it reads schemas/ and model_card/ at the top, as a checkout does.
 PROJECT_DIRS = ("src", "recipes", "calibration")
+PROJECT_ENTRIES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "tasks.py", *PROJECT_DIRS, *DATA_DIRS)
 DOCKER_ENTRIES = ("Dockerfile", "build_llamacpp.py", BOOTSTRAP_LOCK, *LOCK_FILES.values())
 SKIPPED_NAMES = {"__pycache__", ".pytest_cache", ".mypy_cache"}
 SKIPPED_SUFFIXES = (".pyc", ".egg-info")
@@ -288,6 +290,8 @@ def stage_context(project_root: Path, mode: str, sdist: Path, wheelhouse: Path |
             _copy_tree(project_root / name, context / name)
         elif name in PROJECT_DIRS:
             (context / name).mkdir()  # the Dockerfile copies it: an empty one is fine
+        elif name in DATA_DIRS:
+            raise ImageBuildError(f"{project_root / name} is missing: the image reads it (see README, Repository layout)")
     if not (context / "README.md").exists():
         # pyproject.toml names README.md as the long description: the install needs one.
         (context / "README.md").write_text("moeprune\n")
