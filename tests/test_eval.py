@@ -323,6 +323,25 @@ def _recipe(tmp_path: Path, **eval_overrides):
     return parse_recipe(data, source_path=tmp_path / "recipe.toml")
 
 
+class FakeServed(SimpleNamespace):
+    """A fake_chat_server process as the evaluator sees a LlamaServer: it proves its identity
+    (the alias it was started with, the GGUF path) through llama-server's /props fields."""
+
+    def props(self):
+        from moeprune.llamacpp.server import read_props
+
+        return read_props("127.0.0.1", self.port)
+
+    def confirm_serving(self):
+        from moeprune.llamacpp.server import LlamaServerError, identity_problem
+
+        code = self.process.poll()
+        problem = (f"it exited with code {code}" if code is not None
+                   else identity_problem(self.props(), self.alias, str(self.gguf_path)))
+        if problem:
+            raise LlamaServerError(f"fake server for {self.gguf_path.name}: {problem}; log: {self.log_path}")
+
+
 class FakeServers:
     """A server factory for run_eval: one fake_chat_server process per model."""
 
@@ -334,22 +353,27 @@ class FakeServers:
 
     @contextlib.contextmanager
     def __call__(self, model: str, gguf_path: Path, log_path: Path):
+        from moeprune.llamacpp.server import new_alias, stable_identity
+
         correct = BASE_CORRECT if model == "base" else PRUNED_CORRECT
         answers = {f"[q{i:02d}]": _response(i, correct) for i in range(QUESTIONS)}
         answers_path = self.tmp_path / f"answers-{model}.json"
         answers_path.write_text(json.dumps(answers))
         self.started.append(model)
+        alias = new_alias()
         with open(log_path, "w") as log:
             process = subprocess.Popen(
                 [sys.executable, str(FAKE_SERVER), "--answers", str(answers_path), "--reasoning",
-                 *self.extra_args.get(model, [])],
+                 "--alias", alias, "--model", str(gguf_path), *self.extra_args.get(model, [])],
                 stdout=subprocess.PIPE, stderr=log, text=True,
             )
         self.processes.append(process)
         try:
             port = int(process.stdout.readline().split()[1])
-            yield SimpleNamespace(base_url=f"http://127.0.0.1:{port}", flags=["--fake", model],
-                                  process=process, log_path=log_path)
+            served = FakeServed(base_url=f"http://127.0.0.1:{port}", flags=["--fake", model], port=port,
+                                process=process, log_path=log_path, alias=alias, gguf_path=Path(gguf_path))
+            served.identity = stable_identity(served.props())
+            yield served
         finally:
             process.terminate()
             process.wait(timeout=10)
@@ -405,6 +429,10 @@ def test_run_eval_scores_both_models_and_recomputes_exactly(eval_setup):
     record = stored["models"]["pruned"]
     assert record["gguf"]["sha256"] == __import__("hashlib").sha256(ggufs["pruned"].read_bytes()).hexdigest()
     assert record["server_flags"] == ["--fake", "pruned"]
+    # run.json: what the server proved about itself (no nonce, port or pid) and its log in the run.
+    run_record = json.loads((layout.eval_dir / "pruned" / "run.json").read_text())
+    assert run_record["server"] == {"model_file": "pruned.gguf", "model_ftype": "fake", "build_info": "fake-build",
+                                    "total_slots": 1, "n_ctx": 512, "log": "logs/llama-server-pruned.log"}
     assert record["llamacpp_build"] == {"key": "fake-build"}
     assert set(record["seeds"].values()) == {1234}
     assert record["lm_eval"]["version"] == __import__("lm_eval").__version__
@@ -467,6 +495,19 @@ def test_server_dying_mid_eval_keeps_partial_log_and_writes_no_results(eval_setu
     assert not (layout.eval_dir / "pruned" / "run.json").exists()
     assert not (layout.eval_dir / "base" / "run.json").exists()
     assert not list(layout.eval_dir.glob(".*.tmp-*")) if layout.eval_dir.exists() else True
+
+
+def test_answers_of_a_server_that_does_not_prove_its_identity_are_void(eval_setup):
+    """After the eval the server must still be the one started for it (the /props nonce); an
+    impostor's answers write nothing."""
+    tmp_path, layout, ggufs = eval_setup
+    servers = FakeServers(tmp_path, extra_args={"pruned": ["--props-alias", "moeprune-someone-else"]})
+    with pytest.raises(EvalError) as caught:
+        _run(tmp_path, layout, ggufs, servers)
+    message = str(caught.value)
+    assert "\n" not in message and "'pruned' is void" in message, message
+    assert "moeprune-someone-else" in message and str(layout.log_path("llama-server-pruned")) in message
+    assert not layout.results_path.exists() and not (layout.eval_dir / "pruned" / "run.json").exists()
 
 
 def _tree_bytes(root):
