@@ -752,3 +752,40 @@ def test_demo_eval_is_reproducible_with_one_slot(demo_ggufs, tmp_path):
         records = read_sample_log(layout.eval_dir / "base" / "samples_demo_mcq.jsonl")
         texts.append(sorted((r["doc_id"], r["filter"], r["resps"][0][0]) for r in records))
     assert texts[0] == texts[1]
+
+
+def _metrics(base_url: str) -> dict[str, float]:
+    """llama-server's Prometheus counters (``--metrics``): {"prompt_tokens_total": ..., ...}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{base_url}/metrics", timeout=30).read().decode()
+    return {line.split()[0].removeprefix("llamacpp:"): float(line.split()[1])
+            for line in text.splitlines() if line.startswith("llamacpp:")}
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+@pytest.mark.skipif(not _demo_ready(), reason="demo model or demo_mcq task not built yet")
+def test_eval_never_scores_a_rival_llama_server_on_its_port(demo_ggufs, tmp_path, monkeypatch):
+    """Issue 22: another llama-server, serving the *pruned* GGUF, holds the port that 8dc2f54's
+    free_port() returned for the base's server (taken between the look and the bind). 8dc2f54 took
+    the rival's /health 200 for its own server's and lm-eval scored the pruned model as the base.
+    Now the base's server binds a port of its own (--port 0) and proves its identity: the eval
+    scores it, run.json names what it served, and the rival answers no request."""
+    import moeprune.llamacpp.server as server_module
+    from moeprune.llamacpp import ensure_llamacpp
+    from moeprune.llamacpp.server import LlamaServer
+
+    recipe = _demo_recipe(models=["base"], limit=4, num_concurrent=1)
+    build = ensure_llamacpp(recipe.llamacpp)
+    layout = RunLayout(tmp_path / "demo")
+    with LlamaServer(build, demo_ggufs["pruned"], recipe.serve, tmp_path / "rival.log",
+                     extra_flags=["--metrics"]) as rival:
+        monkeypatch.setattr(server_module, "free_port", lambda host="127.0.0.1": rival.port, raising=False)
+        run_eval(recipe, layout, gguf_paths={"base": demo_ggufs["base"]}, combine=False)
+        rival_metrics = _metrics(rival.base_url)
+    assert rival_metrics["prompt_tokens_total"] == 0 and rival_metrics["tokens_predicted_total"] == 0, rival_metrics
+    record = json.loads((layout.eval_dir / "base" / "run.json").read_text())
+    assert record["server"]["model_file"] == demo_ggufs["base"].name
+    assert record["server"]["log"] == "logs/llama-server-base.log" and record["server"]["build_info"]
+    assert "<nonce>" in record["server_flags"] and not any("moeprune-" in flag for flag in record["server_flags"])

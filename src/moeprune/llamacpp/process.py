@@ -117,7 +117,8 @@ def failure_line(
 ) -> str:
     """One line saying why ``tool`` failed and where its whole output is.
 
-    ``returncode`` as subprocess gives it (negative: killed by that signal). ``writing`` names
+    ``returncode`` as subprocess gives it (negative: killed by that signal; 0: a tool that exited
+    0 and still failed, then ``cause`` says how). ``writing`` names
     the file the tool was writing (said when a file-size limit stopped it); ``cause`` replaces the
     cause read from ``output``; ``log_problem`` says why the log could not be written. E.g.::
 
@@ -135,7 +136,7 @@ def failure_line(
         what = f"killed by {_signal_name(number)} ({detail})"
     else:
         reason = cause or resource or last_error_line(output) or "no output"
-        what = f"failed: {reason} (exit {returncode})"
+        what = reason if returncode == 0 else f"failed: {reason} (exit {returncode})"
     where = f"; {log_problem}" if log_problem else (f"; log: {log_path}" if log_path else "")
     return f"{tool} {what}{where}"
 
@@ -212,4 +213,4 @@ def run_logged(
 
 def no_output_error(tool: str, output: str, missing: Path, log_path: Path | None) -> ToolError:
     """A tool that exited 0 without writing its output file (one line, as :func:`failure_line`)."""
-    return ToolError(failure_line(tool, 0, output, log_path, cause=f"it exited 0 but wrote no {Path(missing).name}"))
+    return ToolError(failure_line(tool, 0, output, log_path, cause=f"exited 0 but wrote no {Path(missing).name}"))
