@@ -419,10 +419,11 @@ def test_invoke_serve_stops_its_server(llama_build, tiny_gguf, tmp_path, stop_si
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
-        first = process.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", first)
-        assert match, first + process.stdout.read()
-        port_flag = f"--port {match.group(1)} "
+        first, second = process.stdout.readline(), process.stdout.readline()
+        assert re.search(r"http://127\.0\.0\.1:(\d+)/v1", first), first + second + process.stdout.read()
+        alias = re.search(r"--alias (moeprune-[0-9a-f]+)", second)  # the server's identity nonce: unique
+        assert alias, first + second
+        port_flag = f"--alias {alias.group(1)}"
         assert _processes_with_arg(port_flag)  # the server runs
         process.send_signal(stop_signal)
         output = process.communicate(timeout=60)[0]

@@ -82,17 +82,18 @@ def _python_exception_line(lines: list[str]) -> str | None:
     return None
 
 
-def last_error_line(output: str) -> str | None:
+def last_error_line(output: str, *, or_last_line: bool = True) -> str | None:
     """The line of a tool's output that says what went wrong, or None when none does.
 
-    A Python traceback's exception line; else the last line that reads like an error; else the
-    last line printed.
+    A Python traceback's exception line; else the last line that reads like an error; else
+    (``or_last_line``) the last line printed.
     """
     lines = output.splitlines()
     found = _python_exception_line(lines)
     if found is None:
         errors = [line.strip() for line in lines if _ERROR_LINE_RE.search(line)]
-        found = errors[-1] if errors else next((line.strip() for line in reversed(lines) if line.strip()), None)
+        last = next((line.strip() for line in reversed(lines) if line.strip()), None) if or_last_line else None
+        found = errors[-1] if errors else last
     if found is not None and len(found) > MAX_CAUSE_CHARS:
         found = found[: MAX_CAUSE_CHARS - 3] + "..."
     return found

@@ -461,7 +461,8 @@ class LlamaServer:
             detail = next((line.strip() for line in text.splitlines() if "error loading model" in line), None)
             cause = f"it could not load {self.gguf_path}" + (f" ({detail})" if detail else "")
         else:
-            said = last_error_line(text.split("\n", 1)[1] if "\n" in text else "")  # not our command line
+            # An error line of its own, if it printed one (not our command line, not its last info line).
+            said = last_error_line(text.split("\n", 1)[1] if "\n" in text else "", or_last_line=False)
             cause = ("it stopped while starting" if starting else "it died while serving") + (f": {said}" if said else "")
         return LlamaServerError(failure_line("llama-server", code, text, self.log_path, cause=cause))
 
