@@ -119,12 +119,14 @@ def failure_line(
     """One line saying why ``tool`` failed and where its whole output is.
 
     ``returncode`` as subprocess gives it (negative: killed by that signal; 0: a tool that exited
-    0 and still failed, then ``cause`` says how). ``writing`` names
-    the file the tool was writing (said when a file-size limit stopped it); ``cause`` replaces the
-    cause read from ``output``; ``log_problem`` says why the log could not be written. E.g.::
+    0 and still failed, then ``cause`` says how). ``writing`` names the file the tool was writing
+    (said when a file-size limit stopped it); ``cause`` replaces the cause read from ``output``;
+    ``log_problem`` says why the log could not be written. The whole output stays in the log, so
+    a summary table or a terminal shows one readable line, never a tool's traceback. E.g.::
 
         llama-quantize killed by SIGXFSZ (signal 25: file-size limit reached writing X); log: L
-        convert_hf_to_gguf.py failed: KeyError: 'architectures' (exit 1); log: L
+        convert_hf_to_gguf.py failed: ValueError: Failed to detect model architecture (exit 1); log: L
+        llama-quantize failed: disk full (No space left on device) (exit 1); log: L
     """
     resource = next((text for needle, text in _RESOURCE_CAUSES if needle in output), None)
     if returncode < 0:
