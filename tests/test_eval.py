@@ -745,13 +745,17 @@ def test_demo_eval_is_reproducible_with_one_slot(demo_ggufs, tmp_path):
     # run to run (measured: 3 of 16 identical). The same GGUF twice must give the same log.
     recipe = _demo_recipe(models=["base"], limit=8, num_concurrent=1)
     recipe = recipe.model_copy(update={"serve": recipe.serve.model_copy(update={"parallel": 1})})
-    texts = []
+    texts, run_records = [], []
     for attempt in range(2):
         layout = RunLayout(tmp_path / f"run{attempt}")
         run_eval(recipe, layout, gguf_paths={"base": demo_ggufs["base"]})
         records = read_sample_log(layout.eval_dir / "base" / "samples_demo_mcq.jsonl")
         texts.append(sorted((r["doc_id"], r["filter"], r["resps"][0][0]) for r in records))
+        run_records.append((layout.eval_dir / "base" / "run.json").read_bytes())
     assert texts[0] == texts[1]
+    # Another port, another identity nonce, another run directory: the same run.json, byte for byte.
+    assert run_records[0] == run_records[1]
+    assert json.loads(run_records[0])["server"]["model_file"] == demo_ggufs["base"].name
 
 
 def _metrics(base_url: str) -> dict[str, float]:
