@@ -8,7 +8,13 @@ first marker found in the last user message picks the response (default: "I am n
   --slow MARKER    sleep --slow-s seconds before answering the question with that marker
   --reasoning      also send a reasoning_content field, as llama-server's deepseek format does
 
-Prints ``PORT <n>`` on stdout once listening; logs each request to stderr.
+Identity, as llama-server gives it on ``GET /props`` (``model_alias``, ``model_path``): answered
+when ``--alias``/``--model`` are given; ``--props-alias`` reports another alias than ``--alias``
+(an impostor). ``--port`` binds that port (default: one the kernel picks).
+
+Prints ``PORT <n>`` and llama-server's ``listening on http://127.0.0.1:<n>`` on stdout once
+listening (``--announce-port`` announces another port than the one bound: a lying log); logs each
+request to stderr. Unknown options (llama-server's) are ignored, so LlamaServer can start it.
 """
 
 from __future__ import annotations
@@ -23,15 +29,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--answers", required=True, help="JSON file {marker: response}")
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    parser.add_argument("--answers", default=None, help="JSON file {marker: response}")
     parser.add_argument("--die-after", type=int, default=None)
     parser.add_argument("--slow", default=None)
     parser.add_argument("--slow-s", type=float, default=30.0)
     parser.add_argument("--reasoning", action="store_true")
-    args = parser.parse_args()
-    with open(args.answers, encoding="utf-8") as handle:
-        answers: dict[str, str] = json.load(handle)
+    parser.add_argument("--alias", default=None)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--props-alias", default=None)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--announce-port", type=int, default=None)
+    args, _ = parser.parse_known_args()
+    answers: dict[str, str] = {}
+    if args.answers:
+        with open(args.answers, encoding="utf-8") as handle:
+            answers = json.load(handle)
     lock = threading.Lock()
     state = {"answered": 0}
 
@@ -52,6 +65,10 @@ def main() -> None:
         def do_GET(self) -> None:  # noqa: N802 (http.server API)
             if self.path == "/health":
                 self._send(200, {"status": "ok"})
+            elif self.path == "/props" and args.alias is not None:
+                self._send(200, {"model_alias": args.props_alias or args.alias, "model_path": args.model,
+                                 "model_ftype": "fake", "build_info": "fake-build", "total_slots": 1,
+                                 "default_generation_settings": {"n_ctx": 512}})
             else:
                 self._send(404, {"error": "not found"})
 
@@ -92,8 +109,10 @@ def main() -> None:
             with lock:
                 state["answered"] += 1
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    print(f"PORT {server.server_address[1]}", flush=True)
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    port = server.server_address[1]
+    print(f"PORT {port}", flush=True)
+    print(f"srv  listening on http://127.0.0.1:{args.announce_port or port}", flush=True)
     server.serve_forever()
 
 

@@ -323,6 +323,25 @@ def _recipe(tmp_path: Path, **eval_overrides):
     return parse_recipe(data, source_path=tmp_path / "recipe.toml")
 
 
+class FakeServed(SimpleNamespace):
+    """A fake_chat_server process as the evaluator sees a LlamaServer: it proves its identity
+    (the alias it was started with, the GGUF path) through llama-server's /props fields."""
+
+    def props(self):
+        from moeprune.llamacpp.server import read_props
+
+        return read_props("127.0.0.1", self.port)
+
+    def confirm_serving(self):
+        from moeprune.llamacpp.server import LlamaServerError, identity_problem
+
+        code = self.process.poll()
+        problem = (f"it exited with code {code}" if code is not None
+                   else identity_problem(self.props(), self.alias, str(self.gguf_path)))
+        if problem:
+            raise LlamaServerError(f"fake server for {self.gguf_path.name}: {problem}; log: {self.log_path}")
+
+
 class FakeServers:
     """A server factory for run_eval: one fake_chat_server process per model."""
 
@@ -334,22 +353,27 @@ class FakeServers:
 
     @contextlib.contextmanager
     def __call__(self, model: str, gguf_path: Path, log_path: Path):
+        from moeprune.llamacpp.server import new_alias, stable_identity
+
         correct = BASE_CORRECT if model == "base" else PRUNED_CORRECT
         answers = {f"[q{i:02d}]": _response(i, correct) for i in range(QUESTIONS)}
         answers_path = self.tmp_path / f"answers-{model}.json"
         answers_path.write_text(json.dumps(answers))
         self.started.append(model)
+        alias = new_alias()
         with open(log_path, "w") as log:
             process = subprocess.Popen(
                 [sys.executable, str(FAKE_SERVER), "--answers", str(answers_path), "--reasoning",
-                 *self.extra_args.get(model, [])],
+                 "--alias", alias, "--model", str(gguf_path), *self.extra_args.get(model, [])],
                 stdout=subprocess.PIPE, stderr=log, text=True,
             )
         self.processes.append(process)
         try:
             port = int(process.stdout.readline().split()[1])
-            yield SimpleNamespace(base_url=f"http://127.0.0.1:{port}", flags=["--fake", model],
-                                  process=process, log_path=log_path)
+            served = FakeServed(base_url=f"http://127.0.0.1:{port}", flags=["--fake", model], port=port,
+                                process=process, log_path=log_path, alias=alias, gguf_path=Path(gguf_path))
+            served.identity = stable_identity(served.props())
+            yield served
         finally:
             process.terminate()
             process.wait(timeout=10)
@@ -405,6 +429,10 @@ def test_run_eval_scores_both_models_and_recomputes_exactly(eval_setup):
     record = stored["models"]["pruned"]
     assert record["gguf"]["sha256"] == __import__("hashlib").sha256(ggufs["pruned"].read_bytes()).hexdigest()
     assert record["server_flags"] == ["--fake", "pruned"]
+    # run.json: what the server proved about itself (no nonce, port or pid) and its log in the run.
+    run_record = json.loads((layout.eval_dir / "pruned" / "run.json").read_text())
+    assert run_record["server"] == {"model_file": "pruned.gguf", "model_ftype": "fake", "build_info": "fake-build",
+                                    "total_slots": 1, "n_ctx": 512, "log": "logs/llama-server-pruned.log"}
     assert record["llamacpp_build"] == {"key": "fake-build"}
     assert set(record["seeds"].values()) == {1234}
     assert record["lm_eval"]["version"] == __import__("lm_eval").__version__
@@ -467,6 +495,19 @@ def test_server_dying_mid_eval_keeps_partial_log_and_writes_no_results(eval_setu
     assert not (layout.eval_dir / "pruned" / "run.json").exists()
     assert not (layout.eval_dir / "base" / "run.json").exists()
     assert not list(layout.eval_dir.glob(".*.tmp-*")) if layout.eval_dir.exists() else True
+
+
+def test_answers_of_a_server_that_does_not_prove_its_identity_are_void(eval_setup):
+    """After the eval the server must still be the one started for it (the /props nonce); an
+    impostor's answers write nothing."""
+    tmp_path, layout, ggufs = eval_setup
+    servers = FakeServers(tmp_path, extra_args={"pruned": ["--props-alias", "moeprune-someone-else"]})
+    with pytest.raises(EvalError) as caught:
+        _run(tmp_path, layout, ggufs, servers)
+    message = str(caught.value)
+    assert "\n" not in message and "'pruned' is void" in message, message
+    assert "moeprune-someone-else" in message and str(layout.log_path("llama-server-pruned")) in message
+    assert not layout.results_path.exists() and not (layout.eval_dir / "pruned" / "run.json").exists()
 
 
 def _tree_bytes(root):
@@ -704,10 +745,51 @@ def test_demo_eval_is_reproducible_with_one_slot(demo_ggufs, tmp_path):
     # run to run (measured: 3 of 16 identical). The same GGUF twice must give the same log.
     recipe = _demo_recipe(models=["base"], limit=8, num_concurrent=1)
     recipe = recipe.model_copy(update={"serve": recipe.serve.model_copy(update={"parallel": 1})})
-    texts = []
+    texts, run_records = [], []
     for attempt in range(2):
         layout = RunLayout(tmp_path / f"run{attempt}")
         run_eval(recipe, layout, gguf_paths={"base": demo_ggufs["base"]})
         records = read_sample_log(layout.eval_dir / "base" / "samples_demo_mcq.jsonl")
         texts.append(sorted((r["doc_id"], r["filter"], r["resps"][0][0]) for r in records))
+        run_records.append((layout.eval_dir / "base" / "run.json").read_bytes())
     assert texts[0] == texts[1]
+    # Another port, another identity nonce, another run directory: the same run.json, byte for byte.
+    assert run_records[0] == run_records[1]
+    assert json.loads(run_records[0])["server"]["model_file"] == demo_ggufs["base"].name
+
+
+def _metrics(base_url: str) -> dict[str, float]:
+    """llama-server's Prometheus counters (``--metrics``): {"prompt_tokens_total": ..., ...}."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{base_url}/metrics", timeout=30).read().decode()
+    return {line.split()[0].removeprefix("llamacpp:"): float(line.split()[1])
+            for line in text.splitlines() if line.startswith("llamacpp:")}
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+@pytest.mark.skipif(not _demo_ready(), reason="demo model or demo_mcq task not built yet")
+def test_eval_never_scores_a_rival_llama_server_on_its_port(demo_ggufs, tmp_path, monkeypatch):
+    """Issue 22: another llama-server, serving the *pruned* GGUF, holds the port that 8dc2f54's
+    free_port() returned for the base's server (taken between the look and the bind). 8dc2f54 took
+    the rival's /health 200 for its own server's and lm-eval scored the pruned model as the base.
+    Now the base's server binds a port of its own (--port 0) and proves its identity: the eval
+    scores it, run.json names what it served, and the rival answers no request."""
+    import moeprune.llamacpp.server as server_module
+    from moeprune.llamacpp import ensure_llamacpp
+    from moeprune.llamacpp.server import LlamaServer
+
+    recipe = _demo_recipe(models=["base"], limit=4, num_concurrent=1)
+    build = ensure_llamacpp(recipe.llamacpp)
+    layout = RunLayout(tmp_path / "demo")
+    with LlamaServer(build, demo_ggufs["pruned"], recipe.serve, tmp_path / "rival.log",
+                     extra_flags=["--metrics"]) as rival:
+        monkeypatch.setattr(server_module, "free_port", lambda host="127.0.0.1": rival.port, raising=False)
+        run_eval(recipe, layout, gguf_paths={"base": demo_ggufs["base"]}, combine=False)
+        rival_metrics = _metrics(rival.base_url)
+    assert rival_metrics["prompt_tokens_total"] == 0 and rival_metrics["tokens_predicted_total"] == 0, rival_metrics
+    record = json.loads((layout.eval_dir / "base" / "run.json").read_text())
+    assert record["server"]["model_file"] == demo_ggufs["base"].name
+    assert record["server"]["log"] == "logs/llama-server-base.log" and record["server"]["build_info"]
+    assert "<nonce>" in record["server_flags"] and not any("moeprune-" in flag for flag in record["server_flags"])

@@ -401,9 +401,12 @@ def test_converter_dies_when_invoke_convert_is_killed(tmp_path, llama_build):
     assert (runs / "demo" / "gguf").is_dir() and list((runs / "demo" / "gguf").glob("*.gguf"))
 
 
-# --- server start retries on a port race -----------------------------------------------------------
+# --- the server's port cannot be raced ----------------------------------------------------------------
 @pytest.mark.llamacpp
-def test_server_start_retries_when_its_port_is_taken(llama_build, tmp_path, monkeypatch):
+def test_server_port_cannot_be_taken_between_look_and_bind(llama_build, tmp_path, monkeypatch):
+    """8dc2f54 picked a free port, then started llama-server on it: another process could bind it
+    in between. Now llama-server binds a port the kernel chooses (--port 0): a port held by a thief
+    (the one the old look would have returned) is never the server's, and the server is proven."""
     import socket
 
     import moeprune.llamacpp.server as server_module
@@ -417,22 +420,75 @@ def test_server_start_retries_when_its_port_is_taken(llama_build, tmp_path, monk
     thief.bind(("127.0.0.1", 0))
     thief.listen()
     stolen = thief.getsockname()[1]
-    real_free_port = server_module.free_port
-    picks = []
-
-    def racy_free_port(host="127.0.0.1"):
-        port = stolen if not picks else real_free_port(host)  # first pick: taken right after the look
-        picks.append(port)
-        return port
-
-    monkeypatch.setattr(server_module, "free_port", racy_free_port)
+    monkeypatch.setattr(server_module, "free_port", lambda host="127.0.0.1": stolen, raising=False)
     serve = ServeSection(ctx_size=512, n_gpu_layers=0, parallel=1, threads=2, startup_timeout_s=120)
     try:
         with LlamaServer(llama_build, gguf, serve, tmp_path / "server.log") as server:
-            assert server.port != stolen and len(picks) == 2
+            assert server.port != stolen
             assert server_module._health_status("127.0.0.1", server.port) == 200
+            assert server.identity["model_file"] == gguf.name and server.identity["build_info"]
+            server.confirm_serving()
     finally:
         thief.close()
+
+
+# --- a failed tool ends in one line (issue 22) ------------------------------------------------------------
+@pytest.mark.llamacpp
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="no SIGXFSZ on this platform")
+def test_quantize_stopped_by_a_file_size_limit_is_one_line(tmp_path, llama_build):
+    """llama-quantize dies of SIGXFSZ (exit -25) writing past ``ulimit -f``: stderr ends in one line
+    naming the signal, the limit, the file and the log, which holds the tool's whole output."""
+    runs = tmp_path / "runs"
+    env = {**os.environ, "MOEPRUNE_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1"}
+    result = _invoke(["convert", "--which", "base"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    gguf_dir = runs / "demo" / "gguf"
+    limit = 1_000_000
+    assert (gguf_dir / "base-F32.gguf").stat().st_size > 4 * limit
+    result = _invoke(["quantize", "--which", "base"], env, limit_bytes=limit)
+    combined = result.stdout + result.stderr
+    assert result.returncode != 0, combined
+    log = runs / "demo" / "logs" / "quantize-base-Q4_K_M.log"
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (f"error: llama-quantize killed by SIGXFSZ (signal {int(signal.SIGXFSZ)}: file-size limit "
+                    f"reached writing {gguf_dir / 'base-Q4_K_M.gguf'}); log: {log}"), combined
+    assert "Traceback" not in combined and "exit -25" not in combined and "blk." not in combined, combined
+    assert "blk." in log.read_text()  # the tool's own output is in the log, not on the screen
+    assert not (gguf_dir / "base-Q4_K_M.gguf").exists() and _leftovers(gguf_dir) == []
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_converter_failure_in_reproduce_is_one_line_in_the_summary(tmp_path, llama_build):
+    """The converter's Python traceback (a config.json without ``architectures``) stays in its log;
+    the summary table shows the one line naming the exception and the log."""
+    model = tmp_path / "model"
+    shutil.copytree(DEMO_MODEL, model)
+    config = json.loads((model / "config.json").read_text())
+    del config["architectures"]
+    (model / "config.json").write_text(json.dumps(config))
+    recipe_path = tmp_path / "demo.toml"
+    recipe_path.write_text(demo_recipe_text().replace(f'base = "{ROOT}/src/moeprune/demo/model"', f'base = "{model}"'))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "MOEPRUNE_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1", "COLUMNS": "250"}
+    result = _invoke(["reproduce", "--recipe", str(recipe_path), "--from", "convert-base", "--until", "convert-base",
+                      "--no-live"], env)
+    combined = result.stdout + result.stderr
+    assert result.returncode != 0, combined
+    log = runs / "demo" / "logs" / "convert-base-F32.log"
+    assert "Traceback" in log.read_text() and "Traceback" not in combined, combined
+    summary = combined[combined.index("summary"):]
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in summary.splitlines() if line.count("│") == 5]
+    first = next(index for index, cells in enumerate(rows) if cells[0] == "convert-base")
+    assert rows[first][1] == "failed", summary
+    detail = [rows[first][3]]
+    for cells in rows[first + 1:]:  # the detail cell folded over the following lines
+        if cells[0]:
+            break
+        detail.append(cells[3])
+    folded = "".join(detail).replace(" ", "")
+    expected = f"convert_hf_to_gguf.py failed: ValueError: Failed to detect model architecture (exit 1); log: {log}"
+    assert folded == expected.replace(" ", ""), summary
 
 
 # --- publish --dry-run touches nothing --------------------------------------------------------------

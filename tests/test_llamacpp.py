@@ -360,7 +360,7 @@ def test_port_in_use_is_a_clear_error(llama_build, tiny_gguf, tmp_path):
 
 
 @pytest.mark.llamacpp
-def test_broken_gguf_error_shows_the_log_tail(llama_build, tiny_gguf, tmp_path):
+def test_broken_gguf_error_is_one_line_naming_the_cause_and_the_log(llama_build, tiny_gguf, tmp_path):
     f32, _, _, _ = tiny_gguf
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(f32.read_bytes()[: 64 * 1024])  # a truncated GGUF: header fine, tensors missing
@@ -369,9 +369,8 @@ def test_broken_gguf_error_shows_the_log_tail(llama_build, tiny_gguf, tmp_path):
         with LlamaServer(llama_build, broken, SERVE, log):
             pass
     message = str(info.value)
-    last_line = log.read_text().strip().splitlines()[-1]
-    assert str(log) in message and last_line in message
-    assert "could not load" in message or "stopped while starting" in message
+    assert "\n" not in message and message.startswith("llama-server failed: ") and message.endswith(f"; log: {log}")
+    assert f"it could not load {broken}" in message or "it stopped while starting" in message
 
 
 @pytest.mark.llamacpp
@@ -379,7 +378,7 @@ def test_server_killed_mid_run_is_a_clear_error(llama_build, tiny_gguf, tmp_path
     _, q4, _, _ = tiny_gguf
     with LlamaServer(llama_build, q4, SERVE, tmp_path / "server.log") as server:
         os.killpg(server.pid, signal.SIGKILL)
-        with pytest.raises(LlamaServerError, match=r"killed by signal 9\): it died while serving"):
+        with pytest.raises(LlamaServerError, match=r"^llama-server killed by SIGKILL \(signal 9: it died while serving\); log: "):
             server.chat([{"role": "user", "content": "Hello"}], max_tokens=4)
 
 
@@ -420,10 +419,11 @@ def test_invoke_serve_stops_its_server(llama_build, tiny_gguf, tmp_path, stop_si
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
-        first = process.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", first)
-        assert match, first + process.stdout.read()
-        port_flag = f"--port {match.group(1)} "
+        first, second = process.stdout.readline(), process.stdout.readline()
+        assert re.search(r"http://127\.0\.0\.1:(\d+)/v1", first), first + second + process.stdout.read()
+        alias = re.search(r"--alias (moeprune-[0-9a-f]+)", second)  # the server's identity nonce: unique
+        assert alias, first + second
+        port_flag = f"--alias {alias.group(1)}"
         assert _processes_with_arg(port_flag)  # the server runs
         process.send_signal(stop_signal)
         output = process.communicate(timeout=60)[0]

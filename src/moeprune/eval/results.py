@@ -4,7 +4,8 @@ Layout of ``runs/<name>/eval/``::
 
     <model>/run.json               provenance of one model's evaluation (written by run.py):
                                    served GGUF (path, sha256, quant type), llama.cpp build
-                                   record, server flags, lm-eval version, task versions,
+                                   record, server flags, the server's proven identity and
+                                   its log (``server``), lm-eval version, task versions,
                                    seeds, settings, and the scores lm-eval reported
     <model>/samples_<task>.jsonl   lm-eval's per-sample records (our atomic writer)
     <model>/responses.jsonl        raw server replies as they arrived (finish_reason, reasoning

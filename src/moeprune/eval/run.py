@@ -6,6 +6,11 @@ Both models go through exactly the same settings: lm-eval's ``local-chat-complet
 pinned (gpqa shuffles its choices with Python's ``random``, seeded by ``random_seed``) and
 recorded, per-sample logs written by us (lm-eval only *logs* a failure to save them).
 
+Only the server this process started is scored: ``LlamaServer`` is "ready" only once it proved
+its identity, and after each model's eval :meth:`ServedModel.confirm_serving` must find that same
+server still running and answering, or nothing of that eval is written. ``run.json`` records what
+the proven server said about itself (served file, type, build) and its log.
+
 Failures a user can meet end with a :class:`EvalError` naming what to do: no Hub token for a
 gated dataset (checked before any server starts), a missing dataset, a server that dies or a
 request that times out mid-eval. In the last two cases the responses received so far stay in
@@ -57,6 +62,12 @@ class ServedModel(Protocol):
 
     base_url: str
     flags: list[str]
+    log_path: Path
+    identity: dict[str, Any]
+    """What the server proved about itself, stable across equal evaluations (recorded in run.json)."""
+
+    def confirm_serving(self) -> None:
+        """Raise MoepruneError unless the server started for this eval is still the one answering."""
 
 
 ServerFactory = Callable[[str, Path, Path], ContextManager[ServedModel]]
@@ -386,15 +397,20 @@ def gguf_file_type(path: Path) -> str | None:
         return None
 
 
+def run_relative(path: Path, layout: RunLayout) -> str:
+    """``path`` relative to the run directory; its name alone when outside it (no machine's path
+    in an artifact)."""
+    try:
+        return Path(path).resolve().relative_to(layout.root.resolve()).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
 def gguf_record(path: Path, quant_type: str, layout: RunLayout) -> dict[str, Any]:
     """Path (relative to the run directory; the file name when outside it), sha256, size and quant type."""
     path = Path(path)
-    try:
-        shown = path.resolve().relative_to(layout.root.resolve()).as_posix()
-    except ValueError:
-        shown = path.name  # outside the run: its name only (no machine's path in an artifact)
     return {
-        "path": shown,
+        "path": run_relative(path, layout),
         "sha256": sha256_file(path),
         "size_bytes": path.stat().st_size,
         "quant_type": quant_type,
@@ -416,11 +432,14 @@ def stable_paths(value: Any, replacements: dict[str, str]) -> Any:
 
 
 def stable_flags(flags: list[str], gguf_path: Path) -> list[str]:
-    """Server flags as recorded: the free port as ``<port>``, the model as its file name."""
+    """Server flags as recorded: the port as ``<port>``, the identity nonce as ``<nonce>``, the
+    model as its file name."""
     out = list(flags)
     for index, flag in enumerate(out[:-1]):
         if flag == "--port":
             out[index + 1] = "<port>"
+        elif flag in ("--alias", "-a"):
+            out[index + 1] = "<nonce>"
         elif flag in ("--model", "-m"):
             out[index + 1] = Path(out[index + 1]).name
     return out
@@ -649,6 +668,15 @@ def run_eval(
         return _run_eval(recipe, layout, Path(tasks_tmp), gguf_paths, server_factory, build_record, combine)
 
 
+def _confirm_served_by(server: ServedModel, model: str) -> None:
+    """Every answer of this eval must have come from the server started for it: still running,
+    still holding its port, still proving its identity. Otherwise the eval is void."""
+    try:
+        server.confirm_serving()
+    except MoepruneError as exc:
+        raise EvalError(f"evaluation of '{model}' is void, no results were written: {exc}") from None
+
+
 def partial_log_path(layout: RunLayout, model: str) -> Path:
     """Where the responses of an evaluation in progress are appended (kept when it fails)."""
     return layout.logs_dir / f"eval-{model}.{PARTIAL_LOG_NAME}"
@@ -715,7 +743,9 @@ def _run_eval(
             with server_factory(model, paths[model], log_path) as server:
                 outcome = evaluate_served_model(recipe, model, server, task_manager, model_dir,
                                                 partial_path=partial_path, path_placeholders=placeholders)
-                flags = stable_flags([str(flag) for flag in getattr(server, "flags", [])], paths[model])
+                _confirm_served_by(server, model)
+                flags = stable_flags([str(flag) for flag in server.flags], paths[model])
+                identity = dict(server.identity)
             record = {
                 "model": model,
                 "recipe_name": recipe.name,
@@ -723,6 +753,7 @@ def _run_eval(
                 "gguf": gguf,
                 "llamacpp_build": build_record or {},
                 "server_flags": flags,
+                "server": {**identity, "log": run_relative(log_path, layout)},
                 "lm_eval": {
                     "version": outcome["lm_eval_version"],
                     "model_type": MODEL_TYPE,

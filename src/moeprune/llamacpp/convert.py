@@ -25,11 +25,10 @@ from moeprune.atomic import write_json
 from moeprune.errors import MoepruneError
 from moeprune.hashing import sha256_file
 from moeprune.llamacpp.build import LlamaCppBuild
-from moeprune.llamacpp.process import run_tool, write_tool_log
+from moeprune.llamacpp.process import last_error_line, no_output_error, run_logged, run_tool
 from moeprune.llamacpp.quantize import public_record
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-LOG_TAIL_LINES = 30
 # Tensors whose last GGUF dimension is the expert axis (ne order: fastest dimension first).
 _EXPERT_TENSOR_RE = re.compile(r"^blk\.\d+\.ffn_(gate|up|down|gate_up)_exps\.weight$|^blk\.\d+\.ffn_gate_inp\.weight$")
 
@@ -115,7 +114,8 @@ json.dump({"arch": arch, "metadata": metadata, "tensors": tensors, "types": type
     env = {**os.environ, "PYTHONPATH": str(gguf_root / "gguf-py"), "NO_LOCAL_GGUF": "1"}
     result = run_tool([sys.executable, "-c", script, str(gguf_path)], env=env)
     if result.returncode != 0:
-        raise GGUFCheckError(f"{gguf_path}: not a readable GGUF:\n{result.stderr.strip()[-2000:]}")
+        said = last_error_line(result.stderr) or f"the reader exited {result.returncode}"
+        raise GGUFCheckError(f"{gguf_path}: not a readable GGUF: {said}")
     info = json.loads(result.stdout)
     return verify_gguf_info(info, gguf_path, num_experts, base_model_name, adapter)
 
@@ -170,10 +170,6 @@ def verify_gguf_info(
     }
 
 
-def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
 def convert_to_gguf(
     build: LlamaCppBuild,
     hf_dir: Path,
@@ -222,17 +218,9 @@ def convert_to_gguf(
             "TRANSFORMERS_OFFLINE": "1",
         }
         env.pop("NO_LOCAL_GGUF", None)
-        result = run_tool(command, env=env)  # own process group; dies with this process
-        output = result.output
-        log_problem = write_tool_log(log_path, command, output)
-        if result.returncode != 0 or not tmp_out.is_file():
-            log_note = f" ({log_problem})" if log_problem else (f"; log: {log_path}" if log_path else "")
-            raise MoepruneError(
-                f"convert_hf_to_gguf.py failed on {hf_dir} (exit {result.returncode}){log_note}"
-                f"\n--- last lines ---\n{_tail(output)}"
-            )
-        if log_problem:
-            print(f"warning: {log_problem}", file=sys.stderr)
+        output = run_logged(command, log_path, "convert_hf_to_gguf.py", env=env, writing=out_path)
+        if not tmp_out.is_file():
+            raise no_output_error("convert_hf_to_gguf.py", output, tmp_out, log_path)
         checks = check_gguf(build.root, tmp_out, num_experts, base["name"], adapter)
         record = {
             "stage": "convert",

@@ -26,8 +26,8 @@ within microseconds, it often is, statistics block included. Hence:
 
 llama-perplexity also exits 0 after many of its own errors (a vocabulary that does not match, a
 log-probability file it cannot read, too little text), so the exit code proves nothing: the output
-must hold every line this parser needs, or :class:`PerplexityOutputError` says which is missing
-and quotes the output's tail.
+must hold every line this parser needs, or :class:`PerplexityOutputError` says in one line which is
+missing (and llama-perplexity's own error, if it printed one); the whole output is in the log.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +42,7 @@ from typing import Any
 
 from moeprune.errors import MoepruneError
 from moeprune.llamacpp.build import LlamaCppBuild
-
-LOG_TAIL_LINES = 30
+from moeprune.llamacpp.process import run_logged
 ATTEMPTS = 3
 SPARE_CHUNKS = 1
 MIN_SCORED_TOKENS = 100
@@ -95,10 +93,6 @@ def scored_tokens(chunks: int, ctx_size: int) -> int:
     return chunks * (ctx_size - 1 - ctx_size // 2)
 
 
-def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:]) or "(no output)"
-
-
 def _known_error(text: str) -> str | None:
     for line in text.splitlines():
         if any(hint in line for hint in _ERROR_HINTS):
@@ -117,7 +111,7 @@ def _number(text: str, what: str, where: str) -> float:
 def _missing(where: str, what: str, text: str) -> PerplexityOutputError:
     found = _known_error(text)
     reason = f"llama-perplexity said: {found!r}" if found else f"no {what}"
-    return PerplexityOutputError(f"{where}: {reason}\n--- last lines ---\n{_tail(text)}")
+    return PerplexityOutputError(f"{where}: {reason}")
 
 
 def scored_chunks(total_chunks: int, ctx_size: int, where: str = "llama-perplexity") -> int:
@@ -225,20 +219,15 @@ def perplexity_command(
 def run_perplexity(command: Sequence[str], log_path: Path, what: str) -> str:
     """Run llama-perplexity, write its whole output to ``log_path``; return the output.
 
-    A non-zero exit raises MoepruneError with the output's tail. LLAMA_ARG_* variables are
-    dropped from the environment: the recipe decides every setting.
+    A non-zero exit raises MoepruneError in one line (its cause and the log). LLAMA_ARG_*
+    variables are dropped from the environment: the recipe decides every setting.
     """
     env = {key: value for key, value in os.environ.items() if not key.startswith("LLAMA_ARG_")}
     env.setdefault("OMP_WAIT_POLICY", "passive")  # let the log thread run (see the module docstring)
-    result = subprocess.run(list(command), capture_output=True, text=True, errors="replace", env=env,
-                            stdin=subprocess.DEVNULL)
-    output = result.stdout + result.stderr
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text(f"$ {' '.join(command)}\n{output}", encoding="utf-8")
-    if result.returncode != 0:
-        raise MoepruneError(f"{what}: llama-perplexity failed (exit {result.returncode}); log: {log_path}\n"
-                            f"--- last lines ---\n{_tail(output)}")
-    return output
+    try:
+        return run_logged(list(command), log_path, "llama-perplexity", env=env)
+    except MoepruneError as exc:
+        raise MoepruneError(f"{what}: {exc}") from None
 
 
 def run_until_complete(command: Sequence[str], log_path: Path, what: str, parse: Any,
@@ -254,6 +243,5 @@ def run_until_complete(command: Sequence[str], log_path: Path, what: str, parse:
             return output, parse(output)
         except PerplexityOutputError as exc:
             if _known_error(output) is not None or attempt == attempts:
-                raise PerplexityOutputError(
-                    f"{exc}\n({what}: {attempt} attempt(s); full output in {log_path})") from None
+                raise PerplexityOutputError(f"{exc} ({what}: {attempt} attempt(s)); log: {log_path}") from None
     raise AssertionError("unreachable")

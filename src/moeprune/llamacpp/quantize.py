@@ -19,8 +19,7 @@ from moeprune.atomic import atomic_file, write_json
 from moeprune.errors import MoepruneError
 from moeprune.hashing import sha256_file
 from moeprune.llamacpp.build import LlamaCppBuild
-
-LOG_TAIL_LINES = 30
+from moeprune.llamacpp.process import no_output_error, run_logged
 
 _FALLBACK_RE = re.compile(
     r"warning: (?P<tensor>\S+)\s+- ncols\s+(?P<ncols>\d+) not divisible by\s+(?P<block>\d+) "
@@ -60,26 +59,6 @@ def public_record(record: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in record.items() if key not in ("in_path", "out_path")}
 
 
-def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def _run(command: list[str], log_path: Path | None, what: str) -> str:
-    from moeprune.llamacpp.process import run_tool, write_tool_log
-
-    result = run_tool(command)  # own process group; dies with this process
-    output = result.output
-    log_problem = write_tool_log(log_path, command, output)
-    if result.returncode != 0:
-        log_note = f" ({log_problem})" if log_problem else (f"; log: {log_path}" if log_path else "")
-        raise MoepruneError(f"{what} failed (exit {result.returncode}){log_note}\n--- last lines ---\n{_tail(output)}")
-    if log_problem:
-        import sys
-
-        print(f"warning: {log_problem}", file=sys.stderr)
-    return output
-
-
 def quantize_gguf(
     build: LlamaCppBuild,
     in_path: Path,
@@ -110,9 +89,9 @@ def quantize_gguf(
         command += [str(in_path), str(tmp_out), qtype]
         if threads is not None:
             command.append(str(threads))
-        output = _run(command, log_path, f"llama-quantize {in_path.name} -> {qtype}")
+        output = run_logged(command, log_path, "llama-quantize", writing=out_path)
         if not tmp_out.is_file():
-            raise MoepruneError(f"llama-quantize exited 0 but wrote no {tmp_out.name}:\n{_tail(output)}")
+            raise no_output_error("llama-quantize", output, tmp_out, log_path)
         record = {
             "stage": "quantize",
             "llamacpp_key": build.key,
@@ -160,9 +139,9 @@ def compute_imatrix(
         ]
         if threads is not None:
             command += ["--threads", str(threads)]
-        output = _run(command, log_path, f"llama-imatrix on {gguf_path.name}")
+        output = run_logged(command, log_path, "llama-imatrix", writing=out_path)
         if not tmp_out.is_file():
-            raise MoepruneError(f"llama-imatrix exited 0 but wrote no {tmp_out.name}:\n{_tail(output)}")
+            raise no_output_error("llama-imatrix", output, tmp_out, log_path)
         record = {
             "stage": "imatrix",
             "llamacpp_key": build.key,

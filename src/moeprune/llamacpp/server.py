@@ -1,14 +1,27 @@
-"""llama-server as a context manager: started on 127.0.0.1, ready when /health says 200, always stopped.
+"""llama-server as a context manager: started on 127.0.0.1, ready once it proves it is ours, always stopped.
 
 ::
 
     with LlamaServer(build, gguf_path, recipe.serve, log_path) as server:
         requests.post(server.base_url + "/v1/chat/completions", ...)
+        server.confirm_serving()  # the answers came from this server
+
+Whatever answers on a port is not necessarily the process that was started for it: a port that
+was free when looked at can be taken by another server before ours binds it, and then that
+server's answers would be scored as ours. Hence:
+
+- no port is picked in advance: llama-server is started with ``--port 0`` and binds a port the
+  kernel chooses, which it then announces in its log ("listening on http://127.0.0.1:N");
+- "ready" needs all of: our child alive, the listening socket on that port held by our child
+  (``/proc``, on Linux), GET /health 200, and GET /props naming the random alias (a nonce) and
+  the model path this process passed;
+- a bind failure is retried on another port, never "ready";
+- :meth:`LlamaServer.confirm_serving` checks the same after the work, so a server that died or
+  was replaced meanwhile voids it.
 
 The server runs in its own process group (``start_new_session``) and the whole group is
-killed on exit, on error and on Ctrl-C, so no llama-server outlives the ``with`` block. A free
-port taken by another process before llama-server binds it (a port race) is retried on another. Its
-output goes to ``log_path``; every failure message quotes the log's tail.
+killed on exit, on error and on Ctrl-C, so no llama-server outlives the ``with`` block. Its
+output goes to ``log_path``; every failure is one line naming the cause and the log.
 """
 
 from __future__ import annotations
@@ -19,6 +32,8 @@ import errno
 import http.client
 import json
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,15 +44,18 @@ from typing import Any
 
 from moeprune.errors import MoepruneError
 from moeprune.llamacpp.build import LlamaCppBuild
-from moeprune.llamacpp.process import kill_group
+from moeprune.llamacpp.process import failure_line, kill_group, last_error_line
 from moeprune.recipe import ServeSection
 
 HOST = "127.0.0.1"
-LOG_TAIL_LINES = 40
 POLL_INTERVAL_S = 0.25
 NO_GPU_WARNING = "no usable GPU found"  # llama.cpp common/arg.cpp, printed for --n-gpu-layers
 STOP_GRACE_S = 10.0
 PORT_RACE_ATTEMPTS = 5
+ALIAS_PREFIX = "moeprune-"
+ANY_PORT = 0  # llama-server binds a port the kernel chooses and announces it
+_LISTENING_RE = re.compile(rf"listening on https?://{re.escape(HOST)}:(\d+)\b")
+_TCP_LISTEN_STATE = "0A"  # include/net/tcp_states.h, as /proc/net/tcp shows it
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -80,13 +98,6 @@ class LlamaServerError(MoepruneError):
     """llama-server could not be started, or stopped working."""
 
 
-def free_port(host: str = HOST) -> int:
-    """A TCP port that is free on ``host`` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def port_is_free(port: int, host: str = HOST) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
@@ -119,34 +130,135 @@ def server_flags(serve: ServeSection) -> list[str]:
     return flags
 
 
-def log_tail(log_path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last ``lines`` lines of a log file ('(empty log)' when there is nothing)."""
-    try:
-        text = Path(log_path).read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    tail = "\n".join(text.rstrip().splitlines()[-lines:])
-    return tail or "(empty log)"
-
-
-def _health_status(host: str, port: int, timeout_s: float = 2.0) -> int | None:
-    """HTTP status of GET /health, or None when nothing answers."""
+def _get(host: str, port: int, path: str, timeout_s: float = 2.0) -> tuple[int, bytes] | None:
+    """(HTTP status, body) of GET ``path``, or None when nothing answers."""
     connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
-        connection.request("GET", "/health")
-        return connection.getresponse().status
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
     except (OSError, http.client.HTTPException):
         return None
     finally:
         connection.close()
 
 
+def _health_status(host: str, port: int, timeout_s: float = 2.0) -> int | None:
+    """HTTP status of GET /health, or None when nothing answers."""
+    answer = _get(host, port, "/health", timeout_s)
+    return answer[0] if answer is not None else None
+
+
+def read_props(host: str, port: int, timeout_s: float = 2.0) -> Any:
+    """The decoded JSON of GET /props (llama-server's own description), None if there is none."""
+    answer = _get(host, port, "/props", timeout_s)
+    if answer is None or answer[0] != 200:
+        return None
+    try:
+        return json.loads(answer[1])
+    except ValueError:
+        return None
+
+
+def _bind_failed(log_text: str) -> bool:
+    """llama-server's log says it could not bind its port (tools/server/server-http.cpp)."""
+    return "couldn't bind" in log_text or "Address already in use" in log_text
+
+
+def new_alias() -> str:
+    """A model alias no other server has: the nonce a started server must answer with."""
+    return ALIAS_PREFIX + secrets.token_hex(12)
+
+
+def identity_problem(props: Any, alias: str, model_path: str) -> str | None:
+    """Why a /props answer is not from the server started with ``--alias alias --model model_path``
+    (None when it is). llama-server reports the first alias as ``model_alias`` and the
+    ``--model`` argument as ``model_path`` (tools/server/server-context.cpp, get_res_props)."""
+    if not isinstance(props, dict):
+        return "GET /props gave no JSON object"
+    if props.get("model_alias") != alias:
+        return f"GET /props names the alias {props.get('model_alias')!r}, not this server's {alias!r}"
+    if props.get("model_path") != model_path:
+        return f"GET /props serves {props.get('model_path')!r}, not {model_path!r}"
+    return None
+
+
+def stable_identity(props: dict[str, Any]) -> dict[str, Any]:
+    """What a proven server said about itself that two equal evaluations share (no alias, pid,
+    port or directory): the served file's name, its type, the build and the slots."""
+    settings = props.get("default_generation_settings")
+    return {
+        "model_file": Path(str(props.get("model_path"))).name,
+        "model_ftype": props.get("model_ftype"),
+        "build_info": props.get("build_info"),
+        "total_slots": props.get("total_slots"),
+        "n_ctx": settings.get("n_ctx") if isinstance(settings, dict) else None,
+    }
+
+
+def announced_port(log_text: str) -> int | None:
+    """The port llama-server says it listens on ("listening on http://127.0.0.1:N"), if it did."""
+    found = _LISTENING_RE.findall(log_text)
+    return int(found[-1]) if found else None
+
+
+def _listening_inodes(pid: int, port: int) -> set[int]:
+    """Socket inodes listening on TCP ``port`` (any address) in ``pid``'s network namespace."""
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...
+            if len(fields) > 9 and fields[3] == _TCP_LISTEN_STATE and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets open in process ``pid`` (its /proc/<pid>/fd links ``socket:[N]``)."""
+    inodes = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed while we looked
+        if target.startswith("socket:["):
+            inodes.add(int(target[len("socket:["):-1]))
+    return inodes
+
+
+def listener_problem(pid: int, port: int) -> str | None:
+    """Why the TCP listener on ``port`` is not process ``pid``'s alone (None when it is).
+
+    Read from /proc; where there is no /proc (not Linux) the /props nonce alone proves identity.
+    """
+    if not Path("/proc/self/net/tcp").exists():
+        return None
+    listening = _listening_inodes(pid, port)
+    if not listening:
+        return f"nothing listens on port {port}"
+    foreign = listening - _socket_inodes(pid)
+    if foreign:
+        return f"port {port} is held by a socket of another process, not by llama-server (pid {pid})"
+    return None
+
+
 class LlamaServer:
     """Run llama-server for the duration of a ``with`` block.
 
-    ``base_url`` ("http://127.0.0.1:PORT") and ``flags`` (the CLI flags used) are set on enter.
-    ``port`` None picks a free port; a given port that is in use is an error.
-    ``extra_flags`` are appended after the recipe's flags (e.g. ``["--alias", "model"]``).
+    ``base_url`` ("http://127.0.0.1:PORT"), ``flags`` (the CLI flags used) and ``identity``
+    (what the proven server said about itself, :func:`stable_identity`) are set on enter.
+    ``port`` None lets llama-server bind a port the kernel chooses; a given port that is in use is
+    an error. ``extra_flags`` are appended after the recipe's flags (not ``--alias``: the alias
+    is the nonce the server proves its identity with).
     """
 
     def __init__(
@@ -166,9 +278,13 @@ class LlamaServer:
         self.log_path = Path(log_path)
         self.requested_port = port
         self.extra_flags = list(extra_flags or [])
+        if {"-a", "--alias"} & set(self.extra_flags):
+            raise LlamaServerError("extra_flags may not set --alias: it is the nonce llama-server proves it is ours with")
         self.env = env
+        self.alias = new_alias()
         self.port: int | None = None
         self.flags: list[str] = []
+        self.identity: dict[str, Any] = {}
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -196,7 +312,7 @@ class LlamaServer:
         self.stop()
 
     def start(self) -> None:
-        """Start llama-server and wait until GET /health returns 200 (or fail with the log tail)."""
+        """Start llama-server and wait until it proves it is ready and ours (or fail in one line)."""
         if not self.gguf_path.is_file():
             raise LlamaServerError(f"{self.gguf_path}: GGUF not found; convert/quantize it first")
         binary = self.build.binary("llama-server")
@@ -206,14 +322,14 @@ class LlamaServer:
                     f"port {self.requested_port} on {HOST} is already in use; stop what is using it, "
                     "pass another port, or pass none to use a free one"
                 )
-        # A free port is only free when it was looked at: another process may bind it before
-        # llama-server does. Then the server exits with "couldn't bind"; try another port.
+        # A bind failure (the requested port taken after the look above; with --port 0 only when
+        # the kernel has no port left) is never "ready": the child exits, and another port is tried.
         attempts = 1 if self.requested_port is not None else PORT_RACE_ATTEMPTS
         for attempt in range(1, attempts + 1):
-            self.port = self.requested_port if self.requested_port is not None else free_port()
+            self.port = None
             self._launch(binary)
             try:
-                self._wait_healthy()
+                self._wait_ready()
                 return
             except LlamaServerError:
                 if attempt < attempts and self._lost_port_race():
@@ -222,16 +338,16 @@ class LlamaServer:
                 raise
 
     def _lost_port_race(self) -> bool:
-        """The server exited because its port was taken after we picked it."""
+        """The server exited because it could not bind its port."""
         if self.process is None or self.process.poll() is None:
             return False
-        tail = log_tail(self.log_path)
-        return "couldn't bind" in tail or "Address already in use" in tail
+        return _bind_failed(self._log_text())
 
     def _launch(self, binary: Path) -> None:
-        assert self.port is not None
+        port = self.requested_port if self.requested_port is not None else ANY_PORT
         self.flags = [
-            "--host", HOST, "--port", str(self.port), *server_flags(self.serve), *self.extra_flags,
+            "--host", HOST, "--port", str(port), *server_flags(self.serve), *self.extra_flags,
+            "--alias", self.alias,
         ]
         command = [str(binary), "--model", str(self.gguf_path), *self.flags]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,34 +364,87 @@ class LlamaServer:
             )
         _started_groups.add(self.process.pid)
 
-    def _wait_healthy(self) -> None:
-        assert self.process is not None and self.port is not None
+    def _log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _wait_ready(self) -> None:
+        """Poll until the child announces its port, holds it, answers /health and proves its
+        identity on /props; a child that exits first fails, and so does one whose port answers
+        with another server's identity."""
+        assert self.process is not None
         deadline = time.monotonic() + self.serve.startup_timeout_s
+        waiting_for = "its log to say which port it listens on"
         while True:
             code = self.process.poll()
             if code is not None:
                 raise self._died_error(code, starting=True)
-            if _health_status(HOST, self.port) == 200 and self.process.poll() is None:
-                self._refuse_cpu_fallback()
-                return  # (ours: a process that lost the port race has exited)
+            if self.port is None:
+                self.port = announced_port(self._log_text())
+                if self.port is not None and self.requested_port not in (None, self.port):
+                    raise LlamaServerError(
+                        f"llama-server listens on port {self.port}, not the requested {self.requested_port}; "
+                        f"log: {self.log_path}")
+            if self.port is not None:
+                status = _health_status(HOST, self.port)
+                waiting_for = f"GET {self.base_url}/health to answer 200 (it answered {status})"
+                if status == 200:
+                    self._prove_identity()
+                    self._refuse_cpu_fallback()
+                    return
             if time.monotonic() > deadline:
                 raise LlamaServerError(
-                    f"llama-server did not become healthy within serve.startup_timeout_s = "
-                    f"{self.serve.startup_timeout_s:g} s (GET {self.base_url}/health); log: {self.log_path}\n"
-                    f"--- last lines of the log ---\n{log_tail(self.log_path)}"
+                    f"llama-server did not become ready within serve.startup_timeout_s = "
+                    f"{self.serve.startup_timeout_s:g} s (waited for {waiting_for}); log: {self.log_path}"
                 )
             time.sleep(POLL_INTERVAL_S)
+
+    def _identity_problem(self) -> tuple[str | None, dict[str, Any] | None]:
+        """(why what answers on our port is not our child, None when it is; its /props)."""
+        assert self.process is not None and self.port is not None
+        if self.process.poll() is not None:
+            return "it is no longer running", None
+        problem = listener_problem(self.process.pid, self.port)
+        if problem is not None:
+            return problem, None
+        props = read_props(HOST, self.port)
+        problem = identity_problem(props, self.alias, str(self.gguf_path))
+        if problem is None and self.process.poll() is not None:  # answered, then died: not proven
+            problem = "it exited while proving its identity"
+        return problem, props
+
+    def _prove_identity(self) -> None:
+        problem, props = self._identity_problem()
+        if problem is not None:
+            code = self.process.poll() if self.process is not None else None
+            if code is not None:
+                raise self._died_error(code, starting=True)
+            raise LlamaServerError(
+                f"what answers on {HOST}:{self.port} is not the llama-server started here ({problem}); "
+                f"nothing was sent to it; log: {self.log_path}")
+        assert props is not None
+        self.identity = stable_identity(props)
+
+    def confirm_serving(self) -> None:
+        """Raise LlamaServerError (one line, naming the log) unless the server started here is still
+        running, still holds its port and still proves its identity: call it after the work whose
+        answers must have come from this server."""
+        self.check_alive()
+        problem, _ = self._identity_problem()
+        if problem is not None:
+            self.check_alive()
+            raise LlamaServerError(
+                f"the llama-server started here no longer answers on {self.base_url} ({problem}); "
+                f"what it served is void; log: {self.log_path}")
 
     def _refuse_cpu_fallback(self) -> None:
         """llama-server only warns when it cannot offload (no GPU, or a CPU-only build) and then
         runs everything on the CPU; with serve.n_gpu_layers > 0 that is an error, not a warning."""
         if self.serve.n_gpu_layers <= 0:
             return
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return
-        if NO_GPU_WARNING in text:
+        if NO_GPU_WARNING in self._log_text():
             self.stop()
             raise LlamaServerError(
                 f"serve.n_gpu_layers = {self.serve.n_gpu_layers}, but llama-server found no usable GPU "
@@ -284,22 +453,21 @@ class LlamaServer:
             )
 
     def _died_error(self, code: int, starting: bool) -> LlamaServerError:
-        tail = log_tail(self.log_path)
-        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-        if "couldn't bind" in tail:
-            reason = f"it could not bind {HOST}:{self.port} (port in use?)"
-        elif starting and ("failed to load model" in tail or "error loading model" in tail):
-            reason = f"it could not load {self.gguf_path}"
-        elif starting:
-            reason = "it stopped while starting"
+        """One line: how the server ended, why (from its log), and the log."""
+        text = self._log_text()
+        if _bind_failed(text):
+            cause = f"it could not bind {HOST}:{self.port or self.requested_port or 'its port'} (in use)"
+        elif starting and ("failed to load model" in text or "error loading model" in text):
+            detail = next((line.strip() for line in text.splitlines() if "error loading model" in line), None)
+            cause = f"it could not load {self.gguf_path}" + (f" ({detail})" if detail else "")
         else:
-            reason = "it died while serving"
-        return LlamaServerError(
-            f"llama-server ({how}): {reason}; log: {self.log_path}\n--- last lines of the log ---\n{tail}"
-        )
+            # An error line of its own, if it printed one (not our command line, not its last info line).
+            said = last_error_line(text.split("\n", 1)[1] if "\n" in text else "", or_last_line=False)
+            cause = ("it stopped while starting" if starting else "it died while serving") + (f": {said}" if said else "")
+        return LlamaServerError(failure_line("llama-server", code, text, self.log_path, cause=cause))
 
     def check_alive(self) -> None:
-        """Raise LlamaServerError (with the log tail) if the server process has exited."""
+        """Raise LlamaServerError (one line, naming the log) if the server process has exited."""
         if self.process is None:
             raise LlamaServerError("llama-server is not running (use LlamaServer as a context manager)")
         code = self.process.poll()

@@ -48,9 +48,14 @@ class _Recorder(PipelineListener):
 
 
 def _error_text(exc: BaseException) -> str:
+    """What the summary table says of a failed stage: a MoepruneError's message as it is (a failed
+    tool's is one line, see ``llamacpp.process.failure_line``). Anything else is a bug: its
+    traceback goes to stderr, and the table gets the exception's one line, not the traceback
+    folded into its narrow column."""
     if isinstance(exc, MoepruneError):
         return str(exc)
-    return "".join(traceback.format_exception(exc)).rstrip()  # a bug: keep the traceback
+    traceback.print_exception(exc, file=sys.stderr)
+    return f"internal error (a bug; traceback on stderr): {type(exc).__name__}: {exc}"
 
 
 def _results_after_failure(pipeline: Any, selected: list[str], recorder: _Recorder, exc: Exception) -> list[StageResult]:

@@ -219,7 +219,7 @@ def run_llama_server_generation(
     build = ensure_llamacpp(recipe.llamacpp)
     log_path = layout.logs_dir / "profile-phase1-llama-server.log"
     with LlamaServer(build, gguf, serve, log_path) as server:
-        return generate_with_server(
+        records = generate_with_server(
             server,
             tokenizer,
             prompts,
@@ -231,3 +231,5 @@ def run_llama_server_generation(
             prompts_path=recipe.prompts_path,
             on_batch=on_batch,
         )
+        server.confirm_serving()  # every sequence came from the server started here
+        return records
