@@ -8,7 +8,10 @@ From the artifact alone (plus, optionally, the base checkpoint) it:
 3. recomputes ``eval/results.json`` from the per-sample logs and compares every number, and
    re-scores every sample with its task's own filters and metric (``moeprune.eval.rescore``);
 4. checks the drop map against the weight shapes and ``config.json``, and against the profile
-   statistics it was made from (sha256); recomputes ``profile/profile.json``'s findings;
+   statistics it was made from (sha256); recomputes ``profile/profile.json``'s findings; re-derives
+   every layer's keep set and retained fraction from the statistics with the drop-map stage's own
+   selection (a ``manual`` map: its retained fractions only), and compares the card's retention
+   numbers with them;
 5. recomputes every number of the card from the artifacts, compares it with
    ``card_numbers.json``, and re-renders the card text to compare it with ``README.md`` line by line;
 6. with ``--base``, checks every kept expert bit-exact against the base (and the base's
@@ -630,6 +633,36 @@ def _check_profile(report: VerifyReport, art: _Artifact) -> None:
     report.add("profile findings", "profile/stats.safetensors", problems, checked)
 
 
+def _check_drop_map_rederived(report: VerifyReport, art: _Artifact) -> None:
+    """Every layer's keep set and retained fraction re-derived from profile/stats.safetensors with the
+    drop-map stage's own selection (moeprune.dropmap.rederive), and the card's retention numbers
+    compared with them."""
+    from moeprune.card.render import CARD_NUMBERS_NAME
+    from moeprune.dropmap.rederive import FRACTION_TOLERANCE, rederive_drop_map, show_fraction
+    from moeprune.profile.stats import load_stats
+
+    name, target = "drop map re-derived", "expert_drop_metadata.json"
+    if not art.source.stats_path.is_file():
+        report.add(name, target, ["profile/stats.safetensors: missing; the drop map cannot be re-derived"])
+        return
+    drop_map = json.loads(art.source.drop_map_path.read_text(encoding="utf-8"))
+    stats = load_stats(art.source.stats_path)
+    found = rederive_drop_map(drop_map, list(stats.layers), stats.totals, stats.per_domain, target)
+    problems = list(found.problems)
+    numbers_path = art.local.get(("model", CARD_NUMBERS_NAME))
+    if found.fractions and numbers_path is not None and numbers_path.is_file():
+        numbers = json.loads(numbers_path.read_text(encoding="utf-8")).get("numbers") or {}
+        for layer, fraction in sorted(found.fractions.items()):
+            shown = numbers.get(f"retention.L{layer}")
+            value = shown.get("value") if isinstance(shown, dict) else None
+            if shown is None or not isinstance(value, (int, float)) or abs(float(value) - fraction) > FRACTION_TOLERANCE:
+                problems.append(f"{CARD_NUMBERS_NAME}: 'retention.L{layer}' = "
+                                f"{shown.get('display') if isinstance(shown, dict) else None!r} ({value!r}), the "
+                                f"profile statistics give {show_fraction(fraction)} for layer {layer}")
+    report.add(name, target, problems, found.how + (f"; {len(found.fractions)} card retention numbers match"
+                                                     if numbers_path is not None else ""))
+
+
 def verify_artifact(
     path: Path,
     base_dir: Path | None = None,
@@ -666,6 +699,7 @@ def verify_artifact(
     _guarded(report, "KLD recompute", "eval/kld.json", _check_kld, report, art, results)
     _guarded(report, "drop map vs weights", "expert_drop_metadata.json", _check_drop_map, report, art)
     _guarded(report, "profile findings", "profile/stats.safetensors", _check_profile, report, art)
+    _guarded(report, "drop map re-derived", "expert_drop_metadata.json", _check_drop_map_rederived, report, art)
     _guarded(report, "card numbers", "card_numbers.json", _check_card, report, art, results)
     _guarded(report, "kept experts bit-exact", str(base_dir), _check_base, report, art, base_dir)
     return report
