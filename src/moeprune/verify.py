@@ -15,12 +15,20 @@ From the artifact alone (plus, optionally, the base checkpoint) it:
 5. recomputes every number of the card from the artifacts, compares it with
    ``card_numbers.json``, and re-renders the card text to compare it with ``README.md`` line by line;
 6. with ``--base``, checks every kept expert bit-exact against the base (and the base's
-   parameter count and size as the card states them).
+   parameter count and size as the card states them);
+7. follows the chain of custody (:mod:`moeprune.custody`): every converted GGUF's record names the
+   sha256 of the safetensors it was converted from (the published shards; the base's with
+   ``--base``), every quantized GGUF's record its input GGUF, and every ``eval/<model>/run.json``
+   the GGUF it served; an unquantized GGUF at hand has its expert tensors compared with the
+   safetensors bit for bit (:mod:`moeprune.gguf_match`).
 
 Manifest paths that are absolute or leave the artifact (``..``) are refused, never read. Code
 (``*.py``, ``auto_map``) and pickle files in the artifact are listed as a warning: nothing here
-runs or unpickles them, but an auditor should know they are there. A Hub repo id is first downloaded with ``snapshot_download`` into a temporary directory; its GGUF
-repository is checked remotely (sha256 of each file from the Hub's file listing).
+runs or unpickles them, but an auditor should know they are there. A Hub repo id is first
+downloaded with ``snapshot_download`` into a temporary directory; its GGUF repository is checked
+remotely (sha256 of each file from the Hub's file listing; its small ``README.md`` and
+``*.gguf.json`` records are downloaded).
+
 Each check is one row of the report; any failure names the file and the value that disagrees.
 """
 
@@ -663,6 +671,53 @@ def _check_drop_map_rederived(report: VerifyReport, art: _Artifact) -> None:
                                                      if numbers_path is not None else ""))
 
 
+def checkpoint_file_hashes(model_dir: Path) -> dict[str, str]:
+    """{file name: sha256} of what a converter reads from a checkpoint directory (config, index, shards)."""
+    names = ["config.json", "model.safetensors.index.json", *(p.name for p in sorted(model_dir.glob("*.safetensors")))]
+    return {name: sha256_file(model_dir / name) for name in names if (model_dir / name).is_file()}
+
+
+def _check_custody(report: VerifyReport, art: _Artifact, base_dir: Path | None) -> None:
+    """safetensors -> converted GGUF -> quantized GGUF -> eval run.json, by record (moeprune.custody), and
+    each unquantized GGUF at hand compared with its safetensors (moeprune.gguf_match)."""
+    from moeprune.custody import chain_problems, gguf_entries
+    from moeprune.eval.results import RUN_RECORD_NAME
+    from moeprune.gguf_match import UNQUANTIZED, compare_gguf_experts, describe
+
+    name, target = "chain of custody", "safetensors -> GGUF -> eval"
+    listed = {e["path"] for key in ("files", "unpublished") for e in art.manifest.get(key) or [] if e["repo"] == "gguf"}
+    ggufs = gguf_entries(art.manifest)
+    records: dict[str, dict[str, Any] | None] = {}
+    for file in ggufs:
+        if f"{file}.json" not in listed:
+            continue
+        path = art.local.get(("gguf", f"{file}.json"))
+        records[file] = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else None
+    served = {}
+    if art.source.eval_dir.is_dir():
+        for run_json in sorted(art.source.eval_dir.glob(f"*/{RUN_RECORD_NAME}")):
+            served[run_json.parent.name] = json.loads(run_json.read_text(encoding="utf-8"))
+    base_files = checkpoint_file_hashes(base_dir) if base_dir is not None else None
+    chain = chain_problems(art.manifest, records, served, base_files)
+    passed = f"{chain.links} links followed from the safetensors to the scored samples"
+    if chain.notes:
+        passed += "; not followed: " + "; ".join(chain.notes)
+    report.add(name, target, chain.problems, passed)
+
+    for file, (role, _) in sorted(ggufs.items()):
+        record, path = records.get(file), art.local.get(("gguf", file))
+        if record is None or record.get("stage") != "convert" or path is None or not path.is_file():
+            continue
+        if str(record.get("outtype")).upper() not in UNQUANTIZED:
+            continue  # a quantized conversion (q8_0): followed by record only
+        source = art.source.model_dir if role == "pruned" else base_dir
+        if source is None:
+            report.add("GGUF experts = safetensors", f"gguf:{file}", [], skipped="base GGUF: pass --base to compare")
+            continue
+        match = compare_gguf_experts(path, source, f"gguf:{file}")
+        report.add("GGUF experts = safetensors", f"gguf:{file}", match.problems, describe(match))
+
+
 def verify_artifact(
     path: Path,
     base_dir: Path | None = None,
@@ -702,6 +757,7 @@ def verify_artifact(
     _guarded(report, "drop map re-derived", "expert_drop_metadata.json", _check_drop_map_rederived, report, art)
     _guarded(report, "card numbers", "card_numbers.json", _check_card, report, art, results)
     _guarded(report, "kept experts bit-exact", str(base_dir), _check_base, report, art, base_dir)
+    _guarded(report, "chain of custody", "safetensors -> GGUF -> eval", _check_custody, report, art, base_dir)
     return report
 
 
@@ -765,10 +821,13 @@ def verify(target: str, base_dir: Path | None = None, *, endpoint: str | None = 
             remote = gguf_dir = None
             if gguf_repo:
                 remote = _remote_gguf_listing(HfApi(endpoint=endpoint, token=token or False), gguf_repo)
-                if "README.md" in remote:  # small: fetched so its numbers can be checked too
+                # Small files, fetched so they are checked too: the card's numbers, and the GGUF
+                # records the chain of custody follows (the GGUFs themselves by the Hub's sha256).
+                small = sorted(p for p in remote if p == "README.md" or p.endswith(".gguf.json"))
+                if small:
                     gguf_dir = Path(tmp) / "gguf"
-                    hf_hub_download(gguf_repo, "README.md", local_dir=gguf_dir, endpoint=endpoint,
-                                    token=token or False)
+                for name in small:
+                    hf_hub_download(gguf_repo, name, local_dir=gguf_dir, endpoint=endpoint, token=token or False)
             report = verify_artifact(snapshot, base_dir, remote_gguf=remote, gguf_dir=gguf_dir)
             report.subject = target
             return report
