@@ -122,7 +122,9 @@ def test_gguf_from_other_weights_fails_naming_the_file(demo_run, tmp_path):
     assert {p.name for p in pruned.glob("*.safetensors")} <= set(record["source_files"])
     clean = _invoke("verify", str(demo_run), "--base", str(DEMO_BASE))
     assert clean.returncode == 0, _ran(clean)
-    assert "GGUF experts = safetensors" in clean.stdout and "bit for bit, F32->F32" in clean.stdout
+    # The demo model is stored in bf16 and converted to f32: a lossless cast, compared expert for expert.
+    assert "GGUF experts = safetensors" in clean.stdout and "every expert; after the converter's cast BF16->F32" \
+        in clean.stdout, _ran(clean)
 
     run = _copy_run(demo_run, tmp_path)
     kept = json.loads((run / "expert_drop_metadata.json").read_text())["num_experts_kept"]
@@ -240,3 +242,31 @@ def test_manual_drop_map_is_measured_not_reselected(fake_copy, fake_run):
     failed = "\n".join(_failed_lines(forged.stdout))
     (line,) = [x for x in failed.splitlines() if "layer 0: retained_fraction" in x]
     assert "99.90%" in line and f"{100 * true:.2f}%" in line, _ran(forged)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f16", "bf16"])
+def test_expert_comparison_follows_the_converters_cast(llama_build_shared, tmp_path, outtype):
+    """The cast rule of moeprune.gguf_match against the pinned converter itself: the demo base
+    converted to f16 / bf16 matches, expert for expert; one flipped expert does not."""
+    from moeprune.gguf_match import compare_gguf_experts
+    from moeprune.llamacpp.convert import convert_to_gguf
+
+    out = tmp_path / f"base-{outtype.upper()}.gguf"
+    convert_to_gguf(llama_build_shared, DEMO_BASE, out, outtype)
+    match = compare_gguf_experts(out, DEMO_BASE, out.name)
+    assert match.problems == [] and match.compared > 0
+    # The demo model is stored in bf16: bf16 is written unchanged, f16 after the converter's cast.
+    assert match.how[-1] == {"bf16": "bit for bit, BF16->BF16", "f16": "after the converter's cast BF16->F16"}[outtype]
+
+    from gguf import GGUFReader
+
+    tensor = next(t for t in GGUFReader(str(out)).tensors if t.name == "blk.1.ffn_down_exps.weight")
+    start = int(tensor.data_offset) + tensor.data[0].nbytes * 3  # expert 3's first byte
+    with open(out, "r+b") as handle:
+        handle.seek(start)
+        byte = handle.read(1)
+        handle.seek(start)
+        handle.write(bytes([byte[0] ^ 0x40]))
+    (problem,) = compare_gguf_experts(out, DEMO_BASE, out.name).problems
+    assert problem.startswith(f"{out.name}: blk.1.ffn_down_exps.weight experts [3] differ from")
