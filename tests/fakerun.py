@@ -212,12 +212,29 @@ def write_eval(recipe: Recipe, layout: RunLayout, n: int = 40, seed: int = 0) ->
     write_results(layout.eval_dir)
 
 
-def write_gguf(layout: RunLayout, seed: int = 0) -> None:
+def write_gguf(layout: RunLayout, base_dir: Path, seed: int = 0) -> None:
+    """Stand-in GGUF bytes (Q8_0 "converted", Q4_K_M "quantized"), with the records convert and
+    quantize write, so that the chain of custody from the safetensors to the eval is whole."""
+    from moeprune.io.checkpoint import Checkpoint
+    from moeprune.llamacpp.convert import source_file_hashes
+
     rng = np.random.default_rng(seed)
     layout.gguf_dir.mkdir(parents=True, exist_ok=True)
-    (layout.gguf_dir / "base-Q4_K_M.gguf").write_bytes(b"GGUF" + rng.bytes(6000))
-    (layout.gguf_dir / "fake-Q4_K_M.gguf").write_bytes(b"GGUF" + rng.bytes(5200))
-    (layout.gguf_dir / "fake-Q4_K_M.gguf.json").write_text(json.dumps({"quant_type": "Q4_K_M"}))
+    for prefix, checkpoint_dir, size in (("base", base_dir, 6000), ("fake", layout.pruned_dir, 5200)):
+        with Checkpoint.open(checkpoint_dir) as checkpoint:
+            sources = source_file_hashes(checkpoint_dir, list(checkpoint.shards))
+        converted = layout.gguf_dir / f"{prefix}-Q8_0.gguf"
+        converted.write_bytes(b"GGUF" + rng.bytes(2 * size))
+        quantized = layout.gguf_dir / f"{prefix}-Q4_K_M.gguf"
+        quantized.write_bytes(b"GGUF" + rng.bytes(size))
+        for path, record in (
+            (converted, {"stage": "convert", "outtype": "q8_0", "source_files": sources}),
+            (quantized, {"stage": "quantize", "qtype": "Q4_K_M", "in_file": converted.name,
+                         "in_sha256": hashlib.sha256(converted.read_bytes()).hexdigest(), "imatrix_sha256": None}),
+        ):
+            record |= {"file": path.name, "size_bytes": path.stat().st_size,
+                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+            RunLayout.gguf_record_path(path).write_text(json.dumps(record, indent=2))
 
 
 def make_fake_run(root: Path, *, with_card: bool = True, with_manifest: bool = True,
@@ -240,7 +257,7 @@ def make_fake_run(root: Path, *, with_card: bool = True, with_manifest: bool = T
     write_stats(layout, layers=arch.moe_layers(config), num_experts=arch.num_experts(config))
     run_dropmap(recipe, layout)
     prune_checkpoint(base_dir, layout.drop_map_path, layout.pruned_dir, recipe.prune.max_shard_bytes, fsync=False)
-    write_gguf(layout)
+    write_gguf(layout, base_dir)
     write_eval(recipe, layout)
     if with_card:
         from moeprune.card.render import run_card

@@ -271,3 +271,26 @@ def test_command_line_exits_1_naming_the_file_and_both_values(seed_artifact, tmp
     bad = subprocess.run(invoke + [str(artifact), "--base", str(tmp_path / "nowhere")], capture_output=True, text=True,
                          cwd=tmp_path, env=env, timeout=600)
     assert bad.returncode == 1 and "--base" in bad.stderr and "config.json" in bad.stderr
+
+
+def test_out_of_range_expert_in_per_layer_keep_is_a_failed_check_with_and_without_base(seed_artifact, tmp_path):
+    """Issue 22: with --base this was a traceback, without it the map passed."""
+    artifact = _copy(seed_artifact, tmp_path)
+    path = artifact / "expert_drop_metadata.json"
+    meta = json.loads(path.read_text())
+    meta["per_layer_keep"]["0"][-1] = 99  # no such expert (the demo has 16)
+    del meta["per_layer_drop"]
+    path.write_text(json.dumps(meta, indent=2))
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "COLUMNS": "250"}
+    invoke = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "audit", str(artifact)]
+    for extra in ([], ["--base", str(DEMO_BASE)]):
+        out = tmp_path / f"audit{len(extra)}.json"
+        done = subprocess.run(invoke + extra + ["--json", str(out)], capture_output=True, text=True, cwd=tmp_path,
+                              env=env, timeout=600)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "audit FAILED" in done.stdout
+        failed = [r for r in json.loads(out.read_text())["checks"] if r["status"] == "fail"]
+        named = [r for r in failed if "per_layer_keep['0'] (layer 0) names expert index 99" in r["detail"]]
+        assert named and all(r["section"] in ("a", "b") for r in named), failed
+        assert any(r["section"] == "b" for r in named) == bool(extra)

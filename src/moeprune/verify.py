@@ -8,16 +8,27 @@ From the artifact alone (plus, optionally, the base checkpoint) it:
 3. recomputes ``eval/results.json`` from the per-sample logs and compares every number, and
    re-scores every sample with its task's own filters and metric (``moeprune.eval.rescore``);
 4. checks the drop map against the weight shapes and ``config.json``, and against the profile
-   statistics it was made from (sha256); recomputes ``profile/profile.json``'s findings;
+   statistics it was made from (sha256); recomputes ``profile/profile.json``'s findings; re-derives
+   every layer's keep set and retained fraction from the statistics with the drop-map stage's own
+   selection (a ``manual`` map: its retained fractions only), and compares the card's retention
+   numbers with them;
 5. recomputes every number of the card from the artifacts, compares it with
    ``card_numbers.json``, and re-renders the card text to compare it with ``README.md`` line by line;
 6. with ``--base``, checks every kept expert bit-exact against the base (and the base's
-   parameter count and size as the card states them).
+   parameter count and size as the card states them);
+7. follows the chain of custody (:mod:`moeprune.custody`): every converted GGUF's record names the
+   sha256 of the safetensors it was converted from (the published shards; the base's with
+   ``--base``), every quantized GGUF's record its input GGUF, and every ``eval/<model>/run.json``
+   the GGUF it served; an unquantized GGUF at hand has its expert tensors compared with the
+   safetensors bit for bit (:mod:`moeprune.gguf_match`).
 
 Manifest paths that are absolute or leave the artifact (``..``) are refused, never read. Code
 (``*.py``, ``auto_map``) and pickle files in the artifact are listed as a warning: nothing here
-runs or unpickles them, but an auditor should know they are there. A Hub repo id is first downloaded with ``snapshot_download`` into a temporary directory; its GGUF
-repository is checked remotely (sha256 of each file from the Hub's file listing).
+runs or unpickles them, but an auditor should know they are there. A Hub repo id is first
+downloaded with ``snapshot_download`` into a temporary directory; its GGUF repository is checked
+remotely (sha256 of each file from the Hub's file listing; its small ``README.md`` and
+``*.gguf.json`` records are downloaded).
+
 Each check is one row of the report; any failure names the file and the value that disagrees.
 """
 
@@ -630,6 +641,83 @@ def _check_profile(report: VerifyReport, art: _Artifact) -> None:
     report.add("profile findings", "profile/stats.safetensors", problems, checked)
 
 
+def _check_drop_map_rederived(report: VerifyReport, art: _Artifact) -> None:
+    """Every layer's keep set and retained fraction re-derived from profile/stats.safetensors with the
+    drop-map stage's own selection (moeprune.dropmap.rederive), and the card's retention numbers
+    compared with them."""
+    from moeprune.card.render import CARD_NUMBERS_NAME
+    from moeprune.dropmap.rederive import FRACTION_TOLERANCE, rederive_drop_map, show_fraction
+    from moeprune.profile.stats import load_stats
+
+    name, target = "drop map re-derived", "expert_drop_metadata.json"
+    if not art.source.stats_path.is_file():
+        report.add(name, target, ["profile/stats.safetensors: missing; the drop map cannot be re-derived"])
+        return
+    drop_map = json.loads(art.source.drop_map_path.read_text(encoding="utf-8"))
+    stats = load_stats(art.source.stats_path)
+    found = rederive_drop_map(drop_map, list(stats.layers), stats.totals, stats.per_domain, target)
+    problems = list(found.problems)
+    numbers_path = art.local.get(("model", CARD_NUMBERS_NAME))
+    if found.fractions and numbers_path is not None and numbers_path.is_file():
+        numbers = json.loads(numbers_path.read_text(encoding="utf-8")).get("numbers") or {}
+        for layer, fraction in sorted(found.fractions.items()):
+            shown = numbers.get(f"retention.L{layer}")
+            value = shown.get("value") if isinstance(shown, dict) else None
+            if shown is None or not isinstance(value, (int, float)) or abs(float(value) - fraction) > FRACTION_TOLERANCE:
+                problems.append(f"{CARD_NUMBERS_NAME}: 'retention.L{layer}' = "
+                                f"{shown.get('display') if isinstance(shown, dict) else None!r} ({value!r}), the "
+                                f"profile statistics give {show_fraction(fraction)} for layer {layer}")
+    report.add(name, target, problems, found.how + (f"; {len(found.fractions)} card retention numbers match"
+                                                     if numbers_path is not None else ""))
+
+
+def checkpoint_file_hashes(model_dir: Path) -> dict[str, str]:
+    """{file name: sha256} of what a converter reads from a checkpoint directory (config, index, shards)."""
+    names = ["config.json", "model.safetensors.index.json", *(p.name for p in sorted(model_dir.glob("*.safetensors")))]
+    return {name: sha256_file(model_dir / name) for name in names if (model_dir / name).is_file()}
+
+
+def _check_custody(report: VerifyReport, art: _Artifact, base_dir: Path | None) -> None:
+    """safetensors -> converted GGUF -> quantized GGUF -> eval run.json, by record (moeprune.custody), and
+    each unquantized GGUF at hand compared with its safetensors (moeprune.gguf_match)."""
+    from moeprune.custody import chain_problems, gguf_entries
+    from moeprune.eval.results import RUN_RECORD_NAME
+    from moeprune.gguf_match import UNQUANTIZED, compare_gguf_experts, describe
+
+    name, target = "chain of custody", "safetensors -> GGUF -> eval"
+    listed = {e["path"] for key in ("files", "unpublished") for e in art.manifest.get(key) or [] if e["repo"] == "gguf"}
+    ggufs = gguf_entries(art.manifest)
+    records: dict[str, dict[str, Any] | None] = {}
+    for file in ggufs:
+        if f"{file}.json" not in listed:
+            continue
+        path = art.local.get(("gguf", f"{file}.json"))
+        records[file] = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else None
+    served = {}
+    if art.source.eval_dir.is_dir():
+        for run_json in sorted(art.source.eval_dir.glob(f"*/{RUN_RECORD_NAME}")):
+            served[run_json.parent.name] = json.loads(run_json.read_text(encoding="utf-8"))
+    base_files = checkpoint_file_hashes(base_dir) if base_dir is not None else None
+    chain = chain_problems(art.manifest, records, served, base_files)
+    passed = f"{chain.links} links followed from the safetensors to the scored samples"
+    if chain.notes:
+        passed += "; not followed: " + "; ".join(chain.notes)
+    report.add(name, target, chain.problems, passed)
+
+    for file, (role, _) in sorted(ggufs.items()):
+        record, path = records.get(file), art.local.get(("gguf", file))
+        if record is None or record.get("stage") != "convert" or path is None or not path.is_file():
+            continue
+        if str(record.get("outtype")).upper() not in UNQUANTIZED:
+            continue  # a quantized conversion (q8_0): followed by record only
+        source = art.source.model_dir if role == "pruned" else base_dir
+        if source is None:
+            report.add("GGUF experts = safetensors", f"gguf:{file}", [], skipped="base GGUF: pass --base to compare")
+            continue
+        match = compare_gguf_experts(path, source, f"gguf:{file}")
+        report.add("GGUF experts = safetensors", f"gguf:{file}", match.problems, describe(match))
+
+
 def verify_artifact(
     path: Path,
     base_dir: Path | None = None,
@@ -666,8 +754,10 @@ def verify_artifact(
     _guarded(report, "KLD recompute", "eval/kld.json", _check_kld, report, art, results)
     _guarded(report, "drop map vs weights", "expert_drop_metadata.json", _check_drop_map, report, art)
     _guarded(report, "profile findings", "profile/stats.safetensors", _check_profile, report, art)
+    _guarded(report, "drop map re-derived", "expert_drop_metadata.json", _check_drop_map_rederived, report, art)
     _guarded(report, "card numbers", "card_numbers.json", _check_card, report, art, results)
     _guarded(report, "kept experts bit-exact", str(base_dir), _check_base, report, art, base_dir)
+    _guarded(report, "chain of custody", "safetensors -> GGUF -> eval", _check_custody, report, art, base_dir)
     return report
 
 
@@ -731,10 +821,13 @@ def verify(target: str, base_dir: Path | None = None, *, endpoint: str | None = 
             remote = gguf_dir = None
             if gguf_repo:
                 remote = _remote_gguf_listing(HfApi(endpoint=endpoint, token=token or False), gguf_repo)
-                if "README.md" in remote:  # small: fetched so its numbers can be checked too
+                # Small files, fetched so they are checked too: the card's numbers, and the GGUF
+                # records the chain of custody follows (the GGUFs themselves by the Hub's sha256).
+                small = sorted(p for p in remote if p == "README.md" or p.endswith(".gguf.json"))
+                if small:
                     gguf_dir = Path(tmp) / "gguf"
-                    hf_hub_download(gguf_repo, "README.md", local_dir=gguf_dir, endpoint=endpoint,
-                                    token=token or False)
+                for name in small:
+                    hf_hub_download(gguf_repo, name, local_dir=gguf_dir, endpoint=endpoint, token=token or False)
             report = verify_artifact(snapshot, base_dir, remote_gguf=remote, gguf_dir=gguf_dir)
             report.subject = target
             return report

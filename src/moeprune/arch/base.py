@@ -216,6 +216,10 @@ class MoeArch:
     # GGUF (pinned convert_hf_to_gguf.py)
     gguf_arch: ClassVar[str]
     gguf_required_tensors: ClassVar[tuple[tuple[str, str], ...]] = ()  # (regex, what it is), sized [E]
+    # (on-disk label of a fused EXPERTS pattern, GGUF tensor name with {layer}) for the expert tensors
+    # the pinned converter writes unchanged ([E, ...] in the same element order): ``invoke verify``
+    # compares them with the safetensors bit for bit. Empty: not declared for this family (not compared).
+    gguf_expert_tensors: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     # card and docs wording
     router_sentence: ClassVar[str] = "The router keeps only the rows of retained experts"

@@ -47,6 +47,11 @@ class Gemma4(MoeArch):
     gguf_required_tensors = (
         (r"^blk\.\d+\.ffn_down_exps\.scale$", "blk.N.ffn_down_exps.scale tensors (router.per_expert_scale was not converted)"),
     )
+    # convert_hf_to_gguf.py maps both through tensor_mapping (FFN_GATE_UP_EXP, FFN_DOWN_EXP) unchanged.
+    gguf_expert_tensors = (
+        ("experts.gate_up_proj", "blk.{layer}.ffn_gate_up_exps.weight"),
+        ("experts.down_proj", "blk.{layer}.ffn_down_exps.weight"),
+    )
     router_sentence = "The router `proj.weight` and `per_expert_scale` keep only the rows of retained experts"
 
     def dense_reason(self, config: Mapping[str, Any]) -> str | None:

@@ -96,8 +96,24 @@ def read_seed_drop_map(root: Path) -> SeedDropMap:
         value = raw.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             problems.append(f"{path.name}: {name} = {value!r} is not a positive integer")
+    original = raw.get("original_experts")
+    if isinstance(original, int) and not isinstance(original, bool) and original >= 1:
+        problems += out_of_range(keep, drop, original, f"original_experts = {original}", path.name)
     return SeedDropMap(path, raw, raw.get("base_model"), raw.get("method"), raw.get("original_experts"),
                        raw.get("target_experts"), keep, drop, problems)
+
+
+def out_of_range(keep: dict[int, list[int]], drop: dict[int, list[int]], num_experts: int, why: str,
+                 source: str) -> list[str]:
+    """One line per layer list that names an expert outside ``0..num_experts-1`` (``why`` says whose count)."""
+    lines = []
+    for field_name, lists in (("per_layer_keep", keep), ("per_layer_drop", drop)):
+        for layer, indices in sorted(lists.items()):
+            bad = [i for i in indices if not 0 <= i < num_experts]
+            if bad:
+                lines.append(f"{source}: {field_name}['{layer}'] (layer {layer}) names expert index "
+                             f"{', '.join(map(str, bad))}, outside 0..{num_experts - 1} ({why})")
+    return lines
 
 
 def moeprune_drop_map(seed: SeedDropMap, top_k: int | None) -> Any:
@@ -222,10 +238,17 @@ def check_against_base(report: AuditReport, root: Path, seed: SeedDropMap, base_
     base_experts = arch.raw_num_experts(base_config)
     report.compare("b", "base num_experts = original_experts", "config.json of --base", seed.original_experts,
                    base_experts, base_experts == seed.original_experts, f"{SEED_DROP_METADATA} original_experts")
+    if isinstance(base_experts, int):
+        outside = out_of_range(seed.keep, seed.drop, base_experts, f"the base has {base_experts} experts",
+                               SEED_DROP_METADATA)
+        for line in outside:
+            report.failed("b", "kept experts and other tensors bit-exact vs the base", SEED_DROP_METADATA, line)
+        if outside:
+            return
     try:
         result = verify_prune(base_dir, root, drop_map=moeprune_drop_map(seed, arch.top_k(base_config)),
                               drop_map_path=seed.path)
-    except MoepruneError as exc:
+    except (MoepruneError, ValueError, IndexError, KeyError) as exc:
         report.failed("b", "kept experts and other tensors bit-exact vs the base", "model safetensors", str(exc))
         return
     if result.ok:

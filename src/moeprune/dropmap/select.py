@@ -37,6 +37,9 @@ CRITERIA: tuple[str, ...] = ("contribution-sum", "sequence-norm-sum", "reap-mean
 # Profile statistic a criterion's retention threshold is applied to in the drop-map stage.
 _RETENTION_STATISTIC = {"sequence-norm-sum": "sequence_norm_sum"}
 STRATEGIES: tuple[str, ...] = ("uniform-min-retention", "uniform-count", "per-layer-retention")
+# A drop map whose keep sets were chosen by hand or by another tool: nothing to re-select, but its
+# retained fractions are still measured on the profile statistics (moeprune.dropmap.rederive).
+MANUAL = "manual"
 
 
 class DropMapError(MoepruneError):
@@ -378,6 +381,42 @@ def select_experts(
         min_keep=min_keep,
         limited_by_min_keep=limited,
         retention_measure=retention_measure,
+    )
+
+
+def select_from_profile(
+    totals: Mapping[str, np.ndarray],
+    per_domain: Mapping[str, Mapping[str, np.ndarray]] | None,
+    *,
+    strategy: str,
+    criterion: str,
+    top_k: int,
+    retention_threshold: float | None = None,
+    keep_count: int | None = None,
+    protect_top_k: int = 0,
+    seed: int = 0,
+) -> Selection:
+    """The selection the drop-map stage makes from a profile's statistics and its settings.
+
+    One function for the stage and for ``invoke verify``/``invoke audit``, which re-derive a
+    published drop map from its statistics: the two can never rank, threshold or measure
+    differently.
+    """
+    scores = criterion_scores(criterion, totals, per_domain, seed=seed)
+    measure = retention_statistic(criterion)
+    if measure not in totals:
+        raise DropMapError(f"criterion '{criterion}' measures retention on {measure}, which the statistics lack")
+    return select_experts(
+        strategy,
+        totals[measure],
+        scores,
+        top_k=top_k,
+        criterion=criterion,
+        retention_threshold=retention_threshold,
+        keep_count=keep_count,
+        protect_top_k=protect_top_k,
+        seed=seed,
+        retention_measure=measure,
     )
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from moeprune.base_model import resolve_base
 from moeprune.dropmap.io import build_drop_map, check_profile_matches_model, moe_shape, read_model_config, write_drop_map
 from moeprune.dropmap.report import print_report
-from moeprune.dropmap.select import DropMapError, criterion_scores, retention_statistic, select_experts
+from moeprune.dropmap.select import DropMapError, select_from_profile
 from moeprune.errors import RecipeError
 from moeprune.hashing import sha256_file, sha256_json
 from moeprune.layout import RunLayout
@@ -67,19 +67,16 @@ def run_dropmap(recipe: Recipe, layout: RunLayout, console: Console | None = Non
     check_profile_matches_model(stats.layers, int(contribution.shape[1]), config, stats_path, config_source)
 
     settings = recipe.dropmap
-    scores = criterion_scores(settings.criterion, stats.totals, stats.per_domain, seed=settings.seed)
-    measure = retention_statistic(settings.criterion)
-    selection = select_experts(
-        settings.strategy,
-        stats.totals[measure],
-        scores,
-        top_k=top_k,
+    selection = select_from_profile(
+        stats.totals,
+        stats.per_domain,
+        strategy=settings.strategy,
         criterion=settings.criterion,
+        top_k=top_k,
         retention_threshold=settings.retention_threshold,
         keep_count=settings.keep_count,
         protect_top_k=settings.protect_top_k,
         seed=settings.seed,
-        retention_measure=measure,
     )
     model_sha = stats.model_sha256 if _SHA256.match(str(stats.model_sha256 or "")) else None
     drop_map = build_drop_map(

@@ -44,15 +44,28 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     return json.loads(config_path.read_text())
 
 
-def check_shards(hf_dir: Path) -> None:
-    """Every safetensors shard whole and readable, before the converter mmaps it.
+def check_shards(hf_dir: Path) -> list[Path]:
+    """Every safetensors shard whole and readable, before the converter mmaps it; the shards.
 
     A truncated shard would otherwise end in the converter's ``mmap length is greater than file
     size``, naming no file. Raises CheckpointError naming the shard and what to do.
     """
     from moeprune.io.checkpoint import Checkpoint
 
-    Checkpoint.open(hf_dir).close()
+    with Checkpoint.open(hf_dir) as checkpoint:
+        return list(checkpoint.shards)
+
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def source_file_hashes(hf_dir: Path, shards: list[Path]) -> dict[str, str]:
+    """{file name: sha256} of what the converter reads: ``config.json``, the shard index (if any)
+    and every safetensors shard. Recorded as the GGUF's ``source_files``: ``invoke verify`` follows
+    it from the published safetensors to the GGUF (chain of custody)."""
+    names = ["config.json", *([SAFETENSORS_INDEX] if (hf_dir / SAFETENSORS_INDEX).is_file() else []),
+             *(shard.name for shard in shards)]
+    return {name: sha256_file(hf_dir / name) for name in names}
 
 
 def base_model_of(hf_dir: Path) -> dict[str, str]:
@@ -182,7 +195,8 @@ def convert_to_gguf(
     """Convert ``hf_dir`` to ``out_path`` (GGUF, ``outtype`` f32/f16/bf16/q8_0) and check it.
 
     Returns the conversion record (also written, without local paths, to ``<out_path>.json``): converter and build,
-    input config, output sha256/size and the checks made. ``model_name`` sets general.name.
+    the sha256 of every file read (``source_files``: config, index, shards), output sha256/size and the
+    checks made. ``model_name`` sets general.name.
     Raises MoepruneError when the converter fails or the result does not match the config.
     """
     hf_dir = Path(hf_dir)
@@ -190,7 +204,8 @@ def convert_to_gguf(
     if outtype not in OUTTYPES:
         raise MoepruneError(f"quantize.convert_outtype = {outtype!r}: use one of {', '.join(OUTTYPES)}")
     config = read_hf_config(hf_dir)
-    check_shards(hf_dir)
+    shards = check_shards(hf_dir)
+    source_files = source_file_hashes(hf_dir, shards)  # before converting: what the converter reads
     adapter = arch_for_config(config, hf_dir / "config.json")
     num_experts = adapter.raw_num_experts(config)
     base = base_model_of(hf_dir)
@@ -228,7 +243,8 @@ def convert_to_gguf(
             "llamacpp_key": build.key,
             "llama_cpp_commit": build.record.get("source", {}).get("llama_cpp_commit"),
             "hf_dir_name": hf_dir.resolve().name,
-            "hf_config_sha256": sha256_file(hf_dir / "config.json"),
+            "hf_config_sha256": source_files["config.json"],
+            "source_files": source_files,
             "num_experts": num_experts,
             "outtype": outtype,
             "base_model": base,
