@@ -9,7 +9,6 @@ at the interrupted stage. Outputs are replaced by the stages' atomic writers, ne
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,6 +22,7 @@ from moeprune.pipeline.code import CodeRoots, ImportGraph, action_roots, package
 from moeprune.pipeline.fingerprint import Anchors, HashCache, dep_key
 from moeprune.pipeline.lock import Lock, stage_key
 from moeprune.recipe import Recipe
+from moeprune.runlock import run_writer
 
 
 @dataclass
@@ -75,20 +75,6 @@ class PipelineListener:
     def stage_started(self, name: str, reason: str) -> None: ...
 
     def stage_finished(self, result: StageResult) -> None: ...
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _remove_leftover_temporaries(path: Path) -> None:
-    """Temporary siblings (.name.tmp-*) that a killed run left behind."""
-    if path.parent.is_dir():
-        for leftover in path.parent.glob(f".{path.name}.tmp-*"):
-            _remove(leftover)
 
 
 def anchors_of(ctx: Context) -> Anchors:
@@ -169,18 +155,21 @@ class Pipeline:
     ) -> list[StageResult]:
         listener = listener or PipelineListener()
         selected = set(self.selection(from_stage, until_stage))
-        ctx.layout.root.mkdir(parents=True, exist_ok=True)
-        lock = Lock.load(ctx.layout.lock_path)
-        hashes = HashCache(ctx.layout.root / ".hashcache.json", anchors_of(ctx))
-        results: list[StageResult] = []
-        try:
-            for stage in self.stages:
-                if stage.name not in selected:
-                    results.append(StageResult(stage.name, "not selected"))
-                    continue
-                results.append(self._run_stage(stage, ctx, lock, hashes, force or stage.name == from_stage, listener))
-        finally:
-            hashes.save()  # best effort: never raises, so it cannot hide the stage's own error
+        # The task running us holds the run already (the lock is re-entrant); a caller that does
+        # not gets it here, so no run is ever written by two processes at once.
+        with run_writer(ctx.layout, "moeprune pipeline"):
+            lock = Lock.load(ctx.layout.lock_path)
+            hashes = HashCache(ctx.layout.root / ".hashcache.json", anchors_of(ctx))
+            results: list[StageResult] = []
+            try:
+                for stage in self.stages:
+                    if stage.name not in selected:
+                        results.append(StageResult(stage.name, "not selected"))
+                        continue
+                    results.append(self._run_stage(stage, ctx, lock, hashes, force or stage.name == from_stage,
+                                                   listener))
+            finally:
+                hashes.save()  # best effort: never raises, so it cannot hide the stage's own error
         return results
 
     def _run_stage(
@@ -201,12 +190,10 @@ class Pipeline:
             return result
 
         listener.stage_started(stage.name, reason)
-        # Only a killed run's temporaries go: the previous outputs, and the lock entry describing
-        # them, stay until the stage succeeds (its atomic writers replace the outputs), so a failed
-        # rerun leaves the last good state in place. Outputs half-replaced by a failed stage no
-        # longer match the entry's digests, so the next run reruns the stage.
-        for path in stage.outs(ctx):
-            _remove_leftover_temporaries(path)
+        # The previous outputs, and the lock entry describing them, stay until the stage succeeds
+        # (its atomic writers replace the outputs), so a failed rerun leaves the last good state in
+        # place. Outputs half-replaced by a failed stage no longer match the entry's digests, so the
+        # next run reruns the stage. (A killed run's temporaries went when the run lock was taken.)
         started = time.monotonic()
         try:
             headline = stage.action(ctx) or {}
