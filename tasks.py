@@ -48,6 +48,12 @@ def _run_of(flags: dict):
     return RunLayout.for_recipe(_runner_recipe(flags.get("recipe")).name)
 
 
+def _existing_run_of(flags: dict):
+    """The run publish rewrites (card, manifest); none when it does not exist (publish says so)."""
+    layout = _run_of(flags)
+    return layout if layout.root.is_dir() else None
+
+
 WAIT_HELP = "If another process writes this run, wait for it to finish instead of failing at once."
 # Every stage task writes the run (verify-prune, which only reads, is made with moeprune_task).
 stage_task = functools.partial(moeprune_task, load_recipe=_runner_recipe, run_of=_run_of)
@@ -204,7 +210,7 @@ def manifest(c, recipe: Path | None = None, runner: Runner | None = None, wait: 
         "audit": "Run `verify` on the run first and refuse to upload on failure (default: on).",
         "wait": WAIT_HELP,
     },
-    run_of=_run_of,  # it re-renders the card and rewrites the manifest of the run it uploads
+    run_of=_existing_run_of,  # it re-renders the card and rewrites the manifest of the run it uploads
 )
 def publish(c, recipe: Path | None = None, repo_id: str | None = None, gguf_repo_id: str | None = None,
             dry_run: bool = False, endpoint: str | None = None, audit: bool = True, wait: bool = False):

@@ -153,3 +153,10 @@ def test_a_process_the_holder_starts_works_under_its_lock_and_others_do_not(layo
                                   timeout=60, env={k: v for k, v in os.environ.items() if k != WRITER_ENV})
         assert stranger.returncode != 0 and f"in use by PID {os.getpid()} (invoke reproduce)" in stranger.stderr
     assert WRITER_ENV not in os.environ
+
+
+def test_a_task_that_wrote_nothing_leaves_no_directory(tmp_path):
+    layout = RunLayout(tmp_path / "new" / "runs" / "demo")
+    with run_writer(layout, "invoke card"):
+        assert layout.writer_path.is_file()
+    assert not (tmp_path / "new").exists()

@@ -134,11 +134,12 @@ def _run_in_image(name: str, func: Callable[..., Any], values: dict[str, Any], l
 def _writer_lock(task_name: str, values: dict[str, Any], run_of: Callable[[dict[str, Any]], Any] | None) -> Any:
     """The run's writer lock for a task that writes one (``run_of(values)`` is its RunLayout)."""
     wait = bool(values.pop("wait", False))
-    if run_of is None:
+    layout = run_of(values) if run_of is not None else None
+    if layout is None:
         return contextlib.nullcontext()
     from moeprune.runlock import run_writer
 
-    return run_writer(run_of(values), f"invoke {task_name}", wait=wait)
+    return run_writer(layout, f"invoke {task_name}", wait=wait)
 
 
 def moeprune_task(
@@ -151,8 +152,8 @@ def moeprune_task(
     """``@task`` with typed flags, clean user errors and (for tasks with ``runner``) ``--runner``.
 
     ``load_recipe(path_or_None)`` loads the recipe a ``--runner`` decision reads. ``run_of(flags)``,
-    for a task that writes a run, gives that run's ``RunLayout``; the task must then have a
-    ``wait: bool = False`` parameter (the lock's ``--wait``; the body never sees it).
+    for a task that writes a run, gives that run's ``RunLayout`` (None: no run to hold); the task
+    must then have a ``wait: bool = False`` parameter (the lock's ``--wait``; the body never sees it).
     """
 
     def decorate(func: Callable[..., Any]) -> Any:

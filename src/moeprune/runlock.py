@@ -42,7 +42,7 @@ from moeprune.layout import RunLayout
 WRITER_ENV = "MOEPRUNE_RUN_WRITER"
 TEMPORARY_PATTERN = ".*.tmp-*"  # moeprune.atomic's temporary siblings, and the tools' own
 
-_held: dict[Path, int] = {}  # run directories this process holds -> nesting depth
+_held: set[Path] = set()  # run directories this process holds
 
 
 class RunInUse(MoepruneError):
@@ -98,11 +98,41 @@ def stale_temporaries(root: Path) -> list[Path]:
 
 
 def _remove(path: Path) -> None:
+    """Best effort: a leftover that cannot go (a read-only run) costs disk space, never the run."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             path.unlink()
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The topmost directory of ``path`` that does not exist yet (None if it exists)."""
+    missing = None
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def _remove_if_empty(path: Path, up_to: Path) -> None:
+    """A task that wrote nothing leaves no directory behind: remove the empty ones it created."""
+    for directory in (path, *path.parents):
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        if directory == up_to:
+            return
+
+
+def _record(layout: RunLayout, command: str, token: str) -> None:
+    """Write ``.writer.json``; only a hint for others' messages, so a run that cannot take it
+    (a read-only run directory) still runs, and fails on its real output if at all."""
+    with contextlib.suppress(MoepruneError, OSError):
+        write_json(layout.writer_path, {"pid": os.getpid(), "command": command, "since_unix": time.time(),
+                                        "token": token})
 
 
 def _try_lock(fd: int) -> bool:
@@ -117,6 +147,35 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _same_directory(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+def _acquire(layout: RunLayout, wait: bool, say: Callable[[str], Any]) -> tuple[int | None, Path | None]:
+    """The descriptor that holds the run's flock (None: we work under the holder that started
+    us), and the topmost directory this call created (None if the run existed)."""
+    while True:
+        created = _first_missing(layout.root.absolute())
+        layout.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(layout.root, os.O_RDONLY | os.O_DIRECTORY)
+        if not _try_lock(fd):
+            writer = read_writer(layout)
+            if writer is not None and writer.token == os.environ.get(WRITER_ENV):
+                os.close(fd)
+                return None, None
+            if not wait:
+                os.close(fd)
+                raise RunInUse(in_use_message(layout, writer))
+            say(f"{shown(layout.root)} is in use by {writer.describe() if writer else 'another process'}; waiting")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        if _same_directory(fd, layout.root):
+            return fd, created
+        os.close(fd)  # the holder removed the (empty) run directory we waited on: lock the new one
+
+
 @contextlib.contextmanager
 def run_writer(layout: RunLayout, command: str, *, wait: bool = False,
                say: Callable[[str], Any] = _stderr) -> Iterator[None]:
@@ -124,44 +183,34 @@ def run_writer(layout: RunLayout, command: str, *, wait: bool = False,
 
     Raises :class:`RunInUse` at once when another process holds it, unless ``wait``.
     """
-    layout.root.mkdir(parents=True, exist_ok=True)
-    key = layout.root.resolve()
-    if key in _held:
-        _held[key] += 1
-        try:
-            yield
-        finally:
-            _held[key] -= 1
+    if layout.root.exists() and layout.root.resolve() in _held:  # this process holds it already
+        yield
         return
-    fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY)
+    fd, created = _acquire(layout, wait, say)
+    if fd is None:  # started by the holder to do part of its work: its lock covers us
+        yield
+        return
+    key = layout.root.resolve()
     try:
-        if not _try_lock(fd):
-            writer = read_writer(layout)
-            if writer is not None and writer.token == os.environ.get(WRITER_ENV):
-                yield  # started by the holder to do part of its work: its lock covers us
-                return
-            if not wait:
-                raise RunInUse(in_use_message(layout, writer))
-            say(f"{shown(layout.root)} is in use by {writer.describe() if writer else 'another process'}; waiting")
-            fcntl.flock(fd, fcntl.LOCK_EX)
         for leftover in stale_temporaries(key):
             _remove(leftover)
         token = secrets.token_hex(16)
-        write_json(layout.writer_path, {"pid": os.getpid(), "command": command, "since_unix": time.time(),
-                                        "token": token})
+        _record(layout, command, token)
         outer_token = os.environ.get(WRITER_ENV)
         os.environ[WRITER_ENV] = token
-        _held[key] = 1
+        _held.add(key)
         try:
             yield
         finally:
-            del _held[key]
+            _held.discard(key)
             if outer_token is None:
                 os.environ.pop(WRITER_ENV, None)
             else:
                 os.environ[WRITER_ENV] = outer_token
             with contextlib.suppress(OSError):
                 layout.writer_path.unlink()  # before the flock goes, so a next holder's record stays
+            if created is not None:
+                _remove_if_empty(key, created.resolve())
     finally:
         os.close(fd)  # releases the flock
 
