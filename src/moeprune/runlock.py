@@ -81,9 +81,9 @@ def shown(path: Path) -> str:
         return str(absolute)
 
 
-def in_use_message(layout: RunLayout, writer: Writer | None) -> str:
-    holder = writer.describe() if writer else "another process"
-    return f"{shown(layout.root)} is in use by {holder}; wait for it or pass --wait"
+def in_use(layout: RunLayout, writer: Writer | None) -> str:
+    """``runs/demo is in use by PID 1234 (invoke reproduce) since ... UTC``."""
+    return f"{shown(layout.root)} is in use by {writer.describe() if writer else 'another process'}"
 
 
 def stale_temporaries(root: Path) -> list[Path]:
@@ -161,16 +161,19 @@ def _acquire(layout: RunLayout, wait: bool, say: Callable[[str], Any]) -> tuple[
         created = _first_missing(layout.root.absolute())
         layout.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(layout.root, os.O_RDONLY | os.O_DIRECTORY)
-        if not _try_lock(fd):
-            writer = read_writer(layout)
-            if writer is not None and writer.token == os.environ.get(WRITER_ENV):
-                os.close(fd)
-                return None, None
-            if not wait:
-                os.close(fd)
-                raise RunInUse(in_use_message(layout, writer))
-            say(f"{shown(layout.root)} is in use by {writer.describe() if writer else 'another process'}; waiting")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if not _try_lock(fd):
+                writer = read_writer(layout)
+                if writer is not None and writer.token == os.environ.get(WRITER_ENV):
+                    os.close(fd)
+                    return None, None
+                if not wait:
+                    raise RunInUse(f"{in_use(layout, writer)}; wait for it or pass --wait")
+                say(f"{in_use(layout, writer)}; waiting")
+                fcntl.flock(fd, fcntl.LOCK_EX)  # Ctrl-C interrupts it
+        except BaseException:
+            os.close(fd)
+            raise
         if _same_directory(fd, layout.root):
             return fd, created
         os.close(fd)  # the holder removed the (empty) run directory we waited on: lock the new one
