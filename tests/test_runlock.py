@@ -149,6 +149,10 @@ def test_a_process_the_holder_starts_works_under_its_lock_and_others_do_not(layo
                                        text=True, timeout=60)
         assert started_by_us.returncode == 0 and started_by_us.stdout.strip() == "inside", started_by_us.stderr
         assert ours.exists(), "a process working under the holder's lock sweeps nothing"
+        # what the docker runner does for `invoke reproduce`: `invoke stage NAME`, our token passed along
+        inner = subprocess.run([sys.executable, "-m", "invoke", "stage", "card"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120, env={**os.environ, "MOEPRUNE_RUNS_DIR": str(layout.root.parent)})
+        assert "in use" not in inner.stderr and "results.json: not found" in inner.stderr, inner.stderr
         stranger = subprocess.run([sys.executable, "-c", child, str(layout.root)], capture_output=True, text=True,
                                   timeout=60, env={k: v for k, v in os.environ.items() if k != WRITER_ENV})
         assert stranger.returncode != 0 and f"in use by PID {os.getpid()} (invoke reproduce)" in stranger.stderr
