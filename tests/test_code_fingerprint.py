@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import textwrap
@@ -76,6 +77,9 @@ def test_action_roots_come_from_the_action_and_the_functions_it_calls(fakepkg):
             "fakepkg/__init__.py"} <= set(fingerprint)
     # what the action never runs is not part of it: the uncalled function, its import, the module file
     assert not {"fakepkg/stages.py:never_called", "fakepkg/unreached.py", "fakepkg/stages.py"} & set(fingerprint)
+
+    partial = action_roots(functools.partial(stages.make("base"), None), package="fakepkg")
+    assert partial.fingerprint(graph) == fingerprint
 
     (fakepkg / "sub" / "d.py").write_text(FILES["sub/d.py"] + "# a comment\n")
     edited = roots.fingerprint(ImportGraph.of_package(fakepkg, "fakepkg"))

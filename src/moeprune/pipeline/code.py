@@ -191,7 +191,15 @@ def action_roots(action: Callable[..., Any], package: str = PACKAGE) -> CodeRoot
     definitions: dict[str, str] = {}
     seen: set[CodeType] = set()
 
-    def visit(function: FunctionType) -> None:
+    def visit(function: Any) -> None:
+        if isinstance(function, functools.partial):
+            visit(function.func)
+            return
+        function = getattr(function, "__func__", function)  # a bound method: its function
+        if not isinstance(function, FunctionType):  # a callable object, a builtin: its module
+            if (module := _module_of(function)) and _ours(module, package):
+                modules.add(module)
+            return
         code = function.__code__
         if code in seen:
             return
@@ -223,5 +231,5 @@ def action_roots(action: Callable[..., Any], package: str = PACKAGE) -> CodeRoot
             if isinstance(value, FunctionType):
                 visit(value)
 
-    visit(inspect.unwrap(action))  # type: ignore[arg-type]
+    visit(inspect.unwrap(action))
     return CodeRoots(frozenset(modules), tuple(sorted(definitions.items())))
