@@ -41,7 +41,22 @@ def _runner_recipe(path: Path | str | None):
     return load_recipe(_recipe_path(path), check_inputs=False)
 
 
-stage_task = functools.partial(moeprune_task, load_recipe=_runner_recipe)
+def _run_of(flags: dict):
+    """The run a task writes (its writer lock is held for the whole task): the recipe's."""
+    from moeprune.layout import RunLayout
+
+    return RunLayout.for_recipe(_runner_recipe(flags.get("recipe")).name)
+
+
+def _existing_run_of(flags: dict):
+    """The run publish rewrites (card, manifest); none when it does not exist (publish says so)."""
+    layout = _run_of(flags)
+    return layout if layout.root.is_dir() else None
+
+
+WAIT_HELP = "If another process writes this run, wait for it to finish instead of failing at once."
+# Every stage task writes the run (verify-prune, which only reads, is made with moeprune_task).
+stage_task = functools.partial(moeprune_task, load_recipe=_runner_recipe, run_of=_run_of)
 
 
 @task(help={"k": "Only tests matching this pytest -k expression.", "fast": "Skip tests marked slow."})
@@ -74,7 +89,7 @@ def check(c, recipe: Path | None = None):
 
 @stage_task(
     help={
-        "recipe": RECIPE_HELP, "runner": RUNNER_HELP,
+        "recipe": RECIPE_HELP, "runner": RUNNER_HELP, "wait": WAIT_HELP,
         "base": "Base model directory (default: the recipe's model.base).",
         "drop_map": "Drop map JSON (default: runs/<recipe>/expert_drop_metadata.json).",
         "out": "Output directory (default: runs/<recipe>/pruned).",
@@ -82,13 +97,13 @@ def check(c, recipe: Path | None = None):
     }
 )
 def prune(c, recipe: Path | None = None, base: Path | None = None, drop_map: Path | None = None,
-          out: Path | None = None, max_shard_bytes: int | None = None, runner: Runner | None = None):
+          out: Path | None = None, max_shard_bytes: int | None = None, runner: Runner | None = None, wait: bool = False):
     """Write the pruned checkpoint: slice the experts the drop map keeps, copy the rest byte for byte."""
     return commands.prune(_recipe_path(recipe), base, drop_map, out, max_shard_bytes)
 
 
-@stage_task(
-    name="verify-prune",
+@moeprune_task(
+    name="verify-prune", load_recipe=_runner_recipe,
     help={
         "recipe": RECIPE_HELP, "runner": RUNNER_HELP,
         "base": "Base model directory (default: the recipe's model.base).",
@@ -108,16 +123,16 @@ def llamacpp(c, recipe: Path | None = None, jobs: int | None = None):
     return commands.llamacpp(_recipe_path(recipe), jobs)
 
 
-@stage_task(help={"recipe": RECIPE_HELP, "runner": RUNNER_HELP, "which": WHICH_HELP,
+@stage_task(help={"recipe": RECIPE_HELP, "runner": RUNNER_HELP, "wait": WAIT_HELP, "which": WHICH_HELP,
                   "hf_dir": "Checkpoint directory to convert (default: from --which)."})
 def convert(c, recipe: Path | None = None, which: Which = "pruned", hf_dir: Path | None = None,
-            runner: Runner | None = None):
+            runner: Runner | None = None, wait: bool = False):
     """Convert the pruned (or base) checkpoint to GGUF with the pinned convert_hf_to_gguf.py, then check it."""
     return commands.convert(_recipe_path(recipe), which, hf_dir)
 
 
-@stage_task(help={"recipe": RECIPE_HELP, "runner": RUNNER_HELP, "which": WHICH_HELP})
-def quantize(c, recipe: Path | None = None, which: Which = "pruned", runner: Runner | None = None):
+@stage_task(help={"recipe": RECIPE_HELP, "runner": RUNNER_HELP, "wait": WAIT_HELP, "which": WHICH_HELP})
+def quantize(c, recipe: Path | None = None, which: Which = "pruned", runner: Runner | None = None, wait: bool = False):
     """Quantize the converted GGUF to every type in quantize.types (imatrix if quantize.imatrix)."""
     return commands.quantize(_recipe_path(recipe), which)
 
@@ -132,7 +147,7 @@ def serve(c, recipe: Path | None = None, which: Which = "pruned", type: str | No
 
 @stage_task(
     help={
-        "recipe": RECIPE_HELP, "runner": RUNNER_HELP,
+        "recipe": RECIPE_HELP, "runner": RUNNER_HELP, "wait": WAIT_HELP,
         "strategy": "Override dropmap.strategy: uniform-min-retention, uniform-count or per-layer-retention.",
         "criterion": "Override dropmap.criterion: contribution-sum, sequence-norm-sum, reap-mean, frequency, domain-max or random.",
         "threshold": "Override dropmap.retention_threshold, in (0, 1] (e.g. 0.99).",
@@ -143,7 +158,7 @@ def serve(c, recipe: Path | None = None, which: Which = "pruned", type: str | No
 )
 def dropmap(c, recipe: Path | None = None, strategy: str | None = None, criterion: str | None = None,
             threshold: float | None = None, keep_count: int | None = None, protect_top_k: int | None = None,
-            seed: int | None = None, runner: Runner | None = None):
+            seed: int | None = None, runner: Runner | None = None, wait: bool = False):
     """Choose the experts to drop from the profile; write expert_drop_metadata.json and print retention per layer."""
     return commands.dropmap(_recipe_path(recipe), strategy=strategy, criterion=criterion,
                             retention_threshold=threshold, keep_count=keep_count, protect_top_k=protect_top_k,
@@ -165,20 +180,20 @@ def compare_criteria(c, recipe: Path | None = None, docs_dir: Path = Path("docs"
     return commands.compare_criteria(_recipe_path(recipe), Path(docs_dir), limit, accuracy)
 
 
-@stage_task(help={"recipe": RECIPE_HELP, "runner": RUNNER_HELP, "progress": "Show progress bars (default: on)."})
-def profile(c, recipe: Path | None = None, progress: bool = True, runner: Runner | None = None):
+@stage_task(help={"recipe": RECIPE_HELP, "runner": RUNNER_HELP, "wait": WAIT_HELP, "progress": "Show progress bars (default: on)."})
+def profile(c, recipe: Path | None = None, progress: bool = True, runner: Runner | None = None, wait: bool = False):
     """Profile expert contributions: generate continuations (phase 1), replay them with hooks (phase 2)."""
     return commands.profile(_recipe_path(recipe), progress)
 
 
-@stage_task(help={"recipe": RECIPE_HELP, "runner": RUNNER_HELP})
-def card(c, recipe: Path | None = None, runner: Runner | None = None):
+@stage_task(help={"recipe": RECIPE_HELP, "runner": RUNNER_HELP, "wait": WAIT_HELP})
+def card(c, recipe: Path | None = None, runner: Runner | None = None, wait: bool = False):
     """Render the model card (README.md, card_numbers.json, plots) from the run's artifacts."""
     return commands.card(_recipe_path(recipe))
 
 
-@stage_task(help={"recipe": RECIPE_HELP, "runner": RUNNER_HELP})
-def manifest(c, recipe: Path | None = None, runner: Runner | None = None):
+@stage_task(help={"recipe": RECIPE_HELP, "runner": RUNNER_HELP, "wait": WAIT_HELP})
+def manifest(c, recipe: Path | None = None, runner: Runner | None = None, wait: bool = False):
     """Write runs/<name>/manifest.json: every artifact file with size and sha256, plus provenance."""
     return commands.manifest(_recipe_path(recipe))
 
@@ -191,10 +206,12 @@ def manifest(c, recipe: Path | None = None, runner: Runner | None = None):
         "dry_run": "List what would be uploaded, with sizes; contact nothing.",
         "endpoint": "Hub endpoint (default: https://huggingface.co).",
         "audit": "Run `verify` on the run first and refuse to upload on failure (default: on).",
-    }
+        "wait": WAIT_HELP,
+    },
+    run_of=_existing_run_of,  # it re-renders the card and rewrites the manifest of the run it uploads
 )
 def publish(c, recipe: Path | None = None, repo_id: str | None = None, gguf_repo_id: str | None = None,
-            dry_run: bool = False, endpoint: str | None = None, audit: bool = True):
+            dry_run: bool = False, endpoint: str | None = None, audit: bool = True, wait: bool = False):
     """Validate, write the manifest and publish the run: one atomic commit per repo, then read back.
 
     The token comes from $HF_TOKEN or `hf auth login`."""
@@ -266,8 +283,8 @@ def docker_lock(c, variant: Literal["cuda", "cpu", "all"] = "all"):
     return commands.docker_lock(ROOT, variant)
 
 
-@stage_task(name="eval", help={"recipe": RECIPE_HELP, "runner": RUNNER_HELP})
-def eval_(c, recipe: Path | None = None, runner: Runner | None = None):
+@stage_task(name="eval", help={"recipe": RECIPE_HELP, "runner": RUNNER_HELP, "wait": WAIT_HELP})
+def eval_(c, recipe: Path | None = None, runner: Runner | None = None, wait: bool = False):
     """Evaluate base and pruned GGUFs with lm-eval against llama-server; write eval/results.json."""
     return commands.eval_models(_recipe_path(recipe))
 
@@ -283,18 +300,22 @@ STAGE_HELP = "Stage name (profile, dropmap, prune, convert-base, ..., manifest; 
         "until": "Stop after this stage.",
         "runner": "Where stages run: native (here) or docker (in the pinned image); default: the recipe's.",
         "live": "Show the live stage view (default: on).",
-    }
+        "wait": WAIT_HELP,
+    },
+    run_of=_run_of,
 )
 def reproduce(c, recipe: Path | None = None, force: bool = False, from_: str | None = None, until: str | None = None,
-              runner: Runner | None = None, live: bool = True):
+              runner: Runner | None = None, live: bool = True, wait: bool = False):
     """Run the whole pipeline (cached, resumable): profile -> ... -> card -> manifest."""
     return commands.reproduce(_recipe_path(recipe), runner=runner, force=force, from_stage=from_,
                               until_stage=until, live=live)
 
 
-@stage_task(help={"name": STAGE_HELP, "recipe": RECIPE_HELP, "runner": RUNNER_HELP})
-def stage(c, name: str, recipe: Path | None = None, runner: Runner | None = None):
-    """Run one pipeline stage here, without the lock (what `--runner docker` runs in the image)."""
+@stage_task(help={"name": STAGE_HELP, "recipe": RECIPE_HELP, "runner": RUNNER_HELP, "wait": WAIT_HELP})
+def stage(c, name: str, recipe: Path | None = None, runner: Runner | None = None, wait: bool = False):
+    """Run one pipeline stage here, outside the stage cache (what `--runner docker` runs in the image).
+
+    It holds the run's writer lock, unless the `invoke reproduce` that started it holds it."""
     return commands.stage(name, _recipe_path(recipe))
 
 

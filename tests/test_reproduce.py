@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import tomllib
 from pathlib import Path
 
@@ -150,6 +151,11 @@ SITE_HOOK = textwrap.dedent(
                 _kill()
             return _original_add(self, *args, **kwargs)
         _writer.ShardedWriter.add = _add
+    elif _where == "convert":
+        from moeprune.llamacpp import convert as _convert
+        def _log(*args, **kwargs):  # the converter wrote its whole output into the temporary dir
+            _kill()
+        _convert.write_tool_log = _log
     elif _where == "eval":
         from moeprune.eval import run as _run
         _original_write = _run.write_sample_log
@@ -183,3 +189,124 @@ def test_kill_during_stage_resumes_there_with_identical_hashes(reference_run: Pa
     assert all(statuses[name] == "skipped" for name in done_before), statuses
     assert artifact_hashes(runs / "demo") == artifact_hashes(reference_run)
     assert not list((runs / "demo").rglob(".*.tmp-*")), "no temporary leftovers"
+
+
+def _kill_hook(tmp_path: Path, stage: str) -> dict[str, str]:
+    hook_dir = tmp_path / "hook"
+    hook_dir.mkdir(exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(SITE_HOOK)
+    return {"MOEPRUNE_TEST_KILL_IN": stage,
+            "PYTHONPATH": os.pathsep.join([str(hook_dir), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_kill_during_convert_leaves_no_temporary_past_the_next_start(reference_run: Path, tmp_path: Path):
+    """Issue 22: a partial GGUF of a killed convert went only when convert reran; now any next
+    writer of the run removes it, whichever stages it runs."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(reference_run, runs / "demo", symlinks=True)
+    killed = reproduce(runs, "--from", "convert-base", "--until", "convert-base", check=False,
+                       extra_env=_kill_hook(tmp_path, "convert"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert list((runs / "demo" / "gguf").glob(".base-*.gguf.tmp-*")), "the killed convert left its partial output"
+    later = reproduce(runs, "--until", "prune")  # convert is not even selected
+    assert set(stage_lines(later).values()) == {"skipped"}, later.stderr
+    assert not list((runs / "demo").rglob(".*.tmp-*"))
+
+
+# --- code fingerprints: editing a module reruns the stages whose action imports it -------------
+def copied_checkout(tmp_path: Path) -> Path:
+    """A copy of this checkout's sources, for tests that edit them (never the real checkout)."""
+    import shutil
+
+    checkout = tmp_path / "checkout"
+    for name in ("src", "recipes", "calibration", "schemas", "model_card"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, checkout / name, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("tasks.py", "pyproject.toml"):
+        shutil.copy2(ROOT / name, checkout / name)
+    return checkout
+
+
+def reproduce_in(checkout: Path, runs_dir: Path) -> subprocess.CompletedProcess:
+    env = _env(runs_dir, {"PYTHONPATH": str(checkout / "src"), "COLUMNS": "200"})
+    result = subprocess.run([sys.executable, "-m", "invoke", "reproduce", "--no-live"], cwd=checkout, env=env,
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    return result
+
+
+def test_editing_code_reruns_exactly_the_stages_that_import_it(reference_run: Path, tmp_path: Path):
+    import shutil
+
+    from moeprune.card.render import TEMPLATE_PATH
+
+    checkout = copied_checkout(tmp_path)
+    runs = tmp_path / "runs"
+    shutil.copytree(reference_run, runs / "demo", symlinks=True)
+
+    template = checkout / TEMPLATE_PATH.resolve().relative_to(ROOT)
+    template.write_text(template.read_text(encoding="utf-8") + "\n<!-- edited by a test -->\n", encoding="utf-8")
+    statuses = stage_lines(reproduce_in(checkout, runs))
+    assert {name for name, status in statuses.items() if status == "ran"} == {"card", "manifest"}, statuses
+    assert len(statuses) == 13 and set(statuses.values()) == {"ran", "skipped"}
+
+    module = checkout / "src" / "moeprune" / "arch" / "gemma4.py"
+    module.write_text(module.read_text(encoding="utf-8") + "# edited by a test\n", encoding="utf-8")
+    result = reproduce_in(checkout, runs)
+    statuses = stage_lines(result)
+    for name in ("profile", "dropmap", "prune"):
+        assert statuses[name] == "ran", (name, result.stderr)
+        assert f"[{name}] running (code changed: moeprune/arch/gemma4.py)" in result.stderr
+    for name, entry in lock(runs / "demo").items():  # every stage whose code holds the module, and only those
+        assert statuses[name] == ("ran" if "moeprune/arch/gemma4.py" in entry["code"] else "skipped"), name
+
+
+# --- one writer per run ---------------------------------------------------------------------------
+def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout_s: float = 900) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in path.read_text(errors="replace"):
+        assert process.poll() is None, f"exited ({process.returncode}) before {text!r}:\n{path.read_text()}"
+        assert time.monotonic() < deadline, f"no {text!r} in {timeout_s} s"
+        time.sleep(0.2)
+
+
+def test_two_concurrent_reproduces_the_second_fails_at_once_naming_the_holder(reference_run: Path, tmp_path: Path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(reference_run, runs / "demo", symlinks=True)
+    command = [sys.executable, "-m", "invoke", "reproduce", "--recipe", str(DEMO), "--no-live"]
+    logs = {name: tmp_path / f"{name}.err" for name in ("first", "waiter")}
+    with open(logs["first"], "w") as first_err, open(logs["waiter"], "w") as waiter_err:
+        first = subprocess.Popen([*command, "--force"], cwd=ROOT, env=_env(runs), stdout=subprocess.DEVNULL,
+                                 stderr=first_err)
+        try:
+            _wait_for(logs["first"], "[convert-base] running", first)  # inside a stage, its GGUF half written
+            started = time.monotonic()
+            second = subprocess.run([*command, "--force"], cwd=ROOT, env=_env(runs), capture_output=True, text=True,
+                                    timeout=300)
+            assert time.monotonic() - started < 60 and first.poll() is None, "it did not fail at once"
+            assert second.returncode != 0 and second.stdout == ""
+            assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+            assert second.stderr.startswith(f"error: {runs / 'demo'} is in use by PID {first.pid} (invoke reproduce) "
+                                            "since "), second.stderr
+            assert second.stderr.strip().endswith("; wait for it or pass --wait")
+
+            waiter = subprocess.Popen([*command, "--wait"], cwd=ROOT, env=_env(runs), stdout=subprocess.PIPE,
+                                      stderr=waiter_err, text=True)
+            _wait_for(logs["waiter"], f"in use by PID {first.pid} (invoke reproduce)", waiter)
+            assert first.wait(timeout=1800) == 0, logs["first"].read_text()
+            waiter_out, _ = waiter.communicate(timeout=600)
+        finally:
+            for process in (first, locals().get("waiter")):
+                if process is not None and process.poll() is None:
+                    process.kill()
+    assert waiter.returncode == 0, logs["waiter"].read_text()
+    waited = stage_lines(subprocess.CompletedProcess([], 0, waiter_out, logs["waiter"].read_text()))
+    assert set(waited.values()) == {"skipped"}, waited  # it ran after the first, which had finished everything
+    verify = subprocess.run([sys.executable, "-m", "invoke", "verify", str(runs / "demo")], cwd=ROOT, env=_env(runs),
+                            capture_output=True, text=True, timeout=1800)
+    assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -8,12 +8,16 @@
 2. for a task with a ``runner`` parameter (a stage task), resolves ``--runner`` (default: the
    recipe's ``[runner] kind``) and, for ``docker``, runs the same task with the same flags in the
    pinned image instead of here (inside the image it always runs here);
-3. prints what the body returns (a :class:`TaskResult`) and turns a failed result or a
+3. for a task that writes a run (``run_of``), holds the run's writer lock around all of it,
+   dispatch to the image included (:mod:`moeprune.runlock`); such a task has a ``--wait`` flag,
+   which the lock consumes: without it a second writer fails at once, naming the holder;
+4. prints what the body returns (a :class:`TaskResult`) and turns a failed result or a
    ``MoepruneError`` into ``invoke.Exit`` with its message, never a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -121,25 +125,43 @@ def _run_in_image(name: str, func: Callable[..., Any], values: dict[str, Any], l
     # Paths given as flags (--base, --out, ...) are mounted at the same place, as the recipe's are.
     flagged = [Path(v).resolve() for key, v in values.items() if isinstance(v, Path) and key != "recipe"]
     extra = [Mount(path if path.exists() else path.parent) for path in flagged]
-    get_runner(kind, recipe).run_stage(argv, mounts=[*recipe_mounts(recipe), *extra])
+    from moeprune.runlock import child_env
+
+    get_runner(kind, recipe).run_stage(argv, mounts=[*recipe_mounts(recipe), *extra], env=child_env())
     return True
+
+
+def _writer_lock(task_name: str, values: dict[str, Any], run_of: Callable[[dict[str, Any]], Any] | None) -> Any:
+    """The run's writer lock for a task that writes one (``run_of(values)`` is its RunLayout)."""
+    wait = bool(values.pop("wait", False))
+    layout = run_of(values) if run_of is not None else None
+    if layout is None:
+        return contextlib.nullcontext()
+    from moeprune.runlock import run_writer
+
+    return run_writer(layout, f"invoke {task_name}", wait=wait)
 
 
 def moeprune_task(
     name: str | None = None,
     help: dict[str, str] | None = None,
     load_recipe: Callable[..., Any] | None = None,
+    run_of: Callable[[dict[str, Any]], Any] | None = None,
     **task_kwargs: Any,
 ) -> Callable[[Callable[..., Any]], Any]:
     """``@task`` with typed flags, clean user errors and (for tasks with ``runner``) ``--runner``.
 
-    ``load_recipe(path_or_None)`` loads the recipe a ``--runner`` decision reads.
+    ``load_recipe(path_or_None)`` loads the recipe a ``--runner`` decision reads. ``run_of(flags)``,
+    for a task that writes a run, gives that run's ``RunLayout`` (None: no run to hold); the task
+    must then have a ``wait: bool = False`` parameter (the lock's ``--wait``; the body never sees it).
     """
 
     def decorate(func: Callable[..., Any]) -> Any:
         task_name = name or func.__name__.strip("_").replace("_", "-")
         params = inspect.signature(func).parameters
         dispatches = "runner" in params
+        if run_of is not None and "wait" not in params:
+            raise TypeError(f"task {task_name} writes a run: it needs a `wait: bool = False` parameter (--wait)")
 
         @functools.wraps(func)
         def wrapper(c: Any, *args: Any, **kwargs: Any) -> Any:
@@ -148,9 +170,10 @@ def moeprune_task(
                 bound = inspect.signature(func).bind(c, *args, **kwargs)
                 values = {key: convert_flag(key, value, hints.get(key, Any))
                           for key, value in list(bound.arguments.items())[1:]}
-                if dispatches and load_recipe is not None and _run_in_image(task_name, func, values, load_recipe):
-                    return None
-                result = func(c, **values)
+                with _writer_lock(task_name, values, run_of):
+                    if dispatches and load_recipe is not None and _run_in_image(task_name, func, values, load_recipe):
+                        return None
+                    result = func(c, **values)
             except MoepruneError as exc:
                 raise Exit(f"error: {exc}", code=1) from None
             if isinstance(result, TaskResult):

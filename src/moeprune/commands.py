@@ -199,7 +199,9 @@ def manifest(recipe_path: Path) -> TaskResult:
 
 
 def stage(name: str, recipe_path: Path) -> TaskResult:
-    """One pipeline stage here, without the lock (what ``--runner docker`` runs in the image)."""
+    """One pipeline stage here, outside the stage cache (``run.lock.json``): what ``--runner docker``
+    runs in the image. The task holds the run's writer lock, or works under that of the reproduce
+    that started it (moeprune.runlock)."""
     from moeprune.pipeline.stages import run_single_stage
 
     recipe = _load(recipe_path, name)

@@ -13,6 +13,7 @@
     ``card/``                     rendered README.md (model card) and plots
     ``manifest.json``             every artifact file with size and sha256
     ``run.lock.json``             per-stage dependencies and outputs (what produced what)
+    ``.writer.json``              the writer holding the run (pid, command, start), while one does
     ``logs/``                     stage and server logs
 
 Every stage, the manifest and the card ask this class for a path; none spells a file name. A
@@ -154,6 +155,11 @@ class RunLayout:
     @property
     def lock_path(self) -> Path:
         return self.root / "run.lock.json"
+
+    @property
+    def writer_path(self) -> Path:
+        """Who holds the run's writer lock (moeprune.runlock), for the message a second writer gets."""
+        return self.root / ".writer.json"
 
     @property
     def logs_dir(self) -> Path:

@@ -136,15 +136,3 @@ class HashCache:
         self._dirty = False
         return None
 
-
-def source_digest(packages: list[str]) -> str:
-    """Hash of the Python sources of the given moeprune subpackages/modules (the stage's code)."""
-    root = Path(__file__).resolve().parents[1]
-    listing: dict[str, str] = {}
-    for name in packages:
-        target = root / Path(*name.split(".")[1:])
-        paths = sorted(target.rglob("*.py")) if target.is_dir() else [target.with_suffix(".py")]
-        for path in paths:
-            if path.is_file():
-                listing[path.relative_to(root).as_posix()] = sha256_file(path)
-    return sha256_json(listing)

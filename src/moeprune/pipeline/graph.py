@@ -9,19 +9,20 @@ at the interrupted stage. Outputs are replaced by the stages' atomic writers, ne
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from moeprune.errors import MoepruneError
 from moeprune.layout import RunLayout
 from moeprune.atomic import describe_write_error, is_disk_error
-from moeprune.pipeline.fingerprint import Anchors, HashCache, dep_key, source_digest
+from moeprune.pipeline.code import CodeRoots, ImportGraph, action_roots, package_graph
+from moeprune.pipeline.fingerprint import Anchors, HashCache, dep_key
 from moeprune.pipeline.lock import Lock, stage_key
 from moeprune.recipe import Recipe
+from moeprune.runlock import run_writer
 
 
 @dataclass
@@ -40,9 +41,11 @@ class Stage:
     """One step of the pipeline.
 
     ``deps``/``outs`` return paths (files or directories); ``params`` returns the recipe values
-    the stage reads; ``code`` names the moeprune modules whose source is part of the key;
-    ``tools`` returns versions of external tools (llama.cpp build key, image digest) it uses.
-    ``action`` does the work and returns headline numbers for the summary.
+    the stage reads; ``tools`` returns versions of external tools (llama.cpp build key, image
+    digest) it uses. ``action`` does the work and returns headline numbers for the summary.
+    ``code`` is computed from ``action`` when the pipeline is built (:mod:`moeprune.pipeline.code`);
+    it is a field so that a stage whose action is wrapped (run in the container) keeps the code
+    of the action it wraps.
     """
 
     name: str
@@ -51,7 +54,7 @@ class Stage:
     deps: Callable[[Context], Sequence[Path]]
     outs: Callable[[Context], Sequence[Path]]
     params: Callable[[Recipe], dict[str, Any]]
-    code: tuple[str, ...] = ()
+    code: CodeRoots | None = None
     tools: Callable[[Context], dict[str, Any]] = lambda ctx: {}
     command: Callable[[Context], str] | None = None
 
@@ -74,20 +77,6 @@ class PipelineListener:
     def stage_finished(self, result: StageResult) -> None: ...
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _remove_leftover_temporaries(path: Path) -> None:
-    """Temporary siblings (.name.tmp-*) that a killed run left behind."""
-    if path.parent.is_dir():
-        for leftover in path.parent.glob(f".{path.name}.tmp-*"):
-            _remove(leftover)
-
-
 def anchors_of(ctx: Context) -> Anchors:
     """Where the lock's dependency names are relative to (never an absolute path)."""
     source = getattr(ctx.recipe, "source_path", None)
@@ -101,7 +90,14 @@ class Pipeline:
         names = [stage.name for stage in stages]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate stage names in {names}")
-        self.stages = list(stages)
+        self.stages = [stage if stage.code is not None else replace(stage, code=action_roots(stage.action))
+                       for stage in stages]
+        self._import_graph: ImportGraph | None = None
+
+    def import_graph(self) -> ImportGraph:
+        if self._import_graph is None:
+            self._import_graph = package_graph()
+        return self._import_graph
 
     @property
     def names(self) -> list[str]:
@@ -136,7 +132,7 @@ class Pipeline:
             "cmd": stage.command(ctx) if stage.command else f"invoke {stage.name}",
             "deps": dict(sorted(deps.items())),
             "params": stage.params(ctx.recipe),
-            "code": source_digest(list(stage.code)) if stage.code else None,
+            "code": stage.code.fingerprint(self.import_graph()) if stage.code is not None else None,
             "tools": stage.tools(ctx),
         }
 
@@ -159,18 +155,21 @@ class Pipeline:
     ) -> list[StageResult]:
         listener = listener or PipelineListener()
         selected = set(self.selection(from_stage, until_stage))
-        ctx.layout.root.mkdir(parents=True, exist_ok=True)
-        lock = Lock.load(ctx.layout.lock_path)
-        hashes = HashCache(ctx.layout.root / ".hashcache.json", anchors_of(ctx))
-        results: list[StageResult] = []
-        try:
-            for stage in self.stages:
-                if stage.name not in selected:
-                    results.append(StageResult(stage.name, "not selected"))
-                    continue
-                results.append(self._run_stage(stage, ctx, lock, hashes, force or stage.name == from_stage, listener))
-        finally:
-            hashes.save()  # best effort: never raises, so it cannot hide the stage's own error
+        # The task running us holds the run already (the lock is re-entrant); a caller that does
+        # not gets it here, so no run is ever written by two processes at once.
+        with run_writer(ctx.layout, "moeprune pipeline"):
+            lock = Lock.load(ctx.layout.lock_path)
+            hashes = HashCache(ctx.layout.root / ".hashcache.json", anchors_of(ctx))
+            results: list[StageResult] = []
+            try:
+                for stage in self.stages:
+                    if stage.name not in selected:
+                        results.append(StageResult(stage.name, "not selected"))
+                        continue
+                    results.append(self._run_stage(stage, ctx, lock, hashes, force or stage.name == from_stage,
+                                                   listener))
+            finally:
+                hashes.save()  # best effort: never raises, so it cannot hide the stage's own error
         return results
 
     def _run_stage(
@@ -191,12 +190,10 @@ class Pipeline:
             return result
 
         listener.stage_started(stage.name, reason)
-        # Only a killed run's temporaries go: the previous outputs, and the lock entry describing
-        # them, stay until the stage succeeds (its atomic writers replace the outputs), so a failed
-        # rerun leaves the last good state in place. Outputs half-replaced by a failed stage no
-        # longer match the entry's digests, so the next run reruns the stage.
-        for path in stage.outs(ctx):
-            _remove_leftover_temporaries(path)
+        # The previous outputs, and the lock entry describing them, stay until the stage succeeds
+        # (its atomic writers replace the outputs), so a failed rerun leaves the last good state in
+        # place. Outputs half-replaced by a failed stage no longer match the entry's digests, so the
+        # next run reruns the stage. (A killed run's temporaries went when the run lock was taken.)
         started = time.monotonic()
         try:
             headline = stage.action(ctx) or {}
@@ -220,6 +217,16 @@ class Pipeline:
         return result
 
 
+def _changed_names(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
+
+
+def _listed(names: list[str], most: int = 3) -> str:
+    """``a, b, c and 4 more``: a reason stays one short line."""
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def _why_rerun(
     entry: dict[str, Any] | None, key: dict[str, Any], outs: dict[str, Any] | None, force: bool
 ) -> str | None:
@@ -230,20 +237,15 @@ def _why_rerun(
         return "never completed"
     recorded = stage_key(entry)
     for part in ("cmd", "params", "code", "tools", "deps"):
-        if recorded.get(part) != key.get(part):
-            changed = part
-            if part == "deps":
-                names = sorted(
-                    name
-                    for name in set(recorded["deps"] or {}) | set(key["deps"])
-                    if (recorded["deps"] or {}).get(name) != key["deps"].get(name)
-                )
-                changed = "input " + ", ".join(names)
-            elif part == "params":
-                old, new = recorded.get(part) or {}, key.get(part) or {}
-                names = sorted(n for n in set(old) | set(new) if old.get(n) != new.get(n))
-                changed = "setting " + ", ".join(names)
-            return f"{changed} changed"
+        old, new = recorded.get(part), key.get(part)
+        if old == new:
+            continue
+        if part == "code" and isinstance(old, dict) and isinstance(new, dict):
+            return f"code changed: {_listed(_changed_names(old, new))}"
+        if part in ("deps", "params"):
+            names = ", ".join(_changed_names(old or {}, new or {}))
+            return f"{'input' if part == 'deps' else 'setting'} {names} changed"
+        return f"{part} changed"  # cmd, tools; or code recorded as one digest by an older moeprune
     if outs is None:
         return "an output is missing"
     if outs != entry.get("outs"):

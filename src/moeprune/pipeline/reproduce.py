@@ -21,11 +21,13 @@ from moeprune.recipe import Recipe
 def _in_container(stage: Stage, runner: Any, recipe: Recipe) -> Stage:
     """The same stage, its action run as `invoke stage NAME` inside the image."""
     from moeprune.runner import recipe_mounts
+    from moeprune.runlock import child_env
 
     def action(ctx: Context) -> dict[str, Any]:
         log_path = ctx.layout.log_path(f"{stage.name}.container")
+        # The stage in the image works under this process's writer lock (its token travels along).
         runner.run_stage(["stage", stage.name, "--recipe", str(recipe.source_path)],
-                         mounts=recipe_mounts(recipe), log_path=log_path)
+                         mounts=recipe_mounts(recipe), log_path=log_path, env=child_env())
         return {}
 
     return replace(stage, action=action)

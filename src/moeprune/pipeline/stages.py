@@ -215,24 +215,21 @@ def build_pipeline() -> Pipeline:
         Stage("profile", "generate, then replay with hooks measuring each expert's weighted output norm",
               _profile, deps=_profile_deps, outs=lambda c: [L(c).profile_dir],
               params=lambda r: {**_section(r, "calibration", "profile"), "model": _model_identity(r),
-                                "dtype": r.model.dtype},
-              code=("moeprune.profile",)),
+                                "dtype": r.model.dtype}),
         Stage("dropmap", "choose the experts to drop", _dropmap,
               deps=lambda c: [L(c).profile_stats_path, L(c).profile_summary_path, base_dir(c) / "config.json"],
               outs=lambda c: [L(c).drop_map_path],
-              params=lambda r: {**_section(r, "dropmap"), "model": _model_identity(r)},
-              code=("moeprune.dropmap",)),
+              params=lambda r: {**_section(r, "dropmap"), "model": _model_identity(r)}),
         Stage("prune", "slice experts, router rows and scales into a sharded checkpoint", _prune,
               deps=lambda c: [base_dir(c), L(c).drop_map_path], outs=lambda c: [L(c).pruned_dir],
-              params=lambda r: _section(r, "prune"), code=("moeprune.prune", "moeprune.io")),
+              params=lambda r: _section(r, "prune")),
     ]
     for which in MODELS:
         stages.append(Stage(
             f"convert-{which}", f"convert the {which} checkpoint to GGUF", _convert(which),
             deps=lambda c, w=which: [_hf_dir(c, w)],
             outs=lambda c, w=which: _with_records([gguf_file(c, w, c.recipe.quantize.convert_outtype)]),
-            params=lambda r: {"convert_outtype": r.quantize.convert_outtype, "name": r.model.name},
-            code=("moeprune.llamacpp",), tools=llamacpp_tools))
+            params=lambda r: {"convert_outtype": r.quantize.convert_outtype, "name": r.model.name}, tools=llamacpp_tools))
     for which in MODELS:
         stages.append(Stage(
             f"quantize-{which}", f"quantize the {which} GGUF", _quantize(which),
@@ -240,37 +237,33 @@ def build_pipeline() -> Pipeline:
             + ([c.recipe.prompts_path] if c.recipe.quantize.imatrix else []),
             outs=lambda c, w=which: _with_records([gguf_file(c, w, t) for t in c.recipe.quantize.types]
                                                   + _imatrix(c, w)),
-            params=lambda r: _section(r, "quantize"), code=("moeprune.llamacpp",), tools=llamacpp_tools))
+            params=lambda r: _section(r, "quantize"), tools=llamacpp_tools))
     for which in MODELS:
         stages.append(Stage(
             f"eval-{which}", f"serve the {which} GGUF and evaluate it with lm-eval", _eval(which),
             deps=lambda c, w=which: [gguf_file(c, w, c.recipe.quantize.eval_type)]
             + ([c.recipe.include_path] if c.recipe.include_path else []),
             outs=lambda c, w=which: [L(c).eval_model_dir(w)],
-            params=lambda r: _section(r, "eval", "serve"), code=("moeprune.eval", "moeprune.llamacpp"),
+            params=lambda r: _section(r, "eval", "serve"),
             tools=llamacpp_tools))
     stages += [
         Stage("results", "scores, error analysis and the paired comparison", _results,
               deps=lambda c: [L(c).eval_model_dir(m) for m in MODELS], outs=lambda c: [L(c).results_path],
-              params=lambda r: {"bootstrap_resamples": r.eval.bootstrap_resamples, "seed": r.eval.seed},
-              code=("moeprune.eval",)),
+              params=lambda r: {"bootstrap_resamples": r.eval.bootstrap_resamples, "seed": r.eval.seed}),
         Stage("kld", "KL divergence to the base: pruned, base and the equal-size rival (llama-perplexity)", _kld,
               deps=_kld_deps, outs=lambda c: [L(c).kld_path, L(c).kld_evidence_dir],
               params=lambda r: {"kld": r.kld.model_dump(mode="json"), "quantize": _section(r, "quantize")["quantize"],
-                                "threads": r.serve.threads, "n_gpu_layers": r.serve.n_gpu_layers},
-              code=("moeprune.kld", "moeprune.llamacpp"), tools=llamacpp_tools),
+                                "threads": r.serve.threads, "n_gpu_layers": r.serve.n_gpu_layers}, tools=llamacpp_tools),
         Stage("card", "render the model card and its plots", _card,
               deps=lambda c: [L(c).profile_summary_path, L(c).profile_stats_path, L(c).drop_map_path,
                               L(c).pruned_dir, L(c).results_path, L(c).kld_path, L(c).gguf_dir, _card_templates()],
               outs=lambda c: [L(c).card_dir],
               params=lambda r: _section(r, "model", "calibration", "profile", "dropmap", "serve", "eval", "card",
-                                        "publish"),
-              code=("moeprune.card",)),
+                                        "publish")),
         Stage("manifest", "hash every file of the artifact", _manifest,
               deps=lambda c: [L(c).profile_dir, L(c).drop_map_path, L(c).pruned_dir, L(c).gguf_dir,
                               L(c).eval_dir, L(c).card_dir],
-              outs=lambda c: [L(c).manifest_path], params=lambda r: r.settings(),
-              code=("moeprune.manifest",), tools=llamacpp_tools),
+              outs=lambda c: [L(c).manifest_path], params=lambda r: r.settings(), tools=llamacpp_tools),
     ]
     for stage in stages:
         object.__setattr__(stage, "command", _command_for(stage.name))
