@@ -130,7 +130,7 @@ def git_commit(repo_dir: Path | None = None) -> dict[str, Any]:
         if head.returncode == 0:
             record["commit"] = head.stdout.strip()
             status = subprocess.run(
-                ["git", "-C", str(repo_dir), "status", "--porcelain", "--untracked-files=no"],
+                ["git", "--no-optional-locks", "-C", str(repo_dir), "status", "--porcelain", "--untracked-files=no"],
                 capture_output=True,
                 text=True,
                 timeout=30,
