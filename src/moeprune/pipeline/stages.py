@@ -61,7 +61,7 @@ def _section(recipe: Recipe, *names: str) -> dict[str, Any]:
 
 
 def _model_identity(recipe: Recipe) -> dict[str, Any]:
-    return {"base": recipe.model.base, "revision": recipe.model.revision}
+    return {"base": recipe.settings()["model"]["base"], "revision": recipe.model.revision}
 
 
 # --- actions -------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def build_pipeline() -> Pipeline:
               code=("moeprune.eval",)),
         Stage("kld", "KL divergence to the base: pruned, base and the equal-size rival (llama-perplexity)", _kld,
               deps=_kld_deps, outs=lambda c: [L(c).kld_path, L(c).kld_evidence_dir],
-              params=lambda r: {"kld": r.kld.model_dump(mode="json"), "quantize": _section(r, "quantize")["quantize"],
+              params=lambda r: {"kld": _section(r, "kld")["kld"], "quantize": _section(r, "quantize")["quantize"],
                                 "threads": r.serve.threads, "n_gpu_layers": r.serve.n_gpu_layers},
               code=("moeprune.kld", "moeprune.llamacpp"), tools=llamacpp_tools),
         Stage("card", "render the model card and its plots", _card,
