@@ -14,9 +14,10 @@ Checks (and the stages they guard):
     tokens, or all of ``ctx_size`` with a unified KV cache; the reasoning budget must leave room
     for the answer.
 ``moe-model`` (profile, dropmap, prune)
-    the base model's config.json must be readable JSON describing a mixture of experts, and its
-    expert count must match the expert tensors' shapes (read from the safetensors headers only,
-    through the family adapter: prune's own check).
+    the base model's config.json must be readable JSON describing a mixture of experts.
+``expert-shapes`` (profile, prune)
+    its expert count must match the expert tensors' shapes, read from the safetensors headers only
+    through the family adapter (prune's own check).
 ``convertible`` (convert-base, convert-pruned)
     the config names its ``architectures``, which ``convert_hf_to_gguf.py`` picks its converter
     by (without it the converter dies with a traceback after the earlier stages ran).
@@ -148,7 +149,23 @@ def _add(report: PreflightReport, error: str) -> None:
 
 
 def check_moe_model(recipe: Recipe, report: PreflightReport) -> None:
-    """The base model is a mixture of experts whose config matches its tensors (no weights loaded)."""
+    """The base model is a mixture of experts, read from its config (no weights loaded)."""
+    from moeprune.dropmap.io import moe_shape
+
+    found = _base_config(recipe, report)
+    if found is None:
+        return
+    config, base_dir = found
+    try:
+        moe_shape(config, base_dir / "config.json")
+    except MoepruneError as exc:
+        _add(report, f"field 'model.base' = {json.dumps(recipe.model.base)}: not a mixture-of-experts model "
+                     f"moeprune can prune, read from its config.json ({exc})")
+
+
+def check_expert_shapes(recipe: Recipe, report: PreflightReport) -> None:
+    """The config's expert count matches the expert tensors, read from the safetensors headers
+    through the family adapter (prune's own check; no weights loaded)."""
     from moeprune.dropmap.io import moe_shape
     from moeprune.io.checkpoint import Checkpoint
     from moeprune.prune.surgery import check_experts_match_config
@@ -157,17 +174,15 @@ def check_moe_model(recipe: Recipe, report: PreflightReport) -> None:
     if found is None:
         return
     config, base_dir = found
-    field = f"field 'model.base' = {json.dumps(recipe.model.base)}"
     try:
         moe_shape(config, base_dir / "config.json")
-    except MoepruneError as exc:
-        _add(report, f"{field}: not a mixture-of-experts model moeprune can prune, read from its config.json ({exc})")
-        return
+    except MoepruneError:
+        return  # not an MoE config: check_moe_model says so
     try:
-        with Checkpoint.open(base_dir) as checkpoint:  # safetensors headers only
+        with Checkpoint.open(base_dir) as checkpoint:
             check_experts_match_config(checkpoint, config, base_dir / "config.json")
     except MoepruneError as exc:
-        _add(report, f"{field}: {exc}")
+        _add(report, f"field 'model.base' = {json.dumps(recipe.model.base)}: {exc}")
 
 
 def check_convertible(recipe: Recipe, report: PreflightReport) -> None:
@@ -283,6 +298,7 @@ CHECKS: dict[str, Check] = {
     "gpu-build": check_gpu_build,
     "slots": check_slots,
     "moe-model": check_moe_model,
+    "expert-shapes": check_expert_shapes,
     "convertible": check_convertible,
     "calibration": check_calibration,
     "eval-tasks": check_eval_tasks,
@@ -291,9 +307,9 @@ CHECKS: dict[str, Check] = {
 }
 # Which checks a stage (or task) needs before its first real work.
 STAGE_CHECKS: dict[str, tuple[str, ...]] = {
-    "profile": ("revision", "moe-model", "calibration"),
+    "profile": ("revision", "moe-model", "expert-shapes", "calibration"),
     "dropmap": ("revision", "moe-model"),
-    "prune": ("revision", "moe-model"),
+    "prune": ("revision", "moe-model", "expert-shapes"),
     "convert-base": ("revision", "convertible"),
     "convert-pruned": ("convertible",),
     "quantize-base": ("calibration-if-imatrix",),
