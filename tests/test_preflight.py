@@ -54,7 +54,7 @@ def test_demo_recipe_passes_every_check():
     recipe = load_recipe(ROOT / "recipes" / "demo.toml")
     report = preflight(recipe)
     assert report.ok, report.errors
-    assert report.checked == 9 and report.warnings == []
+    assert report.checked == 10 and report.warnings == []
 
 
 def test_gpu_layers_slots_and_budget_refused_together_naming_each_field(tmp_path: Path):
@@ -171,11 +171,11 @@ def test_each_stage_checks_only_what_concerns_it():
     recipe = load_recipe(ROOT / "recipes" / "demo.toml")
     assert checks_for(recipe, ["eval-pruned"]) == ["gpu-build", "slots", "eval-tasks"]
     assert checks_for(recipe, ["profile"]) == ["moe-model", "expert-shapes", "calibration", "revision"]
-    assert checks_for(recipe, ["dropmap"]) == ["moe-model", "revision"]
+    assert checks_for(recipe, ["dropmap"]) == ["moe-model", "drop-counts", "revision"]
     assert checks_for(recipe, ["convert-base"]) == ["convertible", "revision"]
     assert checks_for(recipe, ["kld"]) == ["kld-text"]
     assert checks_for(recipe, ["card", "manifest"]) == []
-    assert checks_for(recipe, None) == ["gpu-build", "slots", "moe-model", "expert-shapes", "convertible",
+    assert checks_for(recipe, None) == ["gpu-build", "slots", "moe-model", "expert-shapes", "drop-counts", "convertible",
                                         "calibration", "eval-tasks", "kld-text", "revision"]
 
 

@@ -105,11 +105,24 @@ def test_keep_count_below_top_k_is_refused(variant):
     def edit(d):
         d["dropmap"] = {"strategy": "uniform-count", "keep_count": 1}
 
-    path = variant(edit)
-    if not (ROOT / "src/moeprune/demo/model/config.json").is_file():
-        pytest.skip("demo model not built")
-    with pytest.raises(RecipeError, match=r"dropmap.keep_count' = 1: below the model's top-k"):
-        load_recipe(path)
+    from moeprune.preflight import PreflightError, require_preflight
+
+    recipe = load_recipe(variant(edit))
+    with pytest.raises(PreflightError, match=r"dropmap.keep_count' = 1: below the model's top-k"):
+        require_preflight(recipe, ["dropmap"])
+
+
+@pytest.mark.parametrize(("dropmap", "needle"), [
+    ({"strategy": "uniform-count", "keep_count": 17}, "dropmap.keep_count' = 17: above the model's 16 experts"),
+    ({"strategy": "uniform-min-retention", "retention_threshold": 0.9, "protect_top_k": 20},
+     "dropmap.protect_top_k' = 20: above the model's 16 experts"),
+])
+def test_counts_above_the_experts_are_refused_before_the_profile(variant, dropmap, needle):
+    from moeprune.preflight import PreflightError, require_preflight
+
+    recipe = load_recipe(variant(lambda d: d.update(dropmap=dropmap)))
+    with pytest.raises(PreflightError, match=needle):
+        require_preflight(recipe, ["profile", "dropmap"])
 
 
 def test_strategy_needs_its_parameter(variant):

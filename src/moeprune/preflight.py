@@ -18,6 +18,9 @@ Checks (and the stages they guard):
 ``expert-shapes`` (profile, prune)
     its expert count must match the expert tensors' shapes, read from the safetensors headers only
     through the family adapter (prune's own check).
+``drop-counts`` (dropmap)
+    ``dropmap.keep_count`` at least the model's top-k and at most its experts; ``protect_top_k``
+    at most its experts.
 ``convertible`` (convert-base, convert-pruned)
     the config names its ``architectures``, which ``convert_hf_to_gguf.py`` picks its converter
     by (without it the converter dies with a traceback after the earlier stages ran).
@@ -185,6 +188,31 @@ def check_expert_shapes(recipe: Recipe, report: PreflightReport) -> None:
         _add(report, f"field 'model.base' = {json.dumps(recipe.model.base)}: {exc}")
 
 
+def check_drop_counts(recipe: Recipe, report: PreflightReport) -> None:
+    """``dropmap.keep_count`` and ``protect_top_k`` fit the model: at least its top-k routing, at
+    most its experts (the dropmap stage would refuse them only after the profile's hours)."""
+    from moeprune.dropmap.io import moe_shape
+
+    found = _base_config(recipe, report)
+    if found is None:
+        return
+    try:
+        num_experts, top_k, _ = moe_shape(found[0])
+    except MoepruneError:
+        return  # check_moe_model says why
+    section = recipe.dropmap
+    keep = section.keep_count
+    if keep is not None and keep < top_k:
+        report.errors.append(f"field 'dropmap.keep_count' = {keep}: below the model's top-k routing ({top_k}); "
+                             f"keep at least {top_k} experts per layer")
+    if keep is not None and keep > num_experts:
+        report.errors.append(f"field 'dropmap.keep_count' = {keep}: above the model's {num_experts} experts per "
+                             "layer; keep fewer")
+    if section.protect_top_k > num_experts:
+        report.errors.append(f"field 'dropmap.protect_top_k' = {section.protect_top_k}: above the model's "
+                             f"{num_experts} experts per layer")
+
+
 def check_convertible(recipe: Recipe, report: PreflightReport) -> None:
     """The config names the model class (``architectures``) the GGUF converter dispatches on."""
     from moeprune.arch import ArchError, arch_for_config
@@ -299,6 +327,7 @@ CHECKS: dict[str, Check] = {
     "slots": check_slots,
     "moe-model": check_moe_model,
     "expert-shapes": check_expert_shapes,
+    "drop-counts": check_drop_counts,
     "convertible": check_convertible,
     "calibration": check_calibration,
     "eval-tasks": check_eval_tasks,
@@ -308,7 +337,7 @@ CHECKS: dict[str, Check] = {
 # Which checks a stage (or task) needs before its first real work.
 STAGE_CHECKS: dict[str, tuple[str, ...]] = {
     "profile": ("revision", "moe-model", "expert-shapes", "calibration"),
-    "dropmap": ("revision", "moe-model"),
+    "dropmap": ("revision", "moe-model", "drop-counts"),
     "prune": ("revision", "moe-model", "expert-shapes"),
     "convert-base": ("revision", "convertible"),
     "convert-pruned": ("convertible",),
