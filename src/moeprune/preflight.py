@@ -166,21 +166,32 @@ def check_moe_model(recipe: Recipe, report: PreflightReport) -> None:
                      f"moeprune can prune, read from its config.json ({exc})")
 
 
-def check_expert_shapes(recipe: Recipe, report: PreflightReport) -> None:
-    """The config's expert count matches the expert tensors, read from the safetensors headers
-    through the family adapter (prune's own check; no weights loaded)."""
+def _moe_base(recipe: Recipe, report: PreflightReport) -> tuple[dict[str, Any], Path, int, int] | None:
+    """(config, directory, experts per layer, top-k) of the base; None when it is absent or not a
+    mixture of experts (:func:`check_moe_model` says why)."""
     from moeprune.dropmap.io import moe_shape
-    from moeprune.io.checkpoint import Checkpoint
-    from moeprune.prune.surgery import check_experts_match_config
 
     found = _base_config(recipe, report)
     if found is None:
-        return
+        return None
     config, base_dir = found
     try:
-        moe_shape(config, base_dir / "config.json")
+        num_experts, top_k, _ = moe_shape(config, base_dir / "config.json")
     except MoepruneError:
-        return  # not an MoE config: check_moe_model says so
+        return None
+    return config, base_dir, num_experts, top_k
+
+
+def check_expert_shapes(recipe: Recipe, report: PreflightReport) -> None:
+    """The config's expert count matches the expert tensors, read from the safetensors headers
+    through the family adapter (prune's own check; no weights loaded)."""
+    from moeprune.io.checkpoint import Checkpoint
+    from moeprune.prune.surgery import check_experts_match_config
+
+    found = _moe_base(recipe, report)
+    if found is None:
+        return
+    config, base_dir, _, _ = found
     try:
         with Checkpoint.open(base_dir) as checkpoint:
             check_experts_match_config(checkpoint, config, base_dir / "config.json")
@@ -191,15 +202,10 @@ def check_expert_shapes(recipe: Recipe, report: PreflightReport) -> None:
 def check_drop_counts(recipe: Recipe, report: PreflightReport) -> None:
     """``dropmap.keep_count`` and ``protect_top_k`` fit the model: at least its top-k routing, at
     most its experts (the dropmap stage would refuse them only after the profile's hours)."""
-    from moeprune.dropmap.io import moe_shape
-
-    found = _base_config(recipe, report)
+    found = _moe_base(recipe, report)
     if found is None:
         return
-    try:
-        num_experts, top_k, _ = moe_shape(found[0])
-    except MoepruneError:
-        return  # check_moe_model says why
+    _, _, num_experts, top_k = found
     section = recipe.dropmap
     keep = section.keep_count
     if keep is not None and keep < top_k:
