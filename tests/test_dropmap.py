@@ -415,7 +415,8 @@ def test_run_dropmap_writes_a_valid_map_and_prints_the_report(tmp_path):
     console = Console(record=True, width=120)
     drop_map = run_dropmap(_recipe(tmp_path, _config()), layout, console=console)
     assert load_drop_map(layout.drop_map_path, model_config=_config()) == drop_map
-    assert drop_map["base_model"] == {"id": str(tmp_path / "model"), "revision": None, "sha256": "c" * 64}
+    # The recipe lies beside the model: recorded relative to it, never as an absolute path.
+    assert drop_map["base_model"] == {"id": "recipe/model", "revision": None, "sha256": "c" * 64}
     assert min(e["retained_fraction"] for e in drop_map["layers"]) > 0.95
     assert f"chosen N = {drop_map['num_experts_kept']}" in console.export_text()
 

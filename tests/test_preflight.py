@@ -54,7 +54,7 @@ def test_demo_recipe_passes_every_check():
     recipe = load_recipe(ROOT / "recipes" / "demo.toml")
     report = preflight(recipe)
     assert report.ok, report.errors
-    assert report.checked == 5 and report.warnings == []
+    assert report.checked == 10 and report.warnings == []
 
 
 def test_gpu_layers_slots_and_budget_refused_together_naming_each_field(tmp_path: Path):
@@ -160,7 +160,8 @@ def test_too_long_calibration_prompt_is_refused_with_the_tokenizer_only(tmp_path
     prompts.write_text("\n".join(lines) + "\n")
     text = replace_once(demo_recipe_text(), f'prompts = "{ROOT}/calibration/demo.jsonl"', f'prompts = "{prompts}"')
     stderr = refused(check(write_recipe(tmp_path, text)))
-    match = re.search(rf"prompt '{re.escape(record['id'])}' is (\d+) tokens; with calibration.max_new_tokens = "
+    match = re.search(rf"prompt '{re.escape(record['id'])}' is (\d+) tokens through the chat template; with "
+                      r"calibration.max_new_tokens = "
                       r"(\d+) it exceeds the model's context of 4096 tokens", stderr)
     assert match and int(match.group(1)) > 4096 - int(match.group(2)), stderr
     assert "field 'calibration.prompts'" in stderr
@@ -168,10 +169,14 @@ def test_too_long_calibration_prompt_is_refused_with_the_tokenizer_only(tmp_path
 
 def test_each_stage_checks_only_what_concerns_it():
     recipe = load_recipe(ROOT / "recipes" / "demo.toml")
-    assert checks_for(recipe, ["eval-pruned"]) == ["gpu-build", "slots"]
-    assert checks_for(recipe, ["profile"]) == ["moe-model", "calibration", "revision"]
+    assert checks_for(recipe, ["eval-pruned"]) == ["gpu-build", "slots", "eval-tasks"]
+    assert checks_for(recipe, ["profile"]) == ["moe-model", "expert-shapes", "calibration", "revision"]
+    assert checks_for(recipe, ["dropmap"]) == ["moe-model", "drop-counts", "revision"]
+    assert checks_for(recipe, ["convert-base"]) == ["convertible", "revision"]
+    assert checks_for(recipe, ["kld"]) == ["kld-text"]
     assert checks_for(recipe, ["card", "manifest"]) == []
-    assert checks_for(recipe, None) == ["gpu-build", "slots", "moe-model", "calibration", "revision"]
+    assert checks_for(recipe, None) == ["gpu-build", "slots", "moe-model", "expert-shapes", "drop-counts", "convertible",
+                                        "calibration", "eval-tasks", "kld-text", "revision"]
 
 
 def test_a_stage_task_refuses_before_any_work(tmp_path: Path):
@@ -206,6 +211,8 @@ def fake_hub_cache(cache: Path, repo_id: str, revision: str, commit: str) -> Pat
     (repo / "refs" / revision).write_text(commit)
     snapshot = repo / "snapshots" / commit
     shutil.copytree(DEMO_MODEL, snapshot, ignore=shutil.ignore_patterns("*.safetensors"))
+    for shard in DEMO_MODEL.glob("*.safetensors"):  # as the HF cache does: links into its blobs
+        (snapshot / shard.name).symlink_to(shard)
     return snapshot
 
 

@@ -105,11 +105,24 @@ def test_keep_count_below_top_k_is_refused(variant):
     def edit(d):
         d["dropmap"] = {"strategy": "uniform-count", "keep_count": 1}
 
-    path = variant(edit)
-    if not (ROOT / "src/moeprune/demo/model/config.json").is_file():
-        pytest.skip("demo model not built")
-    with pytest.raises(RecipeError, match=r"dropmap.keep_count' = 1: below the model's top-k"):
-        load_recipe(path)
+    from moeprune.preflight import PreflightError, require_preflight
+
+    recipe = load_recipe(variant(edit))
+    with pytest.raises(PreflightError, match=r"dropmap.keep_count' = 1: below the model's top-k"):
+        require_preflight(recipe, ["dropmap"])
+
+
+@pytest.mark.parametrize(("dropmap", "needle"), [
+    ({"strategy": "uniform-count", "keep_count": 17}, "dropmap.keep_count' = 17: above the model's 16 experts"),
+    ({"strategy": "uniform-min-retention", "retention_threshold": 0.9, "protect_top_k": 20},
+     "dropmap.protect_top_k' = 20: above the model's 16 experts"),
+])
+def test_counts_above_the_experts_are_refused_before_the_profile(variant, dropmap, needle):
+    from moeprune.preflight import PreflightError, require_preflight
+
+    recipe = load_recipe(variant(lambda d: d.update(dropmap=dropmap)))
+    with pytest.raises(PreflightError, match=needle):
+        require_preflight(recipe, ["profile", "dropmap"])
 
 
 def test_strategy_needs_its_parameter(variant):
@@ -184,3 +197,60 @@ def test_kld_needs_a_held_out_text(variant):
 def test_reference_recipe_stays_serial():
     recipe = load_recipe(REFERENCE, check_inputs=False)
     assert recipe.serve.parallel == 1 and recipe.eval.num_concurrent == 1
+
+
+# --- paths are not parameters (issue 22, item 7) ------------------------------------------------
+def test_settings_record_paths_relative_whether_written_relative_or_absolute(tmp_path: Path):
+    data = tomllib.loads(DEMO.read_text())
+    _absolute(data)
+    elsewhere = tmp_path / "elsewhere" / "demo.toml"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(_dump_toml(data))
+    relative, absolute = load_recipe(DEMO), load_recipe(elsewhere)
+    assert absolute.model.base.startswith("/") and absolute.calibration.prompts.startswith("/")
+    assert absolute.settings() == relative.settings()
+    recorded = relative.settings()
+    assert recorded["model"]["base"] == "checkout/src/moeprune/demo/model"
+    assert recorded["calibration"]["prompts"] == "checkout/calibration/demo.jsonl"
+    assert recorded["eval"]["include_path"] == "checkout/src/moeprune/demo/tasks"
+    assert recorded["kld"]["text"] == "checkout/src/moeprune/demo/kld_heldout.txt"
+    text = json.dumps(recorded)
+    assert str(ROOT) not in text and str(tmp_path) not in text and str(Path.home()) not in text
+
+
+def test_a_file_outside_the_checkout_is_recorded_beside_the_recipe_or_by_name(tmp_path: Path):
+    from moeprune.base_model import is_hub_id
+
+    data = tomllib.loads(DEMO.read_text())
+    _absolute(data)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.jsonl").write_text((ROOT / "calibration" / "demo.jsonl").read_text())
+    data["calibration"]["prompts"] = "data/mine.jsonl"
+    data["kld"]["text"] = str(ROOT.parent / "nowhere" / "held.txt")
+    path = tmp_path / "r.toml"
+    path.write_text(_dump_toml(data))
+    recorded = load_recipe(path, check_inputs=False).settings()
+    assert recorded["calibration"]["prompts"] == "recipe/data/mine.jsonl"
+    assert recorded["kld"]["text"] == "external/held.txt"
+    assert not any(is_hub_id(recorded[s][k]) for s, k in (("calibration", "prompts"), ("kld", "text")))
+    assert not is_hub_id(recorded["model"]["base"])
+
+
+def test_a_hub_base_is_recorded_as_its_id():
+    from moeprune.base_model import is_hub_id
+
+    recorded = load_recipe(REFERENCE, check_inputs=False).settings()
+    assert recorded["model"]["base"] == "google/gemma-4-26B-A4B-it" and is_hub_id(recorded["model"]["base"])
+
+
+def test_every_stage_gets_the_same_parameters_from_relative_and_absolute_paths(tmp_path: Path):
+    from moeprune.pipeline.stages import build_pipeline
+
+    data = tomllib.loads(DEMO.read_text())
+    _absolute(data)
+    path = tmp_path / "demo.toml"
+    path.write_text(_dump_toml(data))
+    relative, absolute = load_recipe(DEMO), load_recipe(path)
+    for stage in build_pipeline().stages:
+        assert stage.params(absolute) == stage.params(relative), stage.name
+        assert str(ROOT) not in json.dumps(stage.params(absolute)), stage.name

@@ -76,3 +76,32 @@ def test_two_checkout_paths_give_byte_identical_artifacts(demo_run: Path, tmp_pa
     differing = sorted(name for name in set(ours) | set(theirs) if ours.get(name) != theirs.get(name))
     assert differing == [], differing
     assert set(ARTIFACTS) <= {name.split("/", 1)[0] for name in ours}
+
+
+def test_recipe_with_absolute_paths_records_no_path_and_reruns_nothing(tmp_path: Path):
+    """Issue 22: paths are not parameters. The demo recipe copied elsewhere with every path
+    absolute runs the pipeline without writing the checkout, run or home path into any file of
+    the run; the original (relative) recipe then finds every stage done."""
+    from fakerun import demo_recipe_text
+    from test_reproduce import reproduce
+
+    from moeprune.layout import RunLayout
+    from moeprune.manifest import artifact_files
+
+    recipe = tmp_path / "elsewhere" / "demo.toml"
+    recipe.parent.mkdir()
+    recipe.write_text(demo_recipe_text())
+    assert f'"{ROOT}/' in recipe.read_text()
+    runs = tmp_path / "runs"
+    first = reproduce(runs, recipe=recipe)
+    assert set(stage_lines(first).values()) == {"ran"}, first.stdout + first.stderr
+
+    run = runs / "demo"
+    published, unpublished = artifact_files(RunLayout(run))
+    assert not any("logs" in f.local_path.relative_to(run).parts for f in published + unpublished)
+    needles = [str(ROOT), str(run.resolve()), str(runs.resolve()), str(recipe.parent), str(Path.home())]
+    assert _files_with(run, needles) == []
+
+    again = reproduce(runs)  # recipes/demo.toml, relative paths
+    statuses = stage_lines(again)
+    assert list(statuses) == stage_names() and set(statuses.values()) == {"skipped"}, again.stdout + again.stderr

@@ -17,6 +17,7 @@ from typing import Any
 from moeprune.errors import MoepruneError
 
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class BaseModelError(MoepruneError):
@@ -28,7 +29,8 @@ class BaseModel:
     """Where the base model's files are and which version they are."""
 
     id: str
-    """``model.base`` as written in the recipe (a Hub id or a local path)."""
+    """``model.base`` as artifacts record it: a Hub id, or a local path named as the recipe
+    records paths (``checkout/...``, never absolute: :meth:`moeprune.recipe.Recipe.recorded_path`)."""
     local_dir: Path
     """Directory holding config.json, the safetensors and the tokenizer."""
     revision: str | None
@@ -45,6 +47,16 @@ class BaseModel:
         return {"id": self.id, "revision": self.commit}
 
 
+def is_hub_id(value: str | None) -> bool:
+    """Whether a recorded ``model.base`` (or a repo id) names a Hub repo: ``org/name``, and not a
+    local path as the recipe records it (``checkout/...``, ``recipe/...``: see
+    :data:`moeprune.recipe.RECORDED_PATH_ANCHORS`)."""
+    from moeprune.recipe import RECORDED_PATH_ANCHORS
+
+    return (bool(value) and bool(_HUB_ID.match(value)) and ".." not in value  # type: ignore[arg-type]
+            and value.split("/", 1)[0] not in RECORDED_PATH_ANCHORS)  # type: ignore[union-attr]
+
+
 def is_commit(revision: str | None) -> bool:
     """True for a full commit sha (a pin), False for a branch or tag name (which can move)."""
     return bool(revision and COMMIT_RE.fullmatch(revision))
@@ -56,18 +68,21 @@ def resolve_base(recipe: Any, *, download: bool = True) -> BaseModel:
     ``download=False`` only looks in the local cache. Raises BaseModelError naming ``model.base``.
     """
     local = recipe.base_dir
-    return _resolve(recipe.model.base, str(local) if local is not None else None, recipe.model.revision, download)
+    recorded = recipe.recorded_path(recipe.model.base) if local is not None else None
+    return _resolve(recipe.model.base, str(local) if local is not None else None, recipe.model.revision, download,
+                    recorded)
 
 
 @lru_cache(maxsize=8)
-def _resolve(base: str, local_dir: str | None, revision: str | None, download: bool) -> BaseModel:
+def _resolve(base: str, local_dir: str | None, revision: str | None, download: bool,
+             recorded_id: str | None = None) -> BaseModel:
     if local_dir is not None:
         path = Path(local_dir)
         if not (path / "config.json").is_file():
             raise BaseModelError(
                 f"model.base = {base!r}: no config.json in {path}; point it at a Hugging Face model directory"
             )
-        return BaseModel(id=base, local_dir=path, revision=revision, commit=None)
+        return BaseModel(id=recorded_id or base, local_dir=path, revision=revision, commit=None)
     try:
         from huggingface_hub import snapshot_download
 

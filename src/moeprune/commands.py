@@ -58,8 +58,7 @@ def check(recipe_path: Path) -> TaskResult:
     report = preflight(recipe)
     lines = [f"warning: {w}" for w in report.warnings]
     if not report.ok:
-        problems = "\n  - ".join(report.errors)
-        return TaskResult(tuple(lines), failure=f"{recipe.source_path}: preflight failed:\n  - {problems}")
+        return TaskResult(tuple(lines), failure=report.failure(recipe.source_path, "preflight failed"))
     lines.append(f"recipe '{recipe.name}' is valid ({recipe.source_path}); {report.checked} preflight checks passed")
     from moeprune.profile.memory_plan import check_memory_plan
 

@@ -14,10 +14,25 @@ Checks (and the stages they guard):
     tokens, or all of ``ctx_size`` with a unified KV cache; the reasoning budget must leave room
     for the answer.
 ``moe-model`` (profile, dropmap, prune)
-    the base model's config.json must describe a mixture of experts.
+    the base model's config.json must be readable JSON describing a mixture of experts.
+``expert-shapes`` (profile, prune)
+    its expert count must match the expert tensors' shapes, read from the safetensors headers only
+    through the family adapter (prune's own check).
+``drop-counts`` (dropmap)
+    ``dropmap.keep_count`` at least the model's top-k and at most its experts; ``protect_top_k``
+    at most its experts.
+``convertible`` (convert-base, convert-pruned)
+    the config names its ``architectures``, which ``convert_hf_to_gguf.py`` picks its converter
+    by (without it the converter dies with a traceback after the earlier stages ran).
 ``calibration`` (profile, quantize with an imatrix)
-    every line of the prompts file well-formed, the domains complete, and no prompt (plus
-    ``calibration.max_new_tokens``) longer than the model's context, measured with its tokenizer.
+    every line of the prompts file well-formed UTF-8 JSON, the domains complete, and no prompt
+    (plus ``calibration.max_new_tokens``) longer than the model's context, measured as the profile
+    feeds it: rendered through the chat template and tokenized.
+``eval-tasks`` (eval)
+    every task YAML under ``eval.include_path`` is UTF-8 and parses (lm-eval skips a broken one
+    silently, and the eval then fails hours later calling the task unknown).
+``kld-text`` (kld)
+    ``kld.text`` is non-empty UTF-8 text.
 ``revision`` (the stages that read the base: profile, dropmap, prune, convert-base)
     a Hub base pinned by a branch or tag name gets a warning: the run records the commit it
     downloads, but the recipe alone does not reproduce it.
@@ -54,6 +69,12 @@ class PreflightReport:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+    def failure(self, where: object, verb: str = "refused before any work") -> str:
+        """The refusal as the user sees it: one line for one problem, else one line per problem."""
+        if len(self.errors) == 1:
+            return f"{where}: {verb}: {self.errors[0]}"
+        return f"{where}: {verb}:\n  - " + "\n  - ".join(self.errors)
 
 
 # --- the checks ------------------------------------------------------------------------------
@@ -104,24 +125,30 @@ def check_slots(recipe: Recipe, report: PreflightReport) -> None:
 def _base_config(recipe: Recipe, report: PreflightReport) -> tuple[dict[str, Any], Path] | None:
     """The base model's config.json (local, or from the HF cache); None (with a warning) if absent."""
     from moeprune.base_model import BaseModelError, resolve_base
+    from moeprune.userfile import UserFileError, read_json_object
 
     try:
         base_dir = resolve_base(recipe, download=False).local_dir
     except BaseModelError as exc:
         if recipe.base_is_local:
-            report.errors.append(str(exc))
+            _add(report, str(exc))
         else:
             warning = (f"model.base = {recipe.model.base!r} is not downloaded yet, so the model and "
                        "calibration checks run when the profile stage downloads it")
             if warning not in report.warnings:
                 report.warnings.append(warning)
         return None
-    path = base_dir / "config.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8")), base_dir
-    except (OSError, ValueError) as exc:
-        report.errors.append(f"field 'model.base' = {json.dumps(recipe.model.base)}: cannot read {path} ({exc})")
+        return read_json_object(base_dir / "config.json", "base model's config.json"), base_dir
+    except UserFileError as exc:
+        _add(report, f"field 'model.base' = {json.dumps(recipe.model.base)}: {exc}")
         return None
+
+
+def _add(report: PreflightReport, error: str) -> None:
+    """Record ``error`` once (several checks read the same base config)."""
+    if error not in report.errors:
+        report.errors.append(error)
 
 
 def check_moe_model(recipe: Recipe, report: PreflightReport) -> None:
@@ -135,46 +162,155 @@ def check_moe_model(recipe: Recipe, report: PreflightReport) -> None:
     try:
         moe_shape(config, base_dir / "config.json")
     except MoepruneError as exc:
-        report.errors.append(
-            f"field 'model.base' = {json.dumps(recipe.model.base)}: not a mixture-of-experts model moeprune "
-            f"can prune, read from its config.json ({exc})"
-        )
+        _add(report, f"field 'model.base' = {json.dumps(recipe.model.base)}: not a mixture-of-experts model "
+                     f"moeprune can prune, read from its config.json ({exc})")
 
 
-def check_calibration(recipe: Recipe, report: PreflightReport) -> None:
-    """Prompts file well-formed, non-empty, and every prompt short enough (tokenizer only)."""
-    from moeprune.profile.generate import load_calibration
+def _moe_base(recipe: Recipe, report: PreflightReport) -> tuple[dict[str, Any], Path, int, int] | None:
+    """(config, directory, experts per layer, top-k) of the base; None when it is absent or not a
+    mixture of experts (:func:`check_moe_model` says why)."""
+    from moeprune.dropmap.io import moe_shape
 
-    section = recipe.calibration
+    found = _base_config(recipe, report)
+    if found is None:
+        return None
+    config, base_dir = found
     try:
-        prompts = load_calibration(recipe.prompts_path, section.domains, section.prompts_per_domain)
+        num_experts, top_k, _ = moe_shape(config, base_dir / "config.json")
+    except MoepruneError:
+        return None
+    return config, base_dir, num_experts, top_k
+
+
+def check_expert_shapes(recipe: Recipe, report: PreflightReport) -> None:
+    """The config's expert count matches the expert tensors, read from the safetensors headers
+    through the family adapter (prune's own check; no weights loaded)."""
+    from moeprune.io.checkpoint import Checkpoint
+    from moeprune.prune.surgery import check_experts_match_config
+
+    found = _moe_base(recipe, report)
+    if found is None:
+        return
+    config, base_dir, _, _ = found
+    try:
+        with Checkpoint.open(base_dir) as checkpoint:
+            check_experts_match_config(checkpoint, config, base_dir / "config.json")
     except MoepruneError as exc:
-        report.errors.append(f"field 'calibration.prompts' = {json.dumps(section.prompts)}: {exc}")
+        _add(report, f"field 'model.base' = {json.dumps(recipe.model.base)}: {exc}")
+
+
+def check_drop_counts(recipe: Recipe, report: PreflightReport) -> None:
+    """``dropmap.keep_count`` and ``protect_top_k`` fit the model: at least its top-k routing, at
+    most its experts (the dropmap stage would refuse them only after the profile's hours)."""
+    found = _moe_base(recipe, report)
+    if found is None:
         return
-    if not prompts:
-        report.errors.append(f"field 'calibration.prompts' = {json.dumps(section.prompts)}: "
-                             f"{recipe.prompts_path} holds no prompts")
-        return
+    _, _, num_experts, top_k = found
+    section = recipe.dropmap
+    keep = section.keep_count
+    if keep is not None and keep < top_k:
+        report.errors.append(f"field 'dropmap.keep_count' = {keep}: below the model's top-k routing ({top_k}); "
+                             f"keep at least {top_k} experts per layer")
+    if keep is not None and keep > num_experts:
+        report.errors.append(f"field 'dropmap.keep_count' = {keep}: above the model's {num_experts} experts per "
+                             "layer; keep fewer")
+    if section.protect_top_k > num_experts:
+        report.errors.append(f"field 'dropmap.protect_top_k' = {section.protect_top_k}: above the model's "
+                             f"{num_experts} experts per layer")
+
+
+def check_convertible(recipe: Recipe, report: PreflightReport) -> None:
+    """The config names the model class (``architectures``) the GGUF converter dispatches on."""
+    from moeprune.arch import ArchError, arch_for_config
+
     found = _base_config(recipe, report)
     if found is None:
         return
     config, base_dir = found
-    text = config.get("text_config") or config
-    context = text.get("max_position_embeddings")
+    names = config.get("architectures")
+    if isinstance(names, list) and names and all(isinstance(n, str) and n for n in names):
+        return
+    try:
+        example = f'["{arch_for_config(config).transformers_causal_lm}"]'
+    except ArchError:
+        example = "the transformers model class"
+    _add(report, f"field 'model.base' = {json.dumps(recipe.model.base)}: {base_dir / 'config.json'} has no "
+                 f"'architectures' list (found {json.dumps(names)}); convert_hf_to_gguf.py picks its converter by it: "
+                 f"add \"architectures\": {example}")
+
+
+def check_calibration(recipe: Recipe, report: PreflightReport) -> None:
+    """Prompts file well-formed, non-empty, and every prompt short enough as the profile renders it."""
+    from moeprune.profile.generate import load_calibration
+
+    section = recipe.calibration
+    field = f"field 'calibration.prompts' = {json.dumps(section.prompts)}"
+    try:
+        prompts = load_calibration(recipe.prompts_path, section.domains, section.prompts_per_domain)
+    except MoepruneError as exc:
+        report.errors.append(f"{field}: {exc}")
+        return
+    found = _base_config(recipe, report)
+    if found is None:
+        return
+    _, base_dir = found
+    from moeprune.profile.generate import render_prompt_ids
+    from moeprune.profile.loading import context_length, load_config, load_tokenizer
+
+    try:
+        context = context_length(load_config(base_dir))
+        tokenizer = load_tokenizer(base_dir)
+    except MoepruneError as exc:
+        _add(report, f"field 'model.base' = {json.dumps(recipe.model.base)}: {exc}")
+        return
     if not context:
         return
-    from moeprune.profile.loading import load_tokenizer
-
-    tokenizer = load_tokenizer(base_dir)
-    limit = int(context) - section.max_new_tokens
     for prompt in prompts:
-        length = len(tokenizer(prompt.prompt, add_special_tokens=True)["input_ids"])
-        if length > limit:
+        try:  # what phase 1 feeds the model: the user turn through the chat template
+            length = len(render_prompt_ids(tokenizer, prompt.prompt, section.enable_thinking))
+        except Exception as exc:  # a user's chat template failing (jinja, a raise_exception call)
+            _add(report, f"field 'model.base' = {json.dumps(recipe.model.base)}: the chat template fails on "
+                         f"prompt '{prompt.id}' ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+            return
+        if length + section.max_new_tokens > context:
             report.errors.append(
-                f"field 'calibration.prompts' = {json.dumps(section.prompts)}: prompt '{prompt.id}' is "
-                f"{length} tokens; with calibration.max_new_tokens = {section.max_new_tokens} it exceeds "
-                f"the model's context of {context} tokens (max_position_embeddings); shorten it"
+                f"{field}: {recipe.prompts_path}:{prompt.line}: prompt '{prompt.id}' is {length} tokens "
+                f"through the chat template; with calibration.max_new_tokens = {section.max_new_tokens} it "
+                f"exceeds the model's context of {context} tokens (max_position_embeddings); shorten it"
             )
+
+
+def check_eval_tasks(recipe: Recipe, report: PreflightReport) -> None:
+    """Every task YAML under ``eval.include_path`` is UTF-8 and parses: lm-eval skips one that does
+    not without a word, and the eval then fails much later saying the task is unknown."""
+    from moeprune.userfile import UserFileError, read_yaml
+
+    include = recipe.include_path
+    if include is None or not include.is_dir():
+        return  # check_recipe_inputs names a missing directory
+    for path in sorted(p for p in include.rglob("*") if p.suffix in (".yaml", ".yml")):
+        try:
+            read_yaml(path, "task YAML")
+        except UserFileError as exc:
+            report.errors.append(f"field 'eval.include_path' = {json.dumps(recipe.eval.include_path)}: {exc}")
+
+
+def check_kld_text(recipe: Recipe, report: PreflightReport) -> None:
+    """The held-out text is UTF-8 text with something in it: llama-perplexity would score the bytes
+    of another encoding as whatever tokens they happen to make."""
+    from moeprune.userfile import UserFileError, read_text
+
+    path = recipe.kld_text_path
+    if path is None:
+        return
+    field = f"field 'kld.text' = {json.dumps(recipe.kld.text)}"
+    try:
+        text = read_text(path, "held-out text")
+    except UserFileError as exc:
+        report.errors.append(f"{field}: {exc}")
+        return
+    if not text.strip():
+        report.errors.append(f"{field}: {path} is empty; point it at a held-out plain-text file")
 
 
 def check_revision(recipe: Recipe, report: PreflightReport) -> None:
@@ -196,22 +332,28 @@ CHECKS: dict[str, Check] = {
     "gpu-build": check_gpu_build,
     "slots": check_slots,
     "moe-model": check_moe_model,
+    "expert-shapes": check_expert_shapes,
+    "drop-counts": check_drop_counts,
+    "convertible": check_convertible,
     "calibration": check_calibration,
+    "eval-tasks": check_eval_tasks,
+    "kld-text": check_kld_text,
     "revision": check_revision,
 }
 # Which checks a stage (or task) needs before its first real work.
 STAGE_CHECKS: dict[str, tuple[str, ...]] = {
-    "profile": ("revision", "moe-model", "calibration"),
-    "dropmap": ("revision", "moe-model"),
-    "prune": ("revision", "moe-model"),
-    "convert-base": ("revision",),
-    "convert-pruned": (),
+    "profile": ("revision", "moe-model", "expert-shapes", "calibration"),
+    "dropmap": ("revision", "moe-model", "drop-counts"),
+    "prune": ("revision", "moe-model", "expert-shapes"),
+    "convert-base": ("revision", "convertible"),
+    "convert-pruned": ("convertible",),
     "quantize-base": ("calibration-if-imatrix",),
     "quantize-pruned": ("calibration-if-imatrix",),
     "serve": ("gpu-build", "slots"),
-    "eval": ("gpu-build", "slots"),
-    "eval-base": ("gpu-build", "slots"),
-    "eval-pruned": ("gpu-build", "slots"),
+    "eval": ("gpu-build", "slots", "eval-tasks"),
+    "eval-base": ("gpu-build", "slots", "eval-tasks"),
+    "eval-pruned": ("gpu-build", "slots", "eval-tasks"),
+    "kld": ("kld-text",),
 }
 
 
@@ -249,6 +391,5 @@ def require_preflight(recipe: Recipe, stages: Iterable[str] | None = None, *, sk
         for message in report.warnings:
             warn(f"warning: {message}")
     if not report.ok:
-        where = recipe.source_path or "<recipe>"
-        raise PreflightError(f"{where}: refused before any work:\n  - " + "\n  - ".join(report.errors))
+        raise PreflightError(report.failure(recipe.source_path or "<recipe>"))
     return report

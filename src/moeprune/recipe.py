@@ -411,9 +411,42 @@ class Recipe(_Section):
     def include_path(self) -> Path | None:
         return self.resolve(self.eval.include_path) if self.eval.include_path else None
 
+    def recorded_path(self, written: str) -> str:
+        """A path written in the recipe as stages hash it and artifacts record it: never absolute.
+
+        Named as the lock names a dependency (``checkout/...``, ``recipe/...``, ``hf-cache/...``,
+        else ``external/<file name>``), so the same recipe written with relative or absolute paths,
+        or run from another checkout, gives the same parameters; the file's content is hashed as
+        the stage's dependency, which is what makes the number reproducible.
+        """
+        from moeprune.pipeline.fingerprint import Anchors, dep_key
+
+        recipe_dir = self.source_path.parent if self.source_path is not None else None
+        return dep_key(self.resolve(written), Anchors(run=None, recipe_dir=recipe_dir))  # type: ignore[arg-type]
+
     def settings(self) -> dict[str, Any]:
-        """The recipe as plain data (what is hashed and recorded in manifests and locks)."""
-        return self.model_dump(mode="json")
+        """The recipe as plain data (what is hashed and recorded in manifests and locks).
+
+        Every path field is recorded with :meth:`recorded_path`; a Hub base stays its id (its
+        commit is recorded beside it by the stages that download it).
+        """
+        data = self.model_dump(mode="json")
+        for section, key in PATH_FIELDS:
+            value = data[section][key]
+            is_hub_id = (section, key) == ("model", "base") and not self.base_is_local
+            if value is not None and not is_hub_id:
+                data[section][key] = self.recorded_path(value)
+        return data
+
+
+# The first part of every name Recipe.recorded_path gives a local path (pipeline.fingerprint's
+# dep_key prefixes): such a name is never a Hub repo id.
+RECORDED_PATH_ANCHORS = ("checkout", "recipe", "hf-cache", "external")
+# (section, field) of every recipe field that names a file or directory.
+PATH_FIELDS: tuple[tuple[str, str], ...] = (
+    ("model", "base"), ("calibration", "prompts"), ("profile", "generate_gguf"), ("eval", "include_path"),
+    ("kld", "text"),
+)
 
 
 def _looks_local(base: str, source_path: Path | None) -> bool:
@@ -501,13 +534,10 @@ def check_recipe_inputs(recipe: Recipe) -> None:
                 f"{where}: field 'model.base' = {json.dumps(recipe.model.base)}: "
                 f"no config.json in {base_dir}; point it at a Hugging Face model directory"
             )
-        top_k = moe_top_k(json.loads(config_path.read_text()))
-        keep = recipe.dropmap.keep_count
-        if top_k is not None and keep is not None and keep < top_k:
-            raise RecipeError(
-                f"{where}: field 'dropmap.keep_count' = {keep}: below the model's top-k routing "
-                f"({top_k}); keep at least {top_k} experts per layer"
-            )
+        from moeprune.userfile import read_json_object
+
+        # Readable JSON here; what it must say is preflight's (moe-model, expert-shapes, drop-counts).
+        read_json_object(config_path, "base model's config.json", RecipeError)
     elif recipe.model.revision is None:
         raise RecipeError(
             f"{where}: field 'model.revision' is required for the Hub model "
@@ -515,23 +545,15 @@ def check_recipe_inputs(recipe: Recipe) -> None:
         )
 
 
-def moe_top_k(config: dict[str, Any]) -> int | None:
-    """Top-k routing of a (possibly multimodal) Hugging Face config, or None."""
-    from moeprune.arch import ArchError, arch_for_config
-
-    try:
-        return arch_for_config(config).top_k(config)
-    except ArchError:
-        return None
-
-
 def load_recipe(path: str | Path, check_inputs: bool = True) -> Recipe:
     """Read, validate and (by default) cross-check a recipe TOML file."""
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}; pass --recipe with an existing recipes/*.toml")
+    from moeprune.userfile import read_text
+
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_text(path, "recipe", RecipeError))
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{path}: not valid TOML: {exc}") from None
     recipe = parse_recipe(data, source_path=path)

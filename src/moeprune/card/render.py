@@ -11,11 +11,11 @@ recomputation (that is how ``verify`` checks the card). Rendering never uses the
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from moeprune.atomic import atomic_dir
+from moeprune.base_model import is_hub_id
 from moeprune.card.numbers import PRIMARY_FILTER, CardNumbers, compute_card_numbers
 from moeprune.card.plots import render_plots
 from moeprune.card.source import ArtifactSource
@@ -28,12 +28,6 @@ TEMPLATE_PATH = data_dir("model_card") / "template.md"
 GGUF_TEMPLATE_PATH = TEMPLATE_PATH.with_name("gguf_template.md")
 CARD_NUMBERS_NAME = "card_numbers.json"
 CARD_FORMAT_VERSION = 1
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def is_hub_id(value: str | None) -> bool:
-    return bool(value) and bool(_HUB_ID.match(value)) and ".." not in value  # type: ignore[arg-type]
-
 
 def card_context(recipe: dict[str, Any], drop_map_base_id: str | None, code: dict[str, Any],
                  drop_map_base_revision: str | None = None) -> dict[str, Any]:

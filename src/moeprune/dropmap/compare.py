@@ -552,8 +552,10 @@ def demo_heldout_questions(path: Path) -> list[Any]:
     """The demo_mcq rows as :class:`moeprune.demo.data.MCQ` (kind, choices, answer letter)."""
     from moeprune.demo.data import LETTERS, MCQ
 
+    from moeprune.userfile import read_text
+
     questions = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(Path(path), "demo_mcq data", DropMapError).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -675,7 +677,9 @@ def _calibration_note(path: Path, root: Path) -> str:
     """'N prompts from `file`' when the recipe's prompts file is at hand (the profile is what counts)."""
     if not Path(path).is_file():
         return "prompts file not at hand"
-    count = sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    from moeprune.userfile import read_text
+
+    count = sum(1 for line in read_text(Path(path), "calibration prompts file", DropMapError).splitlines() if line.strip())
     return f"{count} prompts from `{_display_path(path, root)}`"
 
 

@@ -7,7 +7,6 @@ The file format is the "Drop map" contract of the team notes, checked by
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -47,13 +46,12 @@ def moe_shape(config: dict[str, Any], source: str | Path = "config.json") -> tup
 
 def read_model_config(model_dir: Path) -> dict[str, Any]:
     """The ``config.json`` of a local model directory."""
+    from moeprune.userfile import read_json_object
+
     path = Path(model_dir) / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DropMapError(f"{path}: not found; point model.base at a Hugging Face model directory") from None
-    except json.JSONDecodeError as exc:
-        raise DropMapError(f"{path}: not valid JSON: {exc}") from None
+    if not path.exists():
+        raise DropMapError(f"{path}: not found; point model.base at a Hugging Face model directory")
+    return read_json_object(path, "base model's config.json", DropMapError)
 
 
 def check_profile_matches_model(

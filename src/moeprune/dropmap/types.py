@@ -67,15 +67,12 @@ class DropMap(Mapping[str, Any]):
         """Read ``expert_drop_metadata.json`` and validate it (see :meth:`from_dict`)."""
         from moeprune.dropmap.select import DropMapError
 
+        from moeprune.userfile import read_json_object
+
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DropMapError(f"{path}: drop map not found; run `invoke dropmap` first") from None
-        except json.JSONDecodeError as exc:
-            raise DropMapError(f"{path}: not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise DropMapError(f"{path}: a drop map must be a JSON object")
+        if not path.exists():
+            raise DropMapError(f"{path}: drop map not found; run `invoke dropmap` first")
+        data = read_json_object(path, "drop map", DropMapError)
         return cls.from_dict(data, source=path, model_config=model_config)
 
     # ---- typed view ----------------------------------------------------------------------------------

@@ -362,7 +362,7 @@ def eval_settings(recipe: Recipe) -> dict[str, Any]:
         "limit": section.limit,
         "apply_chat_template": True,
         "model_type": MODEL_TYPE,
-        "include_path": section.include_path,
+        "include_path": recipe.settings()["eval"]["include_path"],
         "bootstrap_resamples": section.bootstrap_resamples,
         # Batched slots can change greedy outputs slightly: a pair evaluated differently is refused.
         "server_parallel": recipe.serve.parallel,

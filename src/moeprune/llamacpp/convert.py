@@ -41,7 +41,9 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise MoepruneError(f"{hf_dir}: no config.json; pass a Hugging Face model directory")
-    return json.loads(config_path.read_text())
+    from moeprune.userfile import read_json_object
+
+    return read_json_object(config_path, "model's config.json")
 
 
 def check_shards(hf_dir: Path) -> list[Path]:
@@ -73,6 +75,8 @@ def base_model_of(hf_dir: Path) -> dict[str, str]:
 
     Returns {"id": ..., "name": ..., "organization"?: ..., "repo_url"?: ...} for GGUF metadata.
     """
+    from moeprune.base_model import is_hub_id
+
     drop_map = hf_dir / "expert_drop_metadata.json"
     base_id = None
     if drop_map.is_file():
@@ -83,7 +87,7 @@ def base_model_of(hf_dir: Path) -> dict[str, str]:
     if not base_id:
         base_id = hf_dir.resolve().name
     entry = {"id": base_id}
-    if "/" in base_id and not base_id.startswith(("/", ".", "~")):
+    if is_hub_id(base_id):
         organization, name = base_id.split("/", 1)
         entry.update(name=name, organization=organization, repo_url=f"https://huggingface.co/{base_id}")
     else:

@@ -61,7 +61,7 @@ def _section(recipe: Recipe, *names: str) -> dict[str, Any]:
 
 
 def _model_identity(recipe: Recipe) -> dict[str, Any]:
-    return {"base": recipe.model.base, "revision": recipe.model.revision}
+    return {"base": recipe.settings()["model"]["base"], "revision": recipe.model.revision}
 
 
 # --- actions -------------------------------------------------------------------------------------
@@ -252,8 +252,9 @@ def build_pipeline() -> Pipeline:
               params=lambda r: {"bootstrap_resamples": r.eval.bootstrap_resamples, "seed": r.eval.seed}),
         Stage("kld", "KL divergence to the base: pruned, base and the equal-size rival (llama-perplexity)", _kld,
               deps=_kld_deps, outs=lambda c: [L(c).kld_path, L(c).kld_evidence_dir],
-              params=lambda r: {"kld": r.kld.model_dump(mode="json"), "quantize": _section(r, "quantize")["quantize"],
-                                "threads": r.serve.threads, "n_gpu_layers": r.serve.n_gpu_layers}, tools=llamacpp_tools),
+              params=lambda r: {"kld": _section(r, "kld")["kld"], "quantize": _section(r, "quantize")["quantize"],
+                                "threads": r.serve.threads, "n_gpu_layers": r.serve.n_gpu_layers},
+              tools=llamacpp_tools),
         Stage("card", "render the model card and its plots", _card,
               deps=lambda c: [L(c).profile_summary_path, L(c).profile_stats_path, L(c).drop_map_path,
                               L(c).pruned_dir, L(c).results_path, L(c).kld_path, L(c).gguf_dir, _card_templates()],

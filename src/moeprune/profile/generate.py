@@ -54,12 +54,13 @@ def load_calibration(
     field, an empty prompt, a duplicate id, a domain outside ``domains``; and, when given, a domain
     without exactly ``prompts_per_domain`` prompts.
     """
+    from moeprune.userfile import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"{path}: calibration prompts file not found")
+    text = read_text(path, "calibration prompts file", CalibrationError)
     prompts: list[CalibrationPrompt] = []
     first_line_of: dict[str, int] = {}
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
         where = f"{path}:{number}"

@@ -115,8 +115,10 @@ def load_tokenizer(model_dir: Path) -> Any:
 
     try:
         return transformers.AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{model_dir}: cannot load the tokenizer ({exc})") from None
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a damaged tokenizer.json
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelLoadError(f"{model_dir}: cannot load the tokenizer ({type(exc).__name__}: {first}); "
+                             "check its tokenizer files or re-download them") from None
 
 
 def context_length(model_or_config: Any) -> int | None:

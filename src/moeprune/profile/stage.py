@@ -190,6 +190,7 @@ def profile_summary(
 ) -> dict[str, Any]:
     """The JSON summary (schemas/profile.schema.json) of one profiling run."""
     settings = recipe.profile
+    recorded = recipe.settings()  # paths as artifacts record them (never absolute)
     per_domain_contrib = {d: stats.per_domain[d]["contribution_sum"] for d in stats.domains}
     found = findings_mod.compute_findings(
         stats.totals["contribution_sum"],
@@ -205,7 +206,7 @@ def profile_summary(
         "format_version": PROFILE_FORMAT_VERSION,
         "recipe": recipe.name,
         "model": {
-            "base": recipe.model.base,
+            "base": recorded["model"]["base"],
             "revision": recipe.model.revision,
             "dtype": recipe.model.dtype,
             "device_map": settings.device_map,
@@ -213,8 +214,8 @@ def profile_summary(
         },
         "hashes": hashes,
         "settings": {
-            "calibration": recipe.calibration.model_dump(mode="json"),
-            "profile": settings.model_dump(mode="json"),
+            "calibration": recorded["calibration"],
+            "profile": recorded["profile"],
         },
         "moe": moe,
         "num_sequences": len(sequences),
@@ -320,6 +321,7 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
         "top_k": arch_for_model(model).model_top_k(model),
         "experts_implementation": getattr(text_config, "_experts_implementation", None),
     }
+    recorded = recipe.settings()
     hashes = {
         "model_sha256": model_hash,
         "tokenizer_sha256": phase1.pop("tokenizer_sha256"),
@@ -327,7 +329,7 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
         "sequences_sha256": sha256_file(layout.sequences_path),
         "stats_sha256": sha256_file(layout.profile_stats_path),
         "settings_sha256": sha256_json(
-            {"calibration": recipe.calibration.model_dump(mode="json"), "profile": recipe.profile.model_dump(mode="json")}
+            {"calibration": recorded["calibration"], "profile": recorded["profile"]}
         ),
     }
     summary = profile_summary(

@@ -130,11 +130,17 @@ def moe_expert_tensors(checkpoint: Checkpoint, arch: MoeArch) -> dict[str, Exper
     return found
 
 
-def plan_prune(checkpoint: Checkpoint, config: dict[str, Any], config_path: Path,
-               drop_map: DropMap, drop_map_path: Path) -> PrunePlan:
-    """Check that the drop map fits this checkpoint and say which tensors get which rows."""
+def check_experts_match_config(checkpoint: Checkpoint, config: dict[str, Any], config_path: Path
+                               ) -> tuple[MoeArch, int, dict[str, ExpertTensor], list[int]]:
+    """The expert tensors (headers only) agree with the config's expert count, layer by layer.
+
+    Returns (adapter, expert count, expert tensors by name, MoE layers). Raises PruneError naming
+    the config key, its value and the tensor shape found: prune's own check, which ``invoke check``
+    runs too, so a config that disagrees with its checkpoint is refused before any work.
+    """
     arch = arch_of(config, config_path)
     num_experts = config_num_experts(config, config_path)
+    key = arch.config_key_path(arch.count_key(config))
     expert_tensors = moe_expert_tensors(checkpoint, arch)
     if not expert_tensors:
         labels = ", ".join(p.label for p in arch.expert_patterns)
@@ -150,8 +156,9 @@ def plan_prune(checkpoint: Checkpoint, config: dict[str, Any], config_path: Path
             experts = sorted(t.expert for t in tensors if t.label == label)
             if experts != list(range(num_experts)):
                 raise PruneError(
-                    f"{checkpoint.directory}: MoE layer {layer} has '{label}' for experts {_brief(experts)}, "
-                    f"expected one per expert 0..{num_experts - 1} ({config_path} says {num_experts})"
+                    f"{config_path}: {key} = {num_experts} but MoE layer {layer} of {checkpoint.directory} has "
+                    f"'{label}' for experts {_brief(experts)}; the checkpoint and its config disagree: fix "
+                    f"{key} or re-download the model"
                 )
     for name, tensor in expert_tensors.items():
         if tensor.role == EXPERT:
@@ -161,9 +168,17 @@ def plan_prune(checkpoint: Checkpoint, config: dict[str, Any], config_path: Path
             raise PruneError(f"{info.shard}: tensor '{name}' has its experts on axis {tensor.axis}; only axis 0 is supported")
         if not info.shape or info.shape[0] != num_experts:
             raise PruneError(
-                f"{info.shard}: tensor '{name}' has shape {list(info.shape)} but {config_path} says "
-                f"{arch.num_experts_key} = {num_experts}; the checkpoint and its config disagree"
+                f"{config_path}: {key} = {num_experts} but tensor '{name}' ({info.shard.name}) has shape "
+                f"{list(info.shape)}, {info.shape[0] if info.shape else 0} experts on axis 0; the checkpoint "
+                f"and its config disagree: fix {key} or re-download the model"
             )
+    return arch, num_experts, expert_tensors, moe_layers
+
+
+def plan_prune(checkpoint: Checkpoint, config: dict[str, Any], config_path: Path,
+               drop_map: DropMap, drop_map_path: Path) -> PrunePlan:
+    """Check that the drop map fits this checkpoint and say which tensors get which rows."""
+    arch, num_experts, expert_tensors, moe_layers = check_experts_match_config(checkpoint, config, config_path)
 
     if drop_map.num_experts != num_experts:
         raise PruneError(
