@@ -184,7 +184,11 @@ def test_wheel_and_sdist_carry_the_top_level_bytes(built_wheel: Path, tmp_path: 
 def test_installed_wheel_validates_and_renders_a_card(built_wheel: Path, tmp_path: Path):
     """A fresh venv with only the wheel of moeprune (dependencies from this environment, nothing
     downloaded) validates an artifact and renders a card, far from any source tree, from its own
-    copies of schemas/ and model_card/, which equal the top-level files byte for byte."""
+    copies of schemas/ and model_card/, which equal the top-level files byte for byte. The venv
+    sits inside an unrelated git repository, whose commit it must not record as its own code."""
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "unrelated"], check=True)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -209,6 +213,8 @@ def test_installed_wheel_validates_and_renders_a_card(built_wheel: Path, tmp_pat
         validate_file("manifest", run.layout.manifest_path)
         card = (run.layout.card_dir / "README.md").read_text()
         assert "Fake MoE, expert-pruned" in card, card[:500]
+        from moeprune.manifest import code_version
+        assert code_version()["git_commit"] is None, code_version()
         print("rendered", len(card), "characters from", SCHEMA_DIR)
         print("data", SCHEMA_DIR, TEMPLATE_PATH.parent, sep="\\n")
         """)

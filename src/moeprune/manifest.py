@@ -30,6 +30,7 @@ from moeprune.atomic import write_json
 from moeprune.errors import MoepruneError
 from moeprune.hashing import sha256_file, sha256_json
 from moeprune.layout import RunLayout
+from moeprune.resources import checkout_root
 
 MANIFEST_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -120,9 +121,15 @@ def artifact_files(layout: RunLayout) -> tuple[list[ArtifactFile], list[Artifact
 
 
 def git_commit(repo_dir: Path | None = None) -> dict[str, Any]:
-    """The git commit of the moeprune source tree and whether it has local changes, if known."""
-    repo_dir = repo_dir or Path(__file__).resolve().parents[2]
+    """The git commit of the moeprune source tree and whether it has local changes, if known.
+
+    An installed moeprune has no source tree of its own: asking git from inside site-packages
+    would name whatever repository happens to hold the virtualenv, so it records no commit.
+    """
     record: dict[str, Any] = {"commit": None, "dirty": None}
+    repo_dir = repo_dir or checkout_root()
+    if repo_dir is None:
+        return record
     try:
         head = subprocess.run(
             ["git", "-C", str(repo_dir), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30

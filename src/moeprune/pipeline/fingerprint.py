@@ -21,14 +21,9 @@ from typing import Any
 
 from moeprune.atomic import write_json
 from moeprune.hashing import sha256_file, sha256_json
+from moeprune.resources import checkout_root
 
 HASH_CACHE_FORMAT_VERSION = 2
-
-
-def checkout_root() -> Path | None:
-    """The source checkout moeprune runs from (None for an installed wheel)."""
-    root = Path(__file__).resolve().parents[3]
-    return root if (root / "pyproject.toml").is_file() and (root / "src" / "moeprune").is_dir() else None
 
 
 def _hf_cache_root() -> Path | None:
