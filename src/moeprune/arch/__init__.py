@@ -1,5 +1,7 @@
 """Model families: one adapter per Mixture-of-Experts architecture, chosen from ``model_type``.
 
+``inspect(model_dir)`` binds a model's :class:`ModelSpec` (its adapter and every fact of its
+config and safetensors headers; :mod:`moeprune.arch.spec`): the one reader of ``config.json``.
 ``arch_for_config(config)`` picks the adapter of a ``config.json`` dict, ``arch_for_model(model)``
 that of a loaded transformers model, ``arch_for_gguf(name)`` that of a GGUF architecture name.
 See :mod:`moeprune.arch.base` for what an adapter knows.
@@ -7,7 +9,6 @@ See :mod:`moeprune.arch.base` for what an adapter knows.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -66,14 +67,8 @@ def arch_for_config(config: Mapping[str, Any], source: Path | str = "config.json
 
 
 def arch_for_dir(model_dir: Path) -> MoeArch:
-    path = Path(model_dir) / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArchError(f"{path}: not found; point at a Hugging Face model directory") from None
-    except ValueError as exc:
-        raise ArchError(f"{path}: not valid JSON: {exc}") from None
-    return arch_for_config(config, path)
+    """The adapter of the model in ``model_dir`` (its :func:`inspect` spec's)."""
+    return inspect(model_dir).adapter
 
 
 def arch_for_model(model: Any) -> MoeArch:
@@ -101,5 +96,14 @@ def arch_for_gguf(gguf_arch: str | None) -> MoeArch | None:
     return None
 
 
-__all__ = ["ADAPTERS", "ArchError", "MoeArch", "arch_for_config", "arch_for_dir", "arch_for_gguf",
-           "arch_for_model", "model_type_of", "supported_model_types"]
+from moeprune.arch.spec import (  # noqa: E402 - spec binds through arch_for_config above
+    ModelSpec,
+    inspect,
+    read_config,
+    text_config_object,
+    transformers_config,
+)
+
+__all__ = ["ADAPTERS", "ArchError", "ModelSpec", "MoeArch", "arch_for_config", "arch_for_dir", "arch_for_gguf",
+           "arch_for_model", "inspect", "model_type_of", "read_config", "supported_model_types",
+           "text_config_object", "transformers_config"]

@@ -56,6 +56,13 @@ SIGMOID_GROUPED = "sigmoid-correction-bias-grouped"  # sigmoid scores, + correct
 TOWER_MARKERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "vision_model", "audio_model")
 
 
+def text_config_object(config_or_model: Any) -> Any:
+    """The text part of a loaded transformers config (or of a model's config): the one spelling of
+    "get the text config" for objects, as ``ModelSpec.text_config`` is for ``config.json`` dicts."""
+    config = getattr(config_or_model, "config", config_or_model)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 @dataclass(frozen=True)
 class TensorPattern:
     """One kind of expert-indexed tensor of an MoE layer, as named on disk.
@@ -517,17 +524,17 @@ class MoeArch:
 
     def _set_config_count(self, model: Any, kept: int) -> None:
         config = model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config_object(config)
         setattr(text, self.num_experts_key, kept)
 
     def model_num_experts(self, model: Any) -> int:
         config = model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config_object(config)
         return int(getattr(text, self.num_experts_key))
 
     def model_top_k(self, model: Any) -> int | None:
         config = model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config_object(config)
         value = getattr(text, self.top_k_key, None)
         return int(value) if value is not None else None
 
@@ -544,7 +551,7 @@ class MoeArch:
         module_name = type(config).__module__.replace("configuration_", "modeling_")
         module = importlib.import_module(module_name)
         cls = getattr(module, self.decoder_layer_class, None) or getattr(transformers, self.decoder_layer_class)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config_object(config)
         return cls(text, layer_index)
 
     # ---- layer-streamed replay (profile.replay = "streamed", moeprune.profile.streamed) ---------------
@@ -639,4 +646,5 @@ __all__ = [
     "TOPK_SOFTMAX",
     "TensorPattern",
     "TensorSource",
+    "text_config_object",
 ]

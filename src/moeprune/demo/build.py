@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from moeprune.arch import arch_for_model, text_config_object
 from moeprune.atomic import atomic_dir
 from moeprune.demo import data
 from moeprune.demo import tasks as demo_tasks
@@ -219,7 +220,7 @@ def train_model(
     """Train in place with AdamW + cosine schedule; returns loss statistics."""
     exclude = {q.key for q in data.heldout_mcqs(HELDOUT_COUNT, seed)}
     stream = _Stream(tok, seed, exclude)
-    num_experts = model.config.text_config.num_experts
+    num_experts = arch_for_model(model).model_num_experts(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -243,7 +244,7 @@ def train_model(
             w = weights[:, 1:].reshape(-1)
             keep = w > 0
             h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
-            logits = _softcap(model.lm_head(h), model.config.text_config.final_logit_softcapping)
+            logits = _softcap(model.lm_head(h), text_config_object(model).final_logit_softcapping)
             ce = torch.nn.functional.cross_entropy(logits, input_ids[:, 1:].reshape(-1)[keep], reduction="none")
             lm_loss = (ce * w[keep]).sum() / w[keep].sum()
             aux = _balance_loss(captured, attention, num_experts)

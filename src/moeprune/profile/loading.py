@@ -69,10 +69,10 @@ def _model_class(config: Any):
 
 def load_config(model_dir: Path) -> Any:
     """The model's transformers config (no weights)."""
-    import transformers
+    from moeprune.arch import transformers_config
 
     try:
-        return transformers.AutoConfig.from_pretrained(model_dir)
+        return transformers_config(model_dir)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{model_dir}: cannot read the model's config ({exc})") from None
 
@@ -91,11 +91,12 @@ def check_weights(model_dir: Path) -> None:
 def load_model(model_dir: Path, dtype: str, device_map: str) -> Any:
     """Load the model for inference with accelerate's ``device_map`` (``auto`` spreads over GPUs / offloads)."""
     import torch
-    import transformers
+
+    from moeprune.arch import transformers_config
 
     check_weights(model_dir)
     try:
-        config = transformers.AutoConfig.from_pretrained(model_dir)
+        config = transformers_config(model_dir)
         cls = _model_class(config)
         model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype), device_map=device_map)
     except MoepruneError:
@@ -123,9 +124,9 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def context_length(model_or_config: Any) -> int | None:
     """Maximum sequence length the model supports (``max_position_embeddings`` of the text config)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(text, "max_position_embeddings", None)
+    from moeprune.arch import text_config_object
+
+    value = getattr(text_config_object(model_or_config), "max_position_embeddings", None)
     return int(value) if value else None
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from moeprune.arch import text_config_object
 from moeprune.atomic import write_json
 from moeprune.base_model import resolve_base
 from moeprune.errors import MoepruneError
@@ -266,7 +267,7 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
     if recipe.profile.replay == "streamed":
         loaded.clear()  # phase 1's whole model (if any) goes before the layers come one by one
         info = StreamInfo()
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config_object(config)
         with phase_progress("phase 2: streamed replay (layer x tokens)", total_tokens * text.num_hidden_layers, progress) as advance:
             replay = replay_streamed(
                 model_dir,
@@ -314,7 +315,7 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
 
     from moeprune.arch import arch_for_model
 
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_config = text_config_object(config)
     moe = {
         "layers": stats.layers,
         "num_experts": stats.num_experts,

@@ -350,12 +350,11 @@ def materialize(
 
 def meta_model(model_dir: Path, dtype: str) -> torch.nn.Module:
     """The model of ``model_dir`` built from its config with its own transformers class, on ``meta``."""
-    import transformers
-
+    from moeprune.arch import transformers_config
     from moeprune.profile.loading import ModelLoadError, _model_class
 
     try:
-        config = transformers.AutoConfig.from_pretrained(model_dir)
+        config = transformers_config(model_dir)
         cls = _model_class(config)
         with torch.device("meta"):
             if hasattr(cls, "_from_config"):
