@@ -408,14 +408,15 @@ def _check_kld(report: VerifyReport, art: _Artifact, results: dict[str, Any] | N
 
 
 def _check_drop_map(report: VerifyReport, art: _Artifact) -> None:
-    from moeprune.card.numbers import checkpoint_facts
+    from moeprune.arch import inspect
     from moeprune.dropmap.io import load_drop_map
 
     target = "expert_drop_metadata.json"
     problems: list[str] = []
     try:
         drop_map = load_drop_map(art.source.drop_map_path)
-        facts = checkpoint_facts(art.source.model_dir)
+        spec = inspect(art.source.model_dir)
+        facts = spec.checkpoint  # the headers, read once for every check below
     except MoepruneError as exc:
         report.add("drop map vs weights", target, [str(exc)])
         return
@@ -423,9 +424,6 @@ def _check_drop_map(report: VerifyReport, art: _Artifact) -> None:
     if art.is_run and copy.is_file() and sha256_file(copy) != sha256_file(art.source.drop_map_path):
         problems.append(f"pruned/{target} differs from the run's {target}: the checkpoint was pruned with "
                         "another drop map; rerun `invoke prune`")
-    from moeprune.arch import inspect
-
-    spec = inspect(art.source.model_dir)  # read by checkpoint_facts above: a family it knows
     kept = drop_map.num_experts_kept
     if kept is not None and spec.num_experts_stated != kept:
         problems.append(f"config.json: {spec.adapter.num_experts_key} = {spec.num_experts_stated}, drop map keeps {kept}")
