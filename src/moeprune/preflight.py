@@ -257,7 +257,8 @@ def check_calibration(recipe: Recipe, report: PreflightReport) -> None:
         return
     _, base_dir = found
     from moeprune.profile.generate import render_prompt_ids
-    from moeprune.profile.loading import context_length, load_config, load_tokenizer
+    from moeprune.arch import context_length
+    from moeprune.profile.loading import load_config, load_tokenizer
 
     try:
         context = context_length(load_config(base_dir))

@@ -98,12 +98,14 @@ def arch_for_gguf(gguf_arch: str | None) -> MoeArch | None:
 
 from moeprune.arch.spec import (  # noqa: E402 - spec binds through arch_for_config above
     ModelSpec,
+    context_length,
     inspect,
     read_config,
     text_config_object,
     transformers_config,
+    transformers_model_class,
 )
 
 __all__ = ["ADAPTERS", "ArchError", "ModelSpec", "MoeArch", "arch_for_config", "arch_for_dir", "arch_for_gguf",
-           "arch_for_model", "inspect", "model_type_of", "read_config", "supported_model_types",
-           "text_config_object", "transformers_config"]
+           "arch_for_model", "context_length", "inspect", "model_type_of", "read_config",
+           "supported_model_types", "text_config_object", "transformers_config", "transformers_model_class"]

@@ -9,8 +9,7 @@ quirks (a nested text config, an alias for the expert count) are handled in one 
 
 Two ways in:
 
-- :func:`inspect` for a model directory, cached per (resolved directory, ``config.json`` stat,
-  shard index and shard stats), so asking again is cheap and a rewritten checkpoint is re-read;
+- :func:`inspect` for a model directory (read afresh on each call; hold the spec to ask again);
 - :meth:`ModelSpec.from_config` for a config dict already in hand (a drop map checked against the
   config it was given, a config about to be written).
 
@@ -21,7 +20,6 @@ use: a config-only check (``invoke check`` on a Hub model not yet downloaded) ne
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,12 +31,10 @@ from moeprune.arch.base import EXPERT, ArchError, MoeArch, text_config_object
 from moeprune.errors import MoepruneError
 
 CONFIG_NAME = "config.json"
-INDEX_NAME = "model.safetensors.index.json"
 # Config keys of the multimodal towers a checkpoint may carry beside its text decoder.
 TOWER_CONFIG_KEYS = ("vision_config", "audio_config")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _LAYER_NAME = re.compile(r"^(.*?)layers\.(\d+)\.")
-_CACHE_SIZE = 16
 
 
 def read_config(path: Path, what: str = "model's config.json",
@@ -81,6 +77,29 @@ def transformers_config(model_dir: Path) -> Any:
     import transformers
 
     return transformers.AutoConfig.from_pretrained(model_dir)
+
+
+def transformers_model_class(config: Any) -> Any:
+    """The transformers class that loads a checkpoint of the transformers ``config``: the first
+    class its ``architectures`` names that transformers has, else the Auto class mapping the
+    config's type (multimodal first: Gemma 4 is image-text-to-text). ArchError when none does."""
+    import transformers
+
+    for name in list(getattr(config, "architectures", None) or []):
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    for auto in (transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM):
+        if type(config) in auto._model_mapping:
+            return auto
+    raise ArchError(f"no transformers model class for config type {type(config).__name__}")
+
+
+def context_length(model_or_config: Any) -> int | None:
+    """Maximum sequence length of a loaded model or transformers config (the text config's
+    ``max_position_embeddings``; transformers' default where ``config.json`` states none)."""
+    value = getattr(text_config_object(model_or_config), "max_position_embeddings", None)
+    return int(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -374,46 +393,21 @@ def _numel(shape: tuple[int, ...]) -> int:
     return numel
 
 
-def _stat_key(path: Path) -> tuple[int, int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-
-
-def _cache_key(model_dir: Path) -> tuple[Any, ...]:
-    """What must be unchanged for a cached spec to still hold: config.json, the shard index and
-    the shards (a single-file checkpoint has no index to change)."""
-    try:
-        shards = sorted(entry.name for entry in os.scandir(model_dir) if entry.name.endswith(".safetensors"))
-    except OSError:
-        shards = []
-    return (model_dir, _stat_key(model_dir / CONFIG_NAME), _stat_key(model_dir / INDEX_NAME),
-            tuple((name, _stat_key(model_dir / name)) for name in shards))
-
-
-_cache: dict[tuple[Any, ...], ModelSpec] = {}
-
-
 def inspect(model_dir: Path | str, what: str = "model's config.json",
             error: type[MoepruneError] = ArchError) -> ModelSpec:
-    """The :class:`ModelSpec` of the model in ``model_dir`` (cached while its files are unchanged).
+    """The :class:`ModelSpec` of the model in ``model_dir``, read now.
 
-    A missing, unreadable or malformed ``config.json`` raises ``error`` (one line naming the file;
-    ``what`` says whose config it is); an unsupported ``model_type`` raises ArchError naming it.
+    Not cached across calls: a checkpoint rewritten in place (same inode, size and a timestamp of
+    the same clock tick) would otherwise answer with its old facts. Reading ``config.json`` costs
+    microseconds; a caller that asks many questions holds the spec, whose header facts are read
+    once, on first use. A missing, unreadable or malformed ``config.json`` raises ``error`` (one
+    line naming the file; ``what`` says whose config it is); an unsupported ``model_type`` raises
+    ArchError naming it.
     """
-    resolved = Path(model_dir).resolve()
-    key = (str(model_dir), *_cache_key(resolved))  # the spelling given too: messages name it
-    spec = _cache.get(key)
-    if spec is None:
-        path = Path(model_dir) / CONFIG_NAME
-        spec = ModelSpec.from_config(read_config(path, what, error), path, Path(model_dir))
-        if len(_cache) >= _CACHE_SIZE:
-            _cache.pop(next(iter(_cache)))
-        _cache[key] = spec
-    return spec
+    path = Path(model_dir) / CONFIG_NAME
+    return ModelSpec.from_config(read_config(path, what, error), path, Path(model_dir))
 
 
 __all__ = ["CONFIG_NAME", "CheckpointFacts", "LoadSizes", "ModelSpec", "TensorSizes", "architectures",
-           "auto_map_refs", "inspect", "read_config", "text_config_object", "transformers_config"]
+           "auto_map_refs", "context_length", "inspect", "read_config", "text_config_object", "transformers_config",
+           "transformers_model_class"]

@@ -350,12 +350,12 @@ def materialize(
 
 def meta_model(model_dir: Path, dtype: str) -> torch.nn.Module:
     """The model of ``model_dir`` built from its config with its own transformers class, on ``meta``."""
-    from moeprune.arch import transformers_config
-    from moeprune.profile.loading import ModelLoadError, _model_class
+    from moeprune.arch import transformers_config, transformers_model_class
+    from moeprune.profile.loading import ModelLoadError
 
     try:
         config = transformers_config(model_dir)
-        cls = _model_class(config)
+        cls = transformers_model_class(config)
         with torch.device("meta"):
             if hasattr(cls, "_from_config"):
                 model = cls._from_config(config, dtype=getattr(torch, dtype))
@@ -509,7 +509,7 @@ def replay_streamed(
     tokens, so the total is ``num_layers * tokens``. Returns the same statistics as the
     whole-model replay.
     """
-    from moeprune.profile.loading import context_length
+    from moeprune.arch import context_length
 
     device = stream_device(device_map)
     model = meta_model(model_dir, dtype)
