@@ -226,7 +226,7 @@ def test_a_config_rewritten_in_place_is_read_again(tmp_path):
 
 
 def test_bad_configs_are_one_line_errors(tmp_path):
-    with pytest.raises(ArchError, match=r"config\.json: model's config\.json not found"):
+    with pytest.raises(ArchError, match=r"config\.json: model's config\.json not found; point at a Hugging Face model"):
         inspect(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "bert"}', encoding="utf-8")
     with pytest.raises(ArchError, match="model_type 'bert' is not a supported MoE family"):
@@ -236,3 +236,8 @@ def test_bad_configs_are_one_line_errors(tmp_path):
         dense.moe_shape()
     with pytest.raises(ArchError, match="a config without its model directory"):
         dense.load_sizes()
+    no_layers = json.loads((MODEL_DIR / "config.json").read_text(encoding="utf-8"))
+    del no_layers["text_config"]["num_hidden_layers"]
+    spec = ModelSpec.from_config(no_layers, tmp_path / "config.json", MODEL_DIR)
+    with pytest.raises(ArchError, match=r"config\.json: no integer text_config\.num_hidden_layers"):
+        spec.load_sizes()

@@ -305,7 +305,7 @@ class ModelSpec:
         names: the decoder's prefix is the one (outside vision/audio) whose ``layers.N`` are
         exactly ``0 .. num_hidden_layers - 1``."""
         infos, _ = self._headers
-        num_layers = self.num_layers or 0
+        num_layers = self.required_int("num_hidden_layers")
         by_prefix: dict[str, set[int]] = {}
         for info in infos:
             match = _LAYER_NAME.match(info.name)
@@ -405,6 +405,8 @@ def inspect(model_dir: Path | str, what: str = "model's config.json",
     ArchError naming it.
     """
     path = Path(model_dir) / CONFIG_NAME
+    if not path.exists():
+        raise error(f"{path}: {what} not found; point at a Hugging Face model directory")
     return ModelSpec.from_config(read_config(path, what, error), path, Path(model_dir))
 
 
