@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moeprune.arch.base import ArchError, MoeArch
+from moeprune.arch.base import ArchError, MoeArch, text_config_object
 from moeprune.arch.deepseek import DeepseekV2, DeepseekV3, Glm4Moe
 from moeprune.arch.gemma4 import Gemma4
 from moeprune.arch.gpt_oss import GptOss
@@ -74,10 +74,7 @@ def arch_for_dir(model_dir: Path) -> MoeArch:
 def arch_for_model(model: Any) -> MoeArch:
     """The adapter for a loaded transformers model (its config's ``model_type``)."""
     config = model.config
-    types = [getattr(config, "model_type", None)]
-    text = config.get_text_config() if hasattr(config, "get_text_config") else None
-    if text is not None:
-        types.append(getattr(text, "model_type", None))
+    types = [getattr(config, "model_type", None), getattr(text_config_object(config), "model_type", None)]
     for model_type in types:
         adapter = _by_model_type().get(model_type) if model_type else None
         if adapter is not None:
@@ -101,7 +98,6 @@ from moeprune.arch.spec import (  # noqa: E402 - spec binds through arch_for_con
     context_length,
     inspect,
     read_config,
-    text_config_object,
     transformers_config,
     transformers_model_class,
 )
