@@ -5,7 +5,7 @@ Every stage, check and report that needs to know the model (its family adapter, 
 the key that holds it, top-k, MoE layers, layer prefix, towers, transformers class, sizes) asks a
 spec instead of reading ``config.json`` keys itself: one reading means one answer, and a family's
 quirks (a nested text config, an alias for the expert count) are handled in one place.
-``tests/test_arch.py`` greps the sources so no module outside ``arch/`` and ``io/`` reads them.
+``tests/test_arch_spec.py`` scans the sources so no module outside ``arch/`` and ``io/`` reads them.
 
 Two ways in:
 
