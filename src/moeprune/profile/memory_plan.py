@@ -30,7 +30,6 @@ from typing import Any
 from moeprune.errors import MoepruneError
 
 GIB = 1024**3
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _FIXED_OVERHEAD_BYTES = 600 * 1024**2  # Python, torch and transformers themselves
 
