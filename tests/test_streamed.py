@@ -285,10 +285,10 @@ def test_a_streamed_layer_of_every_family_equals_the_loaded_layer(name, direct, 
     """Each family's last decoder layer (an MoE layer), assembled from its own on-disk tensors and
     no others, equals the layer from_pretrained loads, bit for bit: with per-expert parts read
     straight into their slices (``direct``), and with transformers' converter ops run on them."""
-    from moeprune.arch.base import TensorSource
+    from moeprune.io.loading_plan import TensorAssembly
 
     if not direct:
-        monkeypatch.setattr(TensorSource, "placements", lambda self, shapes: None)
+        monkeypatch.setattr(TensorAssembly, "placements", lambda self, shapes: None)
     from moeprune.arch import arch_for_dir
     from moeprune.io.checkpoint import Checkpoint
     from moeprune.profile import streamed

@@ -67,17 +67,14 @@ def expected_bytes(raw: bytes, source_dtype: str, gguf_type: str) -> bytes:
 
 def compare_gguf_experts(gguf_path: Path, checkpoint_dir: Path, shown: str) -> TensorMatch:
     """Compare the expert tensors of ``gguf_path`` with the checkpoint in ``checkpoint_dir``."""
-    import json
-
     from gguf import GGUFReader
 
-    from moeprune.arch import arch_for_config
+    from moeprune.arch import inspect
     from moeprune.arch.base import EXPERTS
     from moeprune.io.checkpoint import Checkpoint
 
     out = TensorMatch()
-    config = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))
-    arch = arch_for_config(config, checkpoint_dir / "config.json")
+    arch = inspect(checkpoint_dir).adapter
     if not arch.gguf_expert_tensors:
         out.how.append(f"{arch.family}: its adapter names no GGUF expert tensors; not compared")
         return out

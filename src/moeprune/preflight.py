@@ -124,8 +124,9 @@ def check_slots(recipe: Recipe, report: PreflightReport) -> None:
 
 def _base_config(recipe: Recipe, report: PreflightReport) -> tuple[dict[str, Any], Path] | None:
     """The base model's config.json (local, or from the HF cache); None (with a warning) if absent."""
+    from moeprune.arch import read_config
     from moeprune.base_model import BaseModelError, resolve_base
-    from moeprune.userfile import UserFileError, read_json_object
+    from moeprune.userfile import UserFileError
 
     try:
         base_dir = resolve_base(recipe, download=False).local_dir
@@ -139,7 +140,7 @@ def _base_config(recipe: Recipe, report: PreflightReport) -> tuple[dict[str, Any
                 report.warnings.append(warning)
         return None
     try:
-        return read_json_object(base_dir / "config.json", "base model's config.json"), base_dir
+        return read_config(base_dir / "config.json", "base model's config.json", UserFileError), base_dir
     except UserFileError as exc:
         _add(report, f"field 'model.base' = {json.dumps(recipe.model.base)}: {exc}")
         return None
@@ -221,17 +222,18 @@ def check_drop_counts(recipe: Recipe, report: PreflightReport) -> None:
 
 def check_convertible(recipe: Recipe, report: PreflightReport) -> None:
     """The config names the model class (``architectures``) the GGUF converter dispatches on."""
-    from moeprune.arch import ArchError, arch_for_config
+    from moeprune.arch import ArchError, ModelSpec
+    from moeprune.arch.spec import architectures
 
     found = _base_config(recipe, report)
     if found is None:
         return
     config, base_dir = found
-    names = config.get("architectures")
+    names = architectures(config)
     if isinstance(names, list) and names and all(isinstance(n, str) and n for n in names):
         return
     try:
-        example = f'["{arch_for_config(config).transformers_causal_lm}"]'
+        example = f'["{ModelSpec.from_config(config).transformers_class}"]'
     except ArchError:
         example = "the transformers model class"
     _add(report, f"field 'model.base' = {json.dumps(recipe.model.base)}: {base_dir / 'config.json'} has no "
@@ -255,7 +257,8 @@ def check_calibration(recipe: Recipe, report: PreflightReport) -> None:
         return
     _, base_dir = found
     from moeprune.profile.generate import render_prompt_ids
-    from moeprune.profile.loading import context_length, load_config, load_tokenizer
+    from moeprune.arch import context_length
+    from moeprune.profile.loading import load_config, load_tokenizer
 
     try:
         context = context_length(load_config(base_dir))

@@ -534,10 +534,10 @@ def check_recipe_inputs(recipe: Recipe) -> None:
                 f"{where}: field 'model.base' = {json.dumps(recipe.model.base)}: "
                 f"no config.json in {base_dir}; point it at a Hugging Face model directory"
             )
-        from moeprune.userfile import read_json_object
+        from moeprune.arch import read_config
 
         # Readable JSON here; what it must say is preflight's (moe-model, expert-shapes, drop-counts).
-        read_json_object(config_path, "base model's config.json", RecipeError)
+        read_config(config_path, "base model's config.json", RecipeError)
     elif recipe.model.revision is None:
         raise RecipeError(
             f"{where}: field 'model.revision' is required for the Hub model "

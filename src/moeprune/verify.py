@@ -348,6 +348,8 @@ def risky_files(art: _Artifact) -> list[str]:
             findings.append(f"{name}: code file (not run by verify; read it before loading with trust_remote_code)")
         elif lower.endswith(PICKLE_SUFFIXES):
             findings.append(f"{name}: pickle-capable format (not loaded by verify; unpickling can run code)")
+    from moeprune.arch.spec import auto_map_refs
+
     for (repo, rel), path in sorted(art.local.items()):
         if repo != "model" or not rel.endswith("config.json") or not path.is_file():
             continue
@@ -355,13 +357,9 @@ def risky_files(art: _Artifact) -> list[str]:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError):
             continue
-        for holder in (config, config.get("text_config") if isinstance(config, dict) else None):
-            auto_map = holder.get("auto_map") if isinstance(holder, dict) else None
-            if isinstance(auto_map, dict) and auto_map:
-                refs = sorted({str(v if isinstance(v, str) else v[0] if isinstance(v, list) and v else v)
-                               for v in auto_map.values()})
-                findings.append(f"{rel}: auto_map names custom code ({', '.join(refs)}); transformers runs it "
-                                "only with trust_remote_code=True")
+        for refs in auto_map_refs(config):
+            findings.append(f"{rel}: auto_map names custom code ({', '.join(refs)}); transformers runs it "
+                            "only with trust_remote_code=True")
     return findings
 
 
@@ -410,15 +408,15 @@ def _check_kld(report: VerifyReport, art: _Artifact, results: dict[str, Any] | N
 
 
 def _check_drop_map(report: VerifyReport, art: _Artifact) -> None:
-    from moeprune.card.numbers import checkpoint_facts
+    from moeprune.arch import inspect
     from moeprune.dropmap.io import load_drop_map
 
     target = "expert_drop_metadata.json"
     problems: list[str] = []
     try:
         drop_map = load_drop_map(art.source.drop_map_path)
-        facts = checkpoint_facts(art.source.model_dir)
-        config = json.loads((art.source.model_dir / "config.json").read_text(encoding="utf-8"))
+        spec = inspect(art.source.model_dir)
+        facts = spec.checkpoint  # the headers, read once for every check below
     except MoepruneError as exc:
         report.add("drop map vs weights", target, [str(exc)])
         return
@@ -426,18 +424,11 @@ def _check_drop_map(report: VerifyReport, art: _Artifact) -> None:
     if art.is_run and copy.is_file() and sha256_file(copy) != sha256_file(art.source.drop_map_path):
         problems.append(f"pruned/{target} differs from the run's {target}: the checkpoint was pruned with "
                         "another drop map; rerun `invoke prune`")
-    from moeprune.arch import arch_for_config
-
-    try:
-        arch = arch_for_config(config, art.source.model_dir / "config.json")
-    except MoepruneError as exc:
-        report.add("drop map vs weights", target, [str(exc)])
-        return
     kept = drop_map.num_experts_kept
-    if kept is not None and arch.raw_num_experts(config) != kept:
-        problems.append(f"config.json: {arch.num_experts_key} = {arch.raw_num_experts(config)}, drop map keeps {kept}")
-    if drop_map.top_k != arch.top_k(config):
-        problems.append(f"config.json: top-k {arch.top_k(config)} differs from the drop map's {drop_map.top_k}")
+    if kept is not None and spec.num_experts_stated != kept:
+        problems.append(f"config.json: {spec.adapter.num_experts_key} = {spec.num_experts_stated}, drop map keeps {kept}")
+    if drop_map.top_k != spec.top_k:
+        problems.append(f"config.json: top-k {spec.top_k} differs from the drop map's {drop_map.top_k}")
     layers = {entry["layer"]: entry for entry in drop_map["layers"]}
     if sorted(layers) != sorted(facts.experts_per_layer):
         problems.append(f"drop map covers layers {sorted(layers)}, the weights have expert tensors in "

@@ -1,5 +1,7 @@
 """Model families: one adapter per Mixture-of-Experts architecture, chosen from ``model_type``.
 
+``inspect(model_dir)`` binds a model's :class:`ModelSpec` (its adapter and every fact of its
+config and safetensors headers; :mod:`moeprune.arch.spec`): the one reader of ``config.json``.
 ``arch_for_config(config)`` picks the adapter of a ``config.json`` dict, ``arch_for_model(model)``
 that of a loaded transformers model, ``arch_for_gguf(name)`` that of a GGUF architecture name.
 See :mod:`moeprune.arch.base` for what an adapter knows.
@@ -7,12 +9,11 @@ See :mod:`moeprune.arch.base` for what an adapter knows.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moeprune.arch.base import ArchError, MoeArch
+from moeprune.arch.base import ArchError, MoeArch, text_config_object
 from moeprune.arch.deepseek import DeepseekV2, DeepseekV3, Glm4Moe
 from moeprune.arch.gemma4 import Gemma4
 from moeprune.arch.gpt_oss import GptOss
@@ -66,23 +67,14 @@ def arch_for_config(config: Mapping[str, Any], source: Path | str = "config.json
 
 
 def arch_for_dir(model_dir: Path) -> MoeArch:
-    path = Path(model_dir) / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ArchError(f"{path}: not found; point at a Hugging Face model directory") from None
-    except ValueError as exc:
-        raise ArchError(f"{path}: not valid JSON: {exc}") from None
-    return arch_for_config(config, path)
+    """The adapter of the model in ``model_dir`` (its :func:`inspect` spec's)."""
+    return inspect(model_dir).adapter
 
 
 def arch_for_model(model: Any) -> MoeArch:
     """The adapter for a loaded transformers model (its config's ``model_type``)."""
     config = model.config
-    types = [getattr(config, "model_type", None)]
-    text = config.get_text_config() if hasattr(config, "get_text_config") else None
-    if text is not None:
-        types.append(getattr(text, "model_type", None))
+    types = [getattr(config, "model_type", None), getattr(text_config_object(config), "model_type", None)]
     for model_type in types:
         adapter = _by_model_type().get(model_type) if model_type else None
         if adapter is not None:
@@ -101,5 +93,15 @@ def arch_for_gguf(gguf_arch: str | None) -> MoeArch | None:
     return None
 
 
-__all__ = ["ADAPTERS", "ArchError", "MoeArch", "arch_for_config", "arch_for_dir", "arch_for_gguf",
-           "arch_for_model", "model_type_of", "supported_model_types"]
+from moeprune.arch.spec import (  # noqa: E402 - spec binds through arch_for_config above
+    ModelSpec,
+    context_length,
+    inspect,
+    read_config,
+    transformers_config,
+    transformers_model_class,
+)
+
+__all__ = ["ADAPTERS", "ArchError", "ModelSpec", "MoeArch", "arch_for_config", "arch_for_dir", "arch_for_gguf",
+           "arch_for_model", "context_length", "inspect", "model_type_of", "read_config",
+           "supported_model_types", "text_config_object", "transformers_config", "transformers_model_class"]

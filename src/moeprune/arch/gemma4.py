@@ -128,7 +128,3 @@ class Gemma4(MoeArch):
         router.proj.weight = nn.Parameter(router.proj.weight.data[rows].clone(), requires_grad=False)
         router.proj.out_features = kept
         router.per_expert_scale = nn.Parameter(router.per_expert_scale.data[rows].clone(), requires_grad=False)
-
-    def _set_config_count(self, model: Any, kept: int) -> None:
-        config = getattr(model.config, "text_config", None) or model.config
-        config.num_experts = kept

@@ -171,7 +171,7 @@ def _audit_seed(root: Path, base: Path | None, reprofile: Path | None, subject: 
 def seed_recomputed_values(root: Path, base: Path | None, evals: list[Any]) -> tuple[dict[str, tuple[float, str]],
                                                                                       dict[str, str]]:
     """Every value a card claim can be compared with, from the artifact (and the base)."""
-    from moeprune.arch import arch_for_config
+    from moeprune.arch import inspect
     from moeprune.card.numbers import checkpoint_facts
 
     values: dict[str, tuple[float, str]] = {}
@@ -209,21 +209,20 @@ def seed_recomputed_values(root: Path, base: Path | None, evals: list[Any]) -> t
 
     def model_values(directory: Path, prefix: str, label: str) -> None:
         try:
-            full = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-            arch = arch_for_config(full, directory / "config.json")
-            config = arch.text_config(full)
+            spec = inspect(directory)
             facts = checkpoint_facts(directory)
         except (OSError, ValueError, MoepruneError):
             return
-        experts = arch.raw_num_experts(full)
+        experts = spec.num_experts_stated
         if isinstance(experts, int):
-            values[prefix + "experts_per_layer"] = (experts, f"{label} config.json: {arch.count_key(full)}")
+            values[prefix + "experts_per_layer"] = (experts, f"{label} config.json: {spec.num_experts_key}")
         for key, name in (("num_layers", "num_hidden_layers"),
                           ("hidden_size", "hidden_size"), ("moe_intermediate_size", "moe_intermediate_size"),
                           ("intermediate_size", "intermediate_size"), ("vocab_size", "vocab_size")):
-            if isinstance(config.get(name), int):
-                values[prefix + key] = (config[name], f"{label} config.json: {name}")
-        top_k = arch.top_k(full)
+            number = spec.text_int(name)
+            if number is not None:
+                values[prefix + key] = (number, f"{label} config.json: {name}")
+        top_k = spec.top_k
         if isinstance(top_k, int):
             values[prefix + "top_k"] = (top_k, f"{label} config.json")
         values[prefix + "total_params"] = (facts.params, f"{label} safetensors headers")

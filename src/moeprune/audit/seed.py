@@ -145,7 +145,7 @@ def moeprune_drop_map(seed: SeedDropMap, top_k: int | None) -> Any:
 
 # --- (a) the drop metadata against config.json and the tensor shapes ---------------------------
 def check_drop_metadata(report: AuditReport, root: Path, seed: SeedDropMap) -> None:
-    from moeprune.arch import ArchError, arch_for_config
+    from moeprune.arch import ArchError, inspect
     from moeprune.arch.base import EXPERT
     from moeprune.io.checkpoint import Checkpoint
     from moeprune.prune.surgery import moe_expert_tensors
@@ -154,23 +154,22 @@ def check_drop_metadata(report: AuditReport, root: Path, seed: SeedDropMap) -> N
     for problem in seed.problems:
         report.failed("a", "drop metadata is well formed", target, problem)
     try:
-        config = read_json_object(root / "config.json")
+        spec = inspect(root, "model's config.json", AuditError)
     except AuditError as exc:
         report.failed("a", "config.json", "config.json", str(exc))
         return
-    try:
-        arch = arch_for_config(config, root / "config.json")
     except ArchError as exc:
         report.failed("a", "model family", "config.json", str(exc))
         return
-    config_experts = arch.raw_num_experts(config)
-    top_k = arch.top_k(config)
+    arch = spec.adapter
+    config_experts = spec.num_experts_stated
+    top_k = spec.top_k
     original, kept = seed.original_experts, seed.target_experts
-    report.compare("a", "config num_experts = target_experts", f"config.json: {arch.count_key(config)}", kept,
+    report.compare("a", "config num_experts = target_experts", f"config.json: {spec.num_experts_key}", kept,
                    config_experts,
                    config_experts == kept, f"{target} target_experts")
     if isinstance(top_k, int) and isinstance(kept, int):
-        report.compare("a", "top-k routing fits the kept experts", f"config.json: {arch.top_k_key}",
+        report.compare("a", "top-k routing fits the kept experts", f"config.json: {spec.top_k_key}",
                        f"<= {kept}", top_k, top_k <= kept)
     # Each layer: keep + drop is a partition of 0..original-1 with target_experts kept.
     bad_layers = []
@@ -227,15 +226,14 @@ def check_against_base(report: AuditReport, root: Path, seed: SeedDropMap, base_
         report.not_checked("b", "kept experts and other tensors bit-exact vs the base", "model safetensors",
                            "pass --base BASE (the base model directory) to check every byte")
         return
-    from moeprune.arch import ArchError, arch_for_config
+    from moeprune.arch import ArchError, inspect
 
     try:
-        base_config = read_json_object(Path(base_dir) / "config.json")
-        arch = arch_for_config(base_config, Path(base_dir) / "config.json")
+        base = inspect(base_dir, "base model's config.json", AuditError)
     except (AuditError, ArchError) as exc:
         report.failed("b", "base model", str(base_dir), str(exc))
         return
-    base_experts = arch.raw_num_experts(base_config)
+    base_experts = base.num_experts_stated
     report.compare("b", "base num_experts = original_experts", "config.json of --base", seed.original_experts,
                    base_experts, base_experts == seed.original_experts, f"{SEED_DROP_METADATA} original_experts")
     if isinstance(base_experts, int):
@@ -246,7 +244,7 @@ def check_against_base(report: AuditReport, root: Path, seed: SeedDropMap, base_
         if outside:
             return
     try:
-        result = verify_prune(base_dir, root, drop_map=moeprune_drop_map(seed, arch.top_k(base_config)),
+        result = verify_prune(base_dir, root, drop_map=moeprune_drop_map(seed, base.top_k),
                               drop_map_path=seed.path)
     except (MoepruneError, ValueError, IndexError, KeyError) as exc:
         report.failed("b", "kept experts and other tensors bit-exact vs the base", "model safetensors", str(exc))

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from moeprune.arch.spec import CheckpointFacts
 from moeprune.card.source import ArtifactSource
 from moeprune.errors import MoepruneError
 
@@ -110,83 +111,15 @@ def fmt_p(value: float) -> str:
 
 
 # --- checkpoint facts -----------------------------------------------------------------------------
-@dataclass
-class CheckpointFacts:
-    params: int
-    tensor_bytes: int
-    dtype: str
-    files_bytes: int
-    shards: int
-    expert_params_per_layer: dict[int, int]  # layer -> params of ONE expert (all expert-indexed tensors)
-    expert_bytes_per_layer: dict[int, int]
-    experts_per_layer: dict[int, int]
-
-
 def checkpoint_facts(model_dir: Path) -> CheckpointFacts:
-    """Parameter and byte counts from the safetensors headers (no tensor is read).
-
-    The family adapter (from ``config.json``) says which tensors are indexed by expert: a fused
-    tensor holds ``shape[0]`` experts, a per-expert tensor one.
-    """
-    from moeprune.arch import ArchError, arch_for_dir
-    from moeprune.arch.base import EXPERT
-    from moeprune.io.checkpoint import Checkpoint
+    """Parameter and byte counts from the safetensors headers (no tensor is read): the model's
+    :class:`~moeprune.arch.ModelSpec` says, its adapter telling which tensors are indexed by expert."""
+    from moeprune.arch import ArchError, inspect
 
     try:
-        arch = arch_for_dir(model_dir)
+        return inspect(model_dir).checkpoint
     except ArchError as exc:
         raise CardError(str(exc)) from None
-    params = tensor_bytes = 0
-    expert_params: dict[int, int] = {}
-    expert_bytes: dict[int, int] = {}
-    experts: dict[int, int] = {}
-    split_params: dict[int, int] = {}  # per-expert layout: layer -> params of all its experts' own tensors
-    split_bytes: dict[int, int] = {}
-    split_experts: dict[int, set[int]] = {}
-    dtypes: dict[str, int] = {}
-    with Checkpoint.open(model_dir) as checkpoint:
-        shards = list(checkpoint.shards)
-        for info in checkpoint.tensors():
-            numel = int(np.prod(info.shape)) if info.shape else 1
-            params += numel
-            tensor_bytes += info.nbytes
-            dtypes[info.dtype] = dtypes.get(info.dtype, 0) + info.nbytes
-            try:
-                tensor = arch.classify_tensor(info.name)
-            except ArchError as exc:
-                raise CardError(f"{info.shard}: {exc}") from None
-            if tensor is None:
-                continue
-            layer = tensor.layer
-            if tensor.role == EXPERT:
-                split_params[layer] = split_params.get(layer, 0) + numel
-                split_bytes[layer] = split_bytes.get(layer, 0) + info.nbytes
-                split_experts.setdefault(layer, set()).add(int(tensor.expert))
-                continue
-            count = info.shape[0]
-            if experts.setdefault(layer, count) != count:
-                raise CardError(f"{info.shard}: '{info.name}' has {count} experts, other tensors of layer {layer} "
-                                f"have {experts[layer]}")
-            expert_params[layer] = expert_params.get(layer, 0) + numel // count
-            expert_bytes[layer] = expert_bytes.get(layer, 0) + info.nbytes // count
-    for layer, ids in split_experts.items():
-        count = len(ids)
-        if experts.setdefault(layer, count) != count:
-            raise CardError(f"{model_dir}: layer {layer} has per-expert tensors for {count} experts, its "
-                            f"router has {experts[layer]}")
-        expert_params[layer] = expert_params.get(layer, 0) + split_params[layer] // count
-        expert_bytes[layer] = expert_bytes.get(layer, 0) + split_bytes[layer] // count
-    main_dtype = max(dtypes, key=lambda k: dtypes[k]) if dtypes else "?"
-    return CheckpointFacts(
-        params=params,
-        tensor_bytes=tensor_bytes,
-        dtype=main_dtype,
-        files_bytes=sum(p.stat().st_size for p in shards),
-        shards=len(shards),
-        expert_params_per_layer=expert_params,
-        expert_bytes_per_layer=expert_bytes,
-        experts_per_layer=experts,
-    )
 
 
 # --- the card numbers -------------------------------------------------------------------------------
@@ -202,14 +135,13 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
 
     card = CardNumbers()
     recipe = source.recipe
-    config = json.loads((source.model_dir / "config.json").read_text(encoding="utf-8"))
-    from moeprune.arch import ArchError, arch_for_config
+    from moeprune.arch import ArchError, inspect
 
     try:
-        arch = arch_for_config(config, source.model_dir / "config.json")
+        spec = inspect(source.model_dir)
     except ArchError as exc:
         raise CardError(str(exc)) from None
-    text = arch.text_config(config)
+    arch = spec.adapter
     drop_map = load_drop_map(source.drop_map_path)
     pruned = checkpoint_facts(source.model_dir)
 
@@ -242,22 +174,26 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
     dropped = num_experts - kept_counts[0] if len(kept_counts) == 1 else None
     card.add("experts.dropped_per_layer", dropped, f"−{dropped}/layer" if dropped is not None else "varies",
              "experts.base - experts.pruned")
-    config_experts = arch.num_experts(config)
-    card.add("experts.config", config_experts, str(config_experts), f"config.json: {arch.count_key(config)}")
+    config_experts = spec.num_experts
+    card.add("experts.config", config_experts, str(config_experts), f"config.json: {spec.num_experts_key}")
     card.add("top_k", int(drop_map["top_k"]), str(drop_map["top_k"]), f"{source.drop_map_path.name}: top_k")
 
     # ---- architecture (config.json)
-    layer_types = list(text.get("layer_types") or [])
-    card.add("arch.layers", int(text["num_hidden_layers"]), str(text["num_hidden_layers"]), "config.json")
-    card.add("arch.hidden", int(text["hidden_size"]), fmt_int(text["hidden_size"]), "config.json")
+    layer_types = spec.layer_types
+    num_layers, hidden = spec.required_int("num_hidden_layers"), spec.required_int("hidden_size")
+    card.add("arch.layers", num_layers, str(num_layers), "config.json")
+    card.add("arch.hidden", hidden, fmt_int(hidden), "config.json")
     expert_key = arch.expert_intermediate_key
-    card.add("arch.expert_intermediate", int(text[expert_key]), fmt_int(text[expert_key]), f"config.json: {expert_key}")
+    expert_size = spec.required_int(expert_key)
+    card.add("arch.expert_intermediate", expert_size, fmt_int(expert_size), f"config.json: {expert_key}")
     dense_key = arch.dense_intermediate_key
-    if dense_key is not None and text.get(dense_key) is not None:
-        card.add("arch.dense_intermediate", int(text[dense_key]), fmt_int(text[dense_key]), f"config.json: {dense_key}")
+    dense_size = spec.text_int(dense_key)
+    if dense_size is not None:
+        card.add("arch.dense_intermediate", dense_size, fmt_int(dense_size), f"config.json: {dense_key}")
     card.wording.update(family=arch.family, router_sentence=arch.router_sentence,
-                        num_experts_key=arch.count_key(config))
-    card.add("arch.vocab", int(text["vocab_size"]), fmt_int(text["vocab_size"]), "config.json: vocab_size")
+                        num_experts_key=spec.num_experts_key)
+    vocab = spec.required_int("vocab_size")
+    card.add("arch.vocab", vocab, fmt_int(vocab), "config.json: vocab_size")
     if layer_types:  # families without per-layer attention types get no attention line
         sliding = sum(1 for t in layer_types if t == "sliding_attention")
         full = sum(1 for t in layer_types if t == "full_attention")

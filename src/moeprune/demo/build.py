@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from moeprune.arch import arch_for_model
 from moeprune.atomic import atomic_dir
 from moeprune.demo import data
 from moeprune.demo import tasks as demo_tasks
@@ -47,6 +48,8 @@ GENERAL_EVERY = 5
 # thought channel); the rest think first, as the eval and calibration recipes do.
 NO_THINK_FRACTION = 0.2
 AUX_LOSS_COEF = 0.01
+# Gemma's final-logit soft cap: the config states it and the training loss applies it (one value).
+FINAL_LOGIT_SOFTCAP = 30.0
 PROMPT_LOSS_WEIGHT = 0.0
 
 STRICT_RE = re.compile(r"(?<=The answer is )(.*)(?=.)")  # gpqa cot strict-match
@@ -75,7 +78,7 @@ def demo_text_config_kwargs(vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict[str, A
         "num_kv_shared_layers": 0,
         "sliding_window": 128,
         "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
-        "final_logit_softcapping": 30.0,
+        "final_logit_softcapping": FINAL_LOGIT_SOFTCAP,
         "max_position_embeddings": 4096,
         "hidden_activation": "gelu_pytorch_tanh",
         "tie_word_embeddings": True,
@@ -219,7 +222,7 @@ def train_model(
     """Train in place with AdamW + cosine schedule; returns loss statistics."""
     exclude = {q.key for q in data.heldout_mcqs(HELDOUT_COUNT, seed)}
     stream = _Stream(tok, seed, exclude)
-    num_experts = model.config.text_config.num_experts
+    num_experts = arch_for_model(model).model_num_experts(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -243,7 +246,7 @@ def train_model(
             w = weights[:, 1:].reshape(-1)
             keep = w > 0
             h = hidden[:, :-1].reshape(-1, hidden.shape[-1])[keep]
-            logits = _softcap(model.lm_head(h), model.config.text_config.final_logit_softcapping)
+            logits = _softcap(model.lm_head(h), FINAL_LOGIT_SOFTCAP)
             ce = torch.nn.functional.cross_entropy(logits, input_ids[:, 1:].reshape(-1)[keep], reduction="none")
             lm_loss = (ce * w[keep]).sum() / w[keep].sum()
             aux = _balance_loss(captured, attention, num_experts)

@@ -618,7 +618,7 @@ def run_compare_criteria(
     import transformers
     from transformers import AutoTokenizer
 
-    from moeprune.arch import arch_for_dir
+    from moeprune.arch import inspect
 
     from moeprune.dropmap.io import check_profile_matches_model, read_model_config
     from moeprune.profile.stats import load_stats
@@ -637,7 +637,7 @@ def run_compare_criteria(
         # No dataset file yet: regenerate the build's held-out questions from its recorded seed.
         data_path, questions = None, demo_build_questions(recipe.base_dir)[:limit]
     tokenizer = AutoTokenizer.from_pretrained(recipe.base_dir)
-    model_class = getattr(transformers, arch_for_dir(recipe.base_dir).transformers_causal_lm)
+    model_class = getattr(transformers, inspect(recipe.base_dir).transformers_class)
     model = model_class.from_pretrained(recipe.base_dir, dtype=torch.float32).eval()
     examples = demo_heldout_examples(tokenizer, questions)
 

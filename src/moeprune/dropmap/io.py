@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from moeprune.arch import ArchError, arch_for_config
+from moeprune.arch import ArchError, ModelSpec, read_config
 from moeprune.atomic import write_json
 from moeprune.dropmap.select import DropMapError, Selection, meets_threshold, validate_keep_drop
 from moeprune.dropmap.types import DropMap
@@ -24,34 +24,19 @@ FORMAT_VERSION = 1
 
 
 def moe_shape(config: dict[str, Any], source: str | Path = "config.json") -> tuple[int, int, list[int]]:
-    """(num_experts, top_k, MoE layer indices) of a Hugging Face config, read by its family's adapter."""
+    """(num_experts, top_k, MoE layer indices) of a Hugging Face config, as its :class:`ModelSpec` says."""
     try:
-        arch = arch_for_config(config, source)
+        return ModelSpec.from_config(config, source).moe_shape()
     except ArchError as exc:
         raise DropMapError(str(exc)) from None
-    num_experts = arch.raw_num_experts(config)
-    top_k = arch.top_k(config)
-    num_layers = arch.num_layers(config)
-    if not num_experts or not top_k or not num_layers:
-        where = f" in {arch.text_config_key}" if arch.text_config_key else ""
-        raise DropMapError(
-            f"{source}: not a mixture-of-experts config (needs {arch.num_experts_key}, {arch.top_k_key} and "
-            f"num_hidden_layers{where})"
-        )
-    dense = arch.dense_reason(config)
-    if dense:
-        raise DropMapError(f"{source}: {dense}")
-    return int(num_experts), int(top_k), arch.moe_layers(config)
 
 
 def read_model_config(model_dir: Path) -> dict[str, Any]:
     """The ``config.json`` of a local model directory."""
-    from moeprune.userfile import read_json_object
-
     path = Path(model_dir) / "config.json"
     if not path.exists():
         raise DropMapError(f"{path}: not found; point model.base at a Hugging Face model directory")
-    return read_json_object(path, "base model's config.json", DropMapError)
+    return read_config(path, "base model's config.json", DropMapError)
 
 
 def check_profile_matches_model(
@@ -186,7 +171,7 @@ def check_drop_map(
                 f"{source}: covers layers {_short(seen_layers)} but the model has MoE layers "
                 f"{_short(model_layers)}: the drop map is of another model"
             )
-        arch_for_config(model_config).check_drop_map(drop_map, model_config, source)
+        ModelSpec.from_config(model_config).check_drop_map(drop_map, source)
 
 
 def write_drop_map(path: Path, drop_map: dict[str, Any], model_config: dict[str, Any] | None = None) -> None:

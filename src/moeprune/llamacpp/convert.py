@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from moeprune.arch import arch_for_config, arch_for_gguf
+from moeprune.arch import ModelSpec, arch_for_gguf, inspect
 from moeprune.atomic import write_json
 from moeprune.errors import MoepruneError
 from moeprune.hashing import sha256_file
@@ -37,13 +37,13 @@ class GGUFCheckError(MoepruneError):
     """A converted GGUF disagrees with the checkpoint it came from."""
 
 
-def read_hf_config(hf_dir: Path) -> dict[str, Any]:
-    config_path = hf_dir / "config.json"
-    if not config_path.is_file():
+def hf_spec(hf_dir: Path) -> ModelSpec:
+    """The checkpoint's :class:`ModelSpec` (its config.json must be there)."""
+    if not (hf_dir / "config.json").is_file():
         raise MoepruneError(f"{hf_dir}: no config.json; pass a Hugging Face model directory")
-    from moeprune.userfile import read_json_object
+    from moeprune.userfile import UserFileError
 
-    return read_json_object(config_path, "model's config.json")
+    return inspect(hf_dir, "model's config.json", UserFileError)
 
 
 def check_shards(hf_dir: Path) -> list[Path]:
@@ -207,11 +207,11 @@ def convert_to_gguf(
     out_path = Path(out_path)
     if outtype not in OUTTYPES:
         raise MoepruneError(f"quantize.convert_outtype = {outtype!r}: use one of {', '.join(OUTTYPES)}")
-    config = read_hf_config(hf_dir)
+    spec = hf_spec(hf_dir)
     shards = check_shards(hf_dir)
     source_files = source_file_hashes(hf_dir, shards)  # before converting: what the converter reads
-    adapter = arch_for_config(config, hf_dir / "config.json")
-    num_experts = adapter.raw_num_experts(config)
+    adapter = spec.adapter
+    num_experts = spec.num_experts_stated
     base = base_model_of(hf_dir)
     metadata_override = {
         "general.base_models": [{k: v for k, v in base.items() if k != "id"}],

@@ -52,27 +52,12 @@ def tokenizer_sha256(model_dir: Path) -> str:
     return hash_files(model_dir, TOKENIZER_FILE_PATTERNS)[0]
 
 
-def _model_class(config: Any):
-    import transformers
-
-    architectures = list(getattr(config, "architectures", None) or [])
-    for name in architectures:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    # No usable architecture recorded: ask the Auto classes, multimodal first (Gemma 4 is image-text-to-text).
-    for auto in (transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM):
-        if type(config) in auto._model_mapping:
-            return auto
-    raise ModelLoadError(f"no transformers model class for config type {type(config).__name__}")
-
-
 def load_config(model_dir: Path) -> Any:
     """The model's transformers config (no weights)."""
-    import transformers
+    from moeprune.arch import transformers_config
 
     try:
-        return transformers.AutoConfig.from_pretrained(model_dir)
+        return transformers_config(model_dir)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{model_dir}: cannot read the model's config ({exc})") from None
 
@@ -91,12 +76,13 @@ def check_weights(model_dir: Path) -> None:
 def load_model(model_dir: Path, dtype: str, device_map: str) -> Any:
     """Load the model for inference with accelerate's ``device_map`` (``auto`` spreads over GPUs / offloads)."""
     import torch
-    import transformers
+
+    from moeprune.arch import transformers_config, transformers_model_class
 
     check_weights(model_dir)
     try:
-        config = transformers.AutoConfig.from_pretrained(model_dir)
-        cls = _model_class(config)
+        config = transformers_config(model_dir)
+        cls = transformers_model_class(config)
         model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype), device_map=device_map)
     except MoepruneError:
         raise
@@ -119,14 +105,6 @@ def load_tokenizer(model_dir: Path) -> Any:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelLoadError(f"{model_dir}: cannot load the tokenizer ({type(exc).__name__}: {first}); "
                              "check its tokenizer files or re-download them") from None
-
-
-def context_length(model_or_config: Any) -> int | None:
-    """Maximum sequence length the model supports (``max_position_embeddings`` of the text config)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(text, "max_position_embeddings", None)
-    return int(value) if value else None
 
 
 def input_device(model: Any) -> Any:

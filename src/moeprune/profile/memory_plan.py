@@ -22,8 +22,6 @@ The estimates, in bytes (``w`` = bytes per weight in ``model.dtype``):
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,6 @@ from typing import Any
 from moeprune.errors import MoepruneError
 
 GIB = 1024**3
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _FIXED_OVERHEAD_BYTES = 600 * 1024**2  # Python, torch and transformers themselves
 
@@ -191,58 +188,32 @@ def plan_memory(
 # --- gathering the inputs -----------------------------------------------------------------------
 
 
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    return config.get("text_config") or config
-
-
 def model_facts(model_dir: Path, dtype: str) -> ModelFacts:
-    """Facts from ``config.json`` and the safetensors headers of ``model_dir`` (no tensor data read)."""
-    from moeprune.io.checkpoint import Checkpoint
+    """Facts from the model's :class:`~moeprune.arch.ModelSpec`: its config and safetensors
+    headers (no tensor data read)."""
+    from moeprune.arch import ArchError, inspect
 
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    text = _text_config(config)
-    num_layers = int(text["num_hidden_layers"])
+    spec = inspect(model_dir)
+    try:
+        sizes = spec.load_sizes()
+    except ArchError as exc:
+        raise MemoryPlanError(str(exc)) from None
     w = _DTYPE_BYTES[dtype]
-    layer_bytes = [0] * num_layers
-    shell = unused = 0
-    by_prefix: dict[str, set[int]] = {}
-    infos = list(Checkpoint.open(model_dir).tensors())
-    pattern = re.compile(r"^(.*?)layers\.(\d+)\.")
-    for info in infos:
-        match = pattern.match(info.name)
-        if match and not re.search(r"vision|audio", match.group(1)):
-            by_prefix.setdefault(match.group(1), set()).add(int(match.group(2)))
-    prefixes = [p for p, indices in by_prefix.items() if indices == set(range(num_layers))]
-    if len(prefixes) != 1:
-        raise MemoryPlanError(f"{model_dir}: cannot tell the {num_layers} decoder layers apart in the tensor names")
-    prefix = prefixes[0]
-    for info in infos:
-        numel = 1
-        for dim in info.shape:
-            numel *= dim
-        nbytes = numel * w if info.dtype in _FLOAT_DTYPES else info.nbytes
-        match = pattern.match(info.name)
-        if match and match.group(1) == prefix:
-            layer_bytes[int(match.group(2))] += nbytes
-        elif re.search(r"vision|audio|^lm_head\.", info.name):
-            unused += nbytes
-        else:
-            shell += nbytes
-    heads = int(text.get("num_attention_heads", 1))
-    hidden = int(text["hidden_size"])
+    heads = spec.text_int("num_attention_heads") or 1
+    hidden = spec.required_int("hidden_size")
     return ModelFacts(
-        num_layers=num_layers,
+        num_layers=len(sizes.layers),
         hidden_size=hidden,
         num_attention_heads=heads,
-        num_key_value_heads=int(text.get("num_key_value_heads") or heads),
-        head_dim=int(max(text.get("head_dim") or hidden // heads, text.get("global_head_dim") or 0)),
-        intermediate_size=int(text.get("intermediate_size") or 0),
-        moe_intermediate_size=int(text.get("moe_intermediate_size") or text.get("intermediate_size") or 0),
-        top_k=int(text.get("top_k_experts") or text.get("num_experts_per_tok") or 0),
-        vocab_size=int(text.get("vocab_size") or 0),
-        layer_bytes=tuple(layer_bytes),
-        shell_bytes=shell,
-        unused_bytes=unused,
+        num_key_value_heads=spec.text_int("num_key_value_heads") or heads,
+        head_dim=max(spec.text_int("head_dim") or hidden // heads, spec.text_int("global_head_dim") or 0),
+        intermediate_size=spec.text_int("intermediate_size") or 0,
+        moe_intermediate_size=spec.text_int("moe_intermediate_size") or spec.text_int("intermediate_size") or 0,
+        top_k=spec.top_k or 0,
+        vocab_size=spec.text_int("vocab_size") or 0,
+        layer_bytes=tuple(layer.bytes_at(w) for layer in sizes.layers),
+        shell_bytes=sizes.shell.bytes_at(w),
+        unused_bytes=sizes.unused.bytes_at(w),
     )
 
 

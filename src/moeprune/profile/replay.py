@@ -135,7 +135,8 @@ def replay_sequences(
     """
     import torch
 
-    from moeprune.profile.loading import context_length, input_device
+    from moeprune.arch import context_length
+    from moeprune.profile.loading import input_device
 
     if context_tokens is None:
         context_tokens = context_length(model)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from moeprune.arch import context_length, inspect, text_config_object
 from moeprune.atomic import write_json
 from moeprune.base_model import resolve_base
 from moeprune.errors import MoepruneError
@@ -26,7 +27,6 @@ from moeprune.profile.generate import (
 )
 from moeprune.profile.llama_generate import run_llama_server_generation
 from moeprune.profile.loading import (
-    context_length,
     load_config,
     load_model,
     load_tokenizer,
@@ -266,8 +266,8 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
     if recipe.profile.replay == "streamed":
         loaded.clear()  # phase 1's whole model (if any) goes before the layers come one by one
         info = StreamInfo()
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        with phase_progress("phase 2: streamed replay (layer x tokens)", total_tokens * text.num_hidden_layers, progress) as advance:
+        num_layers = inspect(model_dir).required_int("num_hidden_layers")
+        with phase_progress("phase 2: streamed replay (layer x tokens)", total_tokens * num_layers, progress) as advance:
             replay = replay_streamed(
                 model_dir,
                 sequences,
@@ -314,7 +314,7 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
 
     from moeprune.arch import arch_for_model
 
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_config = text_config_object(config)
     moe = {
         "layers": stats.layers,
         "num_experts": stats.num_experts,

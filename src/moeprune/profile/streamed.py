@@ -23,9 +23,8 @@ measured holding one layer at a time plus the hidden states of every calibration
    (:func:`moeprune.profile.allocator.return_freed_memory`), so the resident size stays one layer
    plus the activations instead of creeping up from layer to layer.
 
-Which on-disk tensors make each in-memory one is the family adapter's
-:meth:`~moeprune.arch.base.MoeArch.checkpoint_sources`: transformers' own weight-loading plan
-(its conversion mapping), so a family saved with one tensor per expert
+Which on-disk tensors make each in-memory one is :func:`moeprune.io.loading_plan.loading_plan`:
+transformers' own weight-loading plan (its conversion mapping), so a family saved with one tensor per expert
 (``mlp.experts.{i}.gate_proj.weight``, ...) gets its fused ``gate_up_proj [E, 2I, H]`` and
 ``down_proj [E, H, I]`` stacked by transformers' own converters from only that layer's tensors,
 exactly as ``from_pretrained`` builds them. Stack-and-concatenate converters (all the families
@@ -50,9 +49,9 @@ from typing import Any
 
 import torch
 
-from moeprune.arch.base import TensorSource
 from moeprune.errors import MoepruneError
 from moeprune.io.checkpoint import Checkpoint, TensorInfo
+from moeprune.io.loading_plan import TensorAssembly, identity_plan, loading_plan
 from moeprune.profile.allocator import return_freed_memory
 from moeprune.profile.hooks import ContributionRecorder, instrument_moe
 from moeprune.profile.replay import (
@@ -94,21 +93,21 @@ class StreamLayout:
     ``body``: the module whose forward the whole-model replay calls (no LM head);
     ``layers``: the decoder layers' ``ModuleList``; ``unused``: modules a text-only forward never
     touches (vision / audio towers, the LM head): left on ``meta``; ``sources(model, names)``: how
-    each in-memory tensor is made from the checkpoint tensors ``names`` (the family adapter's
-    :meth:`~moeprune.arch.base.MoeArch.checkpoint_sources`; None: the checkpoint holds the
-    in-memory names and layout).
+    each in-memory tensor is made from the checkpoint tensors ``names`` (transformers' plan,
+    :func:`~moeprune.io.loading_plan.loading_plan`; None: the checkpoint holds the in-memory names
+    and layout).
     """
 
     body: str
     layers: str
     unused: tuple[str, ...] = ()
-    sources: Callable[[torch.nn.Module, Sequence[str]], Mapping[str, TensorSource]] | None = None
+    sources: Callable[[torch.nn.Module, Sequence[str]], Mapping[str, TensorAssembly]] | None = None
 
-    def plan(self, model: torch.nn.Module, checkpoint: Checkpoint) -> Mapping[str, TensorSource]:
+    def plan(self, model: torch.nn.Module, checkpoint: Checkpoint) -> Mapping[str, TensorAssembly]:
         """In-memory tensor name -> how to read it from ``checkpoint``."""
         if self.sources is not None:
             return self.sources(model, checkpoint.names())
-        return {name: TensorSource(name, ((name, (name,)),)) for name in checkpoint.names()}
+        return identity_plan(checkpoint.names())
 
 
 def _get(root: torch.nn.Module, path: str) -> Any:
@@ -131,7 +130,7 @@ def find_stream_layout(model: torch.nn.Module) -> StreamLayout:
             body=arch.replay_body_path(model),
             layers=arch.decoder_layers_path(model),
             unused=arch.streamed_unused_modules(model),
-            sources=arch.checkpoint_sources,
+            sources=loading_plan,
         )
     except ArchError as exc:
         raise StreamedReplayError(f"streamed replay: {exc}; use profile.replay = \"whole\"") from None
@@ -168,16 +167,16 @@ def read_tensor_into(checkpoint: Checkpoint, info: TensorInfo, target: torch.Ten
 
 
 def read_source(
-    checkpoint: Checkpoint, source: TensorSource, slot: torch.Tensor, device: torch.device, model: Any = None
+    checkpoint: Checkpoint, source: TensorAssembly, slot: torch.Tensor, device: torch.device, model: Any = None
 ) -> torch.Tensor:
     """The value of the in-memory tensor ``slot`` (a meta tensor: shape and dtype), read from the
     checkpoint tensors ``source`` names and nothing else.
 
     One on-disk tensor is read straight into a new tensor on ``device``. Parts that transformers'
     converter only stacks and concatenates (per-expert gate / up / down) are each read straight
-    into their slice (:meth:`TensorSource.placements`), cast to the slot's dtype as
+    into their slice (:meth:`TensorAssembly.placements`), cast to the slot's dtype as
     ``from_pretrained`` casts them: no second copy of the tensor. Any other converter runs itself
-    (:meth:`TensorSource.assemble`) on the CPU. Raises StreamedReplayError when a tensor is
+    (:meth:`TensorAssembly.assemble`) on the CPU. Raises StreamedReplayError when a tensor is
     missing or the parts do not fit the model's shape.
     """
     for name in source.names:
@@ -295,7 +294,7 @@ def materialize(
     layout: StreamLayout,
     device: torch.device,
     skip: Sequence[str] = (),
-    sources: Mapping[str, TensorSource] | None = None,
+    sources: Mapping[str, TensorAssembly] | None = None,
 ) -> _Built:
     """Give every tensor under module ``path`` of the meta-built ``model`` its value on ``device``:
     persistent ones from the checkpoint, non-persistent buffers from the model's own init.
@@ -350,13 +349,12 @@ def materialize(
 
 def meta_model(model_dir: Path, dtype: str) -> torch.nn.Module:
     """The model of ``model_dir`` built from its config with its own transformers class, on ``meta``."""
-    import transformers
-
-    from moeprune.profile.loading import ModelLoadError, _model_class
+    from moeprune.arch import transformers_config, transformers_model_class
+    from moeprune.profile.loading import ModelLoadError
 
     try:
-        config = transformers.AutoConfig.from_pretrained(model_dir)
-        cls = _model_class(config)
+        config = transformers_config(model_dir)
+        cls = transformers_model_class(config)
         with torch.device("meta"):
             if hasattr(cls, "_from_config"):
                 model = cls._from_config(config, dtype=getattr(torch, dtype))
@@ -510,7 +508,7 @@ def replay_streamed(
     tokens, so the total is ``num_layers * tokens``. Returns the same statistics as the
     whole-model replay.
     """
-    from moeprune.profile.loading import context_length
+    from moeprune.arch import context_length
 
     device = stream_device(device_map)
     model = meta_model(model_dir, dtype)

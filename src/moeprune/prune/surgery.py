@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeprune.arch import ArchError, MoeArch, arch_for_config
+from moeprune.arch import ArchError, ModelSpec, MoeArch, read_config
 from moeprune.arch.base import EXPERT, ExpertTensor
 from moeprune.errors import MoepruneError
 from moeprune.io.checkpoint import INDEX_NAME, SINGLE_FILE_NAME, Checkpoint, TensorInfo
@@ -78,36 +78,29 @@ class PrunePlan:
         return tensor.renamed(keep.index(tensor.expert))
 
 
-def arch_of(config: dict[str, Any], source: Path | str) -> MoeArch:
+def spec_of(config: dict[str, Any], source: Path | str) -> ModelSpec:
+    """The :class:`ModelSpec` of a config dict (PruneError for an unknown family)."""
     try:
-        return arch_for_config(config, source)
+        return ModelSpec.from_config(config, source)
     except ArchError as exc:
         raise PruneError(str(exc)) from None
 
 
 def config_num_experts(config: dict[str, Any], source: Path | str) -> int:
-    arch = arch_of(config, source)
+    spec = spec_of(config, source)
     try:
-        return arch.num_experts(config, source)
+        return spec.num_experts
     except ArchError as exc:
         raise PruneError(str(exc)) from None
 
 
 def pruned_config(config: dict[str, Any], num_experts_kept: int) -> dict[str, Any]:
     """A copy of ``config`` with the expert count set to ``num_experts_kept``."""
-    return arch_of(config, "config.json").with_num_experts(config, num_experts_kept)
+    return spec_of(config, "config.json").with_num_experts(num_experts_kept)
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PruneError(f"{path}: {what} not found") from None
-    except (OSError, ValueError) as exc:
-        raise PruneError(f"{path}: {what} is not readable JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise PruneError(f"{path}: {what} must be a JSON object")
-    return value
+def read_model_config(path: Path, what: str) -> dict[str, Any]:
+    return read_config(path, what, PruneError)
 
 
 def load_drop_map_file(path: Path) -> DropMap:
@@ -138,9 +131,10 @@ def check_experts_match_config(checkpoint: Checkpoint, config: dict[str, Any], c
     the config key, its value and the tensor shape found: prune's own check, which ``invoke check``
     runs too, so a config that disagrees with its checkpoint is refused before any work.
     """
-    arch = arch_of(config, config_path)
+    spec = spec_of(config, config_path)
+    arch = spec.adapter
     num_experts = config_num_experts(config, config_path)
-    key = arch.config_key_path(arch.count_key(config))
+    key = spec.num_experts_path
     expert_tensors = moe_expert_tensors(checkpoint, arch)
     if not expert_tensors:
         labels = ", ".join(p.label for p in arch.expert_patterns)
@@ -203,7 +197,7 @@ def plan_prune(checkpoint: Checkpoint, config: dict[str, Any], config_path: Path
             "(dropmap.strategy = 'uniform-min-retention' or 'uniform-count')"
         )
     try:
-        arch.check_drop_map(drop_map, config, drop_map_path)
+        spec_of(config, config_path).check_drop_map(drop_map, drop_map_path)
     except ArchError as exc:
         raise PruneError(str(exc)) from None
     kept = int(drop_map.num_experts_kept)  # a uniform map states its one count (checked when loaded)
@@ -241,7 +235,7 @@ def prune_checkpoint(base_dir: str | Path, drop_map_path: str | Path, out_dir: s
     if out_dir.resolve() == base_dir.resolve():
         raise PruneError(f"output directory {out_dir} is the base model directory; choose another --out")
     config_path = base_dir / "config.json"
-    config = read_json(config_path, "model config")
+    config = read_model_config(config_path, "model config")
     drop_map = load_drop_map_file(drop_map_path)
     with Checkpoint.open(base_dir) as checkpoint:
         plan = plan_prune(checkpoint, config, config_path, drop_map, drop_map_path)

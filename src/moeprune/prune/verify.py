@@ -29,7 +29,7 @@ from moeprune.prune.surgery import (
     load_drop_map_file,
     plan_prune,
     pruned_config,
-    read_json,
+    read_model_config,
 )
 
 _COMPARE_CHUNK_BYTES = 16 * 1024 * 1024
@@ -94,8 +94,8 @@ def verify_prune(base_dir: str | Path, pruned_dir: str | Path, drop_map: dict[st
     base_dir, pruned_dir = Path(base_dir), Path(pruned_dir)
     report = PruneVerifyReport(base_dir=str(base_dir), pruned_dir=str(pruned_dir))
     base_config_path = base_dir / "config.json"
-    base_config = read_json(base_config_path, "model config")
-    pruned_config_json = read_json(pruned_dir / "config.json", "pruned model config")
+    base_config = read_model_config(base_config_path, "model config")
+    pruned_config_json = read_model_config(pruned_dir / "config.json", "pruned model config")
     if drop_map is None:
         drop_map_path = pruned_dir / DROP_MAP_NAME
         drop_map = load_drop_map_file(drop_map_path)
