@@ -65,9 +65,13 @@ WAIT_HELP = "If another process writes this run, wait for it to finish instead o
 stage_task = functools.partial(moeprune_task, load_recipe=_runner_recipe, run_of=_run_of)
 
 
-@task(help={"k": "Only tests matching this pytest -k expression.", "fast": "Skip tests marked slow."})
+@task(help={
+    "k": "Only tests matching this pytest -k expression.",
+    "fast": "Only the fast tier: no demo reproduce, no family models, no llama.cpp build or server, no Docker "
+            "(tests/conftest.py marks those slow from the fixtures they request).",
+})
 def test(c, k="", fast=False):
-    """Run the test suite (pytest)."""
+    """Run the test suite (pytest); --fast runs the tier that builds and starts nothing."""
     args = [sys.executable, "-m", "pytest", "tests"]
     if k:
         args += ["-k", repr(k)]
