@@ -22,12 +22,18 @@ sys.path.insert(0, str(ROOT / "src"))  # usable from a source tree even before `
 
 from moeprune import commands  # noqa: E402
 from moeprune.cli import moeprune_task  # noqa: E402
+from moeprune.dropmap.types import CRITERIA, STRATEGIES  # noqa: E402
 from moeprune.recipe import load_recipe  # noqa: E402
 
 DEFAULT_RECIPE = "recipes/demo.toml"
 RECIPE_HELP = f"Recipe TOML file (default: {DEFAULT_RECIPE})."
 RUNNER_HELP = "Where to run: native (here) or docker (the same command in the pinned image); default: the recipe's."
 WHICH_HELP = "Which model: 'pruned' (default) or 'base'."
+
+
+def _one_of(names: tuple[str, ...]) -> str:
+    """``a, b or c``: a list for a help text, from its one definition."""
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 Runner = Literal["native", "docker"]
 Which = Literal["pruned", "base"]
 
@@ -59,9 +65,13 @@ WAIT_HELP = "If another process writes this run, wait for it to finish instead o
 stage_task = functools.partial(moeprune_task, load_recipe=_runner_recipe, run_of=_run_of)
 
 
-@task(help={"k": "Only tests matching this pytest -k expression.", "fast": "Skip tests marked slow."})
+@task(help={
+    "k": "Only tests matching this pytest -k expression.",
+    "fast": "Only the fast tier: no demo reproduce, no family models, no llama.cpp build or server, no Docker "
+            "(tests/conftest.py marks those slow from the fixtures they request).",
+})
 def test(c, k="", fast=False):
-    """Run the test suite (pytest)."""
+    """Run the test suite (pytest); --fast runs the tier that builds and starts nothing."""
     args = [sys.executable, "-m", "pytest", "tests"]
     if k:
         args += ["-k", repr(k)]
@@ -148,8 +158,8 @@ def serve(c, recipe: Path | None = None, which: Which = "pruned", type: str | No
 @stage_task(
     help={
         "recipe": RECIPE_HELP, "runner": RUNNER_HELP, "wait": WAIT_HELP,
-        "strategy": "Override dropmap.strategy: uniform-min-retention, uniform-count or per-layer-retention.",
-        "criterion": "Override dropmap.criterion: contribution-sum, sequence-norm-sum, reap-mean, frequency, domain-max or random.",
+        "strategy": f"Override dropmap.strategy: {_one_of(STRATEGIES)}.",
+        "criterion": f"Override dropmap.criterion: {_one_of(CRITERIA)}.",
         "threshold": "Override dropmap.retention_threshold, in (0, 1] (e.g. 0.99).",
         "keep_count": "Override dropmap.keep_count (uniform-count).",
         "protect_top_k": "Override dropmap.protect_top_k: always keep each layer's top-K experts.",

@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tiny_gemma4 import NUM_EXPERTS, NUM_LAYERS, save_tiny_gemma4
 
 from moeprune.layout import RunLayout
 from moeprune.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-NUM_EXPERTS = 16
-NUM_LAYERS = 4
 DOMAINS = ["math", "logic", "code", "science", "creative"]
 TASK = "demo_mcq"
 LETTERS = "ABCD"
@@ -40,24 +39,7 @@ class FakeRun:
 
 
 def save_tiny_model(out_dir: Path, seed: int = 0) -> Path:
-    import torch
-    import transformers
-    from transformers import Gemma4Config, Gemma4TextConfig
-
-    torch.manual_seed(seed)
-    cfg = Gemma4Config(
-        text_config=Gemma4TextConfig(
-            vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=NUM_LAYERS,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
-            enable_moe_block=True, num_experts=NUM_EXPERTS, top_k_experts=2, moe_intermediate_size=32,
-            hidden_size_per_layer_input=0, sliding_window=64,
-            layer_types=["sliding_attention"] * 3 + ["full_attention"],
-        ),
-        vision_config=None,
-        audio_config=None,
-    )
-    model = transformers.Gemma4ForConditionalGeneration(cfg)
-    model.save_pretrained(out_dir, max_shard_size="300KB")
+    save_tiny_gemma4(out_dir, seed, max_shard_size="300KB")
     (out_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 2048}))
     return out_dir
 
@@ -268,3 +250,22 @@ def make_fake_run(root: Path, *, with_card: bool = True, with_manifest: bool = T
 
         write_manifest(layout, recipe.settings(), {"repo_ids": {"model": "me/fake-pruned", "gguf": "me/fake-pruned-GGUF"}})
     return FakeRun(recipe, layout, base_dir)
+
+
+def regenerate_outputs(run: Path) -> None:
+    """Results, card and manifest rebuilt from a run's (edited) files with the project's own code.
+
+    What a forger does last, so that every derived file agrees with the forgery: the checks that
+    must still catch it are the ones that re-derive from the inputs, not the ones that compare
+    derived files with each other."""
+    from moeprune.card.render import render_card
+    from moeprune.card.source import ArtifactSource
+    from moeprune.eval.results import write_results
+    from moeprune.manifest import write_manifest
+
+    layout = RunLayout(run)
+    manifest = json.loads(layout.manifest_path.read_text())
+    context = json.loads((layout.card_dir / "card_numbers.json").read_text())["context"]
+    results = write_results(layout.eval_dir)
+    render_card(ArtifactSource.from_run(layout, manifest["recipe"]), results, layout.card_dir, context)
+    write_manifest(layout, manifest["recipe"], {"repo_ids": manifest["repo_ids"], "llamacpp": manifest["llamacpp"]})

@@ -89,35 +89,30 @@ def test_drop_map_is_typed_validated_once_and_read_only(tmp_path):
 
 def test_gemma4_layer_build_embedding_masking_and_in_memory_prune():
     import torch
-    import transformers
+    from tiny_gemma4 import NUM_EXPERTS, NUM_LAYERS, TEXT_CONFIG, tiny_gemma4_model
 
     from moeprune.arch import arch_for_model
 
-    text = transformers.Gemma4TextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, global_head_dim=32, enable_moe_block=True, num_experts=4,
-        top_k_experts=2, moe_intermediate_size=16, hidden_size_per_layer_input=0, sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"])
-    torch.manual_seed(0)
-    model = transformers.Gemma4ForConditionalGeneration(
-        transformers.Gemma4Config(text_config=text, vision_config=None, audio_config=None)).eval()
+    model = tiny_gemma4_model()
     arch = arch_for_model(model)
-    assert [m.layer_index for m in arch.moe_modules(model)] == [0, 1]
+    assert [m.layer_index for m in arch.moe_modules(model)] == list(range(NUM_LAYERS))
     layer = arch.build_decoder_layer(model.config, 1)
     assert type(layer).__name__ == "Gemma4TextDecoderLayer"
     layer.load_state_dict(arch.decoder_layers(model)[1].state_dict())
     ids = torch.tensor([[1, 5, 9]])
     torch.testing.assert_close(arch.embed_inputs(model, ids), model.get_input_embeddings()(ids))
     router = arch.moe_modules(model)[0].router
-    hidden = torch.randn(3, 32)
+    hidden = torch.randn(3, TEXT_CONFIG["hidden_size"])
     probabilities, weights, index = router(hidden)
     logits = torch.log(probabilities)  # softmax is shift-invariant: log-probabilities route the same
     got_weights, got_index = arch.route(router, logits)
     assert torch.equal(got_index, index) and torch.allclose(got_weights, weights)
     with torch.no_grad():
-        with arch.masked_routing(model, {0: [0, 1], 1: [2, 3]}):
+        half = NUM_EXPERTS // 2  # even layers drop the first half of their experts, odd layers the second
+        dropped = {layer: range(half) if layer % 2 == 0 else range(half, NUM_EXPERTS) for layer in range(NUM_LAYERS)}
+        with arch.masked_routing(model, dropped):
             masked = model(input_ids=ids).logits
-        arch.prune_in_memory(model, {0: [2, 3], 1: [0, 1]})
+        arch.prune_in_memory(model, {layer: sorted(set(range(NUM_EXPERTS)) - set(drop)) for layer, drop in dropped.items()})
         pruned = model(input_ids=ids).logits
-    assert arch.model_num_experts(model) == 2
+    assert arch.model_num_experts(model) == half
     torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-5)

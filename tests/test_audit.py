@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from invoke_cli import invoke
 
 from moeprune.audit import AuditError, audit_directory
 from moeprune.audit.claims import parse_card
 from moeprune.schemas import validate
+from moeprune.demo import MODEL_DIR as DEMO_BASE
 from seed_layout import change_one_sample, flip_kept_expert_byte, inflate_card_claim, keep_one_more_expert, write_seed_layout
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_BASE = ROOT / "src" / "moeprune" / "demo" / "model"
 
 # Lines of the seed card (shared/reference/gemma-4-A4B-109e-model-card.txt), as laid out there.
 SEED_CARD_EXCERPT = """\
@@ -109,13 +109,11 @@ def _failures(report, section: str | None = None) -> list:
 def test_untouched_seed_layout_passes_through_the_command_line(seed_artifact, tmp_path):
     """`invoke audit SOURCE --base BASE --reprofile RECIPE --json OUT`, as an auditor runs it."""
     out = tmp_path / "audit.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "audit", str(seed_artifact),
-         "--base", str(DEMO_BASE), "--reprofile", str(ROOT / "recipes" / "demo.toml"), "--json", str(out)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=1800,
-        env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path),
-             "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "MOEPRUNE_RUNS_DIR": str(tmp_path / "runs")},
-    )
+    done = invoke("--search-root", str(ROOT), "audit", str(seed_artifact), "--base", str(DEMO_BASE),
+                  "--reprofile", str(ROOT / "recipes" / "demo.toml"), "--json", str(out), cwd=tmp_path, timeout=1800,
+                  env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path),
+                       "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "MOEPRUNE_RUNS_DIR": str(tmp_path / "runs")},
+                  inherit_env=False)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert "audit passed" in done.stdout
     report = json.loads(out.read_text())
@@ -258,9 +256,8 @@ def test_command_line_exits_1_naming_the_file_and_both_values(seed_artifact, tmp
     out = tmp_path / "audit.json"
     env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
            "COLUMNS": "250"}
-    invoke = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "audit"]
-    done = subprocess.run(invoke + [str(artifact), "--json", str(out)], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=600)
+    audit_cli = ("--search-root", str(ROOT), "audit", str(artifact))
+    done = invoke(*audit_cli, "--json", str(out), cwd=tmp_path, env=env, inherit_env=False)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "audit FAILED" in done.stdout
     report = json.loads(out.read_text())
@@ -268,8 +265,7 @@ def test_command_line_exits_1_naming_the_file_and_both_values(seed_artifact, tmp
     (row,) = [r for r in report["checks"] if r["status"] == "fail"]
     assert row["target"].startswith("README.md") and row["claimed"] == inflated
     assert f"claimed {inflated!r}, recomputed {row['recomputed']!r}" in row["detail"]
-    bad = subprocess.run(invoke + [str(artifact), "--base", str(tmp_path / "nowhere")], capture_output=True, text=True,
-                         cwd=tmp_path, env=env, timeout=600)
+    bad = invoke(*audit_cli, "--base", str(tmp_path / "nowhere"), cwd=tmp_path, env=env, inherit_env=False)
     assert bad.returncode == 1 and "--base" in bad.stderr and "config.json" in bad.stderr
 
 
@@ -283,11 +279,10 @@ def test_out_of_range_expert_in_per_layer_keep_is_a_failed_check_with_and_withou
     path.write_text(json.dumps(meta, indent=2))
     env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
            "COLUMNS": "250"}
-    invoke = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "audit", str(artifact)]
     for extra in ([], ["--base", str(DEMO_BASE)]):
         out = tmp_path / f"audit{len(extra)}.json"
-        done = subprocess.run(invoke + extra + ["--json", str(out)], capture_output=True, text=True, cwd=tmp_path,
-                              env=env, timeout=600)
+        done = invoke("--search-root", str(ROOT), "audit", str(artifact), *extra, "--json", str(out), cwd=tmp_path,
+                      env=env, inherit_env=False)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout[-3000:] + done.stderr[-3000:]
         assert "audit FAILED" in done.stdout
         failed = [r for r in json.loads(out.read_text())["checks"] if r["status"] == "fail"]

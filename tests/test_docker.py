@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_gemma4 import save_tiny_gemma4
 
 from moeprune.hashing import file_digests, sha256_file
 from moeprune.recipe import load_recipe
@@ -114,21 +115,7 @@ def no_leftovers(docker_client):
 
 # --- a deterministic two-stage pipeline: drop map from profile statistics, then prune --------
 def write_tiny_model(directory: Path) -> None:
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.Gemma4Config(
-        text_config=transformers.Gemma4TextConfig(
-            vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
-            enable_moe_block=True, num_experts=16, top_k_experts=2, moe_intermediate_size=32,
-            hidden_size_per_layer_input=0, sliding_window=64,
-            layer_types=["sliding_attention"] * 3 + ["full_attention"],
-        ),
-        vision_config=None, audio_config=None,
-    )
-    transformers.Gemma4ForConditionalGeneration(config).save_pretrained(directory, max_shard_size="200KB")
+    save_tiny_gemma4(directory, max_shard_size="200KB")
 
 
 def write_stats(path: Path, layers: int = 4, experts: int = 16) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from invoke_cli import invoke
+from tiny_gemma4 import tiny_gemma4_model
 
 from moeprune.dropmap.io import build_drop_map, check_drop_map, load_drop_map, write_drop_map
 from moeprune.dropmap.report import report_text
@@ -488,17 +489,16 @@ def test_dropmap_task_runs_from_the_command_line(tmp_path):
                         [0, 1, 2, 3])
     env = {"MOEPRUNE_RUNS_DIR": str(runs), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
            "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
-    invoke = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "dropmap", "--recipe", str(recipe_path)]
-    done = subprocess.run(invoke + ["--strategy", "uniform-count", "--keep-count", "6", "--criterion", "reap-mean"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    dropmap = ("--search-root", str(ROOT), "dropmap", "--recipe", str(recipe_path))
+    done = invoke(*dropmap, "--strategy", "uniform-count", "--keep-count", "6", "--criterion", "reap-mean",
+                  env=env, inherit_env=False, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "chosen N = 6" in done.stdout
     drop_map = load_drop_map(runs / "cli" / "expert_drop_metadata.json")
     assert drop_map["strategy"]["criterion"] == "reap-mean" and drop_map["num_experts_kept"] == 6
-    bad = subprocess.run(invoke + ["--threshold", "1.5"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    bad = invoke(*dropmap, "--threshold", "1.5", env=env, inherit_env=False, cwd=tmp_path)
     assert bad.returncode == 1 and "retention_threshold" in bad.stderr and "(0, 1]" in bad.stderr
-    low = subprocess.run(invoke + ["--strategy", "uniform-count", "--keep-count", "1"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    low = invoke(*dropmap, "--strategy", "uniform-count", "--keep-count", "1", env=env, inherit_env=False, cwd=tmp_path)
     assert low.returncode == 1 and "top-k" in low.stderr
 
 
@@ -507,20 +507,9 @@ def test_dropmap_task_runs_from_the_command_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch = pytest.importorskip("torch")
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
+    import torch
 
-    torch.manual_seed(0)
-    config = Gemma4Config(
-        text_config=Gemma4TextConfig(
-            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=32, global_head_dim=64, enable_moe_block=True, num_experts=16,
-            top_k_experts=2, moe_intermediate_size=32, hidden_size_per_layer_input=0, sliding_window=64,
-            layer_types=["sliding_attention"] * 3 + ["full_attention"],
-        ),
-        vision_config=None, audio_config=None,
-    )
-    model = Gemma4ForConditionalGeneration(config).eval()
+    model = tiny_gemma4_model(vocab_size=128)
     with torch.no_grad():  # distinct per-expert scales so a mis-sliced scale changes the output
         for module in model.modules():
             if hasattr(module, "per_expert_scale"):
@@ -632,11 +621,8 @@ def test_compare_criteria_task_on_a_random_demo_model(tmp_path):
                         np.random.default_rng(4).gamma(0.5, size=(num_layers, 16)), list(range(num_layers)))
     env = {"MOEPRUNE_RUNS_DIR": str(runs), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
            "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "compare-criteria", "--recipe", str(recipe_path),
-         "--docs-dir", str(tmp_path / "docs"), "--no-accuracy"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900,
-    )
+    done = invoke("--search-root", str(ROOT), "compare-criteria", "--recipe", str(recipe_path),
+                  "--docs-dir", str(tmp_path / "docs"), "--no-accuracy", env=env, inherit_env=False, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "docs" / "criteria.json").read_text())
     assert result["examples"] == 4 and result["num_experts"] == 16

@@ -610,12 +610,6 @@ def test_demo_task_loads_from_any_working_directory(tmp_path, monkeypatch):
 
 
 # --- the demo, served by llama-server ------------------------------------------------------------------
-def _demo_ready() -> bool:
-    from moeprune.demo import MODEL_DIR, TASKS_DIR
-
-    return (MODEL_DIR / "build_record.json").is_file() and (TASKS_DIR / "demo_mcq" / "demo_mcq.yaml").is_file()
-
-
 def _prune_demo(model_dir: Path, work: Path, drop_per_layer: int = 4) -> Path:
     """The demo model without the last ``drop_per_layer`` experts of every MoE layer."""
     from moeprune.dropmap.io import build_drop_map, moe_shape, write_drop_map
@@ -635,16 +629,14 @@ def _prune_demo(model_dir: Path, work: Path, drop_per_layer: int = 4) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo_ggufs(tmp_path_factory):
+def demo_ggufs(tmp_path_factory, llama_build_shared):
     """{"base": Q4_K_M GGUF of the demo model, "pruned": Q4_K_M GGUF with 4 experts/layer dropped}."""
     from moeprune.demo import MODEL_DIR
-    from moeprune.llamacpp import ensure_llamacpp
     from moeprune.llamacpp.convert import convert_to_gguf
     from moeprune.llamacpp.quantize import quantize_gguf
-    from moeprune.recipe import LlamaCppSection
 
     work = tmp_path_factory.mktemp("demo_eval")
-    build = ensure_llamacpp(LlamaCppSection())
+    build = llama_build_shared
     sources = {"base": MODEL_DIR, "pruned": _prune_demo(MODEL_DIR, work)}
     paths = {}
     for model, hf_dir in sources.items():
@@ -664,7 +656,6 @@ def _demo_recipe(**eval_overrides):
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-@pytest.mark.skipif(not _demo_ready(), reason="demo model or demo_mcq task not built yet")
 def test_demo_eval_end_to_end(demo_ggufs, tmp_path):
     layout = RunLayout(tmp_path / "demo")
     recipe = _demo_recipe()
@@ -698,7 +689,6 @@ def test_demo_eval_end_to_end(demo_ggufs, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-@pytest.mark.skipif(not _demo_ready(), reason="demo model or demo_mcq task not built yet")
 def test_demo_server_killed_mid_eval(demo_ggufs, tmp_path):
     import os
     import signal
@@ -738,7 +728,6 @@ def test_demo_server_killed_mid_eval(demo_ggufs, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-@pytest.mark.skipif(not _demo_ready(), reason="demo model or demo_mcq task not built yet")
 def test_demo_eval_is_reproducible_with_one_slot(demo_ggufs, tmp_path):
     # Greedy decoding is bit-reproducible only with one server slot and one request at a time:
     # with --parallel 2 llama.cpp batches requests together and the demo's answers change from
@@ -769,7 +758,6 @@ def _metrics(base_url: str) -> dict[str, float]:
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-@pytest.mark.skipif(not _demo_ready(), reason="demo model or demo_mcq task not built yet")
 def test_eval_never_scores_a_rival_llama_server_on_its_port(demo_ggufs, tmp_path, monkeypatch):
     """Issue 22: another llama-server, serving the *pruned* GGUF, holds the port that 8dc2f54's
     free_port() returned for the base's server (taken between the look and the bind). 8dc2f54 took

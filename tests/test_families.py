@@ -11,8 +11,6 @@ and llama-server loads that GGUF and answers. The models are one shared session 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import pytest
 import torch
 
 from families import FAMILIES, NUM_EXPERTS, TOP_K
+from invoke_cli import invoke_ok
 from moeprune.arch import ArchError, arch_for_config, arch_for_dir
 from moeprune.dropmap.io import build_drop_map, load_drop_map, write_drop_map
 from moeprune.dropmap.select import Selection, select_experts
@@ -137,13 +136,6 @@ def _drop_map_for(name: str, model_dir: Path, contribution: np.ndarray, layers: 
     return drop_map
 
 
-def _invoke(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, f"invoke {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
 @pytest.fixture(scope="module")
 def pruned_families(family_models, profiled, tmp_path_factory):
     """name -> (pruned dir, drop map): made with `invoke prune`, checked with `invoke verify-prune`."""
@@ -154,7 +146,8 @@ def pruned_families(family_models, profiled, tmp_path_factory):
         drop_map_path = work / f"{name}.drop.json"
         drop_map = _drop_map_for(name, family_models[name], contribution, layers, drop_map_path)
         pruned = work / name
-        _invoke("prune", "--base", str(family_models[name]), "--drop-map", str(drop_map_path), "--out", str(pruned))
+        invoke_ok("prune", "--base", str(family_models[name]), "--drop-map", str(drop_map_path), "--out", str(pruned),
+                  in_process=True)
         out[name] = (pruned, drop_map)
     return out
 
@@ -182,7 +175,7 @@ def test_prune_and_verify_prune_bit_exact(name, family_models, pruned_families):
         assert "model.layers.1.mlp.shared_experts.down_proj.weight" in names
         assert f"model.layers.1.mlp.experts.{keep - 1}.up_proj.weight" in names
         assert f"model.layers.1.mlp.experts.{keep}.up_proj.weight" not in names
-    verified = _invoke("verify-prune", "--base", str(family_models[name]), "--pruned", str(pruned))
+    verified = invoke_ok("verify-prune", "--base", str(family_models[name]), "--pruned", str(pruned), in_process=True)
     assert "result: OK" in verified.stdout
 
 
@@ -269,19 +262,19 @@ def test_there_is_an_example_recipe_per_family():
 @pytest.mark.parametrize("recipe", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_recipes_pass_invoke_check_offline(recipe, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = _invoke("check", "--recipe", str(recipe))
+    result = invoke_ok("check", "--recipe", str(recipe), in_process=True)
     assert f"recipe '{recipe.stem}' is valid" in result.stdout
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "deepseek_v2", "gpt_oss", "mixtral"])
-def test_card_of_a_family_is_phrased_for_it_and_verifies(name, llama_build_shared, tmp_path):
+def test_card_of_a_family_is_phrased_for_it_and_verifies(name, llama_source_shared, tmp_path):
     """A complete (synthetic-eval) run on the family's model: the card uses its names, and verify passes."""
     from fakerun import make_fake_run
     from families import build_family_model, gpt2_vocab
 
     from moeprune.verify import verify
 
-    vocab = gpt2_vocab(llama_build_shared.root)
+    vocab = gpt2_vocab(llama_source_shared.root)
     run = make_fake_run(tmp_path / "work", save_model=lambda out: build_family_model(name, out, vocab))
     arch = arch_for_dir(run.base_dir)
     card = (run.layout.card_dir / "README.md").read_text()

@@ -25,10 +25,11 @@ import pytest
 
 from moeprune.atomic import WriteError, atomic_dir, atomic_file, write_json
 from moeprune.errors import MoepruneError
+from moeprune.demo import MODEL_DIR as DEMO_MODEL
 from fakerun import demo_recipe_text
+from invoke_cli import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL = ROOT / "src" / "moeprune" / "demo" / "model"
 
 
 def _raise(code):
@@ -155,17 +156,16 @@ def test_stage_disk_error_is_not_hidden_by_the_hash_cache(tmp_path, monkeypatch)
 
 
 # --- the real entry points under a full disk (ulimit -f) ------------------------------------------
-def _limited(limit_bytes: int):
+def _limited(limit_bytes: int | None):
+    """A preexec_fn capping what the subprocess writes at ``limit_bytes`` per file (None: no cap)."""
+    if limit_bytes is None:
+        return None
+
     def preexec():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
     return preexec
-
-
-def _invoke(args, env, limit_bytes=None, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900, preexec_fn=_limited(limit_bytes) if limit_bytes else None)
 
 
 @pytest.fixture
@@ -184,14 +184,14 @@ def demo_copy(demo_run, tmp_path):
 def test_full_disk_in_dropmap_and_card_via_invoke(demo_copy, task, output, limit):
     run, env = demo_copy
     before = _tree(run)
-    result = _invoke([task], env, limit_bytes=limit)
+    result = invoke(task, env=env, preexec_fn=_limited(limit))
     combined = result.stdout + result.stderr
     assert result.returncode != 0, combined
     assert "Traceback" not in combined, combined
     assert output in combined and "then rerun" in combined, combined
     assert _leftovers(run) == []
     assert _tree(run) == before, "the previous good output changed"
-    result = _invoke([task], env)  # the disk has room again: a rerun recovers, same bytes
+    result = invoke(task, env=env)  # the disk has room again: a rerun recovers, same bytes
     assert result.returncode == 0, result.stdout + result.stderr
     assert _tree(run) == before
 
@@ -218,14 +218,14 @@ def test_read_only_run_dir_in_dropmap_and_card_via_invoke(demo_copy, tmp_path, t
     before = _tree(run)
     subprocess.run(["chattr", "+i", str(run)], check=True)
     try:
-        result = _invoke([task], env)
+        result = invoke(task, env=env)
     finally:
         subprocess.run(["chattr", "-i", str(run)], check=True)
     combined = result.stdout + result.stderr
     assert result.returncode != 0 and "Traceback" not in combined, combined
     assert output in combined and "writable, then rerun" in combined, combined
     assert _leftovers(run) == [] and _tree(run) == before
-    result = _invoke([task], env)
+    result = invoke(task, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert _tree(run) == before
 
@@ -263,7 +263,7 @@ def test_invoke_profile_with_a_truncated_shard_is_one_clear_line(tmp_path):
     recipe_path = tmp_path / "demo.toml"
     recipe_path.write_text(recipe)
     env = {**os.environ, "MOEPRUNE_RUNS_DIR": str(tmp_path / "runs")}
-    result = _invoke(["profile", "--recipe", str(recipe_path)], env)
+    result = invoke("profile", "--recipe", str(recipe_path), env=env)
     combined = result.stdout + result.stderr
     assert result.returncode == 1, combined
     assert "Traceback" not in combined and "SafetensorError" not in combined
@@ -271,32 +271,24 @@ def test_invoke_profile_with_a_truncated_shard_is_one_clear_line(tmp_path):
     assert not (tmp_path / "runs" / "demo" / "profile" / "stats.safetensors").exists()
 
 
-@pytest.fixture(scope="module")
-def llama_build():
-    from moeprune.llamacpp import ensure_llamacpp
-    from moeprune.recipe import LlamaCppSection
-
-    return ensure_llamacpp(LlamaCppSection(), say=print)
-
-
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("how", ["truncated", "length"])
-def test_damaged_shard_in_convert_names_the_shard_and_writes_nothing(llama_build, tmp_path, how):
+def test_damaged_shard_in_convert_names_the_shard_and_writes_nothing(llama_build_shared, tmp_path, how):
     from moeprune.llamacpp.convert import convert_to_gguf
 
     model = _damaged_model(tmp_path, how)
     out = tmp_path / "gguf" / "base-F32.gguf"
     with pytest.raises(MoepruneError) as caught:
-        convert_to_gguf(llama_build, model, out, "f32", log_path=tmp_path / "logs" / "convert.log")
+        convert_to_gguf(llama_build_shared, model, out, "f32", log_path=tmp_path / "logs" / "convert.log")
     message = str(caught.value)
     assert "model-00002-of-00002.safetensors" in message and "mmap length" not in message
     assert not out.exists() and _leftovers(tmp_path / "gguf") == []
-    record = convert_to_gguf(llama_build, DEMO_MODEL, out, "f32")  # a rerun on a good checkpoint
+    record = convert_to_gguf(llama_build_shared, DEMO_MODEL, out, "f32")  # a rerun on a good checkpoint
     assert out.is_file() and record["num_experts"] == 16
 
 
 @pytest.mark.llamacpp
-def test_convert_log_write_failure_does_not_hide_the_converters_error(llama_build, tmp_path, monkeypatch):
+def test_convert_log_write_failure_does_not_hide_the_converters_error(llama_build_shared, tmp_path, monkeypatch):
     import moeprune.atomic
     from moeprune.llamacpp.convert import convert_to_gguf
 
@@ -312,7 +304,7 @@ def test_convert_log_write_failure_does_not_hide_the_converters_error(llama_buil
     monkeypatch.setattr(moeprune.atomic, "write_text", full_disk)
     log = tmp_path / "logs" / "convert.log"
     with pytest.raises(MoepruneError) as caught:
-        convert_to_gguf(llama_build, model, tmp_path / "out.gguf", "f32", log_path=log)
+        convert_to_gguf(llama_build_shared, model, tmp_path / "out.gguf", "f32", log_path=log)
     message = str(caught.value)
     assert "convert_hf_to_gguf.py failed" in message and "(exit " in message
     assert "NoSuchArchitectureForCausalLM" in message  # the converter's own error, from its output
@@ -371,7 +363,7 @@ def test_tool_child_dies_with_a_kill_9_parent(tmp_path):
 
 @pytest.mark.llamacpp
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
-def test_converter_dies_when_invoke_convert_is_killed(tmp_path, llama_build):
+def test_converter_dies_when_invoke_convert_is_killed(tmp_path, llama_build_shared):
     runs = tmp_path / "runs"
     shutil.copytree(DEMO_MODEL, tmp_path / "model")
     env = {**os.environ, "MOEPRUNE_RUNS_DIR": str(runs)}
@@ -396,14 +388,14 @@ def test_converter_dies_when_invoke_convert_is_killed(tmp_path, llama_build):
     finally:
         with __import__("contextlib").suppress(ProcessLookupError):
             os.killpg(parent.pid, signal.SIGKILL)
-    result = _invoke(["convert", "--which", "base"], env)  # the rerun recovers
+    result = invoke("convert", "--which", "base", env=env)  # the rerun recovers
     assert result.returncode == 0, result.stdout + result.stderr
     assert (runs / "demo" / "gguf").is_dir() and list((runs / "demo" / "gguf").glob("*.gguf"))
 
 
 # --- the server's port cannot be raced ----------------------------------------------------------------
 @pytest.mark.llamacpp
-def test_server_port_cannot_be_taken_between_look_and_bind(llama_build, tmp_path, monkeypatch):
+def test_server_port_cannot_be_taken_between_look_and_bind(llama_build_shared, tmp_path, monkeypatch):
     """8dc2f54 picked a free port, then started llama-server on it: another process could bind it
     in between. Now llama-server binds a port the kernel chooses (--port 0): a port held by a thief
     (the one the old look would have returned) is never the server's, and the server is proven."""
@@ -415,7 +407,7 @@ def test_server_port_cannot_be_taken_between_look_and_bind(llama_build, tmp_path
     from moeprune.recipe import ServeSection
 
     gguf = tmp_path / "demo-F32.gguf"
-    convert_to_gguf(llama_build, DEMO_MODEL, gguf, "f32")
+    convert_to_gguf(llama_build_shared, DEMO_MODEL, gguf, "f32")
     thief = socket.socket()
     thief.bind(("127.0.0.1", 0))
     thief.listen()
@@ -423,7 +415,7 @@ def test_server_port_cannot_be_taken_between_look_and_bind(llama_build, tmp_path
     monkeypatch.setattr(server_module, "free_port", lambda host="127.0.0.1": stolen, raising=False)
     serve = ServeSection(ctx_size=512, n_gpu_layers=0, parallel=1, threads=2, startup_timeout_s=120)
     try:
-        with LlamaServer(llama_build, gguf, serve, tmp_path / "server.log") as server:
+        with LlamaServer(llama_build_shared, gguf, serve, tmp_path / "server.log") as server:
             assert server.port != stolen
             assert server_module._health_status("127.0.0.1", server.port) == 200
             assert server.identity["model_file"] == gguf.name and server.identity["build_info"]
@@ -435,17 +427,17 @@ def test_server_port_cannot_be_taken_between_look_and_bind(llama_build, tmp_path
 # --- a failed tool ends in one line (issue 22) ------------------------------------------------------------
 @pytest.mark.llamacpp
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="no SIGXFSZ on this platform")
-def test_quantize_stopped_by_a_file_size_limit_is_one_line(tmp_path, llama_build):
+def test_quantize_stopped_by_a_file_size_limit_is_one_line(tmp_path, llama_build_shared):
     """llama-quantize dies of SIGXFSZ (exit -25) writing past ``ulimit -f``: stderr ends in one line
     naming the signal, the limit, the file and the log, which holds the tool's whole output."""
     runs = tmp_path / "runs"
     env = {**os.environ, "MOEPRUNE_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1"}
-    result = _invoke(["convert", "--which", "base"], env)
+    result = invoke("convert", "--which", "base", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     gguf_dir = runs / "demo" / "gguf"
     limit = 1_000_000
     assert (gguf_dir / "base-F32.gguf").stat().st_size > 4 * limit
-    result = _invoke(["quantize", "--which", "base"], env, limit_bytes=limit)
+    result = invoke("quantize", "--which", "base", env=env, preexec_fn=_limited(limit))
     combined = result.stdout + result.stderr
     assert result.returncode != 0, combined
     log = runs / "demo" / "logs" / "quantize-base-Q4_K_M.log"
@@ -459,7 +451,7 @@ def test_quantize_stopped_by_a_file_size_limit_is_one_line(tmp_path, llama_build
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-def test_converter_failure_in_reproduce_is_one_line_in_the_summary(tmp_path, llama_build):
+def test_converter_failure_in_reproduce_is_one_line_in_the_summary(tmp_path, llama_build_shared):
     """The converter's Python traceback (a damaged tokenizer.json, which only the converter reads
     in these stages) stays in its log; the summary table shows the one line naming the exception
     and the log."""
@@ -470,8 +462,8 @@ def test_converter_failure_in_reproduce_is_one_line_in_the_summary(tmp_path, lla
     recipe_path.write_text(demo_recipe_text().replace(f'base = "{ROOT}/src/moeprune/demo/model"', f'base = "{model}"'))
     runs = tmp_path / "runs"
     env = {**os.environ, "MOEPRUNE_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1", "COLUMNS": "250"}
-    result = _invoke(["reproduce", "--recipe", str(recipe_path), "--from", "convert-base", "--until", "convert-base",
-                      "--no-live"], env)
+    result = invoke("reproduce", "--recipe", str(recipe_path), "--from", "convert-base", "--until", "convert-base",
+                    "--no-live", env=env)
     combined = result.stdout + result.stderr
     assert result.returncode != 0, combined
     log = runs / "demo" / "logs" / "convert-base-F32.log"
@@ -500,13 +492,13 @@ def test_publish_dry_run_leaves_the_run_and_its_lock_byte_identical(demo_copy):
     run, env = demo_copy
     before = {p.relative_to(run).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
               for p in sorted(run.rglob("*")) if p.is_file() and "logs" not in p.relative_to(run).parts}
-    result = _invoke(["publish", "--dry-run", "--repo-id", "someone/else", "--gguf-repo-id", "someone/else-GGUF"],
-                     env)
+    result = invoke("publish", "--dry-run", "--repo-id", "someone/else", "--gguf-repo-id", "someone/else-GGUF",
+                    env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "would upload to someone/else (model)" in result.stdout
     after = {p.relative_to(run).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
              for p in sorted(run.rglob("*")) if p.is_file() and "logs" not in p.relative_to(run).parts}
     assert after == before
-    again = _invoke(["reproduce", "--no-live"], env)
+    again = invoke("reproduce", "--no-live", env=env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert set(stage_lines(again).values()) == {"skipped"}, again.stdout + again.stderr

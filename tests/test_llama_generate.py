@@ -14,9 +14,9 @@ from moeprune.profile.llama_generate import (
     cut_at_eos,
     round_trip_mismatch,
 )
+from moeprune.demo import MODEL_DIR as DEMO_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL_DIR = ROOT / "src" / "moeprune" / "demo" / "model"
 
 
 def test_completion_request_is_greedy_on_the_given_ids():
@@ -55,14 +55,12 @@ def test_round_trip_detects_a_non_canonical_tokenization():
 
 
 @pytest.fixture(scope="module")
-def demo_gguf(tmp_path_factory) -> Path:
+def demo_gguf(tmp_path_factory, llama_build_shared) -> Path:
     """The demo base model converted to f16 GGUF with the pinned llama.cpp (built on first use)."""
-    from moeprune.llamacpp.build import ensure_llamacpp
     from moeprune.llamacpp.convert import convert_to_gguf
-    from moeprune.recipe import LlamaCppSection
 
     out = tmp_path_factory.mktemp("gguf") / "demo-base-F16.gguf"
-    convert_to_gguf(ensure_llamacpp(LlamaCppSection()), DEMO_MODEL_DIR, out, "f16", log_path=out.with_suffix(".log"))
+    convert_to_gguf(llama_build_shared, DEMO_MODEL_DIR, out, "f16", log_path=out.with_suffix(".log"))
     return out
 
 

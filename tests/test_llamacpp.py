@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny_gemma4 import NUM_EXPERTS, save_tiny_gemma4
+
 from moeprune.errors import MoepruneError
 from moeprune.llamacpp import build as build_mod
 from moeprune.llamacpp.build import (
@@ -32,15 +34,12 @@ from moeprune.llamacpp.quantize import parse_fallbacks, quantize_gguf
 from moeprune.llamacpp.server import LlamaServer, LlamaServerError, process_group_members, leftover_servers, server_flags
 from moeprune.llamacpp.source import SourceTree, fetch_sdist
 from moeprune.recipe import LlamaCppSection, ServeSection
+from moeprune.demo import MODEL_DIR as DEMO_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL = ROOT / "src" / "moeprune" / "demo" / "model"
 DEMO_TASK_DIR = ROOT / "src" / "moeprune" / "demo" / "tasks" / "demo_mcq"
-TINY_EXPERTS = 16
 
 
-def _demo_built() -> bool:
-    return (DEMO_MODEL / "build_record.json").is_file()
 
 SERVE = ServeSection(ctx_size=512, n_gpu_layers=0, reasoning_budget=-1, parallel=1, seed=0, threads=1,
                      startup_timeout_s=120)
@@ -222,62 +221,38 @@ def test_parallel_slots_share_one_kv_cache_unless_told_not_to():
 
 
 # --- with the real build --------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llama_build():
-    return ensure_llamacpp(LlamaCppSection(), say=print)
-
-
 def _make_tiny_model(out: Path) -> Path:
     """A tiny random Gemma 4 MoE with the demo's Gemma-4-format tokenizer."""
     import shutil
 
-    import torch
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
-
     out.mkdir(parents=True)
-    if _demo_built():  # reuse the demo's tokenizer files (no training needed)
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            shutil.copy2(DEMO_MODEL / name, out / name)
-        vocab_size = json.loads((DEMO_MODEL / "config.json").read_text())["text_config"]["vocab_size"]
-    else:
-        from moeprune.demo.tokenizer import chat_template_text, save_tokenizer, train_tokenizer
-
-        vocab_size = 512
-        corpus = ["Question: which number is the largest? (A) 12 (B) 40 (C) 7 (D) 33. The answer is (B)."] * 8
-        save_tokenizer(train_tokenizer(corpus, vocab_size=vocab_size), out, chat_template_text())
-    text = Gemma4TextConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, global_head_dim=64, enable_moe_block=True, num_experts=TINY_EXPERTS,
-        top_k_experts=2, moe_intermediate_size=32, hidden_size_per_layer_input=0, sliding_window=64,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"],
-    )
-    torch.manual_seed(0)
-    model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=None, audio_config=None))
-    model.save_pretrained(out)
-    return out
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # the committed demo's
+        shutil.copy2(DEMO_MODEL / name, out / name)
+    vocab_size = json.loads((DEMO_MODEL / "config.json").read_text())["text_config"]["vocab_size"]
+    return save_tiny_gemma4(out, vocab_size=vocab_size)
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(llama_build, tmp_path_factory):
+def tiny_gguf(llama_build_shared, tmp_path_factory):
     """(f32 GGUF, Q4_K_M GGUF, convert record, quantize record) of the tiny model."""
     work = tmp_path_factory.mktemp("tiny")
     hf_dir = _make_tiny_model(work / "hf")
-    converted = convert_to_gguf(llama_build, hf_dir, work / "tiny-F32.gguf", "f32", log_path=work / "convert.log")
-    quantized = quantize_gguf(llama_build, work / "tiny-F32.gguf", work / "tiny-Q4_K_M.gguf", "Q4_K_M",
+    converted = convert_to_gguf(llama_build_shared, hf_dir, work / "tiny-F32.gguf", "f32", log_path=work / "convert.log")
+    quantized = quantize_gguf(llama_build_shared, work / "tiny-F32.gguf", work / "tiny-Q4_K_M.gguf", "Q4_K_M",
                               log_path=work / "quantize.log")
     return work / "tiny-F32.gguf", work / "tiny-Q4_K_M.gguf", converted, quantized
 
 
 @pytest.mark.llamacpp
-def test_build_record_is_written(llama_build):
-    record = json.loads((llama_build.cache_dir / "build_record.json").read_text())
-    assert record["key"] == llama_build.key == llama_build.cache_dir.name
+def test_build_record_is_written(llama_build_shared):
+    record = json.loads((llama_build_shared.cache_dir / "build_record.json").read_text())
+    assert record["key"] == llama_build_shared.key == llama_build_shared.cache_dir.name
     assert record["source"]["sha256"] == LlamaCppSection().sdist_sha256
     assert record["flags"]["GGML_NATIVE"] == "OFF"
     assert record["toolchain"]["cxx_version"]
     assert set(record["binaries"]) == set(BINARIES)
     for name, entry in record["binaries"].items():
-        assert build_mod.sha256_file(llama_build.bin_dir / name) == entry["sha256"]
+        assert build_mod.sha256_file(llama_build_shared.bin_dir / name) == entry["sha256"]
 
 
 @pytest.mark.llamacpp
@@ -304,10 +279,10 @@ def test_failed_build_shows_the_log_tail_and_leaves_no_cache(tmp_path, monkeypat
 
 
 @pytest.mark.llamacpp
-def test_unchanged_pin_reuses_the_cache(llama_build):
+def test_unchanged_pin_reuses_the_cache(llama_build_shared):
     again = ensure_llamacpp(LlamaCppSection())
-    assert again.key == llama_build.key and again.bin_dir == llama_build.bin_dir
-    assert again.record["built_at_unix"] == llama_build.record["built_at_unix"]
+    assert again.key == llama_build_shared.key and again.bin_dir == llama_build_shared.bin_dir
+    assert again.record["built_at_unix"] == llama_build_shared.record["built_at_unix"]
 
 
 @pytest.mark.llamacpp
@@ -315,7 +290,7 @@ def test_convert_checks_expert_count_and_base_model(tiny_gguf):
     _, _, converted, _ = tiny_gguf
     checks = converted["checks"]
     assert checks["architecture"] == "gemma4"
-    assert checks["expert_count"] == TINY_EXPERTS == converted["num_experts"]
+    assert checks["expert_count"] == NUM_EXPERTS == converted["num_experts"]
     assert checks["down_scale_tensors_checked"] == 4  # one per MoE layer
     assert checks["general"]["general.base_model.0.name"] == "hf"
     sidecar = json.loads(Path(converted["out_path"] + ".json").read_text())
@@ -334,10 +309,10 @@ def test_quantize_records_fallbacks(tiny_gguf):
 
 
 @pytest.mark.llamacpp
-def test_serve_answers_a_chat_completion(llama_build, tiny_gguf, tmp_path):
+def test_serve_answers_a_chat_completion(llama_build_shared, tiny_gguf, tmp_path):
     _, q4, _, _ = tiny_gguf
     log = tmp_path / "server.log"
-    with LlamaServer(llama_build, q4, SERVE, log) as server:
+    with LlamaServer(llama_build_shared, q4, SERVE, log) as server:
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", server.base_url)
         reply = server.chat([{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0.0)
         pid = server.pid
@@ -348,25 +323,25 @@ def test_serve_answers_a_chat_completion(llama_build, tiny_gguf, tmp_path):
 
 
 @pytest.mark.llamacpp
-def test_port_in_use_is_a_clear_error(llama_build, tiny_gguf, tmp_path):
+def test_port_in_use_is_a_clear_error(llama_build_shared, tiny_gguf, tmp_path):
     _, q4, _, _ = tiny_gguf
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(LlamaServerError, match=f"port {port} on 127.0.0.1 is already in use"):
-            with LlamaServer(llama_build, q4, SERVE, tmp_path / "server.log", port=port):
+            with LlamaServer(llama_build_shared, q4, SERVE, tmp_path / "server.log", port=port):
                 pass
 
 
 @pytest.mark.llamacpp
-def test_broken_gguf_error_is_one_line_naming_the_cause_and_the_log(llama_build, tiny_gguf, tmp_path):
+def test_broken_gguf_error_is_one_line_naming_the_cause_and_the_log(llama_build_shared, tiny_gguf, tmp_path):
     f32, _, _, _ = tiny_gguf
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(f32.read_bytes()[: 64 * 1024])  # a truncated GGUF: header fine, tensors missing
     log = tmp_path / "server.log"
     with pytest.raises(LlamaServerError) as info:
-        with LlamaServer(llama_build, broken, SERVE, log):
+        with LlamaServer(llama_build_shared, broken, SERVE, log):
             pass
     message = str(info.value)
     assert "\n" not in message and message.startswith("llama-server failed: ") and message.endswith(f"; log: {log}")
@@ -374,19 +349,19 @@ def test_broken_gguf_error_is_one_line_naming_the_cause_and_the_log(llama_build,
 
 
 @pytest.mark.llamacpp
-def test_server_killed_mid_run_is_a_clear_error(llama_build, tiny_gguf, tmp_path):
+def test_server_killed_mid_run_is_a_clear_error(llama_build_shared, tiny_gguf, tmp_path):
     _, q4, _, _ = tiny_gguf
-    with LlamaServer(llama_build, q4, SERVE, tmp_path / "server.log") as server:
+    with LlamaServer(llama_build_shared, q4, SERVE, tmp_path / "server.log") as server:
         os.killpg(server.pid, signal.SIGKILL)
         with pytest.raises(LlamaServerError, match=r"^llama-server killed by SIGKILL \(signal 9: it died while serving\); log: "):
             server.chat([{"role": "user", "content": "Hello"}], max_tokens=4)
 
 
 @pytest.mark.llamacpp
-def test_ctrl_c_stops_the_server(llama_build, tiny_gguf, tmp_path):
+def test_ctrl_c_stops_the_server(llama_build_shared, tiny_gguf, tmp_path):
     _, q4, _, _ = tiny_gguf
     with pytest.raises(KeyboardInterrupt):
-        with LlamaServer(llama_build, q4, SERVE, tmp_path / "server.log") as server:
+        with LlamaServer(llama_build_shared, q4, SERVE, tmp_path / "server.log") as server:
             pgid = server.pid
             raise KeyboardInterrupt
     assert process_group_members(pgid) == []
@@ -405,7 +380,7 @@ def _processes_with_arg(fragment: str) -> list[int]:
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_invoke_serve_stops_its_server(llama_build, tiny_gguf, tmp_path, stop_signal):
+def test_invoke_serve_stops_its_server(llama_build_shared, tiny_gguf, tmp_path, stop_signal):
     import subprocess
     import sys
 
@@ -438,29 +413,22 @@ def test_invoke_serve_stops_its_server(llama_build, tiny_gguf, tmp_path, stop_si
 QUESTIONS_PER_GOLD_LETTER = 2  # 8 questions, every gold letter represented
 
 
-def _demo_trained() -> bool:
-    """The agreement test needs the trained demo (an untrained one answers no letter at all)."""
-    if not _demo_built() or not any(DEMO_TASK_DIR.glob("*.jsonl")):
-        return False
-    return bool(json.loads((DEMO_MODEL / "build_record.json").read_text()).get("trained"))
-
-
 @pytest.mark.llamacpp
-@pytest.mark.skipif(not _demo_built(), reason="demo model (src/moeprune/demo/model) not built yet")
-def test_demo_model_converts_with_its_expert_count(llama_build, tmp_path):
+def test_demo_model_converts_with_its_expert_count(llama_build_shared, tmp_path):
     config = json.loads((DEMO_MODEL / "config.json").read_text())
-    record = convert_to_gguf(llama_build, DEMO_MODEL, tmp_path / "demo-F32.gguf", "f32")
+    record = convert_to_gguf(llama_build_shared, DEMO_MODEL, tmp_path / "demo-F32.gguf", "f32")
     assert record["checks"]["expert_count"] == config["text_config"]["num_experts"]
     assert record["checks"]["expert_tensors_checked"] > 0
 
 
 @pytest.mark.llamacpp
 @pytest.mark.slow
-@pytest.mark.skipif(not _demo_trained(), reason="trained demo model (src/moeprune/demo/model) not there yet")
-def test_demo_model_answers_like_transformers(llama_build, tmp_path):
+def test_demo_model_answers_like_transformers(llama_build_shared, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # The committed demo is the trained one (an untrained one answers no letter at all).
+    assert json.loads((DEMO_MODEL / "build_record.json").read_text())["trained"]
     torch.set_num_threads(1)
     data_file = sorted(DEMO_TASK_DIR.glob("*.jsonl"))[0]
     all_rows = [json.loads(line) for line in data_file.read_text().splitlines() if line.strip()]
@@ -487,12 +455,12 @@ def test_demo_model_answers_like_transformers(llama_build, tmp_path):
         # The same split llama-server's --reasoning-format deepseek makes: answer = visible content.
         expected.append(extract_answers(split_reply(text)[1])[1])
 
-    f32 = convert_to_gguf(llama_build, DEMO_MODEL, tmp_path / "demo-F32.gguf", "f32")
+    f32 = convert_to_gguf(llama_build_shared, DEMO_MODEL, tmp_path / "demo-F32.gguf", "f32")
     assert f32["checks"]["expert_count"] == json.loads((DEMO_MODEL / "config.json").read_text())["text_config"]["num_experts"]
-    quantize_gguf(llama_build, tmp_path / "demo-F32.gguf", tmp_path / "demo-Q4_K_M.gguf", "Q4_K_M")
+    quantize_gguf(llama_build_shared, tmp_path / "demo-F32.gguf", tmp_path / "demo-Q4_K_M.gguf", "Q4_K_M")
     serve = SERVE.model_copy(update={"ctx_size": 2048, "threads": 2})
     got = []
-    with LlamaServer(llama_build, tmp_path / "demo-Q4_K_M.gguf", serve, tmp_path / "server.log") as server:
+    with LlamaServer(llama_build_shared, tmp_path / "demo-Q4_K_M.gguf", serve, tmp_path / "server.log") as server:
         for prompt in prompts:
             reply = server.chat([{"role": "user", "content": prompt}], max_tokens=max_new_tokens, temperature=0.0,
                                 chat_template_kwargs={"enable_thinking": True})

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 from moeprune.profile.memory_plan import GIB, ModelFacts, model_facts, plan_memory
 from fakerun import demo_recipe_text
+from invoke_cli import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,8 +66,7 @@ def _invoke_check(tmp_path: Path, extra: str) -> subprocess.CompletedProcess:
     text = text.replace('name = "demo"', 'name = "demo-memory-plan"').replace("[profile]\n", "[profile]\n" + extra)
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(text)
-    invoke = Path(sys.executable).with_name("invoke")
-    return subprocess.run([str(invoke), "check", "--recipe", str(recipe)], cwd=ROOT, capture_output=True, text=True)
+    return invoke("check", "--recipe", str(recipe), in_process=True)  # the plan is tested, not the process start
 
 
 def test_invoke_check_prints_the_plan_and_refuses_what_cannot_fit(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -11,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from invoke_cli import invoke
 
 from moeprune.base_model import resolve_base
 from moeprune.preflight import PreflightError, checks_for, preflight, require_preflight
 from moeprune.recipe import load_recipe
+from moeprune.demo import MODEL_DIR as DEMO_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL = ROOT / "src" / "moeprune" / "demo" / "model"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -39,8 +39,8 @@ def replace_once(text: str, old: str, new: str) -> str:
 
 
 def check(recipe: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "invoke", "check", "--recipe", str(recipe)], cwd=ROOT,
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+    """`invoke check --recipe RECIPE`, in this process (its report is tested, not the process start)."""
+    return invoke("check", "--recipe", str(recipe), env=env, in_process=True)
 
 
 def refused(result: subprocess.CompletedProcess) -> str:
@@ -183,9 +183,7 @@ def test_a_stage_task_refuses_before_any_work(tmp_path: Path):
     text = replace_once(demo_recipe_text(), "parallel = 1", "parallel = 8\nkv_unified = false")
     text = replace_once(text, "num_concurrent = 1", "num_concurrent = 8")
     runs = tmp_path / "runs"
-    result = subprocess.run([sys.executable, "-m", "invoke", "eval", "--recipe", str(write_recipe(tmp_path, text))],
-                            cwd=ROOT, env={**os.environ, "MOEPRUNE_RUNS_DIR": str(runs)}, capture_output=True,
-                            text=True, timeout=600)
+    result = invoke("eval", "--recipe", str(write_recipe(tmp_path, text)), env={"MOEPRUNE_RUNS_DIR": str(runs)})
     stderr = refused(result)
     assert "refused before any work" in stderr and "serve.ctx_size" in stderr
     assert not runs.exists()
@@ -195,10 +193,8 @@ def test_reproduce_refuses_before_the_first_stage(tmp_path: Path):
     text = replace_once(demo_recipe_text(), "parallel = 1", "parallel = 8\nkv_unified = false")
     text = replace_once(text, "num_concurrent = 1", "num_concurrent = 8")
     runs = tmp_path / "runs"
-    result = subprocess.run([sys.executable, "-m", "invoke", "reproduce", "--no-live", "--recipe",
-                             str(write_recipe(tmp_path, text))], cwd=ROOT,
-                            env={**os.environ, "MOEPRUNE_RUNS_DIR": str(runs)}, capture_output=True, text=True,
-                            timeout=600)
+    result = invoke("reproduce", "--no-live", "--recipe", str(write_recipe(tmp_path, text)),
+                    env={"MOEPRUNE_RUNS_DIR": str(runs)})
     assert "serve.ctx_size" in refused(result)
     assert not runs.exists(), "no stage ran"
 

@@ -9,35 +9,22 @@ import numpy as np
 import pytest
 import torch
 
+from sequences import DOMAINS, random_sequences
+from tiny_gemma4 import tiny_gemma4_model
+
 from moeprune.profile import findings
 from moeprune.profile.generate import CalibrationError, SequenceError, load_calibration, read_sequences
 from moeprune.profile.hooks import NoMoeLayersError, find_moe_layers, instrument_moe
 from moeprune.profile.replay import replay_sequences
 from moeprune.profile.stats import StatsFileError, build_stats, load_stats, save_stats
+from moeprune.demo import MODEL_DIR as DEMO_MODEL_DIR
 
-DOMAINS = ["math", "creative"]
 VOCAB_SIZE = 288
 
 
-def tiny_config(enable_moe: bool = True, max_positions: int = 256):
-    from transformers import Gemma4Config, Gemma4TextConfig
-
-    text = Gemma4TextConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
-        enable_moe_block=enable_moe, num_experts=16, top_k_experts=2, moe_intermediate_size=32,
-        hidden_size_per_layer_input=0, sliding_window=64, max_position_embeddings=max_positions,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"],
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    return Gemma4Config(text_config=text, vision_config=None, audio_config=None)
-
-
 def tiny_model(enable_moe: bool = True, seed: int = 0, max_positions: int = 256):
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.Gemma4ForConditionalGeneration(tiny_config(enable_moe, max_positions)).eval()
+    model = tiny_gemma4_model(seed, vocab_size=VOCAB_SIZE, enable_moe_block=enable_moe,
+                              max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     # Random routers of an untrained model are nearly uniform; spread them so routing is decisive
     # and per-expert scales differ from 1 (both are part of the weight the model applies).
     with torch.no_grad():
@@ -47,38 +34,18 @@ def tiny_model(enable_moe: bool = True, seed: int = 0, max_positions: int = 256)
     return model
 
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "moeprune" / "demo" / "model"
-
-
-def demo_model_available() -> bool:
-    return (DEMO_MODEL_DIR / "config.json").is_file() and any(DEMO_MODEL_DIR.glob("*.safetensors"))
 
 
 @pytest.fixture(scope="module")
 def model():
-    """The demo model when it has been built, else a tiny random Gemma 4 MoE (no tokenizer needed)."""
-    if demo_model_available():
-        import transformers
+    """The committed demo model (a checkout without it is broken: this fails, it does not skip)."""
+    import transformers
 
-        return transformers.Gemma4ForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32).eval()
-    return tiny_model()
+    return transformers.Gemma4ForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float32).eval()
 
 
 def top_k_of(model) -> int:
     return int(model.config.get_text_config().top_k_experts)
-
-
-def random_sequences(lengths: list[int], seed: int = 1) -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "id": f"s{i}",
-            "domain": DOMAINS[i % len(DOMAINS)],
-            "input_ids": torch.randint(3, VOCAB_SIZE, (n,), generator=generator).tolist(),
-            "prompt_len": 1,
-        }
-        for i, n in enumerate(lengths)
-    ]
 
 
 # --- exactness ------------------------------------------------------------------------------------
@@ -205,8 +172,6 @@ def _independent_sequence_norm_sum(model, sequences, domains) -> np.ndarray:
 @pytest.fixture(scope="module")
 def demo_float64():
     """The demo model in float64 (eager experts: grouped_mm has no float64 kernel)."""
-    if not demo_model_available():
-        return tiny_model().to(torch.float64)
     import transformers
 
     model = transformers.Gemma4ForConditionalGeneration.from_pretrained(DEMO_MODEL_DIR, dtype=torch.float64).eval()
@@ -222,7 +187,7 @@ def test_sequence_norm_sum_equals_an_independent_per_sequence_recomputation(mode
     Profiled as the demo recipe loads the model (float32, grouped_mm) and in float64; the reference
     is always the float64 model, one sequence at a time, experts recomputed from their weights.
     """
-    sequences = random_sequences([17, 33, 8, 25, 12, 40, 6, 21])
+    sequences = random_sequences([17, 33, 8, 25, 12, 40, 6, 21], VOCAB_SIZE)
     profiled = model if dtype == "float32" else demo_float64
     result = replay_sequences(profiled, sequences, DOMAINS, batch_size=batch_size)
     expected = _independent_sequence_norm_sum(demo_float64, sequences, DOMAINS)
@@ -238,7 +203,7 @@ def test_sequence_norm_sum_equals_an_independent_per_sequence_recomputation(mode
 def test_sequence_norm_sum_does_not_depend_on_batch_composition():
     """Same sequences, different batch sizes and orders of padding: the same per-sequence sums."""
     model = tiny_model().to(torch.float64)
-    sequences = random_sequences([4, 11, 7, 9, 2])
+    sequences = random_sequences([4, 11, 7, 9, 2], VOCAB_SIZE)
     one = replay_sequences(model, sequences, DOMAINS, batch_size=1)
     for batch_size in (2, 3, 5):
         batched = replay_sequences(model, sequences, DOMAINS, batch_size=batch_size)
@@ -264,7 +229,7 @@ def test_original_forward_is_restored(model):
 
 
 def test_padding_never_counts(model):
-    sequences = random_sequences([5, 9, 3])
+    sequences = random_sequences([5, 9, 3], VOCAB_SIZE)
     result = replay_sequences(model, sequences, DOMAINS, batch_size=3)
     num_tokens = sum(len(s["input_ids"]) for s in sequences)
     assert sum(result.domain_num_tokens.values()) == num_tokens
@@ -278,7 +243,7 @@ def test_padding_never_counts(model):
 def test_batched_with_padding_equals_one_at_a_time():
     """In float64 the statistics do not depend on batching at all: padding never leaks in."""
     model = tiny_model().to(torch.float64)
-    sequences = random_sequences([4, 11, 7, 9, 2])
+    sequences = random_sequences([4, 11, 7, 9, 2], VOCAB_SIZE)
     one = replay_sequences(model, sequences, DOMAINS, batch_size=1)
     batched = replay_sequences(model, sequences, DOMAINS, batch_size=3)
     np.testing.assert_array_equal(one.routed_count, batched.routed_count)
@@ -289,7 +254,7 @@ def test_batched_with_padding_equals_one_at_a_time():
 
 def test_batched_float32_statistics_agree_to_float32_rounding(model):
     """In float32 only kernel rounding differs between batch shapes: layer totals agree within 1e-6."""
-    sequences = random_sequences([4, 11, 7, 9, 2])
+    sequences = random_sequences([4, 11, 7, 9, 2], VOCAB_SIZE)
     one = replay_sequences(model, sequences, DOMAINS, batch_size=1)
     batched = replay_sequences(model, sequences, DOMAINS, batch_size=3)
     np.testing.assert_array_equal(one.routed_count, batched.routed_count)
@@ -301,7 +266,7 @@ def test_accelerate_dispatched_model_gives_the_same_statistics():
     """Under accelerate hooks (device_map dispatch / offload) the instrumented forward is still the one called."""
     from accelerate import dispatch_model
 
-    sequences = random_sequences([5, 8])
+    sequences = random_sequences([5, 8], VOCAB_SIZE)
     reference = replay_sequences(tiny_model(), sequences, DOMAINS, batch_size=2)
     # The hooks from_pretrained(device_map=...) installs: every module's forward is wrapped.
     offloaded = dispatch_model(tiny_model(), device_map={"": "cpu"}, force_hooks=True)
@@ -316,7 +281,7 @@ def test_accelerate_dispatched_model_gives_the_same_statistics():
 
 def test_bfloat16_model_accumulates_in_float64():
     model = tiny_model().to(torch.bfloat16)
-    result = replay_sequences(model, random_sequences([6, 4]), DOMAINS, batch_size=2)
+    result = replay_sequences(model, random_sequences([6, 4], VOCAB_SIZE), DOMAINS, batch_size=2)
     assert result.contribution_sum.dtype == np.float64
     assert np.all(np.isfinite(result.contribution_sum)) and result.contribution_sum.sum() > 0
 
@@ -324,12 +289,12 @@ def test_bfloat16_model_accumulates_in_float64():
 def test_model_without_moe_layers_is_refused():
     dense = tiny_model(enable_moe=False)
     with pytest.raises(NoMoeLayersError, match="no MoE layers"):
-        replay_sequences(dense, random_sequences([3]), DOMAINS)
+        replay_sequences(dense, random_sequences([3], VOCAB_SIZE), DOMAINS)
 
 
 def test_sequence_longer_than_context_is_refused():
     short_context = tiny_model(max_positions=8)
-    sequences = random_sequences([4, 12])
+    sequences = random_sequences([4, 12], VOCAB_SIZE)
     with pytest.raises(SequenceError, match=r"sequence 's1' has 12 tokens.*context of 8"):
         replay_sequences(short_context, sequences, DOMAINS)
 
@@ -477,36 +442,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def save_tiny_tokenizer(directory: Path) -> None:
-    """A byte-level tokenizer (no merges) with a chat template that has a thinking switch."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<think>"]
-    vocab = {token: i for i, token in enumerate(specials)}
-    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[char] = len(vocab)
-    assert len(vocab) <= VOCAB_SIZE
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(specials)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A model directory with weights, config, tokenizer and chat template (the demo model when built)."""
-    if demo_model_available():
-        return DEMO_MODEL_DIR
-    directory = tmp_path_factory.mktemp("tiny_model")
-    tiny_model().save_pretrained(directory)
-    save_tiny_tokenizer(directory)
-    return directory
+def model_dir() -> Path:
+    """A model directory with weights, config, tokenizer and chat template: the committed demo model."""
+    return DEMO_MODEL_DIR
 
 
 PROMPTS = [
@@ -515,8 +454,6 @@ PROMPTS = [
     ("creative-01", "creative", "Write a haiku about rain."),
     ("creative-02", "creative", "Name a color."),
 ]
-
-
 def make_recipe(tmp_path: Path, model_dir: Path, prompts: list[tuple[str, str, str]] = PROMPTS):
     from moeprune.recipe import parse_recipe
 

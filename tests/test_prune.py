@@ -20,17 +20,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from invoke_cli import invoke, invoke_ok
+from tiny_gemma4 import NUM_EXPERTS, NUM_LAYERS, tiny_gemma4_model
+
 from moeprune.errors import MoepruneError
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
 from moeprune.io.writer import ShardedWriter
 from moeprune.prune import prune_checkpoint, verify_prune
 from moeprune.prune.surgery import DROP_MAP_NAME
+from moeprune.demo import MODEL_DIR as DEMO_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL = ROOT / "src" / "moeprune" / "demo" / "model"
 
-NUM_EXPERTS = 16
-NUM_LAYERS = 4
 KEEP_COUNT = 11
 TINY_SHARD_BYTES = 300_000
 # float32 tolerance for logits (softcapped to +-30 in the demo model): about 1000 ulps of 1.0.
@@ -54,28 +55,9 @@ HELD_OUT_FALLBACK = [
 # --- fixtures and helpers -------------------------------------------------------------------------
 
 
-def tiny_config(vocab_size: int = 512):
-    from transformers import Gemma4Config, Gemma4TextConfig
-
-    return Gemma4Config(
-        text_config=Gemma4TextConfig(
-            vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=NUM_LAYERS,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
-            enable_moe_block=True, num_experts=NUM_EXPERTS, top_k_experts=2, moe_intermediate_size=32,
-            hidden_size_per_layer_input=0, sliding_window=64,
-            layer_types=["sliding_attention"] * 3 + ["full_attention"],
-        ),
-        vision_config=None,
-        audio_config=None,
-    )
-
-
 def build_tiny_model(directory: Path, dtype: torch.dtype = torch.float32, max_shard_size: str | None = "200KB") -> Path:
     """A random tiny Gemma 4 MoE whose routing is decisive and whose expert scales all differ."""
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.Gemma4ForConditionalGeneration(tiny_config()).eval()
+    model = tiny_gemma4_model(vocab_size=512)
     with torch.no_grad():
         for layer in model.model.language_model.layers:
             layer.router.proj.weight.normal_(0.0, 1.0)  # sharp routing: dropping experts changes outputs
@@ -229,7 +211,6 @@ def test_pruned_logits_equal_base_with_dropped_experts_masked(tiny_model, pruned
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="demo model not built yet")
 def test_demo_model_pruned_logits_equal_masked_base(tmp_path):
     from transformers import AutoTokenizer
 
@@ -528,11 +509,8 @@ def test_write_failing_midway_via_the_cli_leaves_no_output(work_copy, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG errors instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
 
-    result = subprocess.run(
-        [sys.executable, "-m", "invoke", "prune", "--base", str(base), "--drop-map", str(drop_map),
-         "--out", str(out), "--max-shard-bytes", str(TINY_SHARD_BYTES)],
-        cwd=ROOT, capture_output=True, text=True, preexec_fn=limit_file_size, timeout=300,
-    )
+    result = invoke("prune", "--base", str(base), "--drop-map", str(drop_map), "--out", str(out),
+                    "--max-shard-bytes", str(TINY_SHARD_BYTES), preexec_fn=limit_file_size)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"error: writing {out} failed: File too large" in result.stderr
     assert "Traceback" not in result.stderr
@@ -542,15 +520,10 @@ def test_write_failing_midway_via_the_cli_leaves_no_output(work_copy, tmp_path):
 def test_cli_prune_and_verify_succeed(pruned_tiny, tiny_model, tmp_path):
     _, drop_map_path, _, _ = pruned_tiny
     out = tmp_path / "cli_out"
-    run = [sys.executable, "-m", "invoke"]
-    pruned = subprocess.run(run + ["prune", "--base", str(tiny_model), "--drop-map", str(drop_map_path),
-                                   "--out", str(out), "--max-shard-bytes", "10000000"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert pruned.returncode == 0, pruned.stderr
+    pruned = invoke_ok("prune", "--base", str(tiny_model), "--drop-map", str(drop_map_path), "--out", str(out),
+                       "--max-shard-bytes", "10000000", in_process=True)
     assert f"{NUM_EXPERTS} -> {KEEP_COUNT} experts in {NUM_LAYERS} MoE layers, 1 shard(s)" in pruned.stdout
-    verified = subprocess.run(run + ["verify-prune", "--base", str(tiny_model), "--pruned", str(out)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert verified.returncode == 0, verified.stderr
+    verified = invoke_ok("verify-prune", "--base", str(tiny_model), "--pruned", str(out), in_process=True)
     assert "result: OK" in verified.stdout
 
 
@@ -559,7 +532,6 @@ def test_cli_prune_and_verify_succeed(pruned_tiny, tiny_model, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-@pytest.mark.skipif(not (DEMO_MODEL / "tokenizer.json").is_file(), reason="demo model (with tokenizer) not built yet")
 def test_pruned_demo_model_goes_through_llama_cpp_converter(tmp_path):
     from moeprune.llamacpp.source import ensure_source
     from moeprune.recipe import LlamaCppSection

@@ -179,10 +179,19 @@ def test_concurrency_must_match_the_server_slots(variant):
     assert load_recipe(path, check_inputs=False).serve.kv_unified
 
 
-def test_split_kv_cache_must_hold_each_slots_budget(variant):
+def test_split_kv_cache_is_held_to_the_one_slot_rule(variant):
+    """The slot rule has one definition (preflight's: a prompt plus eval.max_gen_toks per slot), not
+    a weaker second one at load time: the recipe loads, and the check names what is missing."""
+    from moeprune.preflight import PROMPT_RESERVE_TOKENS, preflight
+
     path = variant(lambda d: (d["eval"].update(num_concurrent=32), d["serve"].update(parallel=32, kv_unified=False)))
-    with pytest.raises(RecipeError, match=r"32 slots of 64 tokens, fewer than eval.max_gen_toks = 128"):
-        load_recipe(path, check_inputs=False)
+    errors = preflight(load_recipe(path, check_inputs=False), ["eval"]).errors
+    assert any(f"gives each slot 64 tokens, fewer than eval.max_gen_toks = 128 plus {PROMPT_RESERVE_TOKENS}" in e
+               for e in errors), errors
+    # Slots that hold the generation budget but not a prompt: the same rule refuses them.
+    path = variant(lambda d: (d["eval"].update(num_concurrent=4), d["serve"].update(parallel=4, kv_unified=False)))
+    errors = preflight(load_recipe(path, check_inputs=False), ["eval"]).errors
+    assert any("gives each slot 512 tokens" in e for e in errors), errors
 
 
 def test_kld_needs_a_held_out_text(variant):

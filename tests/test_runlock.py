@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from invoke_cli import invoke
 
 from moeprune.layout import RunLayout
 from moeprune.runlock import WRITER_ENV, RunInUse, run_writer
@@ -70,8 +71,7 @@ def test_second_invoke_fails_at_once_naming_the_holder_and_touches_nothing(layou
     env = {**os.environ, "MOEPRUNE_RUNS_DIR": str(layout.root.parent)}
     env.pop(WRITER_ENV, None)
     started = time.monotonic()
-    second = subprocess.run([sys.executable, "-m", "invoke", "stage", "card"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
+    second = invoke("stage", "card", env=env, inherit_env=False, timeout=120)
     assert second.returncode == 1
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1, second.stderr
@@ -150,8 +150,7 @@ def test_a_process_the_holder_starts_works_under_its_lock_and_others_do_not(layo
         assert started_by_us.returncode == 0 and started_by_us.stdout.strip() == "inside", started_by_us.stderr
         assert ours.exists(), "a process working under the holder's lock sweeps nothing"
         # what the docker runner does for `invoke reproduce`: `invoke stage NAME`, our token passed along
-        inner = subprocess.run([sys.executable, "-m", "invoke", "stage", "card"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=120, env={**os.environ, "MOEPRUNE_RUNS_DIR": str(layout.root.parent)})
+        inner = invoke("stage", "card", env={"MOEPRUNE_RUNS_DIR": str(layout.root.parent)}, timeout=120)
         assert "in use" not in inner.stderr and "results.json: not found" in inner.stderr, inner.stderr
         stranger = subprocess.run([sys.executable, "-c", child, str(layout.root)], capture_output=True, text=True,
                                   timeout=60, env={k: v for k, v in os.environ.items() if k != WRITER_ENV})

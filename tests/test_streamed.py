@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sequences import DOMAINS, random_sequences
 
 from moeprune.profile.replay import ReplayResult, replay_sequences
 from moeprune.profile.streamed import (
@@ -28,22 +29,8 @@ from moeprune.profile.streamed import (
     meta_model,
     replay_streamed,
 )
+from moeprune.demo import MODEL_DIR as DEMO_MODEL_DIR
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "src" / "moeprune" / "demo" / "model"
-DOMAINS = ["math", "creative"]
-
-
-def random_sequences(lengths: list[int], vocab_size: int, seed: int = 1) -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "id": f"s{i}",
-            "domain": DOMAINS[i % len(DOMAINS)],
-            "input_ids": torch.randint(3, vocab_size, (n,), generator=generator).tolist(),
-            "prompt_len": 1,
-        }
-        for i, n in enumerate(lengths)
-    ]
 
 
 def statistic_fields() -> list[str]:

@@ -4,7 +4,6 @@ cheap real call where one exists. A task added to tasks.py must be added to TASK
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fakerun import demo_recipe_text
+from invoke_cli import invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_ENGINE = "unix:///nonexistent/moeprune-test/docker.sock"
@@ -22,12 +22,6 @@ STAGE_TASKS = ["profile", "dropmap", "prune", "verify-prune", "convert", "quanti
 OTHER_TASKS = ["test", "schema", "check", "audit", "llamacpp", "serve", "compare-criteria", "publish", "verify", "reproduce",
                "demo-model", "docker.build", "docker.shell", "docker.lock"]
 TASKS = STAGE_TASKS + OTHER_TASKS
-
-
-def invoke(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -133,13 +127,15 @@ def test_schema_rewrites_the_committed_schema_unchanged():
         (["convert"], ["no Hugging Face checkpoint there", "invoke prune"]),
         (["quantize", "--which", "base"], ["converted GGUF not found"]),
         (["card"], ["runs"]),
-        (["manifest"], ["no artifact files found"]),
+        # manifest and serve open the llama.cpp build before they look at the run (it is built on
+        # first use): with the build, so in the slow tier.
+        pytest.param(["manifest"], ["no artifact files found"], marks=pytest.mark.llamacpp),
         (["stage", "no-such-stage"], ["no stage 'no-such-stage'"]),
         (["reproduce", "--from", "no-such-stage"], ["no-such-stage"]),
         (["publish", "--dry-run", "--repo-id", "me/x"], ["runs"]),
         (["verify", "no-such-dir-or-repo"], ["no-such-dir-or-repo"]),
         (["audit", "no-such-dir-or-repo"], ["no-such-dir-or-repo"]),
-        (["serve", "--port", "1"], ["GGUF not found"]),
+        pytest.param(["serve", "--port", "1"], ["GGUF not found"], marks=pytest.mark.llamacpp),
         (["eval"], ["GGUF of 'base' not found", "invoke convert --which base"]),
         (["compare-criteria", "--limit", "2"], ["profile statistics not found"]),
     ],
@@ -149,12 +145,7 @@ def test_native_call_on_an_empty_run_fails_cleanly(args: list[str], needles: lis
     assert_clean_error(invoke(*args, env=empty_runs), *needles)
 
 
-@pytest.mark.llamacpp
-def test_llamacpp_reports_the_cached_build():
-    from moeprune.llamacpp.build import builds_root
-
-    if not any(builds_root().glob("*/build_record.json")):
-        pytest.skip("no llama.cpp build in the cache yet (a cold build takes minutes)")
+def test_llamacpp_reports_the_cached_build(llama_build_shared):
     result = invoke("llamacpp", timeout=3600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "key " in result.stdout and "CPU-only build" in result.stdout

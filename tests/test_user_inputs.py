@@ -9,19 +9,18 @@ file, print no traceback, and leave nothing behind in the runs directory.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from fakerun import demo_recipe_text
+from invoke_cli import invoke
+from moeprune.demo import MODEL_DIR as DEMO_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL = ROOT / "src" / "moeprune" / "demo" / "model"
 DEMO_TASKS = ROOT / "src" / "moeprune" / "demo" / "tasks"
 NOT_UTF8 = b"\xff\xfe"
 
@@ -155,9 +154,8 @@ CASES = {
 
 
 def run_invoke(args: list[str], recipe: Path, runs: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MOEPRUNE_RUNS_DIR": str(runs), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "invoke", args[0], "--recipe", str(recipe), *args[1:]], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    """The real entry point (a subprocess): a bad input must end it with one line, no traceback."""
+    return invoke(args[0], "--recipe", str(recipe), *args[1:], env={"MOEPRUNE_RUNS_DIR": str(runs)})
 
 
 def assert_one_line_refusal(result: subprocess.CompletedProcess, names: str, runs: Path) -> str:

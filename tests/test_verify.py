@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from fakerun import TASK, make_fake_run
+from invoke_cli import invoke
 from hub_server import FakeHub
 
 from moeprune.verify import VerifyError, verify
+from moeprune.demo import MODEL_DIR as DEMO_BASE
 
 TOKEN = "hf_testtoken_0123456789abcdefghij"
 
@@ -24,7 +24,6 @@ def fake_run(tmp_path_factory):
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_BASE = REPO_ROOT / "src" / "moeprune" / "demo" / "model"
 
 
 @pytest.fixture(params=["fake", pytest.param("demo", marks=pytest.mark.slow)])
@@ -181,12 +180,10 @@ def test_published_repo_id_verifies_from_the_hub(fake_run, tmp_path, monkeypatch
 
 
 def test_invoke_verify_exit_code(fake_run, run_copy, repo_root):
-    ok = subprocess.run([sys.executable, "-m", "invoke", "verify", str(fake_run.layout.root)],
-                        cwd=repo_root, capture_output=True, text=True)
+    ok = invoke("verify", str(fake_run.layout.root), cwd=repo_root)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     (run_copy / "card" / "plots" / "gini.png").write_bytes(b"not a plot")
-    bad = subprocess.run([sys.executable, "-m", "invoke", "verify", str(run_copy)],
-                         cwd=repo_root, capture_output=True, text=True)
+    bad = invoke("verify", str(run_copy), cwd=repo_root)
     assert bad.returncode == 1
     assert "plots/gini.png" in bad.stdout
 
@@ -197,20 +194,15 @@ def test_invoke_publish_dry_run_lists_files_with_sizes(fake_run, repo_root, tmp_
     root = fake_run.layout.root
     before = {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
               for p in sorted(root.rglob("*")) if p.is_file()}
-    result = subprocess.run(
-        [sys.executable, "-m", "invoke", "publish", "--recipe", str(fake_run.recipe.source_path), "--dry-run",
-         "--repo-id", "someone-else/other-name"],
-        cwd=repo_root, capture_output=True, text=True, env=env,
-    )
+    result = invoke("publish", "--recipe", str(fake_run.recipe.source_path), "--dry-run",
+                    "--repo-id", "someone-else/other-name", cwd=repo_root, env=env, inherit_env=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "would upload to someone-else/other-name (model)" in result.stdout
     after = {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
              for p in sorted(root.rglob("*")) if p.is_file()}
     assert after == before, "publish --dry-run changed the run (card re-rendered or manifest rewritten)"
-    result = subprocess.run(
-        [sys.executable, "-m", "invoke", "publish", "--recipe", str(fake_run.recipe.source_path), "--dry-run"],
-        cwd=repo_root, capture_output=True, text=True, env=env,
-    )
+    result = invoke("publish", "--recipe", str(fake_run.recipe.source_path), "--dry-run", cwd=repo_root, env=env,
+                    inherit_env=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "would upload to me/fake-pruned (model)" in result.stdout
     assert "would upload to me/fake-pruned-GGUF (gguf)" in result.stdout

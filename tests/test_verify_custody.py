@@ -11,30 +11,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fakerun import make_fake_run
+from fakerun import make_fake_run, regenerate_outputs
+from invoke_cli import invoke
 
-from moeprune.layout import RunLayout
 from moeprune.profile.stats import load_stats
+from moeprune.demo import MODEL_DIR as DEMO_BASE
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_BASE = ROOT / "src" / "moeprune" / "demo" / "model"
 
 
-def _invoke(*args: str, runs_dir: Path | None = None, timeout: int = 1800) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "3000", "PYTHONUNBUFFERED": "1"}
-    if runs_dir is not None:
-        env["MOEPRUNE_RUNS_DIR"] = str(runs_dir)
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+WIDE = {"COLUMNS": "3000"}  # verify's table on one line per check
 
 
 def _ran(done: subprocess.CompletedProcess) -> str:
@@ -80,7 +73,7 @@ def _forge_layer0_drop_largest(run: Path) -> tuple[float, float]:
 
 def _rebuild(run: Path, *steps: str) -> None:
     for step in steps:
-        done = _invoke(*step.split(), runs_dir=run.parent)
+        done = invoke(*step.split(), env={**WIDE, "MOEPRUNE_RUNS_DIR": str(run.parent)}, timeout=1800)
         assert done.returncode == 0, f"invoke {step}: {_ran(done)}"
 
 
@@ -92,7 +85,7 @@ def test_forged_drop_map_fails_verify_and_audit_naming_the_layer_and_both_values
     card = json.loads((run / "card" / "card_numbers.json").read_text())["numbers"]
     assert card["retention.L0"]["value"] == stated  # the card states the forged retention
 
-    done = _invoke("verify", str(run), "--base", str(DEMO_BASE))
+    done = invoke("verify", str(run), "--base", str(DEMO_BASE), env=WIDE, in_process=True)
     assert done.returncode == 1, _ran(done)
     failed = "\n".join(_failed_lines(done.stdout))
     assert "drop map re-derived" in failed, _ran(done)
@@ -103,7 +96,7 @@ def test_forged_drop_map_fails_verify_and_audit_naming_the_layer_and_both_values
     assert "gguf:demo-F32.gguf: does not descend from the published safetensors" in failed, _ran(done)
 
     out = tmp_path / "audit.json"
-    audited = _invoke("audit", str(run), "--base", str(DEMO_BASE), "--json", str(out))
+    audited = invoke("audit", str(run), "--base", str(DEMO_BASE), "--json", str(out), env=WIDE, in_process=True)
     assert audited.returncode == 1, _ran(audited)
     rows = [r for r in json.loads(out.read_text())["checks"] if r["status"] == "fail"]
     rederived = next(r for r in rows if r["check"] == "drop map re-derived")
@@ -120,7 +113,7 @@ def test_gguf_from_other_weights_fails_naming_the_file(demo_run, tmp_path):
     assert record["source_files"] == {name: hashlib.sha256((pruned / name).read_bytes()).hexdigest()
                                       for name in record["source_files"]}
     assert {p.name for p in pruned.glob("*.safetensors")} <= set(record["source_files"])
-    clean = _invoke("verify", str(demo_run), "--base", str(DEMO_BASE))
+    clean = invoke("verify", str(demo_run), "--base", str(DEMO_BASE), env=WIDE, in_process=True)
     assert clean.returncode == 0, _ran(clean)
     # The demo model is stored in bf16 and converted to f32: a lossless cast, compared expert for expert.
     assert "GGUF experts = safetensors" in clean.stdout and "every expert; after the converter's cast BF16->F32" \
@@ -132,7 +125,7 @@ def test_gguf_from_other_weights_fails_naming_the_file(demo_run, tmp_path):
              "prune", "card", "manifest")
     assert json.loads((run / "expert_drop_metadata.json").read_text())["layers"] != \
         json.loads((demo_run / "expert_drop_metadata.json").read_text())["layers"]
-    done = _invoke("verify", str(run), "--base", str(DEMO_BASE))
+    done = invoke("verify", str(run), "--base", str(DEMO_BASE), env=WIDE, in_process=True)
     assert done.returncode == 1, _ran(done)
     failed = "\n".join(_failed_lines(done.stdout))
     assert "drop map re-derived" not in failed  # the new drop map itself is honest
@@ -152,23 +145,8 @@ def fake_copy(fake_run, tmp_path) -> Path:
     return _copy_run(fake_run.layout.root, tmp_path)
 
 
-def _regenerate(run: Path) -> None:
-    """Results, card and manifest rebuilt with the project's own code (a forger's last step)."""
-    from moeprune.card.render import render_card
-    from moeprune.card.source import ArtifactSource
-    from moeprune.eval.results import write_results
-    from moeprune.manifest import write_manifest
-
-    layout = RunLayout(run)
-    manifest = json.loads(layout.manifest_path.read_text())
-    context = json.loads((layout.card_dir / "card_numbers.json").read_text())["context"]
-    results = write_results(layout.eval_dir)
-    render_card(ArtifactSource.from_run(layout, manifest["recipe"]), results, layout.card_dir, context)
-    write_manifest(layout, manifest["recipe"], {"repo_ids": manifest["repo_ids"], "llamacpp": manifest["llamacpp"]})
-
-
 def test_fake_run_verifies_with_its_chain_whole(fake_run):
-    done = _invoke("verify", str(fake_run.layout.root), "--base", str(fake_run.base_dir))
+    done = invoke("verify", str(fake_run.layout.root), "--base", str(fake_run.base_dir), env=WIDE, in_process=True)
     assert done.returncode == 0, _ran(done)
     assert "drop map re-derived" in done.stdout and "chain of custody" in done.stdout
 
@@ -186,9 +164,9 @@ def test_eval_of_a_gguf_that_does_not_descend_fails(fake_copy, fake_run):
     run["gguf"] |= {"path": "gguf/fake-Q5_K_M.gguf", "sha256": hashlib.sha256(forged.read_bytes()).hexdigest(),
                     "size_bytes": forged.stat().st_size}
     run_json.write_text(json.dumps(run, indent=2))
-    _regenerate(fake_copy)
+    regenerate_outputs(fake_copy)
 
-    done = _invoke("verify", str(fake_copy), "--base", str(fake_run.base_dir))
+    done = invoke("verify", str(fake_copy), "--base", str(fake_run.base_dir), env=WIDE, in_process=True)
     assert done.returncode == 1, _ran(done)
     failed = "\n".join(_failed_lines(done.stdout))
     assert "gguf:fake-Q5_K_M.gguf: quantized from a GGUF with sha256" in failed, _ran(done)
@@ -200,8 +178,8 @@ def test_eval_run_record_with_a_foreign_sha256_fails(fake_copy, fake_run):
     run = json.loads(run_json.read_text())
     run["gguf"]["sha256"] = "ab" * 32
     run_json.write_text(json.dumps(run, indent=2))
-    _regenerate(fake_copy)
-    done = _invoke("verify", str(fake_copy))
+    regenerate_outputs(fake_copy)
+    done = invoke("verify", str(fake_copy), env=WIDE, in_process=True)
     assert done.returncode == 1, _ran(done)
     assert f"eval/pruned/run.json: the served GGUF has sha256 {'ab' * 32}, which is no pruned GGUF" \
         in "\n".join(_failed_lines(done.stdout)), _ran(done)
@@ -232,8 +210,8 @@ def test_manual_drop_map_is_measured_not_reselected(fake_copy, fake_run):
         path.write_text(json.dumps(drop_map, indent=2))
         shutil.rmtree(fake_copy / "pruned")
         prune_checkpoint(fake_run.base_dir, path, fake_copy / "pruned", fake_run.recipe.prune.max_shard_bytes, fsync=False)
-        _regenerate(fake_copy)
-        return _invoke("verify", str(fake_copy))
+        regenerate_outputs(fake_copy)
+        return invoke("verify", str(fake_copy), env=WIDE, in_process=True)
 
     honest = publish(true)
     failed = "\n".join(_failed_lines(honest.stdout))

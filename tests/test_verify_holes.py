@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from fakerun import TASK, make_fake_run
+from fakerun import TASK, make_fake_run, regenerate_outputs
+from invoke_cli import invoke
 
 from moeprune.layout import RunLayout
 from moeprune.verify import VerifyError, verify
@@ -40,21 +39,6 @@ def failures(report) -> str:
     return "\n".join(f"{c.name} {c.target}: {c.detail}" for c in report.failures)
 
 
-def _regenerate(run: Path) -> None:
-    """What a forger does with the project's own code: results, card and manifest rebuilt."""
-    from moeprune.card.render import render_card
-    from moeprune.card.source import ArtifactSource
-    from moeprune.eval.results import write_results
-    from moeprune.manifest import write_manifest
-
-    layout = RunLayout(run)
-    manifest = json.loads(layout.manifest_path.read_text())
-    context = json.loads((layout.card_dir / "card_numbers.json").read_text())["context"]
-    results = write_results(layout.eval_dir)
-    render_card(ArtifactSource.from_run(layout, manifest["recipe"]), results, layout.card_dir, context)
-    write_manifest(layout, manifest["recipe"], {"repo_ids": manifest["repo_ids"], "llamacpp": manifest["llamacpp"]})
-
-
 def test_consistent_forgery_of_one_sample_score_fails_naming_the_sample(run_copy):
     from moeprune.eval.results import task_scores
     from moeprune.eval.samples import read_sample_log, write_sample_log
@@ -70,7 +54,7 @@ def test_consistent_forgery_of_one_sample_score_fails_naming_the_sample(run_copy
                                       for f, ms in task_scores(records).items()}
     run_json.write_text(json.dumps(run, indent=2))
     card_before = (run_copy / "card" / "README.md").read_text()
-    _regenerate(run_copy)
+    regenerate_outputs(run_copy)
     assert (run_copy / "card" / "README.md").read_text() != card_before  # the card now shows the forged score
 
     report = verify(str(run_copy))
@@ -94,7 +78,7 @@ def test_edited_task_filter_in_the_recorded_config_fails(run_copy):
     data = json.loads(path.read_text())
     data["configs"][TASK]["filter_list"][1]["filter"][0]["regex_pattern"] = "(.)"
     path.write_text(json.dumps(data))
-    _regenerate(run_copy)
+    regenerate_outputs(run_copy)
     detail = failures(verify(str(run_copy)))
     assert "base/lm_eval_results.json: task 'demo_mcq': the recorded filter_list" in detail
 
@@ -206,8 +190,7 @@ def test_code_and_pickle_files_are_listed_as_warnings(run_copy, repo_root=REPO_R
     assert warning not in report.failures
 
     env = {**os.environ, "COLUMNS": "250"}
-    result = subprocess.run([sys.executable, "-m", "invoke", "verify", str(run_copy)], cwd=repo_root,
-                            capture_output=True, text=True, env=env)
+    result = invoke("verify", str(run_copy), cwd=repo_root, env=env, inherit_env=False)
     assert "warning" in result.stdout and "modeling_custom.py" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
 

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moeprune.dropmap.types import CRITERIA, RETENTION_STRATEGIES, Criterion, Strategy
 from moeprune.errors import RecipeError
 
 RECIPE_SCHEMA_VERSION = 1
@@ -106,8 +107,6 @@ class ProfileSection(_Section):
         return self
 
 
-Strategy = Literal["uniform-min-retention", "uniform-count", "per-layer-retention"]
-Criterion = Literal["contribution-sum", "sequence-norm-sum", "reap-mean", "frequency", "domain-max", "random"]
 
 
 class DropMapSection(_Section):
@@ -116,10 +115,9 @@ class DropMapSection(_Section):
     strategy: Strategy = Field(description="Selection strategy.")
     criterion: Criterion = Field(
         default="contribution-sum",
-        description="Score experts are ranked by: contribution-sum (sum over tokens of each routed "
-        "token's weighted output norm), sequence-norm-sum (the seed's: sum over sequences of the "
-        "sequence's whole weighted output norm; retention is then measured on it too), reap-mean, "
-        "frequency, domain-max or random.",
+        description=f"Score experts are ranked by: {', '.join(CRITERIA)}. contribution-sum sums over "
+        "tokens each routed token's weighted output norm; sequence-norm-sum (the seed's) sums over "
+        "sequences the sequence's whole weighted output norm, and retention is then measured on it too.",
     )
     retention_threshold: float | None = Field(
         default=None,
@@ -140,7 +138,7 @@ class DropMapSection(_Section):
 
     @model_validator(mode="after")
     def _strategy_needs(self) -> DropMapSection:
-        if self.strategy in ("uniform-min-retention", "per-layer-retention"):
+        if self.strategy in RETENTION_STRATEGIES:
             if self.retention_threshold is None:
                 raise ValueError(f"strategy '{self.strategy}' needs retention_threshold, e.g. 0.99")
         if self.strategy == "uniform-count" and self.keep_count is None:
@@ -216,8 +214,8 @@ class ServeSection(_Section):
     kv_unified: bool = Field(
         default=True,
         description="With parallel > 1: one KV cache shared by all slots (--kv-unified), so every slot can use "
-        "the whole ctx_size; off: each slot gets ctx_size / parallel tokens, and ctx_size must hold "
-        "parallel x eval.max_gen_toks.",
+        "the whole ctx_size; off: each slot gets ctx_size / parallel tokens. Either way a slot must hold a "
+        "prompt plus eval.max_gen_toks (checked by `invoke check`).",
     )
     seed: int = Field(default=0, description="Sampling seed (--seed).")
     threads: int | None = Field(default=None, ge=1, description="CPU threads (--threads); default: llama.cpp's.")
@@ -358,15 +356,8 @@ class Recipe(_Section):
                 f"eval.num_concurrent = {self.eval.num_concurrent} must equal serve.parallel = "
                 f"{self.serve.parallel} (one request per server slot)"
             )
-        if self.serve.parallel > 1 and not self.serve.kv_unified:
-            per_slot = self.serve.ctx_size // self.serve.parallel
-            if per_slot < self.eval.max_gen_toks:
-                raise ValueError(
-                    f"serve.kv_unified = false splits serve.ctx_size = {self.serve.ctx_size} into "
-                    f"{self.serve.parallel} slots of {per_slot} tokens, fewer than eval.max_gen_toks = "
-                    f"{self.eval.max_gen_toks}; set kv_unified = true or raise ctx_size to at least "
-                    f"{self.serve.parallel * self.eval.max_gen_toks} plus the prompts"
-                )
+        # Whether each slot holds a prompt plus eval.max_gen_toks is the preflight's one slot rule
+        # (moeprune.preflight.check_slots), which `invoke check` and every serving stage run.
         return self
 
     @field_validator("name")

@@ -28,7 +28,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-FILTERS = ("flexible-extract", "strict-match")
+from moeprune.eval.analysis import PRIMARY_FILTER
+
+FILTERS = (PRIMARY_FILTER, "strict-match")
 GIB = 1024**3
 _NUMBER = re.compile(r"(?P<approx>~)?(?P<num>-?\d[\d,]*(?:\.\d+)?)\s*(?P<unit>%|B\b|M\b|GiB|GB|k\b)?"
                      r"(?:\s*±\s*(?P<err>\d[\d.]*)\s*%)?")

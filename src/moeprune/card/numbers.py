@@ -19,13 +19,12 @@ import numpy as np
 from moeprune.arch.spec import CheckpointFacts
 from moeprune.card.source import ArtifactSource
 from moeprune.errors import MoepruneError
+from moeprune.eval.analysis import PRIMARY_FILTER, PRIMARY_METRIC
 
 # bytes per element of safetensors dtypes
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-PRIMARY_FILTER = "flexible-extract"
-PRIMARY_METRIC = "exact_match"
 
 
 class CardError(MoepruneError):
@@ -236,9 +235,9 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
     stats = load_stats(source.stats_path)
     contribution = stats.totals["contribution_sum"]
     profile_cfg = recipe.get("profile", {})
-    overlap_k = int(profile_cfg.get("top_overlap_k", 32))
-    share_k = int(profile_cfg.get("top_share_k", 8))
-    coverage = float(profile_cfg.get("coverage_fraction", 0.8))
+    overlap_k = int(recipe_setting(recipe, "profile", "top_overlap_k"))
+    share_k = int(recipe_setting(recipe, "profile", "top_share_k"))
+    coverage = float(recipe_setting(recipe, "profile", "coverage_fraction"))
     per_domain = {d: stats.per_domain[d]["contribution_sum"] for d in stats.domains}
     findings = compute_findings(contribution, list(stats.layers), per_domain, overlap_k=overlap_k,
                                 share_k=share_k, coverage_fraction=coverage)
@@ -254,7 +253,7 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
                  "calib.prompts_per_domain × calib.domains")
         card.add("calib.max_new_tokens", int(calibration["max_new_tokens"]), fmt_int(calibration["max_new_tokens"]),
                  "recipe: calibration.max_new_tokens")
-        card.facts["thinking"] = bool(calibration.get("enable_thinking", True))
+        card.facts["thinking"] = bool(recipe_setting(recipe, "calibration", "enable_thinking"))
     _phase1_facts(card, source, profile_cfg)
     card.add("find.share_k", findings["top_share_k"], str(findings["top_share_k"]), "recipe: profile.top_share_k")
     card.add("find.top_share", findings["top_k_share_pooled"], fmt_pct(findings["top_k_share_pooled"], 1), stats_src)
@@ -278,8 +277,7 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
     card.add("find.bottom_share", bottom, fmt_pct(bottom, 1), stats_src)
     overlaps = findings["domain_overlap"]
     if overlaps:
-        preferred = [o for o in overlaps if set(o["domains"]) == {"math", "creative"}]
-        pick = preferred[0] if preferred else min(overlaps, key=lambda o: o["mean"])
+        pick = min(overlaps, key=lambda o: o["mean"])  # the most distinct pair of the recipe's domains
         card.facts["overlap_domains"] = pick["domains"]
         card.add("find.overlap_k", pick["k"], str(pick["k"]), "recipe: profile.top_overlap_k")
         card.add("find.overlap_mean", pick["mean"], f"{pick['mean']:.1f}", stats_src + " per domain")
@@ -386,6 +384,17 @@ def _score(results: dict[str, Any], model: str, task: str, filter_name: str) -> 
     return scores.get(filter_name, {}).get(PRIMARY_METRIC)
 
 
+def recipe_setting(recipe: dict[str, Any], section: str, name: str) -> Any:
+    """``<section>.<name>`` of the recorded recipe; for an artifact recorded without it, the field's
+    default read from its one definition (the typed recipe model), never a copy of it."""
+    from moeprune.recipe import Recipe
+
+    values = recipe.get(section) or {}
+    if name in values:
+        return values[name]
+    return Recipe.model_fields[section].annotation.model_fields[name].default
+
+
 def _eval_numbers(card: CardNumbers, source: ArtifactSource, results: dict[str, Any], recipe: dict[str, Any]) -> None:
     models = [m for m in ("base", "pruned") if m in results["models"]]
     tasks = list(results["settings"]["tasks"])
@@ -475,7 +484,7 @@ def _eval_numbers(card: CardNumbers, source: ArtifactSource, results: dict[str, 
     pruned_primary = _score(results, "pruned", primary, PRIMARY_FILTER)
     if base_primary and pruned_primary:
         diff = pruned_primary["value"] - base_primary["value"]
-        card.add("eval.delta", diff, fmt_pp(diff), "pruned - base, flexible-extract")
+        card.add("eval.delta", diff, fmt_pp(diff), f"pruned - base, {PRIMARY_FILTER}")
     comparisons = []
     for task, comparison in sorted(results.get("comparisons", {}).items()):
         key = f"cmp.{task}"

@@ -16,7 +16,8 @@ from typing import Any
 
 from moeprune.atomic import atomic_dir
 from moeprune.base_model import is_hub_id
-from moeprune.card.numbers import PRIMARY_FILTER, CardNumbers, compute_card_numbers
+from moeprune.card.numbers import CardNumbers, compute_card_numbers
+from moeprune.eval.analysis import PRIMARY_FILTER, PRIMARY_METRIC
 from moeprune.card.plots import render_plots
 from moeprune.card.source import ArtifactSource
 from moeprune.errors import MoepruneError
@@ -79,7 +80,7 @@ def card_data(numbers: CardNumbers, context: dict[str, Any]) -> Any:
                     task_type="text-generation",
                     dataset_type=task,
                     dataset_name=task,
-                    metric_type="exact_match",
+                    metric_type=PRIMARY_METRIC,
                     metric_name=f"exact_match ({filter_name})",
                     metric_value=round(float(number.value), 6),
                 )

@@ -37,11 +37,11 @@ import numpy as np
 
 from moeprune.atomic import atomic_file, write_json
 from moeprune.dropmap.select import (
-    CRITERIA,
     DropMapError,
     criterion_scores,
     select_experts,
 )
+from moeprune.dropmap.types import CRITERIA
 from moeprune.hashing import sha256_file
 
 DEFAULT_KEEP_FRACTIONS = (0.75, 0.5)

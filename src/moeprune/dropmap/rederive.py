@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 
 from moeprune.dropmap.select import (
-    MANUAL,
     DropMapError,
     criterion_scores,
     retained_fraction,
     retention_statistic,
     select_from_profile,
 )
+from moeprune.dropmap.types import MANUAL
 
 # Retained fractions are exactly rounded sums (math.fsum) stored as JSON floats, which round-trip:
 # a re-derivation gives the same float. The tolerance only absorbs a last-bit difference.

@@ -25,21 +25,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
+from moeprune.dropmap.types import CRITERIA, STRATEGIES
 from moeprune.errors import MoepruneError
 
-Criterion = Literal["contribution-sum", "sequence-norm-sum", "reap-mean", "frequency", "domain-max", "random"]
-Strategy = Literal["uniform-min-retention", "uniform-count", "per-layer-retention"]
-CRITERIA: tuple[str, ...] = ("contribution-sum", "sequence-norm-sum", "reap-mean", "frequency", "domain-max", "random")
 # Profile statistic a criterion's retention threshold is applied to in the drop-map stage.
 _RETENTION_STATISTIC = {"sequence-norm-sum": "sequence_norm_sum"}
-STRATEGIES: tuple[str, ...] = ("uniform-min-retention", "uniform-count", "per-layer-retention")
-# A drop map whose keep sets were chosen by hand or by another tool: nothing to re-select, but its
-# retained fractions are still measured on the profile statistics (moeprune.dropmap.rederive).
-MANUAL = "manual"
 
 
 class DropMapError(MoepruneError):

@@ -14,7 +14,19 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
+
+# The one definition of the selection vocabulary: the recipe's fields, the drop-map schema's
+# enums (tied by a test), the task help and every check derive from these.
+Criterion = Literal["contribution-sum", "sequence-norm-sum", "reap-mean", "frequency", "domain-max", "random"]
+Strategy = Literal["uniform-min-retention", "uniform-count", "per-layer-retention"]
+CRITERIA: tuple[str, ...] = get_args(Criterion)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+RETENTION_STRATEGIES: tuple[str, ...] = ("uniform-min-retention", "per-layer-retention")
+"""The strategies that keep experts until a retention threshold is met (they need one)."""
+# A drop map whose keep sets were chosen by hand or by another tool: nothing to re-select, but its
+# retained fractions are still measured on the profile statistics (moeprune.dropmap.rederive).
+MANUAL = "manual"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,24 @@
 - ``check_results(eval_dir) -> list[str]``: differences between results.json and a recomputation
 """
 
-from moeprune.eval.results import check_results, recompute_results, write_results
-from moeprune.eval.run import EvalError, run_eval
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moeprune.eval.results import check_results, recompute_results, write_results
+    from moeprune.eval.run import EvalError, run_eval
 
 __all__ = ["EvalError", "check_results", "recompute_results", "run_eval", "write_results"]
+_HOME = {"check_results": "results", "recompute_results": "results", "write_results": "results",
+         "EvalError": "run", "run_eval": "run"}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: a reader of one constant (moeprune.eval.analysis.PRIMARY_FILTER) must not import the
+    # whole harness driver.
+    if name in _HOME:
+        return getattr(importlib.import_module(f"moeprune.eval.{_HOME[name]}"), name)
+    raise AttributeError(name)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moeprune.errors import MoepruneError
+from moeprune.eval.analysis import PRIMARY_FILTER, PRIMARY_METRIC
 from moeprune.pipeline.graph import Context, Pipeline, Stage
 from moeprune.recipe import Recipe
 
@@ -115,7 +116,7 @@ def _eval(which: str):
         record = run_eval(recipe, ctx.layout, gguf_paths={which: gguf}, combine=False)[which]
         headline = {}
         for task, task_run in record["tasks"].items():
-            flexible = task_run["reported"].get("flexible-extract", {}).get("exact_match", {})
+            flexible = task_run["reported"].get(PRIMARY_FILTER, {}).get(PRIMARY_METRIC, {})
             if "value" in flexible:
                 headline[f"{which}_{task}_pct"] = round(100 * flexible["value"], 2)
         return headline
@@ -176,8 +177,8 @@ def _headline_results(results: dict[str, Any]) -> dict[str, Any]:
     headline = {}
     for model, entry in results.get("models", {}).items():
         for task, task_entry in entry.get("tasks", {}).items():
-            flexible = task_entry.get("scores", {}).get("flexible-extract", {})
-            metric = flexible.get("exact_match") or next(iter(flexible.values()), None)
+            flexible = task_entry.get("scores", {}).get(PRIMARY_FILTER, {})
+            metric = flexible.get(PRIMARY_METRIC) or next(iter(flexible.values()), None)
             if isinstance(metric, dict) and "value" in metric:
                 headline[f"{model}_{task}_pct"] = round(100 * metric["value"], 2)
     return headline
