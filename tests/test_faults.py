@@ -460,13 +460,12 @@ def test_quantize_stopped_by_a_file_size_limit_is_one_line(tmp_path, llama_build
 @pytest.mark.slow
 @pytest.mark.llamacpp
 def test_converter_failure_in_reproduce_is_one_line_in_the_summary(tmp_path, llama_build):
-    """The converter's Python traceback (a config.json without ``architectures``) stays in its log;
-    the summary table shows the one line naming the exception and the log."""
+    """The converter's Python traceback (a damaged tokenizer.json, which only the converter reads
+    in these stages) stays in its log; the summary table shows the one line naming the exception
+    and the log."""
     model = tmp_path / "model"
     shutil.copytree(DEMO_MODEL, model)
-    config = json.loads((model / "config.json").read_text())
-    del config["architectures"]
-    (model / "config.json").write_text(json.dumps(config))
+    (model / "tokenizer.json").write_text("{\n")
     recipe_path = tmp_path / "demo.toml"
     recipe_path.write_text(demo_recipe_text().replace(f'base = "{ROOT}/src/moeprune/demo/model"', f'base = "{model}"'))
     runs = tmp_path / "runs"
@@ -487,7 +486,8 @@ def test_converter_failure_in_reproduce_is_one_line_in_the_summary(tmp_path, lla
             break
         detail.append(cells[3])
     folded = "".join(detail).replace(" ", "")
-    expected = f"convert_hf_to_gguf.py failed: ValueError: Failed to detect model architecture (exit 1); log: {log}"
+    expected = (f"convert_hf_to_gguf.py failed: json.decoder.JSONDecodeError: Expecting property name enclosed in "
+                f"double quotes: line 2 column 1 (char 2) (exit 1); log: {log}")
     assert folded == expected.replace(" ", ""), summary
 
 

@@ -152,10 +152,13 @@ SITE_HOOK = textwrap.dedent(
             return _original_add(self, *args, **kwargs)
         _writer.ShardedWriter.add = _add
     elif _where == "convert":
-        from moeprune.llamacpp import convert as _convert
-        def _log(*args, **kwargs):  # the converter wrote its whole output into the temporary dir
-            _kill()
-        _convert.write_tool_log = _log
+        from moeprune.llamacpp import process as _process
+        _original_log = _process.write_tool_log
+        def _log(path, command, *args, **kwargs):
+            if any("convert_hf_to_gguf" in str(part) for part in command):
+                _kill()  # the converter wrote its whole output into the temporary dir
+            return _original_log(path, command, *args, **kwargs)
+        _process.write_tool_log = _log
     elif _where == "eval":
         from moeprune.eval import run as _run
         _original_write = _run.write_sample_log
