@@ -73,15 +73,16 @@ def _run_plan_lines(recipe: Recipe) -> list[str]:
     from moeprune.pipeline.lock import Lock
     from moeprune.pipeline.reproduce import stages_to_run
     from moeprune.pipeline.stages import build_pipeline
-    from moeprune.plan.gather import report_lines, run_plan
+    from moeprune.plan.disk import plan_lines
+    from moeprune.plan.gather import fit_line, run_plan
 
     layout = RunLayout.for_recipe(recipe.name)
     pipeline = build_pipeline()
     will_run = stages_to_run(pipeline, Context(recipe=recipe, layout=layout), pipeline.names)
     plans = run_plan(recipe, layout, set(will_run), pipeline.names, Lock.load(layout.lock_path).stages,
                      "see the memory plan above")
-    return report_lines(plans, f"run plan of `invoke reproduce` ({len(will_run)} of {len(pipeline.names)} stages "
-                               f"would run; {layout.root}):")
+    header = f"run plan of `invoke reproduce` ({len(will_run)} of {len(pipeline.names)} stages would run; {layout.root}):"
+    return [header, *plan_lines(plans), fit_line(plans)]
 
 
 def llamacpp(recipe_path: Path, jobs: int | None = None) -> TaskResult:

@@ -137,15 +137,18 @@ def _print_plan_or_refuse(recipe: Recipe, layout: RunLayout, pipeline: Pipeline,
     """Print the whole-run plan of the stages that will run; refuse (one line) when the disk
     cannot hold it, unless ``ignore_disk_plan``."""
     from moeprune.pipeline.lock import Lock
-    from moeprune.plan.gather import DiskPlanError, report_lines, run_plan, shortfall, shortfall_message
+    from moeprune.plan.disk import plan_lines
+    from moeprune.plan.gather import DiskPlanError, fit_line, run_plan, shortfall, shortfall_message
 
     memory = _profile_memory(recipe) if "profile" in will_run else ""
     plans = run_plan(recipe, layout, set(will_run), pipeline.names, Lock.load(layout.lock_path).stages, memory)
-    for line in report_lines(plans, f"run plan ({len(will_run)} of {len(pipeline.names)} stages will run):"):
+    print(f"run plan ({len(will_run)} of {len(pipeline.names)} stages will run):", file=sys.stderr)
+    for line in plan_lines(plans):
         print(line, file=sys.stderr)
     found, where = shortfall(plans)
     if found is not None and not ignore_disk_plan:
         raise DiskPlanError(f"{recipe.source_path}: refused before any stage ran: {shortfall_message(found, where)}")
+    print(fit_line(plans) + (" (--ignore-disk-plan: running anyway)" if found is not None else ""), file=sys.stderr)
 
 
 def _profile_memory(recipe: Recipe) -> str:

@@ -77,7 +77,11 @@ def first_shortfall(stages: Sequence[StagePlan], free_bytes: Mapping[str, int],
 
 
 def human(nbytes: int) -> str:
-    return f"{nbytes / GB:.2f} GB"
+    """Decimal units, as ``df -H`` and the Hub show sizes."""
+    for unit, size in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"
 
 
 def plan_lines(stages: Sequence[StagePlan]) -> list[str]:
@@ -90,7 +94,8 @@ def plan_lines(stages: Sequence[StagePlan]) -> list[str]:
         bound = "<= " if any(w.bound for w in stage.writes) else ""
         parts = ", ".join(f"{w.what} {'<= ' if w.bound else ''}{human(w.new_bytes)}" for w in stage.writes)
         freed = sum(w.old_bytes for w in stage.writes)
-        line = f"  {stage.stage:<16} disk {bound}{human(stage.new_bytes)}" + (f" ({parts})" if parts else "")
+        line = (f"  {stage.stage:<16} disk {bound}{human(stage.new_bytes)} ({parts})" if stage.writes
+                else f"  {stage.stage:<16} disk: small files only (not counted)")
         if freed:
             line += f"; replaces {human(freed)} once written"
         line += f"; memory: {stage.memory or 'not estimated'}; time: {stage.time or 'no measured rate'}"

@@ -16,7 +16,7 @@ from typing import Any
 
 from moeprune.errors import MoepruneError
 from moeprune.layout import RunLayout
-from moeprune.plan.disk import GB, Shortfall, StagePlan, Write, first_shortfall, human, plan_lines
+from moeprune.plan.disk import GB, Shortfall, StagePlan, Write, first_shortfall, human
 from moeprune.plan.ggml import QuantModel, gguf_bytes, quantized_types
 from moeprune.plan.shapes import ModelShapes, gguf_tensors, known_shapes, n_gqa, pruned_shapes, read_shapes
 
@@ -228,11 +228,9 @@ def shortfall_message(found: Shortfall, where: dict[str, Path]) -> str:
             "--ignore-disk-plan")
 
 
-def report_lines(plans: Sequence[StagePlan], header: str) -> list[str]:
-    lines = [header, *plan_lines(plans)]
+def fit_line(plans: Sequence[StagePlan]) -> str:
     found, where = shortfall(plans)
     if found is None:
-        lines.append("  fits: every filesystem it writes to has the space")
-    else:
-        lines.append("  " + shortfall_message(found, where))
-    return lines
+        places = ", ".join(str(p) for p in where.values()) or "nothing to write"
+        return f"  disk plan: fits ({places})"
+    return "  " + shortfall_message(found, where)
