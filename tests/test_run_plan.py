@@ -103,13 +103,35 @@ def test_check_prints_the_reference_disk_plan_offline():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "run plan of `invoke reproduce` (13 of 13 stages would run" in out
-    assert "pinned shape summary google--gemma-4-26B-A4B-it.json" in out
+    assert "pinned config google--gemma-4-26B-A4B-it.json" in out
     assert re.search(r"download of google/gemma-4-26B-A4B-it to the HF cache \d+\.\d\d GB", out)
     total = int(re.search(r"total written: <= [\d.]+ GB \((\d+) bytes", out).group(1))
     text_params, independent = _reference_total_independent()
     print(f"plan total {total / 1e9:.1f} GB, independent {independent / 1e9:.1f} GB, "
           f"text parameters {text_params / 1e9:.2f} B")
     assert abs(total - independent) <= 0.15 * independent
+
+
+def test_pinned_reference_config_is_what_its_generator_writes():
+    """The shipped config is data made by bench/write_reference_shapes.py, byte for byte; the
+    tensors the plan builds from it have the reference's dimensions."""
+    import importlib.util
+
+    from moeprune.plan.shapes import known_path, known_shapes
+
+    spec = importlib.util.spec_from_file_location("write_reference_shapes", ROOT / "bench" / "write_reference_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = known_path(module.HUB_ID)
+    assert path.read_text(encoding="utf-8") == module.render(module.build())
+    shapes = {t.name: t.shape for t in known_shapes(module.HUB_ID).tensors}
+    layer = "model.language_model.layers.5."  # a global-attention layer
+    assert shapes[layer + "experts.gate_up_proj"] == (128, 2 * 704, 2816)
+    assert shapes[layer + "experts.down_proj"] == (128, 2816, 704)
+    assert shapes[layer + "self_attn.q_proj.weight"] == (16 * 512, 2816)
+    assert shapes[layer + "self_attn.k_proj.weight"] == (2 * 512, 2816)
+    assert shapes["model.language_model.embed_tokens.weight"] == (262144, 2816)
+    assert "lm_head.weight" not in shapes  # tied: stored once
 
 
 def test_predicted_q4_k_m_sizes_against_the_seed_card():

@@ -18,7 +18,8 @@ from moeprune.errors import MoepruneError
 from moeprune.layout import RunLayout
 from moeprune.plan.disk import GB, Shortfall, StagePlan, Write, first_shortfall, human
 from moeprune.plan.ggml import QuantModel, gguf_bytes, quantized_types
-from moeprune.plan.shapes import ModelShapes, gguf_tensors, known_shapes, n_gqa, pruned_shapes, read_shapes
+from moeprune.plan.shapes import (ModelShapes, gguf_tensors, known_shapes, model_facts, n_gqa, pruned_shapes,
+                                  read_shapes)
 
 
 class DiskPlanError(MoepruneError):
@@ -63,24 +64,20 @@ def existing_bytes(path: Path) -> int:
 def _kept_by_layer(recipe: Any, layout: RunLayout, config: dict[str, Any], dropmap_runs: bool
                    ) -> tuple[dict[int, int], int, bool]:
     """(experts kept per MoE layer, experts per layer, whether that is only an upper bound)."""
-    from moeprune.arch import arch_for_config
-
-    arch = arch_for_config(config)
-    num_experts = arch.num_experts(config)
+    facts = model_facts(config)
+    num_experts = facts.num_experts
     if not dropmap_runs and layout.drop_map_path.is_file():
         drop_map = json.loads(layout.drop_map_path.read_text(encoding="utf-8"))
         return {int(e["layer"]): len(e["keep"]) for e in drop_map["layers"]}, num_experts, False
     keep = recipe.dropmap.keep_count if recipe.dropmap.strategy == "uniform-count" else None
-    layers = arch.moe_layers(config)
+    layers = facts.moe_layers
     if keep is not None:
         return dict.fromkeys(layers, keep), num_experts, False
     return dict.fromkeys(layers, num_experts), num_experts, True  # not chosen yet: at most all of them
 
 
 def _quant_model(shapes: ModelShapes, tensors: Sequence[Any], experts: int) -> QuantModel:
-    from moeprune.arch import arch_for_config
-
-    return QuantModel(n_layer=arch_for_config(shapes.config).num_layers(shapes.config) or 0, n_expert=experts,
+    return QuantModel(n_layer=model_facts(shapes.config).num_layers, n_expert=experts,
                       n_gqa=n_gqa(tensors))
 
 
@@ -140,14 +137,12 @@ def run_plan(recipe: Any, layout: RunLayout, will_run: Collection[str], stage_na
         raise MoepruneError(f"model.base = {recipe.model.base!r}: not on disk and no pinned shape summary, "
                             "so the disk plan cannot be computed")
     base, quantize, entries = found.shapes, recipe.quantize, lock_entries or {}
-    from moeprune.arch import arch_for_config
-
     kept, num_experts, bound = _kept_by_layer(recipe, layout, base.config, "dropmap" in will_run)
     if not bound and "prune" not in will_run and layout.pruned_dir.is_dir():
         pruned = read_shapes(layout.pruned_dir)
     else:
         pruned = pruned_shapes(base, num_experts, kept)
-    num_layers = arch_for_config(base.config).num_layers(base.config) or 0
+    num_layers = model_facts(base.config).num_layers
     models = {"base": (base, num_experts, False), "pruned": (pruned, max(kept.values(), default=num_experts), bound)}
 
     def write(what: str, path: Path, new: int, is_bound: bool = False) -> Write:

@@ -1,10 +1,11 @@
 """A model's tensor shapes, without its weights, and the GGUF tensors the converter makes of them.
 
 A base on disk (a local directory or the HF cache) is read from its safetensors headers. A Hub
-base that is not downloaded yet is planned from a pinned shape summary shipped under
-``plan/known/`` (``<org>--<name>.json``: the config and every tensor's name, dtype and shape, with
-its provenance), so ``invoke check`` can say what the reference run needs before its 50 GB
-download. The summary is used for the plan only; no published number comes from it.
+base that is not downloaded yet is planned from a pinned config shipped under ``plan/known/``
+(``<org>--<name>.json``: its ``config.json``, the dtype it is published in, and its provenance):
+the tensors are those of its own transformers class built on the ``meta`` device from that config
+(no weights), so ``invoke check`` can say what the reference run needs before its 50 GB download.
+The config is used for the plan only; no published number comes from it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,24 @@ class ModelShapes:
         return sum(t.numel for t in self.tensors)
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the plan needs to know about the model beyond its tensors."""
+
+    num_layers: int
+    num_experts: int
+    moe_layers: tuple[int, ...]
+
+
+def model_facts(config: Mapping[str, Any]) -> ModelFacts:
+    """The model facts the plan reads, all from here (the family adapter answers them), so they
+    can come from one model inspection once the project has it."""
+    from moeprune.arch import arch_for_config
+
+    arch = arch_for_config(config)
+    return ModelFacts(arch.num_layers(config) or 0, arch.num_experts(config), tuple(arch.moe_layers(config)))
+
+
 def read_shapes(model_dir: Path) -> ModelShapes:
     """Shapes from ``config.json`` and the safetensors headers of ``model_dir`` (no tensor read)."""
     from moeprune.io.checkpoint import Checkpoint
@@ -74,13 +93,30 @@ def known_path(hub_id: str) -> Path:
 
 
 def known_shapes(hub_id: str) -> ModelShapes | None:
-    """The pinned shape summary shipped for ``hub_id``, or None."""
+    """The shapes of ``hub_id`` from its pinned config (see the module docstring), or None."""
     path = known_path(hub_id)
     if not path.is_file():
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
-    tensors = tuple(HfTensor(name, dtype, tuple(shape)) for name, dtype, shape in data["tensors"])
-    return ModelShapes(data["config"], tensors, f"pinned shape summary {path.name} ({data['provenance']['summary']})")
+    return shapes_from_config(data["config"], data["dtype"],
+                              f"pinned config {path.name} ({data['provenance']['summary']})")
+
+
+def shapes_from_config(config: dict[str, Any], dtype: str, source: str) -> ModelShapes:
+    """Every tensor a checkpoint of ``config`` holds, in ``dtype``: the state dict of its own
+    transformers class built on the ``meta`` device, less the tensors tied to another (a checkpoint
+    stores those once)."""
+    import torch
+    import transformers
+
+    from moeprune.profile.loading import _model_class
+
+    hf_config = transformers.AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = _model_class(hf_config)._from_config(hf_config)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if hf_config.get_text_config().tie_word_embeddings else set()
+    tensors = tuple(HfTensor(name, dtype, tuple(t.shape)) for name, t in model.state_dict().items() if name not in tied)
+    return ModelShapes(config, tensors, source)
 
 
 # --- the converter's view ------------------------------------------------------------------------
