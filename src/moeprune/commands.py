@@ -79,8 +79,7 @@ def _run_plan_lines(recipe: Recipe) -> list[str]:
     layout = RunLayout.for_recipe(recipe.name)
     pipeline = build_pipeline()
     will_run = stages_to_run(pipeline, Context(recipe=recipe, layout=layout), pipeline.names)
-    plans = run_plan(recipe, layout, set(will_run), pipeline.names, Lock.load(layout.lock_path).stages,
-                     "see the memory plan above")
+    plans = run_plan(recipe, layout, set(will_run), pipeline.names, Lock.load(layout.lock_path).stages)
     header = f"run plan of `invoke reproduce` ({len(will_run)} of {len(pipeline.names)} stages would run; {layout.root}):"
     return [header, *plan_lines(plans), fit_line(plans)]
 

@@ -140,8 +140,7 @@ def _print_plan_or_refuse(recipe: Recipe, layout: RunLayout, pipeline: Pipeline,
     from moeprune.plan.disk import plan_lines
     from moeprune.plan.gather import DiskPlanError, fit_line, run_plan, shortfall, shortfall_message
 
-    memory = _profile_memory(recipe) if "profile" in will_run else ""
-    plans = run_plan(recipe, layout, set(will_run), pipeline.names, Lock.load(layout.lock_path).stages, memory)
+    plans = run_plan(recipe, layout, set(will_run), pipeline.names, Lock.load(layout.lock_path).stages)
     print(f"run plan ({len(will_run)} of {len(pipeline.names)} stages will run):", file=sys.stderr)
     for line in plan_lines(plans):
         print(line, file=sys.stderr)
@@ -149,20 +148,6 @@ def _print_plan_or_refuse(recipe: Recipe, layout: RunLayout, pipeline: Pipeline,
     if found is not None and not ignore_disk_plan:
         raise DiskPlanError(f"{recipe.source_path}: refused before any stage ran: {shortfall_message(found, where)}")
     print(fit_line(plans) + (" (--ignore-disk-plan: running anyway)" if found is not None else ""), file=sys.stderr)
-
-
-def _profile_memory(recipe: Recipe) -> str:
-    """The profile's peak per phase from its memory plan (base on disk only); the profile stage
-    refuses a plan that does not fit itself."""
-    from moeprune.profile.memory_plan import GIB, plan_for_recipe
-
-    try:
-        plan = plan_for_recipe(recipe)
-    except MoepruneError as exc:
-        return f"not estimated ({exc})"
-    if plan is None:
-        return "after the download (memory plan of `invoke check`)"
-    return "; ".join(f"{p.name} {p.peak_bytes / GIB:.2f} GiB on {p.device}" for p in plan.phases)
 
 
 def reproduce(

@@ -17,7 +17,7 @@ from typing import Any
 from moeprune.errors import MoepruneError
 from moeprune.layout import RunLayout
 from moeprune.plan.disk import GB, Shortfall, StagePlan, Write, first_shortfall, human
-from moeprune.plan.ggml import QuantModel, gguf_bytes, quantized_types
+from moeprune.plan.ggml import GgufTensor, QuantModel, allows_quantization, gguf_bytes, quantized_types, tensor_bytes
 from moeprune.plan.shapes import (ModelShapes, gguf_tensors, known_shapes, model_facts, n_gqa, pruned_shapes,
                                   read_shapes)
 
@@ -118,6 +118,50 @@ def _served_memory(gguf: int, n_gpu_layers: int, num_layers: int) -> str:
     return f"VRAM {human(on_gpu)} (n_gpu_layers={n_gpu_layers}) + KV cache, RAM {human(gguf - on_gpu)}"
 
 
+# Stages that load no model: JSON, plots, file digests.
+_SMALL_MEMORY = "small (no model loaded)"
+_STREAMED = "small (tensors are streamed between files in chunks; none is loaded)"
+
+
+def _largest(tensors: Sequence[GgufTensor]) -> GgufTensor:
+    return max(tensors, key=lambda t: t.numel)
+
+
+def _convert_memory(shapes: ModelShapes, outtype: str) -> str:
+    """The pinned converter writes one tensor at a time: it widens each to F32 and writes it at
+    ``outtype``, so its peak is about the largest tensor at 4 + outtype bytes per element."""
+    tensors = gguf_tensors(shapes, outtype)
+    big = _largest(tensors)
+    per_element = 4 + tensor_bytes(outtype.upper(), 1, 1)
+    return (f"RAM ~{human(big.numel * per_element)} ({big.name}, {big.numel} elements at {per_element} bytes: "
+            f"F32 + {outtype.upper()}, one tensor at a time; the checkpoint is memory-mapped)")
+
+
+def _quantize_memory(shapes: ModelShapes, outtype: str) -> str:
+    """llama-quantize memory-maps its input and keeps two buffers of 4 bytes per element of the
+    largest tensor it quantizes (the tensor widened to F32, and the output; ``llama-quant.cpp``:
+    ``f32_conv_buf``, ``work``), reused from tensor to tensor."""
+    big = _largest([t for t in gguf_tensors(shapes, outtype) if allows_quantization(t)])
+    return (f"RAM ~{human(big.numel * 8)} ({big.name}: F32 copy + output buffer, 4 bytes per element each; "
+            "the GGUF is memory-mapped)")
+
+
+def profile_memory(recipe: Any, base: ModelShapes) -> str:
+    """The profile's peak per phase from its memory plan (the profile stage refuses a plan that
+    does not fit); before the download only the weights' size is known (the plan needs the
+    base's tokenizer to size the prompts)."""
+    from moeprune.profile.memory_plan import GIB, plan_for_recipe
+
+    try:
+        plan = plan_for_recipe(recipe)
+    except MoepruneError as exc:
+        return f"not estimated ({exc})"
+    if plan is None:
+        return (f"the memory plan runs once the base is downloaded (it needs the tokenizer); "
+                f"the weights alone are {human(base.total_bytes)}")
+    return "; ".join(f"{p.name} {p.peak_bytes / GIB:.2f} GiB on {p.device}" for p in plan.phases)
+
+
 def _time(entry: dict[str, Any] | None, new_bytes: int, old_bytes: int) -> str:
     """An estimate only from a measured rate: this stage's duration in the run's lock, scaled by
     the bytes it will write against those its last run wrote."""
@@ -130,7 +174,7 @@ def _time(entry: dict[str, Any] | None, new_bytes: int, old_bytes: int) -> str:
 
 
 def run_plan(recipe: Any, layout: RunLayout, will_run: Collection[str], stage_names: Sequence[str],
-             lock_entries: dict[str, dict[str, Any]] | None = None, profile_memory: str = "") -> list[StagePlan]:
+             lock_entries: dict[str, dict[str, Any]] | None = None) -> list[StagePlan]:
     """One plan per stage of ``stage_names`` (those not in ``will_run`` write nothing)."""
     found = base_shapes(recipe)
     if found is None:
@@ -149,7 +193,9 @@ def run_plan(recipe: Any, layout: RunLayout, will_run: Collection[str], stage_na
         return Write(what, path, new, existing_bytes(path), is_bound)
 
     writes: dict[str, list[Write]] = {name: [] for name in stage_names}
-    memory: dict[str, str] = {"profile": profile_memory}
+    memory: dict[str, str] = {"profile": profile_memory(recipe, base) if "profile" in will_run else "",
+                              "prune": _STREAMED, "kld": _SMALL_MEMORY,
+                              **dict.fromkeys(("dropmap", "results", "card", "manifest"), _SMALL_MEMORY)}
     if found.download_bytes:
         writes["profile"].append(Write(f"download of {recipe.model.base} to the HF cache", hf_cache_dir(),
                                        found.download_bytes))
@@ -162,6 +208,8 @@ def run_plan(recipe: Any, layout: RunLayout, will_run: Collection[str], stage_na
             path = layout.gguf_path(which, qtype)  # type: ignore[arg-type]
             writes[f"quantize-{which}"].append(
                 write(path.name, path, gguf_size(shapes, quantize.convert_outtype, qtype, experts), is_bound))
+        memory[f"convert-{which}"] = _convert_memory(shapes, quantize.convert_outtype)
+        memory[f"quantize-{which}"] = _quantize_memory(shapes, quantize.convert_outtype)
         eval_gguf = gguf_size(shapes, quantize.convert_outtype, quantize.eval_type, experts)
         memory[f"eval-{which}"] = _served_memory(eval_gguf, recipe.serve.n_gpu_layers, num_layers)
     if recipe.kld.enabled:
