@@ -76,7 +76,8 @@ def _kept_by_layer(recipe: Any, layout: RunLayout, config: dict[str, Any], dropm
     return dict.fromkeys(layers, num_experts), num_experts, True  # not chosen yet: at most all of them
 
 
-def _quant_model(shapes: ModelShapes, tensors: Sequence[Any], experts: int) -> QuantModel:
+def quant_model(shapes: ModelShapes, tensors: Sequence[Any], experts: int) -> QuantModel:
+    """What llama-quantize's rules read of the model whose converted ``tensors`` it quantizes."""
     return QuantModel(n_layer=model_facts(shapes.config).num_layers, n_expert=experts,
                       n_gqa=n_gqa(tensors))
 
@@ -86,7 +87,7 @@ def gguf_size(shapes: ModelShapes, outtype: str, qtype: str | None, experts: int
     then quantized to ``qtype`` (None: the converted file itself)."""
     tensors = gguf_tensors(shapes, outtype)
     types = ([t.gguf_type for t in tensors] if qtype is None
-             else quantized_types(tensors, qtype, _quant_model(shapes, tensors, experts)))
+             else quantized_types(tensors, qtype, quant_model(shapes, tensors, experts)))
     return gguf_bytes(tensors, types)
 
 
