@@ -29,6 +29,14 @@ def _invoke(args: list[str], env: dict[str, str], timeout: int = 1800) -> subpro
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _readme_block(name: str) -> list[str]:
+    """The lines of the README's ``<!-- name -->`` block (tool output pasted there)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(rf"<!-- {name} -->\n```\n(.*?)\n```\n<!-- /{name} -->", text, re.S)
+    assert match, f"README.md has no {name} block"
+    return match.group(1).splitlines()
+
+
 # --- llama-quantize's rules ----------------------------------------------------------------------
 def test_fallback_rule_is_llama_quants():
     assert fallback_type("Q4_K", 704) == "Q5_0"
@@ -109,11 +117,14 @@ def test_check_prints_the_reference_disk_plan_offline():
     stage_lines = [line for line in out.splitlines() if re.match(r"  [a-z-]+ +(disk|cached)", line)]
     assert len(stage_lines) == 13 and not any("not estimated" in line for line in stage_lines), stage_lines
     # llama-quantize's two 4-byte buffers of the largest tensor it quantizes: the tied embedding.
-    assert f"RAM ~{8 * 262144 * 2816 / 1e9:.2f} GB (token_embd.weight" in out
+    assert f"RAM ~{8 * 262144 * 2816 / 1e9:.2f} GB (largest tensor token_embd.weight" in out
     text_params, independent = _reference_total_independent()
     print(f"plan total {total / 1e9:.1f} GB, independent {independent / 1e9:.1f} GB, "
           f"text parameters {text_params / 1e9:.2f} B")
     assert abs(total - independent) <= 0.15 * independent
+    # The README's copy is this output (its header names the default runs directory).
+    assert _readme_block("run-plan:reference")[1:] == [line for line in stage_lines + [
+        line for line in out.splitlines() if line.startswith("  total written:")]]
 
 
 def test_pinned_reference_config_is_what_its_generator_writes():
@@ -151,6 +162,12 @@ def test_predicted_q4_k_m_sizes_against_the_seed_card():
         # The seed rounds to whole GB (or GiB: 15.6 GiB shows as 16): agree within 10%.
         assert abs(size / 1e9 - SEED_Q4_K_M_GB[which]) <= 0.10 * SEED_Q4_K_M_GB[which]
     assert predicted["pruned"] < predicted["base"]
+    # The README's copy (bench/reference_sizes.py's output) shows these figures.
+    readme = _readme_block("reference-sizes")
+    assert any(line.startswith("GGUF Q4_K_M (tensor data)") and f"{predicted['base'] / 1e9:.2f} GB" in line
+               and f"{predicted['pruned'] / 1e9:.2f} GB" in line for line in readme), readme
+    assert any(line.startswith("bf16 checkpoint") and f"{base.total_bytes / 1e9:.2f} GB" in line
+               and f"{pruned.total_bytes / 1e9:.2f} GB" in line for line in readme), readme
 
 
 # --- predictions against a real run ------------------------------------------------------------

@@ -116,12 +116,13 @@ def _served_memory(gguf: int, n_gpu_layers: int, num_layers: int) -> str:
     on_gpu = int(gguf * share)
     if not on_gpu:
         return f"RAM {human(gguf)} (the GGUF, mapped) + KV cache"
-    return f"VRAM {human(on_gpu)} (n_gpu_layers={n_gpu_layers}) + KV cache, RAM {human(gguf - on_gpu)}"
+    on_cpu = f", RAM {human(gguf - on_gpu)}" if gguf > on_gpu else ""
+    return f"VRAM {human(on_gpu)} (n_gpu_layers={n_gpu_layers}) + KV cache{on_cpu}"
 
 
 # Stages that load no model: JSON, plots, file digests.
 _SMALL_MEMORY = "small (no model loaded)"
-_STREAMED = "small (tensors are streamed between files in chunks; none is loaded)"
+_STREAMED = "small (tensors streamed in chunks)"
 
 
 def _largest(tensors: Sequence[GgufTensor]) -> GgufTensor:
@@ -134,8 +135,7 @@ def _convert_memory(shapes: ModelShapes, outtype: str) -> str:
     tensors = gguf_tensors(shapes, outtype)
     big = _largest(tensors)
     per_element = 4 + tensor_bytes(outtype.upper(), 1, 1)
-    return (f"RAM ~{human(big.numel * per_element)} ({big.name}, {big.numel} elements at {per_element} bytes: "
-            f"F32 + {outtype.upper()}, one tensor at a time; the checkpoint is memory-mapped)")
+    return f"RAM ~{human(big.numel * per_element)} (largest tensor {big.name} at F32 + {outtype.upper()})"
 
 
 def _quantize_memory(shapes: ModelShapes, outtype: str) -> str:
@@ -143,8 +143,7 @@ def _quantize_memory(shapes: ModelShapes, outtype: str) -> str:
     largest tensor it quantizes (the tensor widened to F32, and the output; ``llama-quant.cpp``:
     ``f32_conv_buf``, ``work``), reused from tensor to tensor."""
     big = _largest([t for t in gguf_tensors(shapes, outtype) if allows_quantization(t)])
-    return (f"RAM ~{human(big.numel * 8)} ({big.name}: F32 copy + output buffer, 4 bytes per element each; "
-            "the GGUF is memory-mapped)")
+    return f"RAM ~{human(big.numel * 8)} (largest tensor {big.name}: F32 copy + output buffer)"
 
 
 def profile_memory(recipe: Any, base: ModelShapes) -> str:
