@@ -12,6 +12,7 @@ from typing import Any
 
 from moeprune.errors import MoepruneError
 from moeprune.layout import RunLayout
+from moeprune.pipeline.fingerprint import HashCache
 from moeprune.pipeline.graph import Context, Pipeline, PipelineListener, Stage, StageResult
 from moeprune.pipeline.stages import build_pipeline
 from moeprune.pipeline.view import LiveView, summary_table
@@ -88,17 +89,18 @@ def _overlaps(a: Path, b: Path) -> bool:
 
 
 def stages_to_run(pipeline: Pipeline, ctx: Context, selected: list[str], *, force: bool = False,
-                  from_stage: str | None = None) -> list[str]:
+                  from_stage: str | None = None, hashes: HashCache | None = None) -> list[str]:
     """The selected stages that a run now would run (not skip as cached), without running any.
 
     The rule is the pipeline's own (:func:`moeprune.pipeline.graph._why_rerun` on each stage's key),
     plus: a stage whose input an earlier stage will rewrite is counted as running (it may still be
     skipped if the rewrite gives the same bytes: the plan errs on the side of more work). A Hub base
-    not downloaded yet is never hashed here: every selected stage then counts as running.
+    not downloaded yet is never hashed here: every selected stage then counts as running. The
+    digests computed go into ``hashes`` (default: the run's digest cache, left unsaved): the caller
+    saves them for the run that follows once it has decided to start one.
     """
     from moeprune.base_model import BaseModelError, resolve_base
-    from moeprune.pipeline.fingerprint import HashCache
-    from moeprune.pipeline.graph import _why_rerun, anchors_of
+    from moeprune.pipeline.graph import _why_rerun
     from moeprune.pipeline.lock import Lock
 
     try:
@@ -106,30 +108,35 @@ def stages_to_run(pipeline: Pipeline, ctx: Context, selected: list[str], *, forc
     except BaseModelError:
         return list(selected)
     lock = Lock.load(ctx.layout.lock_path)
-    hashes = HashCache(ctx.layout.root / ".hashcache.json", anchors_of(ctx))
+    hashes = hashes if hashes is not None else run_hash_cache(ctx)
     will_run: list[str] = []
     rewritten: list[Path] = []
-    try:
-        for stage in pipeline.stages:
-            if stage.name not in selected:
-                continue
-            runs = force or stage.name == from_stage or any(
-                _overlaps(dep, out) for dep in stage.deps(ctx) for out in rewritten)
-            if not runs:
-                try:
-                    key = pipeline.key(stage, ctx, hashes)
-                except MoepruneError:  # an input is missing: an earlier stage writes it (or the run says why)
-                    runs = True
-                else:
-                    entry = lock.entry(stage.name)
-                    outs = pipeline.outputs(stage, ctx, hashes) if entry else None
-                    runs = _why_rerun(entry, key, outs, False) is not None
-            if runs:
-                will_run.append(stage.name)
-                rewritten += list(stage.outs(ctx))
-    finally:
-        hashes.save()  # the run that follows reads the digests computed here
+    for stage in pipeline.stages:
+        if stage.name not in selected:
+            continue
+        runs = force or stage.name == from_stage or any(
+            _overlaps(dep, out) for dep in stage.deps(ctx) for out in rewritten)
+        if not runs:
+            try:
+                key = pipeline.key(stage, ctx, hashes)
+            except MoepruneError:  # an input is missing: an earlier stage writes it (or the run says why)
+                runs = True
+            else:
+                entry = lock.entry(stage.name)
+                outs = pipeline.outputs(stage, ctx, hashes) if entry else None
+                runs = _why_rerun(entry, key, outs, False) is not None
+        if runs:
+            will_run.append(stage.name)
+            rewritten += list(stage.outs(ctx))
     return will_run
+
+
+def run_hash_cache(ctx: Context) -> HashCache:
+    """The run's digest cache (``.hashcache.json``), as the pipeline reads it."""
+    from moeprune.pipeline.fingerprint import HashCache
+    from moeprune.pipeline.graph import anchors_of
+
+    return HashCache(ctx.layout.root / ".hashcache.json", anchors_of(ctx))
 
 
 def _print_plan_or_refuse(recipe: Recipe, layout: RunLayout, pipeline: Pipeline, will_run: list[str],
@@ -175,12 +182,14 @@ def reproduce(
     pipeline = build_pipeline()
     selected = pipeline.selection(from_stage, until_stage)
     ctx = Context(recipe=recipe, layout=layout, runner=kind)
-    will_run = stages_to_run(pipeline, ctx, selected, force=force, from_stage=from_stage)
+    hashes = run_hash_cache(ctx)
+    will_run = stages_to_run(pipeline, ctx, selected, force=force, from_stage=from_stage, hashes=hashes)
     if will_run:
         # In the image the build is the image's: its stages check the GPU build themselves.
         require_preflight(recipe, will_run, skip=("gpu-build",) if kind == "docker" else (),
                           warn=lambda line: print(line, file=sys.stderr))
         _print_plan_or_refuse(recipe, layout, pipeline, will_run, ignore_disk_plan)
+    hashes.save()  # the run starts: it reads the digests computed above instead of computing them again
     if kind == "docker":
         from moeprune.runner import get_runner
 
