@@ -149,6 +149,23 @@ def test_pinned_reference_config_is_what_its_generator_writes():
     assert "lm_head.weight" not in shapes  # tied: stored once
 
 
+def test_a_hub_base_with_unknown_shapes_is_planned_after_its_download(tmp_path):
+    """No pinned config and not downloaded: check says the disk plan waits for the download (one
+    line, no error), rather than failing or guessing."""
+    from fakerun import demo_recipe_text
+
+    text = demo_recipe_text()
+    local = f'base = "{ROOT}/src/moeprune/demo/model"'
+    assert text.count(local) == 1
+    recipe = tmp_path / "hub.toml"
+    recipe.write_text(text.replace(local, 'base = "example-org/not-downloaded-moe"\nrevision = "' + "0" * 40 + '"'))
+    result = _invoke(["check", "--recipe", str(recipe)], {"MOEPRUNE_RUNS_DIR": str(tmp_path / "runs"),
+                                                           "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("  disk plan: not computed (model.base = 'example-org/not-downloaded-moe' is not on disk and has no "
+            "pinned config") in result.stdout, result.stdout[-2000:]
+
+
 def test_predicted_q4_k_m_sizes_against_the_seed_card():
     from moeprune.plan.gather import gguf_size
     from moeprune.plan.shapes import known_shapes, pruned_shapes

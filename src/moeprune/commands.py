@@ -73,15 +73,14 @@ def _run_plan_lines(recipe: Recipe) -> list[str]:
     from moeprune.pipeline.lock import Lock
     from moeprune.pipeline.reproduce import stages_to_run
     from moeprune.pipeline.stages import build_pipeline
-    from moeprune.plan.disk import plan_lines
-    from moeprune.plan.gather import fit_line, run_plan
+    from moeprune.plan.gather import plan_report
 
     layout = RunLayout.for_recipe(recipe.name)
     pipeline = build_pipeline()
     will_run = stages_to_run(pipeline, Context(recipe=recipe, layout=layout), pipeline.names)
-    plans = run_plan(recipe, layout, set(will_run), pipeline.names, Lock.load(layout.lock_path).stages)
+    report = plan_report(recipe, layout, set(will_run), pipeline.names, Lock.load(layout.lock_path).stages)
     header = f"run plan of `invoke reproduce` ({len(will_run)} of {len(pipeline.names)} stages would run; {layout.root}):"
-    return [header, *plan_lines(plans), fit_line(plans)]
+    return [header, *report.lines]
 
 
 def llamacpp(recipe_path: Path, jobs: int | None = None) -> TaskResult:

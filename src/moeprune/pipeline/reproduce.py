@@ -144,17 +144,16 @@ def _print_plan_or_refuse(recipe: Recipe, layout: RunLayout, pipeline: Pipeline,
     """Print the whole-run plan of the stages that will run; refuse (one line) when the disk
     cannot hold it, unless ``ignore_disk_plan``."""
     from moeprune.pipeline.lock import Lock
-    from moeprune.plan.disk import plan_lines
-    from moeprune.plan.gather import DiskPlanError, fit_line, run_plan, shortfall, shortfall_message
+    from moeprune.plan.gather import DiskPlanError, plan_report
 
-    plans = run_plan(recipe, layout, set(will_run), pipeline.names, Lock.load(layout.lock_path).stages)
+    report = plan_report(recipe, layout, set(will_run), pipeline.names, Lock.load(layout.lock_path).stages)
     print(f"run plan ({len(will_run)} of {len(pipeline.names)} stages will run):", file=sys.stderr)
-    for line in plan_lines(plans):
+    for line in report.lines:
         print(line, file=sys.stderr)
-    found, where = shortfall(plans)
-    if found is not None and not ignore_disk_plan:
-        raise DiskPlanError(f"{recipe.source_path}: refused before any stage ran: {shortfall_message(found, where)}")
-    print(fit_line(plans) + (" (--ignore-disk-plan: running anyway)" if found is not None else ""), file=sys.stderr)
+    if report.refusal is not None:
+        if not ignore_disk_plan:
+            raise DiskPlanError(f"{recipe.source_path}: refused before any stage ran: {report.refusal}")
+        print("  --ignore-disk-plan: running anyway", file=sys.stderr)
 
 
 def reproduce(

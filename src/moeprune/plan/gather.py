@@ -1,8 +1,8 @@
 """The plan of one recipe's run directory: shapes, what exists, what will run, and the free space.
 
 :func:`run_plan` gathers the inputs (headers only, no tensor is read, nothing is downloaded) and
-returns one :class:`~moeprune.plan.disk.StagePlan` per stage; :func:`refuse_if_short` is what
-``invoke reproduce`` calls before its first stage.
+returns one :class:`~moeprune.plan.disk.StagePlan` per stage; :func:`shortfall` (the free space,
+read in :func:`free_bytes` only) is what ``invoke reproduce`` refuses on before its first stage.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from moeprune.errors import MoepruneError
 from moeprune.layout import RunLayout
-from moeprune.plan.disk import GB, Shortfall, StagePlan, Write, first_shortfall, human
+from moeprune.plan.disk import GB, Shortfall, StagePlan, Write, first_shortfall, human, plan_lines
 from moeprune.plan.ggml import GgufTensor, QuantModel, allows_quantization, gguf_bytes, quantized_types, tensor_bytes
 from moeprune.plan.shapes import (ModelShapes, gguf_tensors, known_shapes, model_facts, n_gqa, pruned_shapes,
                                   read_shapes)
@@ -24,6 +24,10 @@ from moeprune.plan.shapes import (ModelShapes, gguf_tensors, known_shapes, model
 
 class DiskPlanError(MoepruneError):
     """The run's filesystems cannot hold what the stages that remain will write."""
+
+
+class ShapesUnknownError(MoepruneError):
+    """The base is not on disk and no pinned config gives its shapes."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class BaseShapes:
 
 def base_shapes(recipe: Any) -> BaseShapes | None:
     """The base's shapes: its headers when it is on disk (local or in the HF cache), else the
-    pinned shape summary of its Hub id (and the download it implies); None when neither exists."""
+    tensors of its Hub id's pinned config (and the download it implies); None when neither exists."""
     from moeprune.base_model import BaseModelError, resolve_base
 
     try:
@@ -178,8 +182,9 @@ def run_plan(recipe: Any, layout: RunLayout, will_run: Collection[str], stage_na
     """One plan per stage of ``stage_names`` (those not in ``will_run`` write nothing)."""
     found = base_shapes(recipe)
     if found is None:
-        raise MoepruneError(f"model.base = {recipe.model.base!r}: not on disk and no pinned shape summary, "
-                            "so the disk plan cannot be computed")
+        raise ShapesUnknownError(f"model.base = {recipe.model.base!r} is not on disk and has no pinned config "
+                                 "under moeprune/plan/known/: its shapes are known only once the profile stage "
+                                 "downloads it")
     base, quantize, entries = found.shapes, recipe.quantize, lock_entries or {}
     kept, num_experts, bound = _kept_by_layer(recipe, layout, base.config, "dropmap" in will_run)
     if not bound and "prune" not in will_run and layout.pruned_dir.is_dir():
@@ -235,22 +240,25 @@ def run_plan(recipe: Any, layout: RunLayout, will_run: Collection[str], stage_na
 
 
 # --- the free space --------------------------------------------------------------------------------
-def filesystem_of(path: Path) -> str:
-    """The filesystem ``path`` is (or will be) on, named by its nearest existing ancestor's device."""
+def _existing_ancestor(path: Path) -> Path:
     probe = Path(os.path.abspath(path))
     while not probe.exists():
         probe = probe.parent
-    return str(probe.stat().st_dev)
+    return probe
+
+
+def filesystem_of(path: Path) -> str:
+    """The filesystem ``path`` is (or will be) on, named by its nearest existing ancestor's device."""
+    return str(_existing_ancestor(path).stat().st_dev)
 
 
 def free_bytes(paths: Sequence[Path]) -> tuple[dict[str, int], dict[str, Path]]:
-    """Free bytes (for an unprivileged writer) per filesystem of ``paths``, and a path on each."""
+    """Free bytes (for an unprivileged writer) per filesystem of ``paths``, and a path on each: the
+    one place the plan reads the free space."""
     free: dict[str, int] = {}
     where: dict[str, Path] = {}
     for path in paths:
-        probe = Path(os.path.abspath(path))
-        while not probe.exists():
-            probe = probe.parent
+        probe = _existing_ancestor(path)
         key = str(probe.stat().st_dev)
         if key not in free:
             stat = os.statvfs(probe)
@@ -271,9 +279,25 @@ def shortfall_message(found: Shortfall, where: dict[str, Path]) -> str:
             "--ignore-disk-plan")
 
 
-def fit_line(plans: Sequence[StagePlan]) -> str:
+@dataclass(frozen=True)
+class PlanReport:
+    """What ``invoke check`` and ``invoke reproduce`` print of the plan, and why a run cannot start."""
+
+    lines: tuple[str, ...]
+    refusal: str | None  # the first stage that would not fit, in one line; None: it fits, or no plan
+
+
+def plan_report(recipe: Any, layout: RunLayout, will_run: Collection[str], stage_names: Sequence[str],
+                lock_entries: dict[str, dict[str, Any]] | None = None) -> PlanReport:
+    """The plan's lines (one per stage, the total, the fit) and the refusal, if any. A base whose
+    shapes cannot be known before its download gets one line saying so, and no refusal."""
+    try:
+        plans = run_plan(recipe, layout, will_run, stage_names, lock_entries)
+    except ShapesUnknownError as exc:
+        return PlanReport((f"  disk plan: not computed ({exc})",), None)
     found, where = shortfall(plans)
-    if found is None:
-        places = ", ".join(str(p) for p in where.values()) or "nothing to write"
-        return f"  disk plan: fits ({places})"
-    return "  " + shortfall_message(found, where)
+    if found is not None:
+        message = shortfall_message(found, where)
+        return PlanReport((*plan_lines(plans), "  " + message), message)
+    places = ", ".join(str(p) for p in where.values()) or "nothing to write"
+    return PlanReport((*plan_lines(plans), f"  disk plan: fits ({places})"), None)
