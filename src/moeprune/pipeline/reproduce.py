@@ -133,7 +133,6 @@ def stages_to_run(pipeline: Pipeline, ctx: Context, selected: list[str], *, forc
 
 def run_hash_cache(ctx: Context) -> HashCache:
     """The run's digest cache (``.hashcache.json``), as the pipeline reads it."""
-    from moeprune.pipeline.fingerprint import HashCache
     from moeprune.pipeline.graph import anchors_of
 
     return HashCache(ctx.layout.root / ".hashcache.json", anchors_of(ctx))
