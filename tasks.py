@@ -311,14 +311,15 @@ STAGE_HELP = "Stage name (profile, dropmap, prune, convert-base, ..., manifest; 
         "runner": "Where stages run: native (here) or docker (in the pinned image); default: the recipe's.",
         "live": "Show the live stage view (default: on).",
         "wait": WAIT_HELP,
+        "ignore-disk-plan": "Run even when the disk plan says the run's filesystem cannot hold what remains.",
     },
     run_of=_run_of,
 )
 def reproduce(c, recipe: Path | None = None, force: bool = False, from_: str | None = None, until: str | None = None,
-              runner: Runner | None = None, live: bool = True, wait: bool = False):
+              runner: Runner | None = None, live: bool = True, wait: bool = False, ignore_disk_plan: bool = False):
     """Run the whole pipeline (cached, resumable): profile -> ... -> card -> manifest."""
     return commands.reproduce(_recipe_path(recipe), runner=runner, force=force, from_stage=from_,
-                              until_stage=until, live=live)
+                              until_stage=until, live=live, ignore_disk_plan=ignore_disk_plan)
 
 
 @stage_task(help={"name": STAGE_HELP, "recipe": RECIPE_HELP, "runner": RUNNER_HELP, "wait": WAIT_HELP})

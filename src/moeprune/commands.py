@@ -63,7 +63,24 @@ def check(recipe_path: Path) -> TaskResult:
     from moeprune.profile.memory_plan import check_memory_plan
 
     lines += check_memory_plan(recipe)
+    lines += _run_plan_lines(recipe)
     return TaskResult(tuple(lines), data=report)
+
+
+def _run_plan_lines(recipe: Recipe) -> list[str]:
+    """The whole-run plan of the stages a reproduce would run now (all of them for a fresh run)."""
+    from moeprune.pipeline.graph import Context
+    from moeprune.pipeline.lock import Lock
+    from moeprune.pipeline.reproduce import stages_to_run
+    from moeprune.pipeline.stages import build_pipeline
+    from moeprune.plan.gather import plan_report
+
+    layout = RunLayout.for_recipe(recipe.name)
+    pipeline = build_pipeline()
+    will_run = stages_to_run(pipeline, Context(recipe=recipe, layout=layout), pipeline.names)
+    report = plan_report(recipe, layout, set(will_run), pipeline.names, Lock.load(layout.lock_path).stages)
+    header = f"run plan of `invoke reproduce` ({len(will_run)} of {len(pipeline.names)} stages would run; {layout.root}):"
+    return [header, *report.lines]
 
 
 def llamacpp(recipe_path: Path, jobs: int | None = None) -> TaskResult:
@@ -217,11 +234,11 @@ def compare_criteria(recipe_path: Path, docs_dir: Path, limit: int | None = None
 
 
 def reproduce(recipe_path: Path, *, runner: str | None = None, force: bool = False, from_stage: str | None = None,
-              until_stage: str | None = None, live: bool = True) -> TaskResult:
+              until_stage: str | None = None, live: bool = True, ignore_disk_plan: bool = False) -> TaskResult:
     from moeprune.pipeline.reproduce import reproduce as run_pipeline
 
     results = run_pipeline(load_recipe(recipe_path), runner_kind=runner, force=force, from_stage=from_stage,
-                           until_stage=until_stage, live=live)
+                           until_stage=until_stage, live=live, ignore_disk_plan=ignore_disk_plan)
     failed = [r.name for r in results if r.status == "failed"]
     failure = f"stage {', '.join(failed)} failed (its error is in the summary above)" if failed else None
     return TaskResult(failure=failure, data=results)

@@ -75,18 +75,29 @@ class ImportGraph:
 
     files: dict[str, Path]
     edges: dict[str, frozenset[str]] = field(default_factory=dict)
+    shas: dict[str, str] = field(default_factory=dict)  # module -> sha256 of the bytes the edges came from
 
     @classmethod
     def of_package(cls, package_dir: Path, name: str = PACKAGE) -> ImportGraph:
+        """The graph of the package's files. Parsing every file is most of a no-op reproduce's
+        time, so the edges are cached on disk under the sha256 of every (module, file sha256)
+        pair: any edit, added or removed file gives another key."""
         files: dict[str, Path] = {}
         for path in sorted(Path(package_dir).rglob("*.py")):
             parts = [name, *path.relative_to(package_dir).with_suffix("").parts]
             files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-        graph = cls(files)
+        sources = {module: path.read_bytes() for module, path in files.items()}
+        graph = cls(files, shas={module: sha256_bytes(data) for module, data in sources.items()})
+        cache = _edges_cache_path(graph.shas)
+        cached = _read_edges(cache, files)
+        if cached is not None:
+            graph.edges = cached
+            return graph
         for module, path in files.items():
-            tree = ast.parse(path.read_bytes(), filename=str(path))
+            tree = ast.parse(sources[module], filename=str(path))
             names = imported_names(tree, module, graph.is_package(module))
             graph.edges[module] = frozenset(n for n in names | set(_parents(module)) if n in files)
+        _write_edges(cache, graph.edges)
         return graph
 
     def is_package(self, module: str) -> bool:
@@ -105,7 +116,37 @@ class ImportGraph:
         return seen
 
     def digests(self, modules: Iterable[str]) -> dict[str, str]:
-        return {module_key(m, self.is_package(m)): sha256_file(self.files[m]) for m in modules}
+        return {module_key(m, self.is_package(m)): self.shas.get(m) or sha256_file(self.files[m]) for m in modules}
+
+
+def _edges_cache_path(shas: dict[str, str]) -> Path:
+    from moeprune.hashing import sha256_json
+    from moeprune.llamacpp.source import cache_root
+
+    return cache_root() / "import-graph" / f"{sha256_json(sorted(shas.items()))}.json"
+
+
+def _read_edges(path: Path, files: dict[str, Path]) -> dict[str, frozenset[str]] | None:
+    """The cached edges, or None when absent or unreadable (then they are parsed again)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        edges = {module: frozenset(data[module]) for module in files}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return edges if all(n in files for names in edges.values() for n in names) else None
+
+
+def _write_edges(path: Path, edges: dict[str, frozenset[str]]) -> None:
+    """Best effort: a cache that cannot be written only costs the next run the parse."""
+    import contextlib
+
+    from moeprune.atomic import write_json
+
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {module: sorted(names) for module, names in edges.items()})
 
 
 def package_graph() -> ImportGraph:

@@ -211,7 +211,8 @@ class Pipeline:
         if outs is None:
             missing = [str(p) for p in stage.outs(ctx) if not p.exists()]
             raise MoepruneError(f"stage '{stage.name}' finished without writing {', '.join(missing)}")
-        lock.record(stage.name, {**key, "outs": outs, "headline": headline})
+        # duration_s is not part of the key: the run plan's time estimates read it (moeprune.plan).
+        lock.record(stage.name, {**key, "outs": outs, "headline": headline, "duration_s": round(duration_s, 3)})
         result = StageResult(stage.name, "ran", duration_s, headline, reason)
         listener.stage_finished(result)
         return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import traceback
 from dataclasses import replace
@@ -11,7 +12,8 @@ from typing import Any
 
 from moeprune.errors import MoepruneError
 from moeprune.layout import RunLayout
-from moeprune.pipeline.graph import Context, PipelineListener, Stage, StageResult
+from moeprune.pipeline.fingerprint import HashCache
+from moeprune.pipeline.graph import Context, Pipeline, PipelineListener, Stage, StageResult
 from moeprune.pipeline.stages import build_pipeline
 from moeprune.pipeline.view import LiveView, summary_table
 from moeprune.preflight import require_preflight
@@ -80,6 +82,79 @@ def _results_after_failure(pipeline: Any, selected: list[str], recorder: _Record
     return results
 
 
+def _overlaps(a: Path, b: Path) -> bool:
+    """Whether one path is, or lies under, the other."""
+    a, b = Path(os.path.abspath(a)), Path(os.path.abspath(b))
+    return a == b or a in b.parents or b in a.parents
+
+
+def stages_to_run(pipeline: Pipeline, ctx: Context, selected: list[str], *, force: bool = False,
+                  from_stage: str | None = None, hashes: HashCache | None = None) -> list[str]:
+    """The selected stages that a run now would run (not skip as cached), without running any.
+
+    The rule is the pipeline's own (:func:`moeprune.pipeline.graph._why_rerun` on each stage's key),
+    plus: a stage whose input an earlier stage will rewrite is counted as running (it may still be
+    skipped if the rewrite gives the same bytes: the plan errs on the side of more work). A Hub base
+    not downloaded yet is never hashed here: every selected stage then counts as running. The
+    digests computed go into ``hashes`` (default: the run's digest cache, left unsaved): the caller
+    saves them for the run that follows once it has decided to start one.
+    """
+    from moeprune.base_model import BaseModelError, resolve_base
+    from moeprune.pipeline.graph import _why_rerun
+    from moeprune.pipeline.lock import Lock
+
+    try:
+        resolve_base(ctx.recipe, download=False)
+    except BaseModelError:
+        return list(selected)
+    lock = Lock.load(ctx.layout.lock_path)
+    hashes = hashes if hashes is not None else run_hash_cache(ctx)
+    will_run: list[str] = []
+    rewritten: list[Path] = []
+    for stage in pipeline.stages:
+        if stage.name not in selected:
+            continue
+        runs = force or stage.name == from_stage or any(
+            _overlaps(dep, out) for dep in stage.deps(ctx) for out in rewritten)
+        if not runs:
+            try:
+                key = pipeline.key(stage, ctx, hashes)
+            except MoepruneError:  # an input is missing: an earlier stage writes it (or the run says why)
+                runs = True
+            else:
+                entry = lock.entry(stage.name)
+                outs = pipeline.outputs(stage, ctx, hashes) if entry else None
+                runs = _why_rerun(entry, key, outs, False) is not None
+        if runs:
+            will_run.append(stage.name)
+            rewritten += list(stage.outs(ctx))
+    return will_run
+
+
+def run_hash_cache(ctx: Context) -> HashCache:
+    """The run's digest cache (``.hashcache.json``), as the pipeline reads it."""
+    from moeprune.pipeline.graph import anchors_of
+
+    return HashCache(ctx.layout.root / ".hashcache.json", anchors_of(ctx))
+
+
+def _print_plan_or_refuse(recipe: Recipe, layout: RunLayout, pipeline: Pipeline, will_run: list[str],
+                          ignore_disk_plan: bool) -> None:
+    """Print the whole-run plan of the stages that will run; refuse (one line) when the disk
+    cannot hold it, unless ``ignore_disk_plan``."""
+    from moeprune.pipeline.lock import Lock
+    from moeprune.plan.gather import DiskPlanError, plan_report
+
+    report = plan_report(recipe, layout, set(will_run), pipeline.names, Lock.load(layout.lock_path).stages)
+    print(f"run plan ({len(will_run)} of {len(pipeline.names)} stages will run):", file=sys.stderr)
+    for line in report.lines:
+        print(line, file=sys.stderr)
+    if report.refusal is not None:
+        if not ignore_disk_plan:
+            raise DiskPlanError(f"{recipe.source_path}: refused before any stage ran: {report.refusal}")
+        print("  --ignore-disk-plan: running anyway", file=sys.stderr)
+
+
 def reproduce(
     recipe: Recipe,
     layout: RunLayout | None = None,
@@ -89,21 +164,30 @@ def reproduce(
     from_stage: str | None = None,
     until_stage: str | None = None,
     live: bool = True,
+    ignore_disk_plan: bool = False,
 ) -> list[StageResult]:
     """Run (or resume) the pipeline for ``recipe``; return each stage's result.
 
-    The selected stages' preflight checks run first (nothing runs if one fails). When a stage
-    fails, the summary table still prints, with that stage's error, and the returned results
-    say "failed" there (later stages: "not run"), as DVC does.
+    The lock is read first: when every selected stage is cached nothing else is checked (no
+    tokenizer or model is loaded). Otherwise the preflight checks of the stages that will run come
+    next, then the disk plan (refused, naming the first stage that would not fit, unless
+    ``ignore_disk_plan``): nothing runs if either fails. When a stage fails, the summary table
+    still prints, with that stage's error, and the returned results say "failed" there (later
+    stages: "not run"), as DVC does.
     """
     layout = layout or RunLayout.for_recipe(recipe.name)
     kind = runner_kind or recipe.runner.kind
     pipeline = build_pipeline()
     selected = pipeline.selection(from_stage, until_stage)
-    # In the image the build is the image's: its stages check the GPU build themselves.
-    require_preflight(recipe, selected, skip=("gpu-build",) if kind == "docker" else (),
-                      warn=lambda line: print(line, file=sys.stderr))
     ctx = Context(recipe=recipe, layout=layout, runner=kind)
+    hashes = run_hash_cache(ctx)
+    will_run = stages_to_run(pipeline, ctx, selected, force=force, from_stage=from_stage, hashes=hashes)
+    if will_run:
+        # In the image the build is the image's: its stages check the GPU build themselves.
+        require_preflight(recipe, will_run, skip=("gpu-build",) if kind == "docker" else (),
+                          warn=lambda line: print(line, file=sys.stderr))
+        _print_plan_or_refuse(recipe, layout, pipeline, will_run, ignore_disk_plan)
+    hashes.save()  # the run starts: it reads the digests computed above instead of computing them again
     if kind == "docker":
         from moeprune.runner import get_runner
 

@@ -185,9 +185,11 @@ def _headline_results(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _card_templates() -> Path:
-    from moeprune.card.render import TEMPLATE_PATH
+    """The card templates' directory (card.render's TEMPLATE_PATH.parent), without importing the
+    card's numpy stack: deciding whether the card stage runs must stay cheap."""
+    from moeprune.resources import data_dir
 
-    return TEMPLATE_PATH.parent
+    return data_dir("model_card")
 
 
 def _imatrix(ctx: Context, which: str) -> list[Path]:
