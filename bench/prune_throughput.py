@@ -162,8 +162,21 @@ def time_cp(base: Path, target: Path) -> tuple[float, float]:
     return copied - started, time.perf_counter() - started
 
 
+def own_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def time_prune(base: Path, drop_map: Path, out: Path) -> tuple[float, int, dict]:
-    """Run the prune in a child process: (seconds, peak RSS bytes, prune record)."""
+    """Run the prune in a child process: (seconds, peak RSS bytes, prune record).
+
+    Linux carries a process's RSS high-water mark across fork and exec into the child's
+    ``ru_maxrss``: the figure is the prune's own only while this process is smaller. It is, as
+    the checkpoint is written streamed; a larger parent fails here rather than report its own size.
+    """
+    parent_rss = own_rss_bytes()
     code = (
         "import json, sys; from moeprune.prune import prune_checkpoint; "
         f"r = prune_checkpoint({str(base)!r}, {str(drop_map)!r}, {str(out)!r}, {PRUNED_SHARD_BYTES}); "
@@ -179,7 +192,11 @@ def time_prune(base: Path, drop_map: Path, out: Path) -> tuple[float, int, dict]
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"prune failed with exit code {child.returncode}")
-    return elapsed, usage.ru_maxrss * 1024, json.loads(output)  # ru_maxrss is in KiB on Linux
+    peak = usage.ru_maxrss * 1024  # KiB on Linux
+    if peak <= parent_rss:
+        raise SystemExit(f"the prune's ru_maxrss ({peak / 1e6:.0f} MB) is not above this process's RSS at the start "
+                         f"({parent_rss / 1e6:.0f} MB), which the kernel carried into it: no figure of the prune's own")
+    return elapsed, peak, json.loads(output)
 
 
 def main() -> None:
