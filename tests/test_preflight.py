@@ -229,13 +229,19 @@ def test_branch_revision_is_resolved_to_the_commit_downloaded(tmp_path: Path, mo
     assert base.record() == {"id": "someone/demo-moe", "revision": COMMIT}
 
 
+def check_hub(recipe: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`invoke check` in a process of its own: huggingface_hub reads HF_HUB_CACHE when first
+    imported, which in this process happened long before."""
+    return invoke("check", "--recipe", str(recipe), env=env)
+
+
 def test_check_warns_on_a_branch_name_and_passes_a_commit(tmp_path: Path):
     fake_hub_cache(tmp_path / "hub", "someone/demo-moe", "main", COMMIT)
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    result = check(hub_recipe(tmp_path, "main"), env=env)
+    result = check_hub(hub_recipe(tmp_path, "main"), env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "warning: field 'model.revision' = \"main\" is a branch or tag name" in result.stdout
-    pinned = check(hub_recipe(tmp_path, COMMIT), env=env)
+    pinned = check_hub(hub_recipe(tmp_path, COMMIT), env=env)
     assert pinned.returncode == 0, pinned.stdout + pinned.stderr
     assert "model.revision" not in pinned.stdout + pinned.stderr
 

@@ -95,6 +95,21 @@ def transformers_model_class(config: Any) -> Any:
     raise ArchError(f"no transformers model class for config type {type(config).__name__}")
 
 
+def meta_tensor_shapes(config: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor a checkpoint of ``config`` (a ``config.json`` mapping) stores, as (name,
+    shape): the state dict of its transformers class built on the ``meta`` device (no weights),
+    less the tensors tied to another, which a checkpoint stores once."""
+    import torch
+    import transformers
+
+    hf_config = transformers.AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        cls = transformers_model_class(hf_config)
+        model = cls.from_config(hf_config) if cls.__name__.startswith("Auto") else cls._from_config(hf_config)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if hf_config.get_text_config().tie_word_embeddings else set()
+    return [(name, tuple(t.shape)) for name, t in model.state_dict().items() if name not in tied]
+
+
 def context_length(model_or_config: Any) -> int | None:
     """Maximum sequence length of a loaded model or transformers config (the text config's
     ``max_position_embeddings``; transformers' default where ``config.json`` states none)."""
@@ -411,5 +426,5 @@ def inspect(model_dir: Path | str, what: str = "model's config.json",
 
 
 __all__ = ["CONFIG_NAME", "CheckpointFacts", "LoadSizes", "ModelSpec", "TensorSizes", "architectures",
-           "auto_map_refs", "context_length", "inspect", "read_config", "text_config_object", "transformers_config",
+           "auto_map_refs", "context_length", "inspect", "meta_tensor_shapes", "read_config", "text_config_object", "transformers_config",
            "transformers_model_class"]

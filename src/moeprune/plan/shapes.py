@@ -69,20 +69,19 @@ class ModelFacts:
 
 
 def model_facts(config: Mapping[str, Any]) -> ModelFacts:
-    """The model facts the plan reads, all from here (the family adapter answers them), so they
-    can come from one model inspection once the project has it."""
-    from moeprune.arch import arch_for_config
+    """The model facts the plan reads, all from the model's :class:`~moeprune.arch.ModelSpec`."""
+    from moeprune.arch.spec import ModelSpec
 
-    arch = arch_for_config(config)
-    return ModelFacts(arch.num_layers(config) or 0, arch.num_experts(config), tuple(arch.moe_layers(config)))
+    spec = ModelSpec.from_config(config)
+    return ModelFacts(spec.num_layers or 0, spec.num_experts, tuple(spec.moe_layers))
 
 
 def read_shapes(model_dir: Path) -> ModelShapes:
     """Shapes from ``config.json`` and the safetensors headers of ``model_dir`` (no tensor read)."""
+    from moeprune.arch import inspect
     from moeprune.io.checkpoint import Checkpoint
-    from moeprune.userfile import read_json_object
 
-    config = read_json_object(model_dir / "config.json", "model config.json")
+    config = inspect(model_dir, "model config.json").config
     with Checkpoint.open(model_dir) as checkpoint:
         tensors = tuple(HfTensor(i.name, i.dtype, tuple(i.shape)) for i in checkpoint.tensors())
     return ModelShapes(config, tensors, f"safetensors headers of {model_dir}")
@@ -103,19 +102,11 @@ def known_shapes(hub_id: str) -> ModelShapes | None:
 
 
 def shapes_from_config(config: dict[str, Any], dtype: str, source: str) -> ModelShapes:
-    """Every tensor a checkpoint of ``config`` holds, in ``dtype``: the state dict of its own
-    transformers class built on the ``meta`` device, less the tensors tied to another (a checkpoint
-    stores those once)."""
-    import torch
-    import transformers
+    """Every tensor a checkpoint of ``config`` holds, in ``dtype`` (its transformers class on the
+    ``meta`` device: :func:`moeprune.arch.spec.meta_tensor_shapes`)."""
+    from moeprune.arch.spec import meta_tensor_shapes
 
-    from moeprune.profile.loading import _model_class
-
-    hf_config = transformers.AutoConfig.for_model(**config)
-    with torch.device("meta"):
-        model = _model_class(hf_config)._from_config(hf_config)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if hf_config.get_text_config().tie_word_embeddings else set()
-    tensors = tuple(HfTensor(name, dtype, tuple(t.shape)) for name, t in model.state_dict().items() if name not in tied)
+    tensors = tuple(HfTensor(name, dtype, shape) for name, shape in meta_tensor_shapes(config))
     return ModelShapes(config, tensors, source)
 
 
