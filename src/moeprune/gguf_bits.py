@@ -49,17 +49,20 @@ def read_gguf_bits(path: Path, shown: str) -> GgufBits:
                     tensor_types={t.name: t.tensor_type.name for t in tensors})
 
 
-def fallback_counts(fallbacks: list[dict[str, Any]], bits: GgufBits, shown: str) -> dict[tuple[str, str], int]:
+def fallback_counts(fallbacks: list[dict[str, Any]], bits: GgufBits | None, shown: str) -> dict[tuple[str, str], int]:
     """{(requested type, actual type): tensors} of a quantize record's ``fallbacks.tensors``, each
-    checked against the GGUF's own tensor types (a record that disagrees with its file is an error)."""
+    checked against the GGUF's own tensor types when the file is at hand (``bits``; a record that
+    disagrees with its file is an error)."""
     counts: Counter[tuple[str, str]] = Counter()
     for entry in fallbacks:
         name, requested, actual = entry["tensor"], entry["requested_type"].upper(), entry["actual_type"].upper()
+        counts[(requested, actual)] += 1
+        if bits is None:
+            continue
         found = bits.tensor_types.get(name)
         if found is None:
             raise MoepruneError(f"{shown}: its quantize record lists a fallback for {name}, a tensor the GGUF does not have")
         if found.upper() != actual:
             raise MoepruneError(f"{shown}: its quantize record says {name} fell back to {actual}, the GGUF stores it "
                                 f"as {found}")
-        counts[(requested, actual)] += 1
     return dict(sorted(counts.items()))

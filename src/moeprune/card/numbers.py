@@ -129,9 +129,10 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any],
 
     ``results`` is ``eval/results.json`` (rendering) or its recomputation from the sample logs
     (verification): the card numbers follow whichever is given. ``stated`` (verify: the stored
-    ``card_numbers.json``) supplies the bits-per-weight numbers of a GGUF file that is not at hand
-    (a Hub artifact's GGUF repository is not downloaded); each such file is named in
-    :attr:`CardNumbers.not_rederived`. Without it, a GGUF not at hand is an error.
+    ``card_numbers.json``) supplies the bits per weight of a GGUF file that is not at hand (a Hub
+    artifact's GGUF repository is not downloaded; its fallbacks are still counted from the
+    downloaded record); each such file is named in :attr:`CardNumbers.not_rederived`. Without it, a
+    GGUF not at hand is an error.
     """
     from moeprune.dropmap.io import load_drop_map
     from moeprune.profile.findings import compute_findings, gini
@@ -323,34 +324,37 @@ def _gguf_bits_numbers(card: CardNumbers, source: ArtifactSource, results: dict[
     rows: dict[str, Any] = {}
     for name in names:
         path = source.gguf_at_hand(name)
-        if path is None:
-            if stated is None:
-                raise CardError(f"gguf/{name}: not found; the card states its bits per weight from the file itself")
-            row = (stated.get("tables", {}).get("gguf_bits") or {}).get(name)
-            if row is None:
-                raise CardError(f"card_numbers.json: tables.gguf_bits has no entry for gguf/{name}")
-            for key in [row["bpw"], *(f["key"] for f in row["fallbacks"])]:
-                number = stated.get("numbers", {}).get(key)
-                if number is None:
-                    raise CardError(f"card_numbers.json: '{key}' is missing")
-                card.add(key, number.get("value"), number.get("display"), f"as stated: gguf/{name} not at hand")
+        bits = read_gguf_bits(path, f"gguf/{name}") if path is not None else None
+        if bits is not None:
+            bpw = card.add(f"gguf.bpw.{name}", bits.bits_per_weight, f"{bits.bits_per_weight:.2f}",
+                           f"gguf/{name}: tensor bytes × 8 / {bits.weights} weights")
+        else:  # a Hub artifact's GGUF repository is not downloaded: the bits per weight as stated
+            bpw = f"gguf.bpw.{name}"
+            number = (stated or {}).get("numbers", {}).get(bpw)
+            if stated is None or not isinstance(number, dict):
+                raise CardError(f"gguf/{name}: not found, and no stated '{bpw}'; the card reads it from the file itself")
+            card.add(bpw, number.get("value"), number.get("display"), f"as stated: gguf/{name} not at hand")
             card.not_rederived.append(name)
-            rows[name] = row
-            continue
-        bits = read_gguf_bits(path, f"gguf/{name}")
-        bpw = card.add(f"gguf.bpw.{name}", bits.bits_per_weight, f"{bits.bits_per_weight:.2f}",
-                       f"gguf/{name}: tensor bytes × 8 / {bits.weights} weights")
-        record_path = path.with_name(name + ".json")
-        record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
+        record_path = source.gguf_dir / f"{name}.json" if source.gguf_dir is not None else None
+        record = (json.loads(record_path.read_text(encoding="utf-8"))
+                  if record_path is not None and record_path.is_file() else {})
         fallbacks = []
         if record.get("stage") == "quantize":
             if "fallbacks" not in record:
                 raise CardError(f"gguf/{record_path.name}: a quantize record without 'fallbacks'; re-run `invoke quantize`")
             counts = fallback_counts(record["fallbacks"]["tensors"], bits, f"gguf/{name}")
+            checked = f", checked against gguf/{name}" if bits is not None else ""
             for (requested, actual), count in counts.items():
                 key = card.add(fallback_key(name, requested, actual), count, str(count),
-                               f"gguf/{record_path.name}: fallbacks, checked against gguf/{name}")
+                               f"gguf/{record_path.name}: fallbacks{checked}")
                 fallbacks.append({"requested": requested, "actual": actual, "key": key})
+        elif bits is None and not record:  # neither the file nor its record (the unpublished base's) is here
+            for row in ((stated or {}).get("tables", {}).get("gguf_bits") or {}).get(name, {}).get("fallbacks", []):
+                number = stated["numbers"].get(row["key"])
+                if not isinstance(number, dict):
+                    raise CardError(f"card_numbers.json: '{row['key']}' is missing")
+                card.add(row["key"], number.get("value"), number.get("display"), f"as stated: gguf/{name} not at hand")
+                fallbacks.append(row)
         rows[name] = {"bpw": bpw, "fallbacks": fallbacks}
     card.tables["gguf_bits"] = rows
     card.tables["eval_gguf_bits"] = {model: rows[name]["bpw"] for model, name in evaluated.items() if name in rows}
