@@ -181,6 +181,19 @@ def test_published_repo_id_verifies_from_the_hub(fake_run, tmp_path, monkeypatch
         report = verify("me/fake-pruned", endpoint=hub.endpoint)
         assert "gguf:fake-Q4_K_M.gguf" in failures(report)
 
+        # A stated fallback count that the downloaded quantize record contradicts (the GGUF itself is not
+        # downloaded): re-counted from the record, so it fails.
+        model = hub.repos["me/fake-pruned"]
+        files = dict(model.commits[model.head])
+        document = json.loads(files["card_numbers.json"])
+        key = "gguf.fallback.fake-Q4_K_M.gguf.Q4_K->Q5_0"
+        document["numbers"][key] |= {"value": 7, "display": "7"}
+        files["card_numbers.json"] = json.dumps(document).encode()
+        model.commits["f" * 40] = files
+        model.history.append("f" * 40)
+        assert f"card_numbers.json: '{key}' = '7' (7), recomputed '1' (1)" in failures(verify("me/fake-pruned",
+                                                                                              endpoint=hub.endpoint))
+
 
 def test_invoke_verify_exit_code(fake_run, run_copy, repo_root):
     ok = invoke("verify", str(fake_run.layout.root), cwd=repo_root)
