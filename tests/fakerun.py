@@ -194,25 +194,56 @@ def write_eval(recipe: Recipe, layout: RunLayout, n: int = 40, seed: int = 0) ->
     write_results(layout.eval_dir)
 
 
+# The stand-in GGUFs' tensors: (name, ncols, Q4_K_M type); 96-wide rows cannot use 256-block
+# k-quants, so llama-quantize falls back (Q4_K -> Q5_0, Q6_K -> Q8_0) as at the reference's 704 / 2112.
+FAKE_GGUF_TENSORS = (("blk.0.attn_norm.weight", 64, "F32"), ("blk.0.ffn_up_exps.weight", 256, "Q4_K"),
+                     ("blk.0.ffn_down_exps.weight", 96, "Q5_0"), ("blk.0.ffn_down.weight", 96, "Q8_0"))
+FAKE_GGUF_FALLBACKS = {"blk.0.ffn_down_exps.weight": "Q4_K", "blk.0.ffn_down.weight": "Q6_K"}
+
+
+def write_fake_gguf(path: Path, rows: int, quantized: bool, rng: np.random.Generator) -> None:
+    """A readable GGUF of :data:`FAKE_GGUF_TENSORS` (``rows`` rows each, 1 for the norm) with random
+    block bytes: Q4_K_M's types when ``quantized``, else Q8_0 (a "converted" file)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "gemma4")
+    for name, ncols, qtype in FAKE_GGUF_TENSORS:
+        gtype = gguf.GGMLQuantizationType[qtype if quantized or qtype == "F32" else "Q8_0"]
+        block, size = gguf.GGML_QUANT_SIZES[gtype]
+        n_rows = 1 if qtype == "F32" else rows
+        data = rng.integers(0, 256, size=(n_rows, ncols // block * size), dtype=np.uint8)
+        writer.add_tensor(name, data, raw_dtype=gtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_gguf(layout: RunLayout, base_dir: Path, seed: int = 0) -> None:
-    """Stand-in GGUF bytes (Q8_0 "converted", Q4_K_M "quantized"), with the records convert and
-    quantize write, so that the chain of custody from the safetensors to the eval is whole."""
+    """Stand-in GGUFs (Q8_0 "converted", Q4_K_M "quantized", with the fallbacks of
+    :data:`FAKE_GGUF_FALLBACKS`), with the records convert and quantize write, so that the chain of
+    custody from the safetensors to the eval is whole."""
     from moeprune.io.checkpoint import Checkpoint
     from moeprune.llamacpp.convert import source_file_hashes
 
     rng = np.random.default_rng(seed)
     layout.gguf_dir.mkdir(parents=True, exist_ok=True)
-    for prefix, checkpoint_dir, size in (("base", base_dir, 6000), ("fake", layout.pruned_dir, 5200)):
+    fallbacks = {"tensors": [{"tensor": name, "ncols": ncols, "block_size": 256, "requested_type": FAKE_GGUF_FALLBACKS[name].lower(),
+                              "actual_type": qtype.lower(), "forced_f16": False}
+                             for name, ncols, qtype in FAKE_GGUF_TENSORS if name in FAKE_GGUF_FALLBACKS],
+                 "count": len(FAKE_GGUF_FALLBACKS), "total_tensors": len(FAKE_GGUF_TENSORS)}
+    for prefix, checkpoint_dir, rows in (("base", base_dir, 12), ("fake", layout.pruned_dir, 10)):
         with Checkpoint.open(checkpoint_dir) as checkpoint:
             sources = source_file_hashes(checkpoint_dir, list(checkpoint.shards))
         converted = layout.gguf_dir / f"{prefix}-Q8_0.gguf"
-        converted.write_bytes(b"GGUF" + rng.bytes(2 * size))
+        write_fake_gguf(converted, rows, False, rng)
         quantized = layout.gguf_dir / f"{prefix}-Q4_K_M.gguf"
-        quantized.write_bytes(b"GGUF" + rng.bytes(size))
+        write_fake_gguf(quantized, rows, True, rng)
         for path, record in (
             (converted, {"stage": "convert", "outtype": "q8_0", "source_files": sources}),
             (quantized, {"stage": "quantize", "qtype": "Q4_K_M", "in_file": converted.name,
-                         "in_sha256": hashlib.sha256(converted.read_bytes()).hexdigest(), "imatrix_sha256": None}),
+                         "in_sha256": hashlib.sha256(converted.read_bytes()).hexdigest(), "imatrix_sha256": None,
+                         "fallbacks": fallbacks}),
         ):
             record |= {"file": path.name, "size_bytes": path.stat().st_size,
                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}

@@ -158,3 +158,42 @@ def test_gguf_repo_card_lists_published_gguf_files(fake_run, numbers):
     text = path.read_text()
     assert f"| `fake-Q4_K_M.gguf` | {numbers['gguf.file.fake-Q4_K_M.gguf']['display']} |" in text
     assert "base-Q4_K_M.gguf" not in text  # the base GGUF is not published
+
+
+def test_card_states_bits_per_weight_and_fallbacks_read_from_each_gguf(fake_run, card_text, numbers):
+    """Each published GGUF and both evaluated ones: bits per weight from the file's tensors, and the
+    quantize record's fallbacks counted per (requested -> actual) type; on both cards."""
+    from fakerun import FAKE_GGUF_FALLBACKS, FAKE_GGUF_TENSORS
+
+    from moeprune.plan.ggml import tensor_bytes
+
+    gguf_dir = fake_run.layout.gguf_dir
+    for name in ("fake-Q4_K_M.gguf", "base-Q4_K_M.gguf"):
+        rows = 10 if name.startswith("fake") else 12  # the stand-ins' rows (fakerun.write_gguf)
+        numel = {t: ncols * (1 if qtype == "F32" else rows) for t, ncols, qtype in FAKE_GGUF_TENSORS}
+        data_bytes = sum(tensor_bytes(qtype, numel[t], ncols) for t, ncols, qtype in FAKE_GGUF_TENSORS)
+        assert numbers[f"gguf.bpw.{name}"]["value"] == pytest.approx(8 * data_bytes / sum(numel.values()), rel=1e-12)
+        assert (gguf_dir / name).stat().st_size > data_bytes  # not the file size: metadata is not weights
+        for tensor, requested in FAKE_GGUF_FALLBACKS.items():
+            actual = next(qtype for t, _, qtype in FAKE_GGUF_TENSORS if t == tensor)
+            assert numbers[f"gguf.fallback.{name}.{requested}->{actual}"]["value"] == 1
+    base, pruned = (numbers[f"gguf.bpw.{p}-Q4_K_M.gguf"]["display"] for p in ("base", "fake"))
+    assert f"| GGUF Q4_K_M bits per weight | {base} | {pruned} | — |" in card_text
+    assert (f"- `fake-Q4_K_M.gguf`: {pruned} bits per weight (tensor bytes × 8 / weights, read from the file); "
+            "tensors whose rows do not fit the type's blocks fell back: Q4_K → Q5_0 ×1, Q6_K → Q8_0 ×1") in card_text
+    gguf_card = (fake_run.layout.card_dir / "gguf" / "README.md").read_text()
+    assert f"| `fake-Q4_K_M.gguf` | {numbers['gguf.file.fake-Q4_K_M.gguf']['display']} | {pruned} | " \
+           "Q4_K → Q5_0 ×1, Q6_K → Q8_0 ×1 |" in gguf_card
+    converted = numbers["gguf.bpw.fake-Q8_0.gguf"]["display"]
+    assert f"| `fake-Q8_0.gguf` | {numbers['gguf.file.fake-Q8_0.gguf']['display']} | {converted} | none |" in gguf_card
+
+
+def test_card_refuses_a_quantize_record_that_disagrees_with_its_gguf(tmp_path):
+    run = make_fake_run(tmp_path / "work", with_card=False, with_manifest=False)
+    record_path = run.layout.gguf_dir / "fake-Q4_K_M.gguf.json"
+    record = json.loads(record_path.read_text())
+    record["fallbacks"]["tensors"][0]["actual_type"] = "q8_0"  # the file stores blk.0.ffn_down_exps as Q5_0
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(MoepruneError, match=r"gguf/fake-Q4_K_M.gguf: .*ffn_down_exps.weight fell back to Q8_0, "
+                                            r"the GGUF stores it as Q5_0"):
+        run_card(run.recipe, run.layout)

@@ -309,6 +309,26 @@ def test_quantize_records_fallbacks(tiny_gguf):
 
 
 @pytest.mark.llamacpp
+def test_bits_per_weight_of_a_real_quantized_gguf_and_its_fallbacks(tiny_gguf):
+    """llama-quantize's own output: its record's fallbacks agree with the file's tensor types, and the
+    bits per weight follow from ggml's block sizes over the file's tensors (moeprune.plan.ggml)."""
+    from gguf import GGUFReader
+
+    from moeprune.gguf_bits import fallback_counts, read_gguf_bits
+    from moeprune.plan.ggml import tensor_bytes
+
+    _, q4, _, quantized = tiny_gguf
+    bits = read_gguf_bits(q4, q4.name)
+    counts = fallback_counts(quantized["fallbacks"]["tensors"], bits, q4.name)
+    assert sum(counts.values()) == quantized["fallbacks"]["count"] > 0
+    assert all(requested != actual for requested, actual in counts)
+    tensors = GGUFReader(str(q4)).tensors
+    want = sum(tensor_bytes(t.tensor_type.name, int(t.n_elements), int(t.shape[0])) for t in tensors)
+    assert bits.bits_per_weight == pytest.approx(8 * want / sum(int(t.n_elements) for t in tensors), rel=1e-12)
+    assert 4.5 < bits.bits_per_weight < 32
+
+
+@pytest.mark.llamacpp
 def test_serve_answers_a_chat_completion(llama_build_shared, tiny_gguf, tmp_path):
     _, q4, _, _ = tiny_gguf
     log = tmp_path / "server.log"

@@ -168,6 +168,9 @@ def test_published_repo_id_verifies_from_the_hub(fake_run, tmp_path, monkeypatch
         hashed = next(c for c in report.checks if c.name == "sha256 + size")
         assert "not downloaded" in hashed.detail  # only the unpublished base GGUF
         assert any(c.target == "gguf:README.md" and c.ok for c in report.checks)
+        card = next(c for c in report.checks if c.name == "card numbers")
+        assert "bits per weight as stated (GGUF not downloaded): base-Q4_K_M.gguf, fake-Q4_K_M.gguf, " \
+               "fake-Q8_0.gguf" in card.detail
 
         # Tamper on the "Hub": the pruned GGUF no longer matches the manifest.
         repo = hub.repos["me/fake-pruned-GGUF"]
@@ -177,6 +180,19 @@ def test_published_repo_id_verifies_from_the_hub(fake_run, tmp_path, monkeypatch
         repo.history.append("e" * 40)
         report = verify("me/fake-pruned", endpoint=hub.endpoint)
         assert "gguf:fake-Q4_K_M.gguf" in failures(report)
+
+        # A stated fallback count that the downloaded quantize record contradicts (the GGUF itself is not
+        # downloaded): re-counted from the record, so it fails.
+        model = hub.repos["me/fake-pruned"]
+        files = dict(model.commits[model.head])
+        document = json.loads(files["card_numbers.json"])
+        key = "gguf.fallback.fake-Q4_K_M.gguf.Q4_K->Q5_0"
+        document["numbers"][key] |= {"value": 7, "display": "7"}
+        files["card_numbers.json"] = json.dumps(document).encode()
+        model.commits["f" * 40] = files
+        model.history.append("f" * 40)
+        assert f"card_numbers.json: '{key}' = '7' (7), recomputed '1' (1)" in failures(verify("me/fake-pruned",
+                                                                                              endpoint=hub.endpoint))
 
 
 def test_invoke_verify_exit_code(fake_run, run_copy, repo_root):
@@ -208,6 +224,27 @@ def test_invoke_publish_dry_run_lists_files_with_sizes(fake_run, repo_root, tmp_
     assert "would upload to me/fake-pruned-GGUF (gguf)" in result.stdout
     assert "model-00001-of-" in result.stdout and "KiB" in result.stdout
     assert "base-Q4_K_M.gguf" not in result.stdout
+
+
+def test_stated_bits_per_weight_that_disagrees_with_the_gguf_fails(fake_run, tmp_path, repo_root):
+    """card_numbers.json and both cards edited alike to a wrong bits per weight: `invoke verify`
+    re-reads the GGUF and fails, naming the file and both values."""
+    run = tmp_path / "runs" / "fake"
+    shutil.copytree(fake_run.layout.root, run, ignore=shutil.ignore_patterns("logs"))
+    key = "gguf.bpw.fake-Q4_K_M.gguf"
+    path = run / "card" / "card_numbers.json"
+    document = json.loads(path.read_text())
+    true, true_value = document["numbers"][key]["display"], document["numbers"][key]["value"]
+    document["numbers"][key] = document["numbers"][key] | {"value": 4.5, "display": "4.50"}
+    path.write_text(json.dumps(document))
+    for readme in (run / "card" / "README.md", run / "card" / "gguf" / "README.md"):
+        text = readme.read_text()
+        assert f" {true} " in text
+        readme.write_text(text.replace(f" {true} ", " 4.50 "))
+    result = invoke("verify", str(run), cwd=repo_root, env={"COLUMNS": "2000"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (f"card_numbers.json: '{key}' = '4.50' (4.5), recomputed '{true}' "
+            f"({true_value!r}) from gguf/fake-Q4_K_M.gguf") in result.stdout, result.stdout
 
 
 def test_edited_gguf_card_fails(run_copy):

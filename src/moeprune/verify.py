@@ -202,8 +202,8 @@ def _open_artifact(path: Path, base_dir: Path | None, gguf_dir: Path | None = No
     }
     listed_model = {entry["path"] for entry in manifest.get("files", []) if entry.get("repo") == "model"}
     extra = sorted(f"model:{p}" for p in present - listed_model - _IGNORED_LOCAL)
-    return _Artifact(path, manifest, local, extra, ArtifactSource.from_artifact(path, base_dir=base_dir), False,
-                     refused)
+    source = ArtifactSource.from_artifact(path, base_dir=base_dir, gguf_dir=gguf_dir)
+    return _Artifact(path, manifest, local, extra, source, False, refused)
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -467,7 +467,7 @@ def _check_card(report: VerifyReport, art: _Artifact, results: dict[str, Any] | 
         return
     stored = json.loads(numbers_path.read_text(encoding="utf-8"))
     try:
-        recomputed = compute_card_numbers(art.source, results)
+        recomputed = compute_card_numbers(art.source, results, stored)
     except MoepruneError as exc:
         report.add("card numbers", CARD_NUMBERS_NAME, [str(exc)])
         return
@@ -489,7 +489,10 @@ def _check_card(report: VerifyReport, art: _Artifact, results: dict[str, Any] | 
         if stored.get("facts", {}).get(key) != facts.get(key):
             problems.append(f"{CARD_NUMBERS_NAME}: fact '{key}' = {stored.get('facts', {}).get(key)!r}, "
                             f"recomputed {facts.get(key)!r}")
-    report.add("card numbers", CARD_NUMBERS_NAME, problems, f"{len(recomputed.numbers)} numbers recomputed")
+    passed = f"{len(recomputed.numbers)} numbers recomputed"
+    if recomputed.not_rederived:  # a Hub artifact's GGUF files are not downloaded
+        passed += "; bits per weight as stated (GGUF not downloaded): " + ", ".join(recomputed.not_rederived)
+    report.add("card numbers", CARD_NUMBERS_NAME, problems, passed)
 
     # The card text: re-render from the recomputed numbers and compare line by line.
     text = readme_path.read_text(encoding="utf-8")

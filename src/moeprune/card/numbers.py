@@ -48,6 +48,7 @@ class CardNumbers:
     facts: dict[str, Any] = field(default_factory=dict)  # non-numeric context (names, versions)
     series: dict[str, Any] = field(default_factory=dict)  # arrays for the plots
     wording: dict[str, str] = field(default_factory=dict)  # the family's names for the card text (not numbers)
+    not_rederived: list[str] = field(default_factory=list)  # GGUF files whose numbers were taken as stated
 
     def add(self, key: str, value: Any, display: str, source: str) -> str:
         if key in self.numbers:
@@ -122,11 +123,16 @@ def checkpoint_facts(model_dir: Path) -> CheckpointFacts:
 
 
 # --- the card numbers -------------------------------------------------------------------------------
-def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> CardNumbers:
+def compute_card_numbers(source: ArtifactSource, results: dict[str, Any],
+                         stated: dict[str, Any] | None = None) -> CardNumbers:
     """Compute every number of the card from the artifacts in ``source`` and eval ``results``.
 
     ``results`` is ``eval/results.json`` (rendering) or its recomputation from the sample logs
-    (verification): the card numbers follow whichever is given.
+    (verification): the card numbers follow whichever is given. ``stated`` (verify: the stored
+    ``card_numbers.json``) supplies the bits per weight of a GGUF file that is not at hand (a Hub
+    artifact's GGUF repository is not downloaded; its fallbacks are still counted from the
+    downloaded record); each such file is named in :attr:`CardNumbers.not_rederived`. Without it, a
+    GGUF not at hand is an error.
     """
     from moeprune.dropmap.io import load_drop_map
     from moeprune.profile.findings import compute_findings, gini
@@ -292,8 +298,66 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any]) -> Car
 
     # ---- evaluation
     _eval_numbers(card, source, results, recipe)
+    _gguf_bits_numbers(card, source, results, stated)
     _kld_numbers(card, source)
     return card
+
+
+def fallback_key(name: str, requested: str, actual: str) -> str:
+    """The card number of how many tensors of GGUF ``name`` fell back from ``requested`` to ``actual``."""
+    return f"gguf.fallback.{name}.{requested}->{actual}"
+
+
+def _gguf_bits_numbers(card: CardNumbers, source: ArtifactSource, results: dict[str, Any],
+                       stated: dict[str, Any] | None) -> None:
+    """Effective bits per weight of every published GGUF and of both evaluated ones, and the tensors
+    llama-quantize gave another type, counted per (requested, actual) type (:mod:`moeprune.gguf_bits`)."""
+    from moeprune.gguf_bits import fallback_counts, read_gguf_bits
+
+    evaluated = {}
+    for model in ("base", "pruned"):
+        entry = results["models"].get(model)
+        located = source.gguf_by_sha256(entry["gguf"]["sha256"]) if entry else None
+        if located is not None:
+            evaluated[model] = located[0]
+    names = sorted(name for name, entry in source.gguf_files.items() if entry["published"] or name in evaluated.values())
+    rows: dict[str, Any] = {}
+    for name in names:
+        path = source.gguf_at_hand(name)
+        bits = read_gguf_bits(path, f"gguf/{name}") if path is not None else None
+        if bits is not None:
+            bpw = card.add(f"gguf.bpw.{name}", bits.bits_per_weight, f"{bits.bits_per_weight:.2f}",
+                           f"gguf/{name}: tensor bytes × 8 / {bits.weights} weights")
+        else:  # a Hub artifact's GGUF repository is not downloaded: the bits per weight as stated
+            bpw = f"gguf.bpw.{name}"
+            number = (stated or {}).get("numbers", {}).get(bpw)
+            if stated is None or not isinstance(number, dict):
+                raise CardError(f"gguf/{name}: not found, and no stated '{bpw}'; the card reads it from the file itself")
+            card.add(bpw, number.get("value"), number.get("display"), f"as stated: gguf/{name} not at hand")
+            card.not_rederived.append(name)
+        record_path = source.gguf_dir / f"{name}.json" if source.gguf_dir is not None else None
+        record = (json.loads(record_path.read_text(encoding="utf-8"))
+                  if record_path is not None and record_path.is_file() else {})
+        fallbacks = []
+        if record.get("stage") == "quantize":
+            if "fallbacks" not in record:
+                raise CardError(f"gguf/{record_path.name}: a quantize record without 'fallbacks'; re-run `invoke quantize`")
+            counts = fallback_counts(record["fallbacks"]["tensors"], bits, f"gguf/{name}")
+            checked = f", checked against gguf/{name}" if bits is not None else ""
+            for (requested, actual), count in counts.items():
+                key = card.add(fallback_key(name, requested, actual), count, str(count),
+                               f"gguf/{record_path.name}: fallbacks{checked}")
+                fallbacks.append({"requested": requested, "actual": actual, "key": key})
+        elif bits is None and not record:  # neither the file nor its record (the unpublished base's) is here
+            for row in ((stated or {}).get("tables", {}).get("gguf_bits") or {}).get(name, {}).get("fallbacks", []):
+                number = stated["numbers"].get(row["key"])
+                if not isinstance(number, dict):
+                    raise CardError(f"card_numbers.json: '{row['key']}' is missing")
+                card.add(row["key"], number.get("value"), number.get("display"), f"as stated: gguf/{name} not at hand")
+                fallbacks.append(row)
+        rows[name] = {"bpw": bpw, "fallbacks": fallbacks}
+    card.tables["gguf_bits"] = rows
+    card.tables["eval_gguf_bits"] = {model: rows[name]["bpw"] for model, name in evaluated.items() if name in rows}
 
 
 _KLD_ROLE_NAMES = {

@@ -34,6 +34,9 @@ class ArtifactSource:
     """{file name: {"size_bytes", "sha256", "published"}} of the GGUF files."""
     base_dir: Path | None = None
     """The base checkpoint, when available (a run's local base, or verify --base)."""
+    gguf_dir: Path | None = None
+    """Where the GGUF files and their ``*.gguf.json`` records are at hand (a run's ``gguf/``, or the
+    files verify downloaded from the GGUF repository); None when none is."""
 
     @classmethod
     def from_run(cls, layout: RunLayout, recipe: dict[str, Any], base_dir: Path | None = None) -> ArtifactSource:
@@ -57,10 +60,11 @@ class ArtifactSource:
             recipe=recipe,
             gguf_files=gguf,
             base_dir=base_dir,
+            gguf_dir=layout.gguf_dir,
         )
 
     @classmethod
-    def from_artifact(cls, root: Path, base_dir: Path | None = None) -> ArtifactSource:
+    def from_artifact(cls, root: Path, base_dir: Path | None = None, gguf_dir: Path | None = None) -> ArtifactSource:
         """A published artifact laid out as its model repo (GGUF facts come from the manifest)."""
         manifest_path = root / MANIFEST_NAME
         if not manifest_path.is_file():
@@ -80,7 +84,13 @@ class ArtifactSource:
             recipe=manifest.get("recipe", {}),
             gguf_files=gguf,
             base_dir=base_dir,
+            gguf_dir=gguf_dir,
         )
+
+    def gguf_at_hand(self, name: str) -> Path | None:
+        """The GGUF file ``name`` of :attr:`gguf_files` if it is here, else None."""
+        path = self.gguf_dir / name if self.gguf_dir is not None else None
+        return path if path is not None and path.is_file() else None
 
     def gguf_by_sha256(self, sha256: str) -> tuple[str, dict[str, Any]] | None:
         for name, entry in self.gguf_files.items():
