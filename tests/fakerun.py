@@ -122,6 +122,11 @@ def demo_task_config() -> dict:
     return reference_task_config(TASK)
 
 
+# Pruned docs whose unanswered response loops to the end ("... I cannot decide" x 8, cut off at
+# the generation budget); the last one ends empty instead.
+LOOPING_DOCS = (3, 10, 17)
+
+
 def _records(model: str, n: int, correct: np.ndarray, rng: np.random.Generator) -> list[dict]:
     """lm-eval-shaped records whose filtered answers and scores come from the task's own filters."""
     from moeprune.eval.rescore import _filters, _metrics, _score, apply_filter_batch
@@ -139,6 +144,8 @@ def _records(model: str, n: int, correct: np.ndarray, rng: np.random.Generator) 
             answer = f"({LETTERS[(doc_id + 1 + rng.integers(0, 3)) % 4]})"
         thought = f"Let me think. {'x' * int(rng.integers(10, 400))}"
         texts.append(f"{thought} The answer is {answer}." if answer else f"{thought} I cannot decide")
+        if model == "pruned" and doc_id in LOOPING_DOCS:  # the loop canary's prey
+            texts[-1] = "" if doc_id == LOOPING_DOCS[-1] else thought + " I cannot decide" * 8
         docs.append({"question": f"question {doc_id}", "choices": [f"option {c.lower()}{doc_id}" for c in LETTERS],
                      "answer": f"({target})"})
     extracted = {name: apply_filter_batch(e, [[t] for t in texts], docs) for name, e in ensembles.items()}
@@ -149,6 +156,7 @@ def _records(model: str, n: int, correct: np.ndarray, rng: np.random.Generator) 
             record = {
                 "doc_id": doc_id, "doc": doc, "target": doc["answer"], "arguments": [[f"q{doc_id}", {}]],
                 "resps": [[text]], "filtered_resps": [filtered], "filter": filter_name,
+                "finish_reason": "length" if text.endswith("decide I cannot decide") else "stop",
                 "metrics": list(metrics),
                 "doc_hash": hashlib.sha256(json.dumps(doc).encode()).hexdigest(),
                 "prompt_hash": hashlib.sha256(f"q{doc_id}".encode()).hexdigest(),

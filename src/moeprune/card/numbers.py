@@ -535,6 +535,14 @@ def _eval_numbers(card: CardNumbers, source: ArtifactSource, results: dict[str, 
                          f"{res}: error_analysis.response_length")
                 for mark, count in sorted(lengths["over_chars"].items(), key=lambda kv: int(kv[0])):
                     card.add(f"{base_key}.over.{mark}", count, str(count), f"{res}: error_analysis.response_length")
+            canary = errors["canary"]
+            for kind in ("truncated", "looping", "empty"):
+                if canary[kind] is not None:
+                    card.add(f"{base_key}.{kind}", canary[kind], fmt_int(canary[kind]),
+                             f"{res}: models.{model}.tasks.{task}.error_analysis.canary.{kind}")
+            for name, value in canary["loop_rule"].items():
+                if f"canary.{name}" not in card.numbers:  # one rule for every model and task
+                        card.add(f"canary.{name}", value, fmt_int(value), f"{res}: error_analysis.canary.loop_rule")
     files = []
     for name, entry in sorted(source.gguf_files.items()):
         if entry["published"]:

@@ -5,6 +5,10 @@ What the reference card reports for GPQA Diamond: how many answers were correct,
 letter and lm-eval wrote its fallback ``"[invalid]"``); how the wrong answers spread over the
 letters; and how long the responses were (median / mean characters, ~tokens = chars / 4, how
 many exceed 20k and 30k characters).
+
+The loop canary (:func:`loop_canary`) counts what accuracy hides in an aggressive prune: responses
+cut off by the generation budget (llama-server's ``finish_reason`` is ``"length"``), responses
+whose tail is a repeated n-gram loop (:func:`ends_in_loop`), and responses that end empty.
 """
 
 from __future__ import annotations
@@ -19,6 +23,15 @@ PRIMARY_FILTER = "flexible-extract"
 PRIMARY_METRIC = "exact_match"
 CHARS_PER_TOKEN = 4  # the card's rule of thumb for "~tokens"
 LONG_RESPONSE_CHARS = (20_000, 30_000)
+# The loop rule, one definition (README "Loop canary", the card states it): a response loops
+# when its last LOOP_MIN_SPAN_WORDS or more whitespace-separated words repeat one n-gram of
+# n <= LOOP_MAX_NGRAM_WORDS words at least LOOP_MIN_REPEATS times in a row (a cut last copy
+# counts, and so does one whose last word was cut in half).
+LOOP_MAX_NGRAM_WORDS = 50
+LOOP_MIN_REPEATS = 4
+LOOP_MIN_SPAN_WORDS = 20
+TRUNCATED_FINISH_REASON = "length"  # OpenAI / llama-server: stopped at max_tokens (max_gen_toks)
+FINISH_REASON_KEY = "finish_reason"  # what our eval adds to each lm-eval sample record
 
 _LETTER = re.compile(r"^\(?([A-Za-z])\)?$")
 
@@ -75,6 +88,57 @@ def response_length_stats(texts: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def periodic_tail_words(words: Sequence[str], period: int) -> int:
+    """How many trailing ``words`` repeat with ``period`` (``words[i] == words[i + period]``),
+    counting the first copy; 0 when fewer than two periods fit."""
+    if period < 1 or len(words) < 2 * period:
+        return 0
+    i = len(words) - period - 1
+    while i >= 0 and words[i] == words[i + period]:
+        i -= 1
+    span = len(words) - (i + 1)
+    return span if span >= 2 * period else 0
+
+
+def ends_in_loop(text: str) -> bool:
+    """True when the response's tail is one n-gram repeated by the loop rule above.
+
+    Only the tail counts: a model that repeated itself and then went on to answer did not loop
+    unboundedly; one that loops to the end of its budget ends in the loop.
+    """
+    words = text.split()
+    # The budget can cut the last word in half ("... so the ans"): the tail may also start before it.
+    for tail in (words, words[:-1]):
+        for period in range(1, LOOP_MAX_NGRAM_WORDS + 1):
+            span = periodic_tail_words(tail, period)
+            if span >= LOOP_MIN_REPEATS * period and span >= LOOP_MIN_SPAN_WORDS:
+                return True
+    return False
+
+
+def is_empty_response(text: str) -> bool:
+    """No visible answer: nothing but whitespace (e.g. everything went into the reasoning)."""
+    return not text.strip()
+
+
+def loop_canary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Truncated / looping / empty response counts of one filter's records, and the loop rule.
+
+    ``truncated`` is None when a record does not carry ``finish_reason`` (lm-eval's own sample
+    logs drop it; ``invoke eval`` adds it from the server's reply), so it is never guessed.
+    """
+    texts = [response_text(r) for r in records]
+    recorded = all(FINISH_REASON_KEY in r for r in records)
+    return {
+        "truncated": sum(1 for r in records if r.get(FINISH_REASON_KEY) == TRUNCATED_FINISH_REASON)
+        if recorded else None,
+        "looping": sum(1 for text in texts if ends_in_loop(text)),
+        "empty": sum(1 for text in texts if is_empty_response(text)),
+        "loop_rule": {"max_ngram_words": LOOP_MAX_NGRAM_WORDS, "min_repeats": LOOP_MIN_REPEATS,
+                      "min_span_words": LOOP_MIN_SPAN_WORDS},
+    }
+
+
 def error_analysis(
     records: Sequence[Mapping[str, Any]],
     *,
@@ -120,4 +184,5 @@ def error_analysis(
         "wrong_answer_letters": dict(sorted(wrong_letters.items())),
         "target_letters": dict(sorted(target_letters.items())),
         "response_length": response_length_stats([response_text(r) for r in chosen]),
+        "canary": loop_canary(chosen),
     }

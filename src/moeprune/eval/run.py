@@ -38,7 +38,7 @@ from typing import Any, ContextManager, Protocol
 from moeprune.atomic import atomic_file, write_json
 from moeprune.errors import MoepruneError
 from moeprune.eval.results import RUN_RECORD_NAME, write_results
-from moeprune.eval.samples import read_sample_log, sample_log_name, write_sample_log
+from moeprune.eval.samples import read_sample_log, sample_log_name, with_finish_reasons, write_sample_log
 from moeprune.hashing import sha256_file
 from moeprune.layout import RunLayout
 from moeprune.recipe import Recipe
@@ -594,12 +594,13 @@ def evaluate_served_model(
         raise EvalError(f"lm-eval returned no per-sample records for '{model}' (log_samples was on)")
 
     tasks_record: dict[str, Any] = {}
+    responses = read_sample_log(partial.path)
     for task in section.tasks:
         samples = output["samples"].get(task)
         if not samples:
             raise EvalError(f"lm-eval returned no samples for task '{task}' of '{model}'")
         log_path = model_dir / sample_log_name(task)
-        written = write_sample_log(log_path, samples)
+        written = write_sample_log(log_path, with_finish_reasons(samples, responses, task))
         if len(read_sample_log(log_path)) != written:
             raise EvalError(f"{log_path}: sample log does not read back whole")
         tasks_record[task] = {

@@ -108,3 +108,32 @@ def metric_names(records: Iterable[Mapping[str, Any]]) -> list[str]:
         for name in record.get("metrics", []):
             seen.setdefault(name, None)
     return list(seen)
+
+
+def with_finish_reasons(
+    records: Iterable[Mapping[str, Any]], responses: Iterable[Mapping[str, Any]], task: str
+) -> list[dict[str, Any]]:
+    """lm-eval's sample records of ``task``, each given the server's ``finish_reason`` and
+    ``completion_tokens`` from our response log (lm-eval drops both; the loop canary needs the
+    first to count responses cut off at the generation budget).
+
+    A record is matched by (task, doc_id) and by its response text; one with no match is left
+    without the keys, so the canary reports truncation as not recorded instead of guessing.
+    """
+    from moeprune.eval.analysis import FINISH_REASON_KEY, response_text
+
+    by_doc: dict[int, list[Mapping[str, Any]]] = {}
+    for reply in responses:
+        if reply.get("task") == task:
+            for doc_id in reply.get("doc_ids") or []:
+                by_doc.setdefault(doc_id, []).append(reply)
+    out = []
+    for record in records:
+        record = dict(record)
+        text = response_text(record)
+        match = next((r for r in by_doc.get(record.get("doc_id"), []) if (r.get("response") or "") == text), None)
+        if match is not None:
+            record[FINISH_REASON_KEY] = match.get("finish_reason")
+            record["completion_tokens"] = match.get("completion_tokens")
+        out.append(record)
+    return out
