@@ -7,6 +7,7 @@ first marker found in the last user message picks the response (default: "I am n
   --die-after N    exit(1) on the request after N answered ones (a crash mid-eval)
   --slow MARKER    sleep --slow-s seconds before answering the question with that marker
   --reasoning      also send a reasoning_content field, as llama-server's deepseek format does
+  --truncate MARKER  answer that question with finish_reason "length" (cut off at max_tokens)
 
 Identity, as llama-server gives it on ``GET /props`` (``model_alias``, ``model_path``): answered
 when ``--alias``/``--model`` are given; ``--props-alias`` reports another alias than ``--alias``
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--slow", default=None)
     parser.add_argument("--slow-s", type=float, default=30.0)
     parser.add_argument("--reasoning", action="store_true")
+    parser.add_argument("--truncate", default=None)
     parser.add_argument("--alias", default=None)
     parser.add_argument("--model", default=None)
     parser.add_argument("--props-alias", default=None)
@@ -85,6 +87,7 @@ def main() -> None:
                     os._exit(1)
             text = payload["messages"][-1]["content"]
             response = "I am not sure."
+            finish_reason = "length" if args.truncate and args.truncate in text else "stop"
             for marker, answer in answers.items():
                 if marker in text:
                     response = answer
@@ -103,7 +106,7 @@ def main() -> None:
                     "id": "chatcmpl-fake",
                     "object": "chat.completion",
                     "model": payload.get("model", "fake"),
-                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
                 },
             )
             with lock:

@@ -465,6 +465,20 @@ def test_run_eval_scores_both_models_and_recomputes_exactly(eval_setup):
     assert lines[-1].startswith("tiny_mcq: pruned - base = -8.33 pp (paired bootstrap 95% CI ")
 
 
+def test_eval_records_finish_reason_in_the_samples_and_the_canary_counts_truncation(eval_setup):
+    # lm-eval's sample records drop the server's finish_reason; invoke eval puts it back, so the
+    # loop canary can count answers cut off at max_gen_toks from the sample log alone.
+    tmp_path, layout, ggufs = eval_setup
+    servers = FakeServers(tmp_path, extra_args={"pruned": ["--truncate", "[q03]"]})
+    stored = _run(tmp_path, layout, ggufs, servers)
+    for model, cut in (("base", set()), ("pruned", {3})):
+        records = read_sample_log(layout.eval_dir / model / "samples_tiny_mcq.jsonl")
+        assert {r["doc_id"] for r in records if r["finish_reason"] == "length"} == cut
+        assert {r["finish_reason"] for r in records} <= {"stop", "length"}
+        canary = stored["models"][model]["tasks"]["tiny_mcq"]["error_analysis"]["canary"]
+        assert canary["truncated"] == len(cut)
+
+
 def test_tampered_sample_log_is_caught(eval_setup):
     tmp_path, layout, ggufs = eval_setup
     _run(tmp_path, layout, ggufs, FakeServers(tmp_path), models=["base"])
