@@ -144,3 +144,28 @@ def test_verify_fails_on_a_forged_loop_count_naming_file_and_values(run_copy):
     assert f"card_numbers.json: '{key}' = '0' (0), recomputed '2' (2)" in text
     assert f"eval/results.json/models/pruned/tasks/{TASK}/error_analysis/canary/looping: file says 0, recomputed 2" \
         in text
+
+
+# --- the seed audit: a card's canary line is a claim, recomputed from the sample log ------------
+def test_audit_reads_the_canary_line_and_fails_a_forged_loop_count(tmp_path):
+    from moeprune.audit.claims import compare_claims, parse_card
+    from moeprune.audit.engine import seed_recomputed_values
+    from moeprune.audit.report import AuditReport
+    from moeprune.audit.seed import EvalRecomputation
+
+    records = [record(REASONING + " I cannot decide" * 8, 0, finish_reason="length"),
+               record(REASONING + " (A).", 1, finish_reason="stop"), record("", 2, finish_reason="stop")]
+    log = tmp_path / "samples_gpqa_diamond.jsonl"
+    analysis = error_analysis(records)
+    values, _ = seed_recomputed_values(tmp_path, None, [EvalRecomputation("gpqa_diamond", log, None, {}, analysis)])
+    assert values["looping"][0] == 1 and values["empty"][0] == 1 and values["truncated"][0] == 1
+
+    card = "## Error Analysis\n- Loop canary: 1 hit the generation budget, 3 end in a repeated n-gram loop, 1 end empty\n"
+    claims, unparsed = parse_card(card, "README.md")
+    assert {c.key: c.value for c in claims} == {"truncated": 1, "looping": 3, "empty": 1} and not unparsed
+    report = AuditReport("artifact", "seed")
+    compare_claims(report, claims, unparsed, values)
+    (failed,) = [row for row in report.rows if row.status == "fail"]
+    assert failed.detail.startswith("README.md:2: looping: claimed 3, recomputed '1'")
+    assert "samples_gpqa_diamond.jsonl" in failed.detail
+    assert {row.check for row in report.rows if row.status == "pass"} == {"truncated", "empty"}

@@ -243,6 +243,10 @@ _LINE_RULES: tuple[tuple[re.Pattern[str], tuple[tuple[str, str, float, bool], ..
     (re.compile(r"Mean(?: response length)?: (?P<n>[\d,.]+) characters(?: \(~(?P<tok>[\d,]+) tokens\))?", re.I),
      (("mean_chars", "n", 1.0, False), ("mean_tokens", "tok", 1.0, True))),
     (re.compile(r"(?P<n>\d[\d,]*) questions\b", re.I), (("questions", "n", 1.0, False),)),
+    # The loop canary line, as moeprune's card writes it (moeprune.eval.analysis.loop_canary).
+    (re.compile(r"(?P<n>\d[\d,]*) hit the generation budget", re.I), (("truncated", "n", 1.0, False),)),
+    (re.compile(r"(?P<n>\d[\d,]*) end in a repeated n-gram loop", re.I), (("looping", "n", 1.0, False),)),
+    (re.compile(r"(?P<n>\d[\d,]*) end empty", re.I), (("empty", "n", 1.0, False),)),
     (re.compile(r"^\W*Layers: (?P<n>\d+)", re.I), (("num_layers", "n", 1.0, False),)),
     (re.compile(r"Hidden size: (?P<n>[\d,]+)", re.I), (("hidden_size", "n", 1.0, False),)),
     (re.compile(r"Expert intermediate size: (?P<n>[\d,]+)", re.I), (("moe_intermediate_size", "n", 1.0, False),)),
@@ -311,7 +315,8 @@ def parse_card(text: str, source: str = "README.md") -> tuple[list[Claim], list[
 
 # Recomputed numbers an auditor wants to see even when the card states none of them.
 SHOWN_UNCLAIMED = ("accuracy/flexible-extract", "stderr/flexible-extract", "accuracy/strict-match", "questions",
-                   "correct", "wrong", "invalid", "median_chars", "mean_chars", "over_20000", "over_30000")
+                   "correct", "wrong", "invalid", "median_chars", "mean_chars", "over_20000", "over_30000",
+                   "truncated", "looping", "empty")
 
 
 def compare_claims(report: Any, claims: list[Claim], unparsed: list[Unparsed],

@@ -192,6 +192,12 @@ def seed_recomputed_values(root: Path, base: Path | None, evals: list[Any]) -> t
         for key in ("correct", "wrong", "invalid", "correct_fraction", "wrong_fraction", "invalid_fraction"):
             values[key] = (analysis[key], f"{origin} ({analysis['filter']})")
         values["questions"] = (analysis["total"], origin)
+        canary = analysis["canary"]
+        for key in ("looping", "empty", "truncated"):
+            if canary[key] is not None:
+                values[key] = (canary[key], f"{origin} (loop canary)")
+            else:
+                missing[key] = "the sample log does not record finish_reason"
         letters = set("ABCD") | set(analysis["target_letters"]) | set(analysis["wrong_answer_letters"])
         for letter in letters:
             values[f"wrong_letter/{letter}"] = (analysis["wrong_answer_letters"].get(letter, 0), origin)
