@@ -10,6 +10,7 @@ import pytest
 from fakerun import LOOPING_DOCS, TASK, make_fake_run
 
 from moeprune.eval.analysis import (
+    LOOP_MAX_NGRAM_WORDS,
     LOOP_MIN_REPEATS,
     LOOP_MIN_SPAN_WORDS,
     ends_in_loop,
@@ -169,3 +170,11 @@ def test_audit_reads_the_canary_line_and_fails_a_forged_loop_count(tmp_path):
     assert failed.detail.startswith("README.md:2: looping: claimed 3, recomputed '1'")
     assert "samples_gpqa_diamond.jsonl" in failed.detail
     assert {row.check for row in report.rows if row.status == "pass"} == {"truncated", "empty"}
+
+
+def test_readme_states_the_rule_with_its_constants():
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert (f"its last {LOOP_MIN_SPAN_WORDS} or more words repeat one n-gram of at most {LOOP_MAX_NGRAM_WORDS} "
+            f"words at least {LOOP_MIN_REPEATS} times in a row") in readme
