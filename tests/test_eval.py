@@ -477,6 +477,10 @@ def test_eval_records_finish_reason_in_the_samples_and_the_canary_counts_truncat
         assert {r["finish_reason"] for r in records} <= {"stop", "length"}
         canary = stored["models"][model]["tasks"]["tiny_mcq"]["error_analysis"]["canary"]
         assert canary["truncated"] == len(cut)
+    from moeprune.eval.results import summary_lines
+
+    assert [line.split(" | ")[-1] for line in summary_lines(stored)[:2]] == [
+        "hit the budget 0, looping 0, empty 0", "hit the budget 1, looping 0, empty 0"]
 
 
 def test_tampered_sample_log_is_caught(eval_setup):

@@ -351,9 +351,12 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
                     shown = f"{100 * score['value']:.2f}%" + (f" ± {100 * stderr:.2f}%" if stderr is not None else "")
                     parts.append(f"{metric},{filter_name} {shown}")
             errors = task_entry["error_analysis"]
+            canary = errors["canary"]
+            truncated = "not recorded" if canary["truncated"] is None else canary["truncated"]
             lines.append(
                 f"{model} {task} (n={task_entry['n_samples']}): " + "; ".join(parts)
                 + f" | correct {errors['correct']}, wrong {errors['wrong']}, invalid {errors['invalid']}"
+                + f" | hit the budget {truncated}, looping {canary['looping']}, empty {canary['empty']}"
             )
     for task, comparison in results["comparisons"].items():
         first, second = comparison["models"]
