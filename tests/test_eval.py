@@ -697,6 +697,9 @@ def test_demo_eval_end_to_end(demo_ggufs, tmp_path):
         flexible = [r for r in read_sample_log(log) if r["filter"] == "flexible-extract"]
         assert task["scores"]["flexible-extract"]["exact_match"]["value"] == stats.accuracy(
             [r["exact_match"] for r in sorted(flexible, key=lambda r: r["doc_id"])])
+        # a real llama-server's finish_reason reaches every sample, so the canary counts truncation
+        assert all(r["finish_reason"] in ("stop", "length") for r in flexible)
+        assert analysis_["canary"]["truncated"] == sum(r["finish_reason"] == "length" for r in flexible)
     comparison = stored["comparisons"]["demo_mcq"]
     assert sum(comparison["table"].values()) == len(data_rows)
     assert comparison["bootstrap"]["low"] <= comparison["difference"] <= comparison["bootstrap"]["high"]
