@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from moeprune.errors import MoepruneError
+from moeprune.patching import Patches
 
 
 class ArchError(MoepruneError):
@@ -110,6 +111,11 @@ class MoeModules:
     router: Any  # the module whose forward returns the routing
     experts: Any  # the fused experts module: forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])
     block: Any  # the module holding router and experts (decoder layer or its mlp)
+
+    @property
+    def num_experts(self) -> int:
+        """The routed experts the module holds now (after an in-memory prune, the kept ones)."""
+        return int(self.experts.num_experts)
 
 
 class MoeArch:
@@ -378,30 +384,31 @@ class MoeArch:
     @contextlib.contextmanager
     def masked_routing(self, model: Any, drop_by_layer: Mapping[int, Sequence[int]]) -> Iterator[None]:
         """Within the block, the router of each listed layer can never choose its dropped experts."""
-        import torch
-
-        restore = []
-        try:
+        with Patches() as patches:
             for modules in self.moe_modules(model):
                 dropped = list(drop_by_layer.get(modules.layer_index, []))
-                if not dropped:
-                    continue
-                router = modules.router
-                allowed = torch.ones(int(modules.experts.num_experts), dtype=torch.bool)
-                allowed[dropped] = False
-                original = router.forward
-
-                def forward(hidden_states, _original=original, _router=router, _allowed=allowed):
-                    outputs = _original(hidden_states)
-                    weights, index = self.route(_router, outputs[0], _allowed.to(outputs[0].device))
-                    return outputs[0], weights, index
-
-                router.forward = forward
-                restore.append(router)
+                if dropped:
+                    self.mask_router(patches, modules, dropped)
             yield
-        finally:
-            for router in restore:
-                del router.forward
+
+    def mask_router(self, patches: Patches, modules: MoeModules, dropped: Sequence[int]) -> None:
+        """Patch (through ``patches``) one MoE layer's router so it never chooses ``dropped``: by
+        default its forward re-routes its logits with those experts masked (:meth:`route`)."""
+        import torch
+
+        router = modules.router
+        allowed = torch.ones(modules.num_experts, dtype=torch.bool)
+        allowed[list(dropped)] = False
+
+        def wrap(original):
+            def forward(hidden_states):
+                outputs = original(hidden_states)
+                weights, index = self.route(router, outputs[0], allowed.to(outputs[0].device))
+                return outputs[0], weights, index
+
+            return forward
+
+        patches.wrap_forward(router, wrap)
 
     def prune_in_memory(self, model: Any, keep_by_layer: Mapping[int, Sequence[int]]) -> None:
         """Keep only ``keep_by_layer[L]`` experts of every MoE layer L, in place (as the prune stage on disk)."""

@@ -11,11 +11,11 @@ per-expert scale as ``blk.N.ffn_down_exps.scale``.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from moeprune.arch.base import EXPERT_SCALE, EXPERTS, ROUTER_WEIGHT, SOFTMAX_TOPK, MoeArch, MoeModules, TensorPattern
+from moeprune.patching import Patches
 
 
 class Gemma4(MoeArch):
@@ -95,28 +95,17 @@ class Gemma4(MoeArch):
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * router.per_expert_scale[index], index
 
-    @contextlib.contextmanager
-    def masked_routing(self, model: Any, drop_by_layer: Mapping[int, Sequence[int]]) -> Iterator[None]:
+    def mask_router(self, patches: Patches, modules: MoeModules, dropped: Sequence[int]) -> None:
         # The router's logits come from ``router.proj``: -inf there for the dropped experts.
         import torch
 
-        handles = []
-        try:
-            for modules in self.moe_modules(model):
-                dropped = list(drop_by_layer.get(modules.layer_index, []))
-                if not dropped:
-                    continue
-                mask = torch.zeros(modules.router.proj.out_features)
-                mask[dropped] = float("-inf")
+        mask = torch.zeros(modules.router.proj.out_features)
+        mask[list(dropped)] = float("-inf")
 
-                def hook(_module, _inputs, output, mask=mask):
-                    return output + mask.to(output.dtype)
+        def hook(_module, _inputs, output):
+            return output + mask.to(output.dtype)
 
-                handles.append(modules.router.proj.register_forward_hook(hook))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        patches.forward_hook(modules.router.proj, hook)
 
     def _slice_modules(self, modules: MoeModules, rows: Any, kept: int) -> None:
         from torch import nn

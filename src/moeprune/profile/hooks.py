@@ -34,27 +34,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moeprune.arch.base import MoeModules
 from moeprune.errors import MoepruneError
+from moeprune.patching import Patches
 
 
 class NoMoeLayersError(MoepruneError):
     """The model has no MoE layer this profiler can instrument."""
 
 
-@dataclass(frozen=True)
-class MoeLayer:
-    """One decoder layer with a routed-experts block."""
-
-    layer_index: int
-    router: torch.nn.Module
-    experts: torch.nn.Module
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.experts.num_experts)
-
-
-def find_moe_layers(model: torch.nn.Module) -> list[MoeLayer]:
+def find_moe_layers(model: torch.nn.Module) -> list[MoeModules]:
     """Every decoder layer with a router and routed experts (the family adapter finds them), in layer order.
 
     Raises NoMoeLayersError when there is none.
@@ -65,15 +54,13 @@ def find_moe_layers(model: torch.nn.Module) -> list[MoeLayer]:
         modules = arch_for_model(model).moe_modules(model)
     except ArchError as exc:
         raise NoMoeLayersError(str(exc)) from None
-    found = [MoeLayer(m.layer_index, m.router, m.experts) for m in modules]
-    if not found:
+    if not modules:
         raise NoMoeLayersError(
             f"model {type(model).__name__} has no MoE layers (no decoder layer with a router and "
             "routed experts, e.g. a dense configuration of an MoE family): there is nothing to profile; "
             "point model.base at a Mixture-of-Experts checkpoint"
         )
-    found.sort(key=lambda layer: layer.layer_index)
-    return found
+    return sorted(modules, key=lambda layer: layer.layer_index)
 
 
 @dataclass
@@ -104,7 +91,7 @@ class Capture:
 class ContributionRecorder:
     """Accumulates per-(domain, layer, expert) statistics while :func:`instrument_moe` is active."""
 
-    layers: list[MoeLayer]
+    layers: list[MoeModules]
     num_domains: int
     capture: bool = False
     accumulators: dict[int, _LayerAccumulator] = field(default_factory=dict)
@@ -266,7 +253,7 @@ def _row_norms(weighted: torch.Tensor) -> torch.Tensor:
     return norms
 
 
-def _make_instrumented_forward(recorder: ContributionRecorder, layer: MoeLayer, arch: Any):
+def _make_instrumented_forward(recorder: ContributionRecorder, layer: MoeModules, arch: Any):
     """The replacement forward of one experts module (bound to it with MethodType)."""
     layer_index = layer.layer_index
 
@@ -323,16 +310,6 @@ def _make_instrumented_forward(recorder: ContributionRecorder, layer: MoeLayer, 
     return forward
 
 
-def _forward_attribute(module: torch.nn.Module) -> str:
-    # accelerate's dispatch hooks replace `forward` and call the original through `_old_forward`.
-    if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
-        return "_old_forward"
-    return "forward"
-
-
-_MISSING = object()
-
-
 @contextlib.contextmanager
 def instrument_moe(
     model: torch.nn.Module, num_domains: int = 1, capture: bool = False
@@ -347,25 +324,14 @@ def instrument_moe(
     layers = find_moe_layers(model)
     arch = arch_for_model(model)
     recorder = ContributionRecorder(layers=layers, num_domains=num_domains, capture=capture)
-    saved: list[tuple[torch.nn.Module, str, Any]] = []
-    handles = []
-    try:
+    with Patches() as patches:
         for layer in layers:
-            attribute = _forward_attribute(layer.experts)
-            saved.append((layer.experts, attribute, layer.experts.__dict__.get(attribute, _MISSING)))
-            setattr(layer.experts, attribute,
-                    types.MethodType(_make_instrumented_forward(recorder, layer, arch), layer.experts))
+            patches.replace_forward(
+                layer.experts, types.MethodType(_make_instrumented_forward(recorder, layer, arch), layer.experts)
+            )
 
             def router_hook(module, _inputs, outputs, layer_index=layer.layer_index):
                 recorder.record_router(layer_index, arch.router_probabilities(module, outputs))
 
-            handles.append(layer.router.register_forward_hook(router_hook))
+            patches.forward_hook(layer.router, router_hook)
         yield recorder
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, attribute, original in reversed(saved):
-            if original is _MISSING:
-                delattr(module, attribute)
-            else:
-                setattr(module, attribute, original)
