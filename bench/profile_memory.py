@@ -293,6 +293,7 @@ def activations_worker(args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from moeprune.io.checkpoint import Checkpoint
+    from moeprune.io.loading_plan import loading_plan
     from moeprune.profile import streamed
     from moeprune.profile.hooks import instrument_moe
     from moeprune.profile.replay import make_batches
@@ -301,20 +302,20 @@ def activations_worker(args: argparse.Namespace) -> None:
     model_dir = Path(args.model_dir)
     sequences = sequences_for(model_dir, args.sequences, args.tokens)
     model = streamed.meta_model(model_dir, args.dtype)
-    layout = streamed.find_stream_layout(model)
+    body_path, layers_path, unused = streamed.stream_parts(model)
     batches = make_batches(sequences, ["a", "b"], args.batch_size)
     largest_batch = max(range(len(batches)), key=lambda i: batches[i].input_ids.numel())
-    layers = list(streamed._get(model, layout.layers))
+    layers = list(model.get_submodule(layers_path))
     sizes = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers]
     index = max(range(len(layers)), key=lambda i: sizes[i])
     device = torch.device(args.device)
     with Checkpoint.open(model_dir) as checkpoint, torch.inference_mode():
-        sources = layout.plan(model, checkpoint)
-        shell = streamed.materialize(model, layout.body, checkpoint, layout, device,
-                                     skip=(layout.layers, *layout.unused), sources=sources)
-        (capture,) = streamed._embed_batches(model, layout, [batches[largest_batch]], device)
+        sources = loading_plan(model, checkpoint.names())
+        shell = streamed.materialize(model, body_path, checkpoint, device, skip=(layers_path, *unused), sources=sources)
+        (capture,) = streamed._embed_batches(model.get_submodule(body_path), model.get_submodule(layers_path),
+                                             [batches[largest_batch]], device)
         shell.release()
-        built = streamed.materialize(model, f"{layout.layers}.{index}", checkpoint, layout, device, sources=sources)
+        built = streamed.materialize(model, f"{layers_path}.{index}", checkpoint, device, sources=sources)
         args_, kwargs = capture.calls[index]
         with instrument_moe(model, num_domains=2) as recorder:
             recorder.set_token_domains(batches[largest_batch].token_domain)

@@ -24,10 +24,10 @@ from moeprune.profile.replay import ReplayResult, replay_sequences
 from moeprune.profile.streamed import (
     StreamedReplayError,
     StreamInfo,
-    find_stream_layout,
     materialize,
     meta_model,
     replay_streamed,
+    stream_parts,
 )
 from moeprune.demo import MODEL_DIR as DEMO_MODEL_DIR
 
@@ -172,12 +172,12 @@ def test_a_streamed_layer_equals_the_loaded_layer(real_layout_dir):
 
     whole = load_model(real_layout_dir, "bfloat16", "cpu")
     model = meta_model(real_layout_dir, "bfloat16")
-    layout = find_stream_layout(model)
-    assert layout.layers == "model.language_model.layers"
-    assert "model.vision_tower" in layout.unused
+    body, layers, unused = stream_parts(model)
+    assert layers == "model.language_model.layers"
+    assert "model.vision_tower" in unused
     with Checkpoint.open(real_layout_dir) as checkpoint:
-        built = materialize(model, f"{layout.layers}.5", checkpoint, layout, torch.device("cpu"))
-        shell = materialize(model, layout.body, checkpoint, layout, torch.device("cpu"), skip=(layout.layers, *layout.unused))
+        built = materialize(model, f"{layers}.5", checkpoint, torch.device("cpu"))
+        shell = materialize(model, body, checkpoint, torch.device("cpu"), skip=(layers, *unused))
     expected = dict(whole.model.language_model.layers[5].state_dict())
     got = dict(model.model.language_model.layers[5].state_dict())
     assert expected.keys() == got.keys()
@@ -284,17 +284,17 @@ def test_a_streamed_layer_of_every_family_equals_the_loaded_layer(name, direct, 
     model_dir = family_models[name]
     whole = load_model(model_dir, "float32", "cpu")
     model = meta_model(model_dir, "float32")
-    layout = find_stream_layout(model)
-    index = len(streamed._get(model, layout.layers)) - 1
+    _body, layers, _unused = stream_parts(model)
+    index = len(model.get_submodule(layers)) - 1
     read: list[str] = []
     original = streamed.read_tensor_into
     monkeypatch.setattr(streamed, "read_tensor_into", lambda c, info, t: (read.append(info.name), original(c, info, t)))
     with Checkpoint.open(model_dir) as checkpoint:
-        built = materialize(model, f"{layout.layers}.{index}", checkpoint, layout, torch.device("cpu"))
+        built = materialize(model, f"{layers}.{index}", checkpoint, torch.device("cpu"))
         prefix = arch_for_dir(model_dir).layer_tensor_prefix(index)
         assert sorted(read) == sorted(n for n in checkpoint.names() if n.startswith(prefix))
-    expected = dict(streamed._get(whole, layout.layers)[index].state_dict())
-    got = dict(streamed._get(model, layout.layers)[index].state_dict())
+    expected = dict(whole.get_submodule(layers)[index].state_dict())
+    got = dict(model.get_submodule(layers)[index].state_dict())
     assert expected.keys() == got.keys()
     assert any(key.endswith("experts.gate_up_proj") for key in got)
     for key, tensor in expected.items():

@@ -132,9 +132,4 @@ def loading_plan(model: Any, names: Iterable[str]) -> dict[str, TensorAssembly]:
     return sources
 
 
-def identity_plan(names: Iterable[str]) -> dict[str, TensorAssembly]:
-    """The plan of a checkpoint that already holds the in-memory names and layout."""
-    return {name: TensorAssembly(name, ((name, (name,)),)) for name in names}
-
-
-__all__ = ["Placement", "TensorAssembly", "identity_plan", "loading_plan"]
+__all__ = ["Placement", "TensorAssembly", "loading_plan"]

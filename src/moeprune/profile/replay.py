@@ -8,7 +8,7 @@ Each row of a batch is one whole sequence, so the per-sequence statistic closes 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,6 @@ class ReplayResult:
     num_sequences: int
     elapsed_s: float
     recorder: ContributionRecorder
-
-
-def _body(model: Any) -> Any:
-    """The decoder stack without the LM head: replay needs no logits (262k-wide for Gemma 4)."""
-    return getattr(model, "model", model)
 
 
 def check_sequence_lengths(
@@ -116,6 +111,108 @@ def domain_tokens(batches: Sequence[Batch], domains: Sequence[str]) -> dict[str,
     return counts
 
 
+def prepare_batches(
+    sequences: Sequence[dict[str, Any]],
+    domains: Sequence[str],
+    batch_size: int,
+    context_tokens: int | None,
+    source: Path | str,
+) -> list[Batch]:
+    """The checked sequences' batches (:func:`check_sequences`, :func:`make_batches`), for either mode."""
+    check_sequences(sequences, domains, context_tokens, source)
+    return make_batches(sequences, domains, batch_size)
+
+
+BatchPass = Callable[[int, Batch], None]
+"""Runs one batch (given with its position in the replay's batches) through the part of the model
+that is resident during the pass: the whole body, or one decoder layer."""
+
+
+def forward_batch(body: Any, batch: Batch, device: Any) -> Any:
+    """The body's forward on one batch, as both modes call it (no KV cache; right padding masked)."""
+    return body(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        use_cache=False,
+    )
+
+
+def drive(
+    batches: Sequence[Batch],
+    passes: Iterable[BatchPass],
+    recorder: ContributionRecorder,
+    on_tokens: Callable[[int], None] | None = None,
+) -> None:
+    """The replay loop of both modes: every pass runs every batch, in order, after telling the
+    recorder that batch's token domains (one row = one whole sequence; padding -1).
+
+    ``passes`` is how the model is materialised: the whole-model replay is one pass of the whole
+    body; the streamed replay one pass per decoder layer, built before its pass and freed after.
+    So each layer's accumulators receive the same batches in the same order either way.
+    ``on_tokens(n)`` follows each (pass, batch) with the batch's real tokens.
+    """
+    for run in passes:
+        for position, batch in enumerate(batches):
+            recorder.set_token_domains(batch.token_domain)
+            run(position, batch)
+            if on_tokens is not None:
+                on_tokens(batch.num_tokens)
+
+
+def replay_result(
+    recorder: ContributionRecorder, batches: Sequence[Batch], domains: Sequence[str], elapsed_s: float
+) -> ReplayResult:
+    """The one place a :class:`ReplayResult` is assembled: every statistic the recorder keeps."""
+    contribution_sum, routed_count, router_prob_sum = recorder.arrays()
+    return ReplayResult(
+        layers=[layer.layer_index for layer in recorder.layers],
+        domains=list(domains),
+        contribution_sum=contribution_sum,
+        routed_count=routed_count,
+        router_prob_sum=router_prob_sum,
+        sequence_norm_sum=recorder.sequence_norm_arrays(),
+        domain_num_tokens=domain_tokens(batches, domains),
+        num_sequences=sum(len(batch.records) for batch in batches),
+        elapsed_s=elapsed_s,
+        recorder=recorder,
+    )
+
+
+def execute_replay(
+    model: Any,
+    batches: Sequence[Batch],
+    domains: Sequence[str],
+    passes: Iterable[BatchPass],
+    *,
+    capture: bool = False,
+    on_tokens: Callable[[int], None] | None = None,
+) -> ReplayResult:
+    """The replay executor of both modes: ``model``'s MoE layers instrumented (:func:`instrument_moe`,
+    restored on exit), :func:`drive` over ``passes``, the statistics as a :class:`ReplayResult`."""
+    import torch
+
+    started = time.perf_counter()
+    with instrument_moe(model, num_domains=len(domains), capture=capture) as recorder, torch.inference_mode():
+        drive(batches, passes, recorder, on_tokens)
+        return replay_result(recorder, batches, domains, time.perf_counter() - started)
+
+
+def replay_body(model: Any) -> Any:
+    """The module whose forward the replay calls: the model without its LM head (replay needs no
+    logits, 262k-wide for Gemma 4), as the family adapter names it."""
+    from moeprune.arch import arch_for_model
+
+    return model.get_submodule(arch_for_model(model).replay_body_path(model))
+
+
+def _whole_model(model: Any) -> Iterator[BatchPass]:
+    """The whole-model replay's one pass: every weight resident, each batch through the whole body."""
+    from moeprune.profile.loading import input_device
+
+    body, device = replay_body(model), input_device(model)
+    yield lambda _position, batch: forward_batch(body, batch, device)
+
+
 def replay_sequences(
     model: Any,
     sequences: Sequence[dict[str, Any]],
@@ -133,40 +230,9 @@ def replay_sequences(
     ``context_tokens`` (default: the model's ``max_position_embeddings``) is refused with an error
     naming it. ``on_tokens(n)`` is called after each batch with its number of real tokens.
     """
-    import torch
-
     from moeprune.arch import context_length
-    from moeprune.profile.loading import input_device
 
     if context_tokens is None:
         context_tokens = context_length(model)
-    check_sequences(sequences, domains, context_tokens, source)
-
-    device = input_device(model)
-    body = _body(model)
-    started = time.perf_counter()
-    batches = make_batches(sequences, domains, batch_size)
-    with instrument_moe(model, num_domains=len(domains), capture=capture) as recorder, torch.inference_mode():
-        for batch in batches:
-            recorder.set_token_domains(batch.token_domain)  # one row = one whole sequence
-            body(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                use_cache=False,
-            )
-            if on_tokens is not None:
-                on_tokens(batch.num_tokens)
-        contribution_sum, routed_count, router_prob_sum = recorder.arrays()
-        sequence_norm_sum = recorder.sequence_norm_arrays()
-    return ReplayResult(
-        layers=[layer.layer_index for layer in recorder.layers],
-        domains=list(domains),
-        contribution_sum=contribution_sum,
-        routed_count=routed_count,
-        router_prob_sum=router_prob_sum,
-        sequence_norm_sum=sequence_norm_sum,
-        domain_num_tokens=domain_tokens(batches, domains),
-        num_sequences=len(sequences),
-        elapsed_s=time.perf_counter() - started,
-        recorder=recorder,
-    )
+    batches = prepare_batches(sequences, domains, batch_size, context_tokens, source)
+    return execute_replay(model, batches, domains, _whole_model(model), capture=capture, on_tokens=on_tokens)

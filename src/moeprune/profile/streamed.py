@@ -16,9 +16,10 @@ measured holding one layer at a time plus the hidden states of every calibration
    sliding windows and rotary come from transformers' code, not from ours. The shell is freed.
 3. **For each decoder layer in order:** read only its tensors through the lazy checkpoint reader
    (:class:`moeprune.io.checkpoint.Checkpoint`), put them into that layer's module, run every
-   batch's hidden states through it under the profiler's instrumentation (the same
-   :class:`~moeprune.profile.hooks.ContributionRecorder` the whole-model replay feeds, with the
-   same per-batch token domains), keep the outputs as the next layer's inputs, and free the layer.
+   batch's hidden states through it under the profiler's instrumentation, keep the outputs as the
+   next layer's inputs, and free the layer. Each layer is one pass of the replay executor
+   (:func:`moeprune.profile.replay.execute_replay`), which drives the same recorder with the same
+   per-batch token domains as the whole-model replay, whose single pass is the whole body.
    The C allocator is told to give freed memory back to the kernel
    (:func:`moeprune.profile.allocator.return_freed_memory`), so the resident size stays one layer
    plus the activations instead of creeping up from layer to layer.
@@ -40,8 +41,8 @@ they are filled by the model's own ``_init_weights``, as ``from_pretrained`` doe
 
 from __future__ import annotations
 
+import contextlib
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,14 +52,16 @@ import torch
 
 from moeprune.errors import MoepruneError
 from moeprune.io.checkpoint import Checkpoint, TensorInfo
-from moeprune.io.loading_plan import TensorAssembly, identity_plan, loading_plan
+from moeprune.io.loading_plan import TensorAssembly, loading_plan
 from moeprune.profile.allocator import return_freed_memory
-from moeprune.profile.hooks import ContributionRecorder, instrument_moe
+from moeprune.patching import Patches
 from moeprune.profile.replay import (
+    Batch,
+    BatchPass,
     ReplayResult,
-    check_sequences,
-    domain_tokens,
-    make_batches,
+    execute_replay,
+    forward_batch,
+    prepare_batches,
 )
 
 
@@ -81,59 +84,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-
-
-# --- where things are in a model --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StreamLayout:
-    """Where the streamed replay finds its parts in a loaded model (attribute paths from the model).
-
-    ``body``: the module whose forward the whole-model replay calls (no LM head);
-    ``layers``: the decoder layers' ``ModuleList``; ``unused``: modules a text-only forward never
-    touches (vision / audio towers, the LM head): left on ``meta``; ``sources(model, names)``: how
-    each in-memory tensor is made from the checkpoint tensors ``names`` (transformers' plan,
-    :func:`~moeprune.io.loading_plan.loading_plan`; None: the checkpoint holds the in-memory names
-    and layout).
-    """
-
-    body: str
-    layers: str
-    unused: tuple[str, ...] = ()
-    sources: Callable[[torch.nn.Module, Sequence[str]], Mapping[str, TensorAssembly]] | None = None
-
-    def plan(self, model: torch.nn.Module, checkpoint: Checkpoint) -> Mapping[str, TensorAssembly]:
-        """In-memory tensor name -> how to read it from ``checkpoint``."""
-        if self.sources is not None:
-            return self.sources(model, checkpoint.names())
-        return identity_plan(checkpoint.names())
-
-
-def _get(root: torch.nn.Module, path: str) -> Any:
-    module: Any = root
-    for part in [p for p in path.split(".") if p]:
-        module = getattr(module, part)
-    return module
-
-
-def find_stream_layout(model: torch.nn.Module) -> StreamLayout:
-    """The layout of ``model``, as its family adapter (:mod:`moeprune.arch`) gives it.
-
-    Raises StreamedReplayError for a model no adapter supports.
-    """
-    from moeprune.arch import ArchError, arch_for_model
-
-    try:
-        arch = arch_for_model(model)
-        return StreamLayout(
-            body=arch.replay_body_path(model),
-            layers=arch.decoder_layers_path(model),
-            unused=arch.streamed_unused_modules(model),
-            sources=loading_plan,
-        )
-    except ArchError as exc:
-        raise StreamedReplayError(f"streamed replay: {exc}; use profile.replay = \"whole\"") from None
 
 
 # --- building modules from the checkpoint -----------------------------------------------------
@@ -291,7 +241,6 @@ def materialize(
     model: torch.nn.Module,
     path: str,
     checkpoint: Checkpoint,
-    layout: StreamLayout,
     device: torch.device,
     skip: Sequence[str] = (),
     sources: Mapping[str, TensorAssembly] | None = None,
@@ -299,15 +248,15 @@ def materialize(
     """Give every tensor under module ``path`` of the meta-built ``model`` its value on ``device``:
     persistent ones from the checkpoint, non-persistent buffers from the model's own init.
 
-    ``sources`` (``layout.plan(model, checkpoint)`` when None) says which checkpoint tensors make
-    each one: only those are read. Modules under any path in ``skip`` stay on ``meta``. Raises
+    ``sources`` (transformers' plan, :func:`~moeprune.io.loading_plan.loading_plan`, when None)
+    says which checkpoint tensors make each one: only those are read. Modules under any path in ``skip`` stay on ``meta``. Raises
     StreamedReplayError naming a tensor the checkpoint lacks.
     """
     from transformers import initialization
 
     if sources is None:
-        sources = layout.plan(model, checkpoint)
-    module = _get(model, path)
+        sources = loading_plan(model, checkpoint.names())
+    module = model.get_submodule(path)
     built = _Built()
     init_modules: list[str] = []
     skip_prefixes = tuple(s + "." for s in skip)
@@ -343,7 +292,7 @@ def materialize(
     if init_modules:
         with torch.no_grad(), initialization.guard_torch_init_functions():
             for owner_path in init_modules:
-                _init_owner(model, owner_path)._init_weights(_get(model, owner_path))
+                _init_owner(model, owner_path)._init_weights(model.get_submodule(owner_path))
     return built
 
 
@@ -425,35 +374,25 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor | None) -> bool:
 
 
 def _embed_batches(
-    model: torch.nn.Module, layout: StreamLayout, batches: Sequence[Any], device: torch.device
+    body: torch.nn.Module, layers: torch.nn.ModuleList, batches: Sequence[Batch], device: torch.device
 ) -> list[_Capture]:
-    """Run the body's forward for each batch with recorders instead of decoder layers."""
-    layers = _get(model, layout.layers)
-    body = _get(model, layout.body)
+    """Run the body's forward for each batch with recorders standing in for the decoder layers."""
     captures = []
-    originals = list(layers)
-    try:
-        for batch in batches:
-            capture = _Capture(num_layers=len(originals))
-            for index, layer in enumerate(originals):
-                layers[index] = _LayerInputs(index, layer, capture)
-            body(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                use_cache=False,
+    for batch in batches:
+        capture = _Capture(num_layers=len(layers))
+        with Patches() as patches:
+            for index, layer in enumerate(list(layers)):
+                patches.set_item(layers, index, _LayerInputs(index, layer, capture))
+            forward_batch(body, batch, device)
+        if len(capture.calls) != len(layers) or capture.hidden is None:
+            raise StreamedReplayError(
+                f"the body's forward called {len(capture.calls)} of {len(layers)} decoder layers; "
+                "use profile.replay = \"whole\""
             )
-            if len(capture.calls) != len(originals) or capture.hidden is None:
-                raise StreamedReplayError(
-                    f"the body's forward called {len(capture.calls)} of {len(originals)} decoder layers; "
-                    "use profile.replay = \"whole\""
-                )
-            if capture.hidden.device.type == "meta":
-                raise StreamedReplayError("the embedding pass produced meta tensors: a module it needs was not loaded")
-            capture._last = None
-            captures.append(capture)
-    finally:
-        for index, layer in enumerate(originals):
-            layers[index] = layer
+        if capture.hidden.device.type == "meta":
+            raise StreamedReplayError("the embedding pass produced meta tensors: a module it needs was not loaded")
+        capture._last = None
+        captures.append(capture)
     return captures
 
 
@@ -486,6 +425,57 @@ class StreamInfo:
     model: Any = None  # the model on the meta device (config, module structure)
 
 
+def stream_parts(model: torch.nn.Module) -> tuple[str, str, tuple[str, ...]]:
+    """(body, decoder layers, unused modules): the attribute paths, from ``model``, of the module
+    whose forward the replay calls, of its decoder layers' ``ModuleList`` and of the modules a
+    text-only forward never runs (towers, the LM head: left on ``meta``), as the family adapter
+    (:mod:`moeprune.arch`) names them. Raises StreamedReplayError for a model no adapter supports."""
+    from moeprune.arch import ArchError, arch_for_model
+
+    try:
+        arch = arch_for_model(model)
+        return arch.replay_body_path(model), arch.decoder_layers_path(model), arch.streamed_unused_modules(model)
+    except ArchError as exc:
+        raise StreamedReplayError(f"streamed replay: {exc}; use profile.replay = \"whole\"") from None
+
+
+def _layer_by_layer(
+    model: torch.nn.Module, checkpoint: Checkpoint, batches: Sequence[Batch], device: torch.device, stats: StreamInfo
+) -> Iterator[BatchPass]:
+    """The streamed replay's passes: the shell embeds every batch once (then goes), and each
+    decoder layer in turn is built from the checkpoint, runs every batch's hidden states (its
+    outputs become the next layer's inputs) and is freed when its pass is over."""
+    body_path, layers_path, unused = stream_parts(model)
+    layers = model.get_submodule(layers_path)
+    sources = loading_plan(model, checkpoint.names())
+    shell = materialize(model, body_path, checkpoint, device, skip=(layers_path, *unused), sources=sources)
+    stats.shell_nbytes = shell.nbytes
+    captures = _embed_batches(model.get_submodule(body_path), layers, batches, device)
+    shell.release()
+    return_freed_memory()
+    hidden = [c.hidden for c in captures]
+    stats.hidden_nbytes = sum(h.numel() * h.element_size() for h in hidden)
+    for index, layer in enumerate(list(layers)):
+        built = materialize(model, f"{layers_path}.{index}", checkpoint, device, sources=sources)
+        stats.max_layer_nbytes = max(stats.max_layer_nbytes, built.nbytes)
+
+        def run(position: int, _batch: Batch, index: int = index, layer: torch.nn.Module = layer) -> None:
+            args, kwargs = captures[position].calls[index]
+            output = layer(hidden[position], *args, **kwargs)
+            if not isinstance(output, torch.Tensor):
+                raise StreamedReplayError(
+                    f"decoder layer {index} returned {type(output).__name__}, not the hidden states tensor; "
+                    "use profile.replay = \"whole\""
+                )
+            hidden[position] = output
+
+        yield run
+        built.release()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return_freed_memory()
+
+
 def replay_streamed(
     model_dir: Path,
     sequences: Sequence[dict[str, Any]],
@@ -498,7 +488,6 @@ def replay_streamed(
     source: Path | str = "sequences",
     on_tokens: Callable[[int], None] | None = None,
     capture: bool = False,
-    layout: StreamLayout | None = None,
     stream_info: StreamInfo | None = None,
 ) -> ReplayResult:
     """The replay of :func:`moeprune.profile.replay.replay_sequences`, one decoder layer at a time.
@@ -514,69 +503,11 @@ def replay_streamed(
     model = meta_model(model_dir, dtype)
     if context_tokens is None:
         context_tokens = context_length(model.config)
-    check_sequences(sequences, domains, context_tokens, source)
-    layout = layout or find_stream_layout(model)
+    batches = prepare_batches(sequences, domains, batch_size, context_tokens, source)
     stats = stream_info if stream_info is not None else StreamInfo()
     stats.model = model
-    batches = make_batches(sequences, domains, batch_size)
-    started = time.perf_counter()
-    layers = list(_get(model, layout.layers))
     return_freed_memory()
-    with Checkpoint.open(model_dir) as checkpoint, torch.inference_mode():
-        sources = layout.plan(model, checkpoint)
-        shell = materialize(model, layout.body, checkpoint, layout, device, skip=(layout.layers, *layout.unused),
-                            sources=sources)
-        stats.shell_nbytes = shell.nbytes
-        captures = _embed_batches(model, layout, batches, device)
-        shell.release()
-        return_freed_memory()
-        hidden = [c.hidden for c in captures]
-        stats.hidden_nbytes = sum(h.numel() * h.element_size() for h in hidden)
-        with instrument_moe(model, num_domains=len(domains), capture=capture) as recorder:
-            for index, layer in enumerate(layers):
-                built = materialize(model, f"{layout.layers}.{index}", checkpoint, layout, device, sources=sources)
-                stats.max_layer_nbytes = max(stats.max_layer_nbytes, built.nbytes)
-                for position, (batch, batch_capture) in enumerate(zip(batches, captures)):
-                    args, kwargs = batch_capture.calls[index]
-                    recorder.set_token_domains(batch.token_domain)
-                    output = layer(hidden[position], *args, **kwargs)
-                    if not isinstance(output, torch.Tensor):
-                        raise StreamedReplayError(
-                            f"decoder layer {index} returned {type(output).__name__}, not the hidden states tensor; "
-                            "use profile.replay = \"whole\""
-                        )
-                    hidden[position] = output
-                    if on_tokens is not None:
-                        on_tokens(batch.num_tokens)
-                built.release()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                return_freed_memory()
-            arrays = recorder.arrays()
-            extra = _extra_statistics(recorder)
-    del captures, hidden
-    contribution_sum, routed_count, router_prob_sum = arrays
-    return ReplayResult(
-        layers=[layer.layer_index for layer in recorder.layers],
-        domains=list(domains),
-        contribution_sum=contribution_sum,
-        routed_count=routed_count,
-        router_prob_sum=router_prob_sum,
-        domain_num_tokens=domain_tokens(batches, domains),
-        num_sequences=len(sequences),
-        elapsed_s=time.perf_counter() - started,
-        recorder=recorder,
-        **extra,
-    )
-
-
-def _extra_statistics(recorder: ContributionRecorder) -> dict[str, Any]:
-    """Statistics the recorder offers beyond the three base arrays, for the ReplayResult fields that
-    take them (e.g. the seed's per-sequence ``sequence_norm_sum``)."""
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(ReplayResult)}
-    extra: dict[str, Any] = {}
-    if "sequence_norm_sum" in fields and hasattr(recorder, "sequence_norm_arrays"):
-        extra["sequence_norm_sum"] = recorder.sequence_norm_arrays()
-    return extra
+    with Checkpoint.open(model_dir) as checkpoint, contextlib.closing(
+        _layer_by_layer(model, checkpoint, batches, device, stats)
+    ) as passes:
+        return execute_replay(model, batches, domains, passes, capture=capture, on_tokens=on_tokens)
