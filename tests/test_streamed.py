@@ -24,10 +24,10 @@ from moeprune.profile.replay import ReplayResult, replay_sequences
 from moeprune.profile.streamed import (
     StreamedReplayError,
     StreamInfo,
+    family_adapter,
     materialize,
     meta_model,
     replay_streamed,
-    stream_parts,
 )
 from moeprune.demo import MODEL_DIR as DEMO_MODEL_DIR
 
@@ -172,7 +172,8 @@ def test_a_streamed_layer_equals_the_loaded_layer(real_layout_dir):
 
     whole = load_model(real_layout_dir, "bfloat16", "cpu")
     model = meta_model(real_layout_dir, "bfloat16")
-    body, layers, unused = stream_parts(model)
+    arch = family_adapter(model)
+    body, layers, unused = arch.replay_body_path(model), arch.decoder_layers_path(model), arch.streamed_unused_modules(model)
     assert layers == "model.language_model.layers"
     assert "model.vision_tower" in unused
     with Checkpoint.open(real_layout_dir) as checkpoint:
@@ -284,7 +285,7 @@ def test_a_streamed_layer_of_every_family_equals_the_loaded_layer(name, direct, 
     model_dir = family_models[name]
     whole = load_model(model_dir, "float32", "cpu")
     model = meta_model(model_dir, "float32")
-    _body, layers, _unused = stream_parts(model)
+    layers = family_adapter(model).decoder_layers_path(model)
     index = len(model.get_submodule(layers)) - 1
     read: list[str] = []
     original = streamed.read_tensor_into

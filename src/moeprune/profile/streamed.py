@@ -249,8 +249,8 @@ def materialize(
     persistent ones from the checkpoint, non-persistent buffers from the model's own init.
 
     ``sources`` (transformers' plan, :func:`~moeprune.io.loading_plan.loading_plan`, when None)
-    says which checkpoint tensors make each one: only those are read. Modules under any path in ``skip`` stay on ``meta``. Raises
-    StreamedReplayError naming a tensor the checkpoint lacks.
+    says which checkpoint tensors make each one: only those are read. Modules under any path in
+    ``skip`` stay on ``meta``. Raises StreamedReplayError naming a tensor the checkpoint lacks.
     """
     from transformers import initialization
 
@@ -425,27 +425,31 @@ class StreamInfo:
     model: Any = None  # the model on the meta device (config, module structure)
 
 
-def stream_parts(model: torch.nn.Module) -> tuple[str, str, tuple[str, ...]]:
-    """(body, decoder layers, unused modules): the attribute paths, from ``model``, of the module
-    whose forward the replay calls, of its decoder layers' ``ModuleList`` and of the modules a
-    text-only forward never runs (towers, the LM head: left on ``meta``), as the family adapter
-    (:mod:`moeprune.arch`) names them. Raises StreamedReplayError for a model no adapter supports."""
+def family_adapter(model: torch.nn.Module) -> Any:
+    """The family adapter (:mod:`moeprune.arch`) that names ``model``'s parts for the streamed
+    replay: its body, decoder layers and the modules a text-only forward never runs. Raises
+    StreamedReplayError for a model no adapter supports."""
     from moeprune.arch import ArchError, arch_for_model
 
     try:
-        arch = arch_for_model(model)
-        return arch.replay_body_path(model), arch.decoder_layers_path(model), arch.streamed_unused_modules(model)
+        return arch_for_model(model)
     except ArchError as exc:
         raise StreamedReplayError(f"streamed replay: {exc}; use profile.replay = \"whole\"") from None
 
 
 def _layer_by_layer(
-    model: torch.nn.Module, checkpoint: Checkpoint, batches: Sequence[Batch], device: torch.device, stats: StreamInfo
+    model: torch.nn.Module,
+    arch: Any,
+    checkpoint: Checkpoint,
+    batches: Sequence[Batch],
+    device: torch.device,
+    stats: StreamInfo,
 ) -> Iterator[BatchPass]:
     """The streamed replay's passes: the shell embeds every batch once (then goes), and each
     decoder layer in turn is built from the checkpoint, runs every batch's hidden states (its
     outputs become the next layer's inputs) and is freed when its pass is over."""
-    body_path, layers_path, unused = stream_parts(model)
+    body_path, layers_path = arch.replay_body_path(model), arch.decoder_layers_path(model)
+    unused = arch.streamed_unused_modules(model)
     layers = model.get_submodule(layers_path)
     sources = loading_plan(model, checkpoint.names())
     shell = materialize(model, body_path, checkpoint, device, skip=(layers_path, *unused), sources=sources)
@@ -504,10 +508,11 @@ def replay_streamed(
     if context_tokens is None:
         context_tokens = context_length(model.config)
     batches = prepare_batches(sequences, domains, batch_size, context_tokens, source)
+    arch = family_adapter(model)
     stats = stream_info if stream_info is not None else StreamInfo()
     stats.model = model
     return_freed_memory()
     with Checkpoint.open(model_dir) as checkpoint, contextlib.closing(
-        _layer_by_layer(model, checkpoint, batches, device, stats)
+        _layer_by_layer(model, arch, checkpoint, batches, device, stats)
     ) as passes:
         return execute_replay(model, batches, domains, passes, capture=capture, on_tokens=on_tokens)
