@@ -95,3 +95,39 @@ def test_instrumenting_and_masking_leave_the_model_as_it_was(name, dispatched):
         after = model(input_ids=ids).logits
     assert module_state(model) == before
     assert torch.equal(after, expected)
+
+
+def _patches_outside_patching() -> list[str]:
+    """Places in moeprune's sources, outside moeprune/patching.py, that change a module by hand:
+    a forward hook registered, a forward assigned or deleted (``x.forward = ...``,
+    ``setattr(x, "forward", ...)``, ``del x.forward``)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "src" / "moeprune"
+    forwards = {"forward", "_old_forward"}
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path == root / "patching.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets: list[ast.AST] = []
+            if isinstance(node, (ast.Assign, ast.Delete)):
+                targets = node.targets
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            hand_made = any(isinstance(t, ast.Attribute) and t.attr in forwards for t in targets)
+            if isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)):
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+                hand_made |= name.startswith("register_forward")
+                hand_made |= name in ("setattr", "delattr") and any(
+                    isinstance(a, ast.Constant) and a.value in forwards for a in node.args[1:2]
+                )
+            if hand_made:
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_every_module_swap_goes_through_patches():
+    """One scheme: a swap made by hand elsewhere is one more restore path that can be forgotten."""
+    assert _patches_outside_patching() == []

@@ -37,6 +37,7 @@ from moeprune.demo.tokenizer import (
     train_tokenizer,
 )
 from moeprune.hashing import sha256_file, sha256_json
+from moeprune.patching import Patches
 
 HELDOUT_COUNT = 48
 DEFAULT_STEPS = 600
@@ -188,13 +189,11 @@ def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return logits if not cap else torch.tanh(logits / cap) * cap
 
 
-def _router_hooks(model, store: list) -> list:
+def _router_hooks(model, store: list, patches: Patches) -> None:
     """Capture (router probabilities, top-k index) of every MoE layer for the load-balancing loss."""
-    handles = []
     for layer in model.model.language_model.layers:
         if getattr(layer, "router", None) is not None:
-            handles.append(layer.router.register_forward_hook(lambda _m, _i, out: store.append((out[0], out[2]))))
-    return handles
+            patches.forward_hook(layer.router, lambda _m, _i, out: store.append((out[0], out[2])))
 
 
 def _balance_loss(captured: list, token_mask: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -231,11 +230,11 @@ def train_model(
         lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))),
     )
     captured: list = []
-    handles = _router_hooks(model, captured)
     model.train()
     history: list[float] = []
     started = time.monotonic()
-    try:
+    with Patches() as patches:
+        _router_hooks(model, captured, patches)
         for step in range(steps):
             # Every GENERAL_EVERY-th batch is general text, the rest are questions.
             input_ids, attention, weights = stream.batch(batch_size, general=step % GENERAL_EVERY == GENERAL_EVERY - 1)
@@ -264,9 +263,6 @@ def train_model(
                     f"lr {sched.get_last_lr()[0]:.2e} elapsed {time.monotonic() - started:.0f}s"
                     + (f" heldout_token_acc {probe:.3f}" if probe is not None else "")
                 )
-    finally:
-        for h in handles:
-            h.remove()
     model.eval()
     tail = history[-50:] if history else [float("nan")]
     return {"final_lm_loss": sum(tail) / len(tail), "train_wall_s": time.monotonic() - started}
