@@ -222,6 +222,7 @@ def test_a_super_expert_is_never_dropped(super_model, tmp_path):
 
     done = _dropmap(tmp_path, runs, _recipe(tmp_path, "protected", super_model, rule + '\nprotect = "super-experts"'))
     assert done.returncode == 0, done.stderr
+    assert "protected super experts (max activation norm > " in done.stdout and f"L1:{SUPER_EXPERT}" in done.stdout
     path = runs / "protected" / "expert_drop_metadata.json"
     protected = load_drop_map(path, model_config=json.loads((super_model / "config.json").read_text()))
     assert SUPER_EXPERT in protected["layers"][SUPER_ROW]["keep"]
@@ -319,3 +320,61 @@ def test_uniform_min_retention_on_grouped_routing_is_balanced_and_the_chain_pass
     with LlamaServer(llama_build_shared, gguf, serve, tmp_path / "server.log") as server:
         reply = server.chat([{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0.0)
     assert reply["usage"]["completion_tokens"] >= 1
+
+
+def test_verify_names_the_protected_expert_a_forged_drop_map_drops(tmp_path):
+    """A complete run made with a listed protection verifies; its drop map forged to drop the protected
+    expert (the pruned checkpoint, results, card and manifest remade to agree) fails `invoke verify`,
+    naming the layer and the expert."""
+    from fakerun import make_fake_run, regenerate_outputs, write_eval, write_gguf
+
+    from moeprune.dropmap.stage import run_dropmap
+    from moeprune.prune.surgery import prune_checkpoint
+    from moeprune.recipe import load_recipe
+
+    run = make_fake_run(tmp_path / "work")
+    layout = run.layout
+    first = json.loads(layout.drop_map_path.read_text())["layers"][0]
+    layer, victim = first["layer"], first["drop"][-1]
+    recipe_path = tmp_path / "work" / "fake.toml"
+    text = recipe_path.read_text()
+    recipe_path.write_text(text.replace("retention_threshold = 0.95", f"retention_threshold = 0.95\nprotect = [[{layer}, {victim}]]"))
+    recipe = load_recipe(recipe_path, check_inputs=False)
+
+    def remake(edit=None) -> None:
+        if edit is None:
+            run_dropmap(recipe, layout)
+        else:
+            data = json.loads(layout.drop_map_path.read_text())
+            edit(data)
+            layout.drop_map_path.write_text(json.dumps(data, indent=2))
+        shutil.rmtree(layout.pruned_dir)
+        prune_checkpoint(run.base_dir, layout.drop_map_path, layout.pruned_dir, recipe.prune.max_shard_bytes, fsync=False)
+        write_gguf(layout, run.base_dir)
+        write_eval(recipe, layout)
+        manifest = json.loads(layout.manifest_path.read_text())
+        layout.manifest_path.write_text(json.dumps({**manifest, "recipe": recipe.settings()}))
+        regenerate_outputs(layout.root)
+
+    remake()
+    drop_map = json.loads(layout.drop_map_path.read_text())
+    assert victim in drop_map["layers"][0]["keep"]
+    assert drop_map["layers"][0]["protected"] == [{"expert": victim, "because": "listed"}]
+    honest = invoke("verify", str(layout.root))
+    assert honest.returncode == 0, honest.stdout[-3000:] + honest.stderr[-2000:]
+
+    def forge(data):
+        entry = data["layers"][0]
+        swap = entry["drop"][0]
+        entry["keep"] = sorted(set(entry["keep"]) - {victim} | {swap})
+        entry["drop"] = sorted(set(entry["drop"]) - {swap} | {victim})
+        entry["protected"] = []
+
+    remake(forge)
+    forged = invoke("verify", str(layout.root))
+    assert forged.returncode == 1 and "verification failed" in forged.stdout
+    from moeprune.verify import verify
+
+    failed = {c.name: c.detail for c in verify(str(layout.root)).failures}
+    assert f"layer {layer}: drops expert {victim}, which is protected (listed in dropmap.protect)" in failed.get(
+        "drop map re-derived", ""), failed
