@@ -67,9 +67,9 @@ def test_super_experts_rule_is_reaps():
 
 def test_listed_experts_name_a_pair_that_does_not_exist():
     assert [tuple(p) for p in np.argwhere(listed_experts([[3, 1], [1, 7]], [1, 3], 8).mask)] == [(0, 7), (1, 1)]
-    with pytest.raises(MoepruneError, match=r"dropmap.protect: \[0, 1\]: decoder layer 0 has no routed experts"):
+    with pytest.raises(MoepruneError, match=r"field 'dropmap.protect' = \[0, 1\]: decoder layer 0 has no routed experts"):
         listed_experts([[0, 1]], [1, 3], 8)
-    with pytest.raises(MoepruneError, match=r"dropmap.protect: \[1, 8\]: expert 8 is outside \[0, 8\)"):
+    with pytest.raises(MoepruneError, match=r"field 'dropmap.protect' = \[1, 8\]: expert 8 is outside \[0, 8\)"):
         listed_experts([[1, 8]], [1, 3], 8)
 
 
@@ -378,3 +378,12 @@ def test_verify_names_the_protected_expert_a_forged_drop_map_drops(tmp_path):
     failed = {c.name: c.detail for c in verify(str(layout.root)).failures}
     assert f"layer {layer}: drops expert {victim}, which is protected (listed in dropmap.protect)" in failed.get(
         "drop map re-derived", ""), failed
+
+
+def test_preflight_refuses_a_keep_count_no_balanced_choice_satisfies(family_models, tmp_path):
+    from moeprune.preflight import PreflightError, require_preflight
+    from moeprune.recipe import load_recipe
+
+    recipe = load_recipe(_recipe(tmp_path, "odd", family_models[NAME], 'strategy = "uniform-count"\nkeep_count = 5'))
+    with pytest.raises(PreflightError, match=r"dropmap.keep_count' = 5: not a multiple of the model's n_group = 2"):
+        require_preflight(recipe, ["dropmap"])

@@ -106,10 +106,10 @@ def listed_experts(pairs: Sequence[Sequence[int]], layers: Sequence[int], num_ex
     for pair in pairs:
         layer, expert = (int(v) for v in pair)
         if layer not in rows:
-            raise ProtectError(f"dropmap.protect: [{layer}, {expert}]: decoder layer {layer} has no routed experts "
+            raise ProtectError(f"field 'dropmap.protect' = [{layer}, {expert}]: decoder layer {layer} has no routed experts "
                                f"(MoE layers: {list(layers)})")
         if not 0 <= expert < num_experts:
-            raise ProtectError(f"dropmap.protect: [{layer}, {expert}]: expert {expert} is outside [0, {num_experts})")
+            raise ProtectError(f"field 'dropmap.protect' = [{layer}, {expert}]: expert {expert} is outside [0, {num_experts})")
         mask[rows[layer], expert] = True
         listed.append((layer, expert))
     return Protection(LISTED, mask, listed=tuple(sorted(set(listed))), layers=tuple(int(i) for i in layers))
