@@ -231,6 +231,7 @@ def test_a_super_expert_is_never_dropped(super_model, tmp_path):
     assert protected["layers"][1]["protected"] == []
     assert protected["strategy"]["protect"]["rule"] == "super-experts"
     assert protected["routing_groups"] == {"n_group": 2, "topk_group": 1, "min_per_group": 2}
+    assert protected.layers[SUPER_ROW].protected == (SUPER_EXPERT,) and protected.routing_groups == 2
 
     # What `invoke verify` re-derives: the honest map passes; one forged to drop the super expert fails by name.
     stats = load_stats(runs / "protected" / "profile" / "stats.safetensors")
