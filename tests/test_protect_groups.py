@@ -254,18 +254,19 @@ def test_a_super_expert_is_never_dropped(super_model, tmp_path):
     assert any("needs the profile's max_activation_norm" in p for p in blind.problems)
 
 
-def test_whole_and_streamed_replay_agree_exactly_on_the_max_norm(super_model):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_whole_and_streamed_replay_agree_exactly_on_the_max_norm(super_model, dtype):
     from moeprune.profile.loading import load_model
     from moeprune.profile.replay import replay_sequences
     from moeprune.profile.streamed import replay_streamed
 
     sequences = _sequences(json.loads((super_model / "config.json").read_text())["vocab_size"])
-    model = load_model(super_model, "float32", "cpu")
+    model = load_model(super_model, dtype, "cpu")
     with torch.no_grad():
         for param in model.parameters():
             param.data = param.data.clone()
     whole = replay_sequences(model, sequences, ["math"], batch_size=2).recorder.max_norm_arrays()
-    streamed = replay_streamed(super_model, sequences, ["math"], dtype="float32", batch_size=2).recorder.max_norm_arrays()
+    streamed = replay_streamed(super_model, sequences, ["math"], dtype=dtype, batch_size=2).recorder.max_norm_arrays()
     assert whole.shape == (1, 2, 8) and np.all(whole > 0)
     assert np.array_equal(whole, streamed)
 
@@ -388,3 +389,20 @@ def test_preflight_refuses_a_keep_count_no_balanced_choice_satisfies(family_mode
     recipe = load_recipe(_recipe(tmp_path, "odd", family_models[NAME], 'strategy = "uniform-count"\nkeep_count = 5'))
     with pytest.raises(PreflightError, match=r"dropmap.keep_count' = 5: not a multiple of the model's n_group = 2"):
         require_preflight(recipe, ["dropmap"])
+
+
+def test_max_activation_norm_is_the_largest_unweighted_output_element(super_model):
+    """Recomputed independently from every routed pair's captured weighted output divided by its
+    routing weight (one sequence per forward: no padding)."""
+    from moeprune.profile.replay import replay_sequences
+
+    model = _load(super_model)
+    replay = replay_sequences(model, _sequences(model.config.vocab_size), ["math"], batch_size=1, capture=True)
+    got = max_activation_norm(replay.recorder.max_norm_arrays())
+    for row, layer in enumerate(replay.layers):
+        want = np.zeros(8)
+        for capture in replay.recorder.captures[layer]:
+            unweighted = (capture.weighted_output / capture.weight.unsqueeze(-1)).abs().amax(dim=-1).double().numpy()
+            np.maximum.at(want, capture.expert_index.numpy(), unweighted)
+        np.testing.assert_allclose(got[row], want, rtol=1e-6)
+    assert np.argmax(got[SUPER_ROW]) == SUPER_EXPERT
