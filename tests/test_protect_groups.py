@@ -317,6 +317,12 @@ def test_uniform_min_retention_on_grouped_routing_is_balanced_and_the_chain_pass
     gguf = tmp_path / "grouped-F16.gguf"
     record = convert_to_gguf(llama_build_shared, pruned, gguf, "f16", log_path=tmp_path / "convert.log")
     assert record["checks"]["expert_count"] == kept
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    # llama.cpp routes groups of expert_count / expert_group_count: the pruned groups, as in transformers.
+    assert [int(fields[f"deepseek2.{key}"].contents()) for key in ("expert_count", "expert_group_count",
+                                                                  "expert_group_used_count")] == [kept, 2, 1]
     serve = ServeSection(ctx_size=512, n_gpu_layers=0, reasoning_budget=-1, parallel=1, seed=0, threads=1,
                          startup_timeout_s=120)
     with LlamaServer(llama_build_shared, gguf, serve, tmp_path / "server.log") as server:
