@@ -116,6 +116,8 @@ def test_keep_count_below_top_k_is_refused(variant):
     ({"strategy": "uniform-count", "keep_count": 17}, "dropmap.keep_count' = 17: above the model's 16 experts"),
     ({"strategy": "uniform-min-retention", "retention_threshold": 0.9, "protect_top_k": 20},
      "dropmap.protect_top_k' = 20: above the model's 16 experts"),
+    ({"strategy": "uniform-count", "keep_count": 8, "protect": [[0, 3], [1, 16]]},
+     r"dropmap.protect' = \[1, 16\]: expert 16 is outside \[0, 16\)"),
 ])
 def test_counts_above_the_experts_are_refused_before_the_profile(variant, dropmap, needle):
     from moeprune.preflight import PreflightError, require_preflight

@@ -202,7 +202,9 @@ def check_expert_shapes(recipe: Recipe, report: PreflightReport) -> None:
 
 def check_drop_counts(recipe: Recipe, report: PreflightReport) -> None:
     """``dropmap.keep_count`` and ``protect_top_k`` fit the model: at least its top-k routing, at
-    most its experts (the dropmap stage would refuse them only after the profile's hours)."""
+    most its experts, a multiple of a grouped router's ``n_group``; every listed ``dropmap.protect``
+    pair names a MoE layer and an expert (the dropmap stage would refuse them only after the
+    profile's hours)."""
     found = _moe_base(recipe, report)
     if found is None:
         return
@@ -218,6 +220,19 @@ def check_drop_counts(recipe: Recipe, report: PreflightReport) -> None:
     if section.protect_top_k > num_experts:
         report.errors.append(f"field 'dropmap.protect_top_k' = {section.protect_top_k}: above the model's "
                              f"{num_experts} experts per layer")
+    from moeprune.arch import ModelSpec
+    from moeprune.dropmap.protect import listed_experts
+
+    spec = ModelSpec.from_config(found[0])
+    n_group = spec.routing_groups()[0]
+    if keep is not None and n_group > 1 and keep % n_group:
+        report.errors.append(f"field 'dropmap.keep_count' = {keep}: not a multiple of the model's n_group = {n_group}; "
+                             "every routing group keeps the same number")
+    if isinstance(section.protect, list):
+        try:
+            listed_experts(section.protect, list(spec.moe_layers), num_experts)
+        except MoepruneError as exc:
+            report.errors.append(str(exc))
 
 
 def check_convertible(recipe: Recipe, report: PreflightReport) -> None:

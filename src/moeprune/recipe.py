@@ -127,6 +127,13 @@ class DropMapSection(_Section):
         default=None, ge=1, description="Experts kept per layer (uniform-count only)."
     )
     protect_top_k: int = Field(default=0, ge=0, description="Always keep each layer's top-K experts.")
+    protect: Literal["super-experts"] | list[Annotated[list[int], Field(min_length=2, max_length=2)]] | None = Field(
+        default=None,
+        # Unset, it stays out of settings(): recipes without it hash (and their drop maps read) as before.
+        exclude_if=lambda value: value is None,
+        description="Experts always kept, whatever the criterion: \"super-experts\" (REAP's rule on the profile's "
+        "max activation norm, moeprune.dropmap.protect) or a list of [layer, expert] pairs.",
+    )
     seed: int = Field(default=0, description="Seed of the 'random' criterion.")
 
     @field_validator("retention_threshold")

@@ -640,6 +640,8 @@ def _check_drop_map_rederived(report: VerifyReport, art: _Artifact) -> None:
     drop-map stage's own selection (moeprune.dropmap.rederive), and the card's retention numbers
     compared with them."""
     from moeprune.card.render import CARD_NUMBERS_NAME
+    import numpy as np
+
     from moeprune.dropmap.rederive import FRACTION_TOLERANCE, rederive_drop_map, show_fraction
     from moeprune.profile.stats import load_stats
 
@@ -649,7 +651,12 @@ def _check_drop_map_rederived(report: VerifyReport, art: _Artifact) -> None:
         return
     drop_map = json.loads(art.source.drop_map_path.read_text(encoding="utf-8"))
     stats = load_stats(art.source.stats_path)
-    found = rederive_drop_map(drop_map, list(stats.layers), stats.totals, stats.per_domain, target)
+    summary_path = art.local.get(("model", "profile/profile.json"))
+    max_norm = None
+    if summary_path is not None and summary_path.is_file():  # the super-experts statistic (dropmap.protect)
+        max_norm = json.loads(summary_path.read_text(encoding="utf-8")).get("max_activation_norm")
+    found = rederive_drop_map(drop_map, list(stats.layers), stats.totals, stats.per_domain, target,
+                              max_activation_norm=None if max_norm is None else np.asarray(max_norm, dtype=np.float64))
     problems = list(found.problems)
     numbers_path = art.local.get(("model", CARD_NUMBERS_NAME))
     if found.fractions and numbers_path is not None and numbers_path.is_file():

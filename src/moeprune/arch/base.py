@@ -221,6 +221,11 @@ class MoeArch:
     def check_drop_map(self, drop_map: Any, config: Mapping[str, Any], source: Path | str) -> None:
         """Refuse a drop map that breaks a constraint of this family (default: none)."""
 
+    def routing_groups(self, config: Mapping[str, Any]) -> tuple[int, int, int]:
+        """(n_group, topk_group, fewest experts a group may keep) of a router that chooses within
+        contiguous expert groups; (1, 1, 1) for one that does not (the default)."""
+        return 1, 1, 1
+
     def gguf_key(self, key: str) -> str:
         return f"{self.gguf_arch}.{key}"
 

@@ -58,12 +58,16 @@ class DeepseekV3(MoeArch):
         text = self.text_config(config)
         return layer >= int(text.get("first_k_dense_replace") or 0)
 
-    def _groups(self, config: Mapping[str, Any]) -> tuple[int, int]:
+    def routing_groups(self, config: Mapping[str, Any]) -> tuple[int, int, int]:
         text = self.text_config(config)
+        groups, topk_group = self._group_keys(text)
+        return groups, topk_group, 2 if groups > 1 and self.grouped_needs_two else 1
+
+    def _group_keys(self, text: Mapping[str, Any]) -> tuple[int, int]:
         return int(text.get("n_group") or 1), int(text.get("topk_group") or 1)
 
     def check_drop_map(self, drop_map: Any, config: Mapping[str, Any], source: Path | str) -> None:
-        groups, topk_group = self._groups(config)
+        groups, topk_group, _ = self.routing_groups(config)
         num_experts = int(drop_map["num_experts"])
         top_k = int(drop_map["top_k"])
         size = num_experts // groups
@@ -72,8 +76,8 @@ class DeepseekV3(MoeArch):
             if len(set(per_group)) != 1:
                 raise ArchError(
                     f"{source}: layer {entry['layer']} keeps {per_group} experts in its {groups} routing groups "
-                    f"({self.family} routes by groups of {size}): every group must keep the same number; use "
-                    "dropmap.strategy = 'uniform-count' with a multiple of n_group, or another keep set"
+                    f"({self.family} routes by groups of {size}): every group must keep the same number; make the drop map with "
+                    "`invoke dropmap` (every strategy keeps the groups balanced) or balance this keep set"
                 )
             kept = per_group[0]
             if groups > 1 and self.grouped_needs_two and kept < 2:
@@ -134,8 +138,7 @@ class DeepseekV2(DeepseekV3):
                        "layers are unchanged)")
     grouped_needs_two = False
 
-    def _groups(self, config: Mapping[str, Any]) -> tuple[int, int]:
-        text = self.text_config(config)
+    def _group_keys(self, text: Mapping[str, Any]) -> tuple[int, int]:
         if text.get("topk_method", "greedy") != "group_limited_greedy":
             return 1, 1
         return int(text.get("n_group") or 1), int(text.get("topk_group") or 1)

@@ -303,6 +303,10 @@ class ModelSpec:
         """Refuse a drop map that breaks a constraint of this family."""
         self.adapter.check_drop_map(drop_map, self._config, source)
 
+    def routing_groups(self) -> tuple[int, int, int]:
+        """(n_group, topk_group, fewest experts a group may keep); (1, 1, 1) for an ungrouped router."""
+        return self.adapter.routing_groups(self._config)
+
     # ---- safetensors headers ------------------------------------------------------------------------
 
     @cached_property

@@ -94,8 +94,10 @@ def build_drop_map(
                 "criterion_retained_fraction": _fraction(selection.criterion_retained_fraction[row]),
             }
         )
+        if selection.protection is not None:  # absent without protection: such maps stay as they were
+            entries[-1]["protected"] = selection.protection.layer_record(row)
     worst_row = int(selection.retained_fraction.argmin())  # argmin: first (lowest index) on ties
-    return {
+    drop_map = {
         "format_version": FORMAT_VERSION,
         "base_model": {
             "id": str(base_model["id"]),
@@ -125,6 +127,11 @@ def build_drop_map(
             "profile_num_tokens": profile_num_tokens,
         },
     }
+    if selection.protection is not None:
+        drop_map["strategy"]["protect"] = selection.protection.record()
+    if selection.groups is not None:
+        drop_map["routing_groups"] = selection.groups.record()
+    return drop_map
 
 
 def check_drop_map(
@@ -141,6 +148,10 @@ def check_drop_map(
     counts = set()
     for entry in drop_map["layers"]:
         validate_keep_drop(entry["keep"], entry["drop"], num_experts, top_k, where=f"{source}: layer {entry['layer']}")
+        dropped = [p["expert"] for p in entry.get("protected") or [] if p["expert"] in entry["drop"]]
+        if dropped:
+            raise DropMapError(f"{source}: layer {entry['layer']}: drops expert {dropped[0]}, which it lists as "
+                               "protected; a protected expert is always kept")
         counts.add(len(entry["keep"]))
     threshold = drop_map["strategy"]["retention_threshold"]
     if drop_map["strategy"]["name"] != "uniform-count" and threshold is not None:

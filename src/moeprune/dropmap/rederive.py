@@ -10,6 +10,11 @@ retained fraction differs is a finding that names the layer and both values.
 A map made by hand or by another tool says so with strategy ``manual``: its keep sets are not
 re-selected (nothing says how they were chosen), but its retained fractions are still measured on
 the statistics and must equal what it states.
+
+Protection (``strategy.protect``) and routing groups (``routing_groups``) are re-derived too: the
+super-experts rule is re-run on the profile's ``max_activation_norm`` (profile.json), and each
+layer's protected experts, their reasons and the rule's threshold must equal what the map states.
+A map that drops an expert the rule protects fails naming the layer and the expert.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from moeprune.dropmap.groups import RoutingGroups
+from moeprune.dropmap.protect import Protection, ProtectError, protection_for
 from moeprune.dropmap.select import (
     DropMapError,
     criterion_scores,
@@ -64,8 +71,12 @@ def _indices(values: list[int]) -> str:
 
 def rederive_drop_map(drop_map: Mapping[str, Any], layers: list[int], totals: Mapping[str, np.ndarray],
                       per_domain: Mapping[str, Mapping[str, np.ndarray]] | None,
-                      source: str = "expert_drop_metadata.json") -> Rederivation:
-    """Recompute ``drop_map`` (a parsed ``expert_drop_metadata.json``) from profile statistics over ``layers``."""
+                      source: str = "expert_drop_metadata.json",
+                      max_activation_norm: np.ndarray | None = None) -> Rederivation:
+    """Recompute ``drop_map`` (a parsed ``expert_drop_metadata.json``) from profile statistics over ``layers``.
+
+    ``max_activation_norm`` is the profile summary's statistic, needed where the map protects super experts.
+    """
     strategy = drop_map.get("strategy") or {}
     name = strategy.get("name")
     criterion = strategy.get("criterion")
@@ -118,16 +129,21 @@ def rederive_drop_map(drop_map: Mapping[str, Any], layers: list[int], totals: Ma
         return out
 
     try:
+        protection = protection_for(strategy.get("protect"), layers, num_experts, max_activation_norm)
         selection = select_from_profile(
             totals, per_domain, strategy=str(name), criterion=str(criterion), top_k=int(drop_map.get("top_k") or 0),
             retention_threshold=strategy.get("retention_threshold"), keep_count=strategy.get("keep_count"),
-            protect_top_k=int(strategy.get("protect_top_k") or 0), seed=int(strategy.get("seed") or 0))
-    except DropMapError as exc:
+            protect_top_k=int(strategy.get("protect_top_k") or 0), seed=int(strategy.get("seed") or 0),
+            protection=protection, groups=RoutingGroups.from_record(drop_map.get("routing_groups")))
+    except (DropMapError, ProtectError) as exc:
         out.problems.append(f"{source}: strategy {name!r} cannot be re-run on the profile statistics: {exc}")
         return out
     rule = f"strategy {name} / criterion {criterion} / " + (
         f"keep_count {strategy.get('keep_count')}" if name == "uniform-count"
         else f"threshold {strategy.get('retention_threshold')}")
+    if protection is not None:
+        out.problems += _protection_problems(protection, strategy.get("protect"), entries, source)
+        rule += f" / protect {protection.rule}"
     for row, entry in enumerate(entries):
         mine = selection.keep_indices(row)
         theirs = sorted(entry.get("keep") or [])
@@ -155,6 +171,24 @@ def rederive_drop_map(drop_map: Mapping[str, Any], layers: list[int], totals: Ma
                     f"profile statistics give {show_fraction(by_criterion[row])} ({criterion})")
     out.how = f"every layer's keep set re-selected ({rule}) and its retained fraction re-measured on {measure}"
     return out
+
+
+def _protection_problems(protection: Protection, stated: Any, entries: list[Any], source: str) -> list[str]:
+    """Every protected expert a layer drops (naming layer and expert), and every difference between the
+    stated and the re-derived protection record."""
+    problems = []
+    if protection.record() != stated:
+        problems.append(f"{source}: strategy.protect = {stated!r}, the re-derivation gives {protection.record()!r}")
+    for row, entry in enumerate(entries):
+        dropped = set(entry.get("drop") or [])
+        for expert in np.flatnonzero(protection.mask[row]):
+            if int(expert) in dropped:
+                problems.append(f"{source}: layer {entry['layer']}: drops expert {int(expert)}, which is protected "
+                                f"({protection.reason(row, int(expert))})")
+        if entry.get("protected") != protection.layer_record(row):
+            problems.append(f"{source}: layer {entry['layer']}: protected = {entry.get('protected')!r}, the "
+                            f"re-derivation gives {protection.layer_record(row)!r}")
+    return problems
 
 
 __all__ = ["FRACTION_TOLERANCE", "Rederivation", "rederive_drop_map", "show_fraction"]

@@ -67,6 +67,16 @@ def summary_lines(drop_map: dict[str, Any]) -> list[str]:
     lines = [f"strategy {strategy['name']}, ranked by {strategy['criterion']}"
              + (f", protecting each layer's top {strategy['protect_top_k']}" if strategy["protect_top_k"] else "")
              + (f", threshold > {format_percent(threshold)}" if threshold is not None else "")]
+    protect = strategy.get("protect")
+    if protect is not None:
+        kept = [f"L{e['layer']}:{p['expert']}" for e in layers for p in e.get("protected") or []]
+        why = (f"super experts (max activation norm > {protect['threshold']:.6g})" if protect["rule"] == "super-experts"
+               else "listed experts")
+        lines.append(f"protected {why}: {', '.join(kept) if kept else 'none found'}; always kept")
+    groups = drop_map.get("routing_groups")
+    if groups is not None:
+        lines.append(f"grouped router: every one of the {groups['n_group']} routing groups keeps the same number, "
+                     "the best of each group by the criterion")
     counts = [len(e["keep"]) for e in layers]
     if drop_map["uniform"]:
         kept = drop_map["num_experts_kept"]

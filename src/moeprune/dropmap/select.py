@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moeprune.dropmap.groups import RoutingGroups, check_groups, interleave, min_per_group
+from moeprune.dropmap.protect import Protection
 from moeprune.dropmap.types import CRITERIA, STRATEGIES
 from moeprune.errors import MoepruneError
 
@@ -257,6 +259,8 @@ class Selection:
     min_keep: int
     limited_by_min_keep: bool
     retention_measure: str = "contribution_sum"
+    protection: Protection | None = None
+    groups: RoutingGroups | None = None
 
     @property
     def uniform(self) -> bool:
@@ -302,6 +306,8 @@ def select_experts(
     protect_top_k: int = 0,
     seed: int = 0,
     retention_measure: str = "contribution_sum",
+    protection: Protection | None = None,
+    groups: RoutingGroups | None = None,
 ) -> Selection:
     """Choose each layer's kept experts.
 
@@ -315,6 +321,11 @@ def select_experts(
     ``scores`` ranks the experts (see :func:`criterion_scores`); the retained fraction is measured
     on ``contribution``, the profile statistic named by ``retention_measure``
     (:func:`retention_statistic`).
+
+    ``protection`` (moeprune.dropmap.protect) puts its experts first in every layer's order, so
+    they are always kept and the counts never fall below the most protected in a layer. With
+    ``groups`` of a grouped router (moeprune.dropmap.groups), every routing group keeps the same
+    number: counts are multiples of ``n_group`` over the interleaved group orders.
     """
     if strategy not in STRATEGIES:
         raise DropMapError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
@@ -322,6 +333,24 @@ def select_experts(
     num_layers, num_experts = contribution.shape
     min_keep = _min_keep(top_k, protect_top_k, num_experts)
     order = keep_order(contribution, scores, protect_top_k)
+    front = np.zeros(contribution.shape, dtype=bool)
+    np.put_along_axis(front, order[:, :protect_top_k], True, axis=1)
+    if protection is not None:
+        if protection.mask.shape != contribution.shape:
+            raise DropMapError(f"protected experts shape {protection.mask.shape} differs from the statistics' "
+                               f"{contribution.shape}")
+        order = _protected_first(order, protection.mask)
+        front |= protection.mask
+        min_keep = max(min_keep, int(front.sum(axis=1).max()))
+    step = 1
+    if groups is not None and groups.grouped:
+        try:
+            check_groups(groups, num_experts, top_k)
+        except MoepruneError as exc:
+            raise DropMapError(str(exc)) from None
+        step = groups.n_group
+        min_keep = step * min_per_group(groups, top_k, front, min_keep)
+        order = interleave(order, groups)
 
     limited = False
     if strategy == "uniform-count":
@@ -336,6 +365,11 @@ def select_experts(
             raise DropMapError(f"keep_count {keep_count} is below protect_top_k {protect_top_k}")
         if keep_count > num_experts:
             raise DropMapError(f"keep_count {keep_count} exceeds the {num_experts} experts per layer")
+        if keep_count % step:
+            raise DropMapError(f"dropmap.keep_count = {keep_count} is not a multiple of n_group = {step}: every "
+                               f"routing group must keep the same number; use a multiple of {step}")
+        if keep_count < min_keep:
+            raise DropMapError(_below_floor(keep_count, min_keep, front, step, protection))
         counts = np.full(num_layers, keep_count)
         threshold = None
     else:
@@ -345,6 +379,7 @@ def select_experts(
         curve = retention_curve(contribution, order)
         passes = meets_threshold(curve, threshold)  # [layers, experts + 1]
         passes[:, num_experts] = True  # keeping everything retains exactly 1
+        passes[:, np.arange(num_experts + 1) % step != 0] = False  # grouped: whole rounds of the groups only
         # First passing count per layer; retention is monotone in N so every larger count passes.
         threshold_counts = np.argmax(passes, axis=1)
         # Routing needs top-k experts (and protected ones stay): counts never go below that floor.
@@ -374,7 +409,30 @@ def select_experts(
         min_keep=min_keep,
         limited_by_min_keep=limited,
         retention_measure=retention_measure,
+        protection=protection,
+        groups=groups if groups is not None and groups.grouped else None,
     )
+
+
+def _protected_first(order: np.ndarray, protected: np.ndarray) -> np.ndarray:
+    """``order`` with each layer's protected experts moved to the front, both parts in their order."""
+    out = np.empty_like(order)
+    for row, ranked in enumerate(order):
+        first = protected[row, ranked]
+        out[row] = np.concatenate([ranked[first], ranked[~first]])
+    return out
+
+
+def _below_floor(keep_count: int, min_keep: int, front: np.ndarray, step: int, protection: Protection | None) -> str:
+    """Why ``keep_count`` cannot hold what must be kept: the layer (and group) with the most protected experts."""
+    row = int(np.argmax(front.sum(axis=1)))
+    where = protection.layer(row) if protection is not None else f"layer row {row}"
+    if step > 1:
+        return (f"dropmap.keep_count = {keep_count} is below {min_keep}: each of the {step} routing groups must keep "
+                f"{min_keep // step} (the router's minimum per group, its top-k over topk_group groups and the protected "
+                f"experts of {where}); keep at least {min_keep}")
+    return (f"dropmap.keep_count = {keep_count} is below the {int(front[row].sum())} protected experts of {where}; "
+            f"keep at least {min_keep}")
 
 
 def select_from_profile(
@@ -388,6 +446,8 @@ def select_from_profile(
     keep_count: int | None = None,
     protect_top_k: int = 0,
     seed: int = 0,
+    protection: Protection | None = None,
+    groups: RoutingGroups | None = None,
 ) -> Selection:
     """The selection the drop-map stage makes from a profile's statistics and its settings.
 
@@ -410,6 +470,8 @@ def select_from_profile(
         protect_top_k=protect_top_k,
         seed=seed,
         retention_measure=measure,
+        protection=protection,
+        groups=groups,
     )
 
 

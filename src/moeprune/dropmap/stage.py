@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from rich.console import Console
 
+from moeprune.arch import ModelSpec
 from moeprune.base_model import resolve_base
 from moeprune.dropmap.io import build_drop_map, check_profile_matches_model, moe_shape, read_model_config, write_drop_map
 from moeprune.dropmap.report import print_report
+from moeprune.dropmap.groups import RoutingGroups
+from moeprune.dropmap.protect import STATISTIC, ProtectError, protection_for
 from moeprune.dropmap.select import DropMapError, select_from_profile
 from moeprune.errors import RecipeError
 from moeprune.hashing import sha256_file, sha256_json
@@ -48,6 +52,18 @@ def base_model_config(recipe: Recipe) -> tuple[dict[str, Any], str]:
     return read_model_config(base_dir), str(base_dir / "config.json")
 
 
+def read_max_activation_norm(summary_path: Path) -> Any:
+    """``max_activation_norm`` of a profile summary (profile.json), or None where it has none."""
+    import numpy as np
+
+    from moeprune.userfile import read_json_object
+
+    if not summary_path.is_file():
+        raise DropMapError(f"{summary_path}: profile summary not found; run `invoke profile` first")
+    values = read_json_object(summary_path, "profile summary", DropMapError).get(STATISTIC)
+    return None if values is None else np.asarray(values, dtype=np.float64)
+
+
 def run_dropmap(recipe: Recipe, layout: RunLayout, console: Console | None = None) -> dict[str, Any]:
     """Select the experts to drop from the profile and write the drop map; return it.
 
@@ -67,6 +83,13 @@ def run_dropmap(recipe: Recipe, layout: RunLayout, console: Console | None = Non
     check_profile_matches_model(stats.layers, int(contribution.shape[1]), config, stats_path, config_source)
 
     settings = recipe.dropmap
+    try:
+        protection = protection_for(settings.protect, stats.layers, int(contribution.shape[1]),
+                                    read_max_activation_norm(layout.profile_summary_path)
+                                    if settings.protect == "super-experts" else None)
+    except ProtectError as exc:
+        raise DropMapError(str(exc)) from None
+    groups = RoutingGroups(*ModelSpec.from_config(config, config_source).routing_groups())
     selection = select_from_profile(
         stats.totals,
         stats.per_domain,
@@ -77,6 +100,8 @@ def run_dropmap(recipe: Recipe, layout: RunLayout, console: Console | None = Non
         keep_count=settings.keep_count,
         protect_top_k=settings.protect_top_k,
         seed=settings.seed,
+        protection=protection,
+        groups=groups,
     )
     model_sha = stats.model_sha256 if _SHA256.match(str(stats.model_sha256 or "")) else None
     drop_map = build_drop_map(

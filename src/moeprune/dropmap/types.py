@@ -38,6 +38,8 @@ class LayerChoice:
     drop: tuple[int, ...]
     retained_fraction: float | None
     criterion_retained_fraction: float | None = None
+    protected: tuple[int, ...] = ()
+    """Experts kept whatever the criterion said (``strategy.protect``); the reasons are in the document."""
 
 
 class DropMap(Mapping[str, Any]):
@@ -57,6 +59,7 @@ class DropMap(Mapping[str, Any]):
                 drop=tuple(int(i) for i in entry["drop"]),
                 retained_fraction=entry.get("retained_fraction"),
                 criterion_retained_fraction=entry.get("criterion_retained_fraction"),
+                protected=tuple(int(p["expert"]) for p in entry.get("protected") or ()),
             )
             for entry in data["layers"]
         )
@@ -104,6 +107,11 @@ class DropMap(Mapping[str, Any]):
     @property
     def uniform(self) -> bool:
         return bool(self._data["uniform"])
+
+    @property
+    def routing_groups(self) -> int:
+        """Routing groups every layer keeps the same number of experts in (1: an ungrouped router)."""
+        return int((self._data.get("routing_groups") or {}).get("n_group", 1))
 
     @property
     def strategy_name(self) -> str:

@@ -71,6 +71,7 @@ class _LayerAccumulator:
     routed_count: torch.Tensor
     router_prob_sum: torch.Tensor
     sequence_norm_sum: torch.Tensor
+    max_activation_norm: torch.Tensor  # running max of ||E_e(x_t)||_inf (moeprune.profile.stats)
     # The current forward's per-(sequence, domain, expert) float64 sums of squares, flattened;
     # square-rooted into sequence_norm_sum when the forward's sequences end.
     open_squares: torch.Tensor | None = None
@@ -162,6 +163,7 @@ class ContributionRecorder:
                 routed_count=torch.zeros(shape, dtype=torch.int64, device=device),
                 router_prob_sum=torch.zeros(shape, dtype=torch.float64, device=device),
                 sequence_norm_sum=torch.zeros(shape, dtype=torch.float64, device=device),
+                max_activation_norm=torch.zeros(shape, dtype=torch.float64, device=device),
             )
             self.accumulators[layer_index] = acc
         return acc
@@ -173,8 +175,10 @@ class ContributionRecorder:
         token_index: torch.Tensor,
         expert_index: torch.Tensor,
         norm: torch.Tensor,
+        peak: torch.Tensor | None = None,
     ) -> None:
-        """Add the float64 norms of routed pairs (token positions in the flattened batch)."""
+        """Add the float64 norms of routed pairs (token positions in the flattened batch); ``peak``
+        (each pair's unweighted output's largest absolute element) raises the running maximum."""
         domains = self._domains_on(norm.device)
         acc = self._accumulator(layer_index, num_experts, norm.device)
         token_domain = domains[token_index]
@@ -182,6 +186,8 @@ class ContributionRecorder:
         flat = (token_domain * num_experts + expert_index)[valid]
         acc.contribution_sum.view(-1).index_add_(0, flat, norm[valid])
         acc.routed_count.view(-1).index_add_(0, flat, torch.ones_like(flat))
+        if peak is not None:
+            acc.max_activation_norm.view(-1).scatter_reduce_(0, flat, peak[valid].to(torch.float64), reduce="amax")
         # The seed's statistic: squares summed per (sequence, domain, expert) until the sequence ends.
         if acc.open_squares is None:
             acc.open_squares = torch.zeros(
@@ -213,6 +219,13 @@ class ContributionRecorder:
             count.append(acc.routed_count.cpu().numpy())
             prob.append(acc.router_prob_sum.cpu().numpy())
         return (np.stack(contrib, axis=1), np.stack(count, axis=1), np.stack(prob, axis=1))
+
+    def max_norm_arrays(self) -> Any:
+        """numpy float64 ``[domains, layers, experts]``: each expert's largest ||E_e(x_t)||_inf."""
+        import numpy as np
+
+        return np.stack([self._accumulator(layer.layer_index, layer.num_experts, torch.device("cpu"))
+                         .max_activation_norm.cpu().numpy() for layer in self.layers], axis=1)
 
     def sequence_norm_arrays(self) -> Any:
         """numpy float64 ``[domains, layers, experts]``: sum over sequences of each sequence's norm."""
@@ -280,12 +293,13 @@ def _make_instrumented_forward(recorder: ContributionRecorder, layer: MoeModules
             hidden_states.device, arch.experts_dtype(self)
         )
         expert_out = arch.expert_outputs_sorted(self, hidden_states[token_sorted], counts, use_grouped)
+        peaks = expert_out.detach().abs().amax(dim=-1)  # exact in any dtype: the super-experts statistic
 
         # The model's own product: a bf16/fp32 expert output times the fp32 routing weight.
         weighted = expert_out * sample_weights[perm].unsqueeze(-1)
         del expert_out  # freed before the reordered copy below: one [pairs, hidden] buffer less at the peak
         norms = _row_norms(weighted)
-        recorder.record_experts(layer_index, num_experts, token_sorted, expert_sorted, norms)
+        recorder.record_experts(layer_index, num_experts, token_sorted, expert_sorted, norms, peaks)
         if recorder.capture:
             recorder.captures.setdefault(layer_index, []).append(
                 Capture(

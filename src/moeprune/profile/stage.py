@@ -36,7 +36,7 @@ from moeprune.profile.loading import (
 from moeprune.profile.progress import phase_progress
 from moeprune.profile.replay import ReplayResult, replay_sequences
 from moeprune.profile.streamed import StreamInfo, replay_streamed
-from moeprune.profile.stats import ProfileStats, build_stats, save_stats
+from moeprune.profile.stats import ProfileStats, build_stats, max_activation_norm, save_stats
 from moeprune.recipe import Recipe
 from moeprune.schemas import validate
 
@@ -235,6 +235,8 @@ def profile_summary(
         "statistics": sorted(stats.totals),
         "layers": layer_summaries(stats, settings.top_share_k, settings.coverage_fraction, moe.get("top_k")),
         "findings": found,
+        # Per MoE layer (the order of moe.layers) and expert: the super-experts statistic.
+        "max_activation_norm": max_activation_norm(replay.recorder.max_norm_arrays()).tolist(),
         "warnings": warnings,
     }
 

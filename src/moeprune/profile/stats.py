@@ -10,6 +10,10 @@ File format (``runs/<name>/profile/stats.safetensors``, see team INTERFACES.md):
   ||w_te * E_e(x_t)||_2^2), the seed's statistic (omnimergekit ``expert_contribution_v2.py``)
 - the same five under ``domain/<domain>/`` for each calibration domain.
 
+The maximum activation norm (:func:`max_activation_norm`) is not in this file (its bytes, and
+with them every drop map's ``profile_stats_sha256``, stay what they were): ``profile.json``
+records it as ``max_activation_norm``.
+
 Metadata (str -> str): ``layers`` and ``domains`` (JSON lists), ``model_sha256``, ``num_tokens``,
 plus ``domain_num_tokens`` (JSON object) and ``format_version``.
 """
@@ -57,6 +61,26 @@ def reap_mean(contribution_sum: np.ndarray, routed_count: np.ndarray) -> np.ndar
     """Mean weighted norm over routed tokens (REAP's criterion); 0 where no token was routed."""
     counts = routed_count.astype(np.float64)
     return np.divide(contribution_sum, counts, out=np.zeros_like(contribution_sum, dtype=np.float64), where=counts > 0)
+
+
+def max_activation_norm(per_domain_peaks: np.ndarray) -> np.ndarray:
+    """Each expert's maximum activation norm, ``[layers, experts]`` float64, from ``[domains, layers, experts]``.
+
+    The norm is the L-infinity norm (largest absolute element) of the expert's own output
+    ``E_e(x_t)``, before the routing weight, and the maximum runs over every non-padding token
+    routed to the expert in the profile (0 for an expert no token reached). It is the quantity
+    the "super experts" of arXiv 2507.23279 are found by: a few experts produce the massive
+    activations the model relies on, in a handful of tokens, so their summed contribution can be
+    small while dropping them breaks the model (:func:`moeprune.dropmap.select.super_experts`).
+    REAP records the same per-expert maximum of the unweighted output's elements (signed, in
+    float32); the absolute value here also counts a massive negative activation. A maximum of
+    exact values (bf16 outputs convert to float64 without rounding) is the same whatever the
+    batching or replay order, so the whole and the streamed replay agree on it exactly.
+    """
+    peaks = np.asarray(per_domain_peaks, dtype=np.float64)
+    if peaks.ndim != 3:
+        raise ValueError(f"max activation norms: expected [domains, layers, experts], got shape {peaks.shape}")
+    return peaks.max(axis=0)
 
 
 def build_stats(
