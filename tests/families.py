@@ -109,6 +109,10 @@ FAMILIES: dict[str, Family] = {
             n_routed_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=64, moe_intermediate_size=16,
             n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, **MLA), (1, 2), 6,
             ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")),
+        Family("dots1", "Dots1Config", dict(
+            n_routed_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=64, moe_intermediate_size=16,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=8,
+            num_key_value_heads=4, scoring_func="sigmoid"), (1, 2), 6),  # as dots.llm1: no GQA, scoring_func stated
     ]
 }
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from moeprune.arch.base import ArchError, MoeArch, text_config_object
 from moeprune.arch.deepseek import DeepseekV2, DeepseekV3, Glm4Moe
+from moeprune.arch.dots1 import Dots1
 from moeprune.arch.gemma4 import Gemma4
 from moeprune.arch.glm4_moe_lite import Glm4MoeLite
 from moeprune.arch.glm_moe_dsa import GlmMoeDsa
@@ -29,7 +30,7 @@ from moeprune.arch.qwen_moe import Qwen2Moe, Qwen3Moe
 
 ADAPTERS: tuple[MoeArch, ...] = (
     Gemma4(), Qwen3Moe(), Qwen2Moe(), Mixtral(), Olmoe(), DeepseekV3(), Glm4Moe(), DeepseekV2(), GptOss(),
-    Qwen35Moe(), Qwen3Next(), MiniMaxM2(), HunyuanV1Moe(), GlmMoeDsa(), Glm4MoeLite(),
+    Qwen35Moe(), Qwen3Next(), MiniMaxM2(), HunyuanV1Moe(), GlmMoeDsa(), Glm4MoeLite(), Dots1(),
 )
 
 
