@@ -48,6 +48,8 @@ class Family:
     nested: dict[str, Any] | None = None  # multimodal config: kwargs go to text_config, these beside it
     # "safetensors only" in the chain: the pinned converter's error on this tiny model (a regex) and why
     no_gguf: tuple[str, str] | None = None
+    # streamed replay refuses (and says to use "whole"): the model carries state from layer to layer
+    streamed: bool = True
 
 
 FAMILIES: dict[str, Family] = {
@@ -104,7 +106,8 @@ FAMILIES: dict[str, Family] = {
             n_routed_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=64, moe_intermediate_size=16,
             n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, **MLA, index_topk=64,
             index_n_heads=2, index_head_dim=16), (1, 2), 6,
-            ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")),
+            ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
+            streamed=False),  # the DSA indexer's top-k is shared between layers
         Family("glm4_moe_lite", "Glm4MoeLiteConfig", dict(
             n_routed_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=64, moe_intermediate_size=16,
             n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, **MLA), (1, 2), 6,
