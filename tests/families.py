@@ -87,7 +87,10 @@ FAMILIES: dict[str, Family] = {
         Family("qwen3_5_moe", "Qwen3_5MoeConfig", dict(
             num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=16, shared_expert_intermediate_size=32,
             head_dim=8, **LINEAR_ATTENTION), (0, 1, 2), 5,
-            nested=dict(vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32))),
+            nested=dict(vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)),
+            no_gguf=("BPE pre-tokenizer was not recognized",
+                     "transformers 5.23 reads any qwen3_5_moe tokenizer as Qwen3_5Tokenizer (Qwen's pre-tokenizer), so "
+                     "the offline GPT-2 test vocabulary hashes to a pre-tokenizer the pinned converter does not know")),
         Family("qwen3_next", "Qwen3NextConfig", dict(
             num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=64, moe_intermediate_size=16,
             shared_expert_intermediate_size=32, head_dim=8, **LINEAR_ATTENTION), (0, 1, 2), 5),
@@ -105,7 +108,7 @@ FAMILIES: dict[str, Family] = {
         Family("glm_moe_dsa", "GlmMoeDsaConfig", dict(
             n_routed_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=64, moe_intermediate_size=16,
             n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, **MLA, index_topk=64,
-            index_n_heads=2, index_head_dim=16), (1, 2), 6,
+            index_n_heads=2, index_head_dim=64), (1, 2), 6,  # llama.cpp rotates indexer heads in blocks of 64
             ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
             streamed=False),  # the DSA indexer's top-k is shared between layers
         Family("glm4_moe_lite", "Glm4MoeLiteConfig", dict(
