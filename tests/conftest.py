@@ -131,13 +131,14 @@ def llama_source_shared():
 
 @pytest.fixture(scope="session")
 def family_models(tmp_path_factory, llama_source_shared) -> dict[str, Path]:
-    """One tiny random model per supported MoE family, in its Hub on-disk layout (shared, read-only).
+    """One tiny random model per supported MoE family, in its Hub on-disk layout (shared, read-only),
+    each built on first use (``-k <family>`` builds only that family's).
 
     The tokenizer is GPT-2's, rebuilt from the pinned llama.cpp source tree (see tests/families.py):
     only the vocabulary file is read, so these tests do not wait for a llama.cpp build.
     """
-    from families import FAMILIES, build_family_model, gpt2_vocab
+    from families import FAMILIES, Lazy, build_family_model, gpt2_vocab
 
     root = tmp_path_factory.mktemp("families")
     vocab = gpt2_vocab(llama_source_shared.root)
-    return {name: build_family_model(name, root / name, vocab) for name in FAMILIES}
+    return Lazy(FAMILIES, lambda name: build_family_model(name, root / name, vocab))

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ CHAT_TEMPLATE = (
 COMMON = dict(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, bos_token_id=50256, eos_token_id=50256,
               pad_token_id=50256, tie_word_embeddings=False)
+# Gated DeltaNet layers around one full-attention layer (Qwen3-Next, Qwen3.5).
+LINEAR_ATTENTION = dict(layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
+                        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+# Multi-head latent attention (DeepSeek, GLM Lite / DSA); llama.cpp tells V2-Lite (no q-LoRA) by its layer count.
+MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,11 @@ class Family:
     moe_layers: tuple[int, ...]
     keep: int  # experts kept per MoE layer in the chain
     extra_tokens: tuple[str, ...] = ()  # special tokens the family's GGUF vocab code looks up
+    nested: dict[str, Any] | None = None  # multimodal config: kwargs go to text_config, these beside it
+    # "safetensors only" in the chain: the pinned converter's error on this tiny model (a regex) and why
+    no_gguf: tuple[str, str] | None = None
+    # streamed replay refuses (and says to use "whole"): the model carries state from layer to layer
+    streamed: bool = True
 
 
 FAMILIES: dict[str, Family] = {
@@ -73,8 +84,73 @@ FAMILIES: dict[str, Family] = {
                                                intermediate_size=16, head_dim=8, sliding_window=16,
                                                layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
                (0, 1, 2), 5),
+        Family("qwen3_5_moe", "Qwen3_5MoeConfig", dict(
+            num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+            head_dim=8, **LINEAR_ATTENTION), (0, 1, 2), 5,
+            nested=dict(vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)),
+            no_gguf=("BPE pre-tokenizer was not recognized",
+                     "transformers 5.23 reads any qwen3_5_moe tokenizer as Qwen3_5Tokenizer (Qwen's pre-tokenizer), so "
+                     "the offline GPT-2 test vocabulary hashes to a pre-tokenizer the pinned converter does not know")),
+        Family("qwen3_next", "Qwen3NextConfig", dict(
+            num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=64, moe_intermediate_size=16,
+            shared_expert_intermediate_size=32, head_dim=8, **LINEAR_ATTENTION), (0, 1, 2), 5),
+        # MiniMax-M2's Hub config states rotary_dim and scoring_func (the converter reads both).
+        Family("minimax_m2", "MiniMaxM2Config", dict(num_local_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K,
+                                                     intermediate_size=16, head_dim=8, rotary_dim=8, scoring_func="sigmoid"),
+               (0, 1, 2), 5),
+        # Hunyuan-A13B states top-k, expert width and shared experts per layer (lists).
+        Family("hunyuan_v1_moe", "HunYuanMoEV1Config", dict(
+            num_experts=NUM_EXPERTS, moe_topk=[TOP_K] * NUM_LAYERS, intermediate_size=16,
+            moe_intermediate_size=[16] * NUM_LAYERS, num_shared_expert=[1] * NUM_LAYERS, head_dim=8), (0, 1, 2), 5,
+            no_gguf=("has no attribute mergeable_ranks",
+                     "the pinned converter reads Hunyuan's own tiktoken tokenizer (remote code, mergeable_ranks), "
+                     "which no offline test model can carry")),
+        Family("glm_moe_dsa", "GlmMoeDsaConfig", dict(
+            n_routed_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=64, moe_intermediate_size=16,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, **MLA, index_topk=64,
+            index_n_heads=2, index_head_dim=64), (1, 2), 6,  # llama.cpp rotates indexer heads in blocks of 64
+            ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
+            streamed=False),  # the DSA indexer's top-k is shared between layers
+        Family("glm4_moe_lite", "Glm4MoeLiteConfig", dict(
+            n_routed_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=64, moe_intermediate_size=16,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, **MLA), (1, 2), 6,
+            ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")),
+        Family("dots1", "Dots1Config", dict(
+            n_routed_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, intermediate_size=64, moe_intermediate_size=16,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=8,
+            num_key_value_heads=4, scoring_func="sigmoid"), (1, 2), 6),  # as dots.llm1: no GQA, scoring_func stated
     ]
 }
+
+
+class Lazy(Mapping[str, Any]):
+    """name -> value, each made by ``make(name)`` on first access and kept: a session fixture over
+    every family then costs only the families the selected tests use."""
+
+    def __init__(self, names: Iterable[str], make: Callable[[str], Any]) -> None:
+        self._names = tuple(names)
+        self._make = make
+        self._made: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._made:
+            self._made[name] = self._make(name)
+        return self._made[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def vocab_size(model_dir: Path) -> int:
+    """The text model's vocabulary size (nested under ``text_config`` in multimodal families)."""
+    from moeprune.arch import inspect
+
+    return int(inspect(model_dir).text_config()["vocab_size"])
 
 
 def gpt2_vocab(llama_cpp_root: Path) -> dict[str, list[str]]:
@@ -116,22 +192,27 @@ def build_family_model(name: str, out_dir: Path, vocab: dict[str, list[str]], se
     import torch
     import transformers
 
-    from moeprune.arch import arch_for_model
+    from moeprune.arch import arch_for_config, arch_for_model
 
     family = FAMILIES[name]
     settings = {**COMMON, **family.kwargs, "vocab_size": VOCAB_SIZE + len(family.extra_tokens)}
+    if family.nested is not None:
+        settings = {"text_config": settings, "tie_word_embeddings": False, **family.nested}
     config = getattr(transformers, family.config_class)(**settings)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    causal_lm = arch_for_config(config.to_dict()).transformers_causal_lm
+    model = getattr(transformers, causal_lm)._from_config(config).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for modules in arch_for_model(model).moe_modules(model):
             router, experts = modules.router, modules.experts
-            router.weight.copy_(torch.randn(router.weight.shape, generator=generator))  # decisive routing
-            for attribute in ("bias", "e_score_correction_bias"):
-                value = getattr(router, attribute, None)
-                if value is not None:
-                    value.copy_(0.3 * torch.randn(value.shape, generator=generator))
+            for attribute, value in [*router.named_parameters(), *router.named_buffers(),
+                                     ("e_score_correction_bias", getattr(modules.block, "e_score_correction_bias", None))]:
+                if value is None:
+                    continue
+                # the router's rows spread widely (decisive routing); every bias differs per expert
+                spread = 1.0 if attribute.endswith("weight") and value.dim() == 2 else 0.3
+                value.copy_(spread * torch.randn(value.shape, generator=generator))
             for attribute in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
                 value = getattr(experts, attribute, None)
                 if value is not None:

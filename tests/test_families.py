@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from families import FAMILIES, NUM_EXPERTS, TOP_K
+from families import FAMILIES, NUM_EXPERTS, TOP_K, Lazy, vocab_size
 from invoke_cli import invoke_ok
 from moeprune.arch import ArchError, arch_for_config, arch_for_dir
 from moeprune.dropmap.io import build_drop_map, load_drop_map, write_drop_map
@@ -87,13 +87,12 @@ def profiled(family_models):
     """name -> (contribution_sum [layers, experts], layers) measured by moeprune's replay."""
     from moeprune.profile.replay import replay_sequences
 
-    results = {}
-    for name in NAMES:
+    def profile(name: str):
         model = _load(family_models[name])
-        config = json.loads((family_models[name] / "config.json").read_text())
-        replay = replay_sequences(model, _sequences(config["vocab_size"]), ["d"], batch_size=2)
-        results[name] = (replay.contribution_sum[0], replay.routed_count[0], replay.layers)
-    return results
+        replay = replay_sequences(model, _sequences(vocab_size(family_models[name])), ["d"], batch_size=2)
+        return replay.contribution_sum[0], replay.routed_count[0], replay.layers
+
+    return Lazy(NAMES, profile)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -103,18 +102,19 @@ def test_profile_is_exact_against_an_independent_recomputation(name, family_mode
     config = json.loads((family_models[name] / "config.json").read_text())
     contribution, routed, layers = profiled[name]
     assert layers == list(FAMILIES[name].moe_layers) == arch.moe_layers(config)
-    sums, counts = _independent_contributions(model, arch, _sequences(config["vocab_size"]))
+    sequences = _sequences(vocab_size(family_models[name]))
+    sums, counts = _independent_contributions(model, arch, sequences)
     for row, layer in enumerate(layers):
         np.testing.assert_array_equal(routed[row], counts[layer])
         np.testing.assert_allclose(contribution[row], sums[layer], rtol=1e-5, atol=1e-9)
-    assert routed.sum() == sum(len(s["input_ids"]) for s in _sequences(config["vocab_size"])) * TOP_K * len(layers)
+    assert routed.sum() == sum(len(s["input_ids"]) for s in sequences) * TOP_K * len(layers)
 
 
 def _drop_map_for(name: str, model_dir: Path, contribution: np.ndarray, layers: list[int], path: Path) -> dict:
     """A uniform drop map from the profile; grouped families keep the same count in every routing group."""
     config = json.loads((model_dir / "config.json").read_text())
     keep_count = FAMILIES[name].keep
-    groups = int(config.get("n_group") or 1)
+    groups = int(arch_for_config(config).text_config(config).get("n_group") or 1)
     if groups == 1:
         selection = select_experts("uniform-count", contribution, contribution, top_k=TOP_K, keep_count=keep_count)
     else:
@@ -140,16 +140,17 @@ def _drop_map_for(name: str, model_dir: Path, contribution: np.ndarray, layers: 
 def pruned_families(family_models, profiled, tmp_path_factory):
     """name -> (pruned dir, drop map): made with `invoke prune`, checked with `invoke verify-prune`."""
     work = tmp_path_factory.mktemp("pruned-families")
-    out = {}
-    for name in NAMES:
+
+    def prune(name: str):
         contribution, _, layers = profiled[name]
         drop_map_path = work / f"{name}.drop.json"
         drop_map = _drop_map_for(name, family_models[name], contribution, layers, drop_map_path)
         pruned = work / name
         invoke_ok("prune", "--base", str(family_models[name]), "--drop-map", str(drop_map_path), "--out", str(pruned),
                   in_process=True)
-        out[name] = (pruned, drop_map)
-    return out
+        return pruned, drop_map
+
+    return Lazy(NAMES, prune)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -186,7 +187,7 @@ def test_pruned_model_reloads_and_equals_the_masked_base(name, family_models, pr
     arch = arch_for_dir(pruned_dir)
     assert arch.model_num_experts(pruned) == FAMILIES[name].keep
     drop_by_layer = {entry["layer"]: entry["drop"] for entry in drop_map["layers"]}
-    ids = torch.randint(10, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(10, base.config.get_text_config().vocab_size, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         got = pruned(input_ids=ids).logits
         full = base(input_ids=ids).logits
@@ -199,7 +200,7 @@ def test_pruned_model_reloads_and_equals_the_masked_base(name, family_models, pr
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [name for name in NAMES if FAMILIES[name].no_gguf is None])
 def test_pruned_gguf_converts_and_llama_server_answers(name, pruned_families, llama_build_shared, tmp_path):
     from moeprune.llamacpp.convert import convert_to_gguf
     from moeprune.llamacpp.server import LlamaServer
@@ -216,6 +217,21 @@ def test_pruned_gguf_converts_and_llama_server_answers(name, pruned_families, ll
         reply = server.chat([{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0.0)
     assert reply["choices"][0]["message"]["role"] == "assistant"
     assert reply["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", [name for name in NAMES if FAMILIES[name].no_gguf is not None])
+def test_safetensors_only_families_fail_conversion_for_the_stated_reason(name, pruned_families, llama_build_shared,
+                                                                         tmp_path):
+    """A family whose README row says "safetensors only": the pinned converter refuses its pruned
+    model with exactly the error the row's reason names (a conversion that starts working fails this)."""
+    from moeprune.llamacpp.convert import convert_to_gguf
+
+    error, _reason = FAMILIES[name].no_gguf
+    with pytest.raises(MoepruneError, match=error):
+        convert_to_gguf(llama_build_shared, pruned_families[name][0], tmp_path / f"{name}-F16.gguf", "f16",
+                        log_path=tmp_path / "convert.log")
+    assert not (tmp_path / f"{name}-F16.gguf").exists()
 
 
 def test_grouped_routing_refuses_unbalanced_groups(family_models, profiled, tmp_path):
@@ -254,8 +270,9 @@ def test_there_is_an_example_recipe_per_family():
 
     families = {tomllib.loads(path.read_text())["card"]["tags"][2] for path in EXAMPLES}
     # Gemma 4 has the reference recipe; DeepSeek-V3 itself (671B, FP8 on the Hub) fits no single GPU
-    # box: GLM-4.5-Air exercises the same router code.
-    expected = {adapter.name for adapter in ADAPTERS} - {"gemma4", "deepseek_v3"}
+    # box: GLM-4.5-Air exercises the same router code. MiniMax-M2 (230B, FP8 on the Hub) and GLM-5
+    # (glm_moe_dsa, 744B) fit no single GPU box either.
+    expected = {adapter.name for adapter in ADAPTERS} - {"gemma4", "deepseek_v3", "minimax_m2", "glm_moe_dsa"}
     assert families == expected
 
 

@@ -15,14 +15,22 @@ from typing import Any
 
 from moeprune.arch.base import ArchError, MoeArch, text_config_object
 from moeprune.arch.deepseek import DeepseekV2, DeepseekV3, Glm4Moe
+from moeprune.arch.dots1 import Dots1
 from moeprune.arch.gemma4 import Gemma4
+from moeprune.arch.glm4_moe_lite import Glm4MoeLite
+from moeprune.arch.glm_moe_dsa import GlmMoeDsa
 from moeprune.arch.gpt_oss import GptOss
+from moeprune.arch.hunyuan_v1_moe import HunyuanV1Moe
+from moeprune.arch.minimax_m2 import MiniMaxM2
 from moeprune.arch.mixtral import Mixtral
 from moeprune.arch.olmoe import Olmoe
+from moeprune.arch.qwen3_5_moe import Qwen35Moe
+from moeprune.arch.qwen3_next import Qwen3Next
 from moeprune.arch.qwen_moe import Qwen2Moe, Qwen3Moe
 
 ADAPTERS: tuple[MoeArch, ...] = (
     Gemma4(), Qwen3Moe(), Qwen2Moe(), Mixtral(), Olmoe(), DeepseekV3(), Glm4Moe(), DeepseekV2(), GptOss(),
+    Qwen35Moe(), Qwen3Next(), MiniMaxM2(), HunyuanV1Moe(), GlmMoeDsa(), Glm4MoeLite(), Dots1(),
 )
 
 

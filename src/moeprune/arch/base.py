@@ -52,6 +52,7 @@ ROUTER_ROLES = (ROUTER_WEIGHT, ROUTER_BIAS, CORRECTION_BIAS, EXPERT_SCALE)
 SOFTMAX_TOPK = "softmax-then-top-k"  # softmax over all experts, top-k, optionally renormalised
 TOPK_SOFTMAX = "top-k-then-softmax"  # top-k logits, softmax over the k
 SIGMOID_GROUPED = "sigmoid-correction-bias-grouped"  # sigmoid scores, + correction bias for choice, grouped top-k
+SIGMOID_BIASED = "sigmoid-correction-bias"  # sigmoid scores, + correction bias for choice, top-k, renormalised
 
 # Multimodal towers have their own "layers.N" but never routed experts.
 TOWER_MARKERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "vision_model", "audio_model")
@@ -62,6 +63,13 @@ def text_config_object(config_or_model: Any) -> Any:
     "get the text config" for objects, as ``ModelSpec.text_config`` is for ``config.json`` dicts."""
     config = getattr(config_or_model, "config", config_or_model)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _attribute(module: Any, dotted: str) -> Any:
+    """``module.a.b`` for ``dotted`` = "a.b" (None where a step is missing)."""
+    for step in dotted.split("."):
+        module = getattr(module, step, None)
+    return module
 
 
 @dataclass(frozen=True)
@@ -134,8 +142,12 @@ class MoeArch:
     dense_intermediate_key: ClassVar[str | None] = "intermediate_size"
     text_config_key: ClassVar[str | None] = None  # nested text config (multimodal families)
 
-    # on disk
-    expert_patterns: ClassVar[tuple[TensorPattern, ...]]
+    # on disk: the family states its router's tensors (weight rows, biases, correction biases,
+    # scales); its expert tensors come from transformers' conversion mapping (see
+    # moeprune.arch.conversion), or from ``own_expert_patterns`` where transformers has none.
+    router_patterns: ClassVar[tuple[TensorPattern, ...]] = ()
+    own_expert_patterns: ClassVar[tuple[TensorPattern, ...]] = ()
+    conversion_types: ClassVar[tuple[str, ...] | None] = None  # keys of the conversion mapping (default: model_types)
     experts_module_re: ClassVar[str] = r"(?:^|\.)layers\.\d+\.(?:mlp\.)?experts\."  # anything here is expert-indexed
     never_sliced_re: ClassVar[str | None] = None  # shared experts and gates: copied byte for byte
     layer_prefix: ClassVar[str] = "model.layers."  # decoder layers of the text model
@@ -157,6 +169,7 @@ class MoeArch:
     # the pinned converter writes unchanged ([E, ...] in the same element order): ``invoke verify``
     # compares them with the safetensors bit for bit. Empty: not declared for this family (not compared).
     gguf_expert_tensors: ClassVar[tuple[tuple[str, str], ...]] = ()
+    gguf_convert_args: ClassVar[tuple[str, ...]] = ()  # extra convert_hf_to_gguf.py arguments the family needs
 
     # card and docs wording
     router_sentence: ClassVar[str] = "The router keeps only the rows of retained experts"
@@ -230,6 +243,19 @@ class MoeArch:
         return f"{self.gguf_arch}.{key}"
 
     # ---- checkpoint on disk -----------------------------------------------------------------------
+
+    @property
+    def expert_patterns(self) -> tuple[TensorPattern, ...]:
+        """Every expert-indexed tensor pattern: the experts' (derived once), then the router's."""
+        cached = self.__dict__.get("_expert_patterns")
+        if cached is None:
+            from moeprune.arch.conversion import expert_patterns_for
+
+            experts = expert_patterns_for(self.family, self.conversion_types or self.model_types,
+                                          self.own_expert_patterns)
+            cached = experts + self.router_patterns
+            self.__dict__["_expert_patterns"] = cached
+        return cached
 
     def _compiled(self) -> list[tuple[TensorPattern, re.Pattern[str]]]:
         cached = self.__dict__.get("_compiled_patterns")
@@ -406,9 +432,10 @@ class MoeArch:
         allowed[list(dropped)] = False
 
         def wrap(original):
-            def forward(hidden_states):
-                outputs = original(hidden_states)
-                weights, index = self.route(router, outputs[0], allowed.to(outputs[0].device))
+            # ``extra``: what the block passes the router besides the hidden states (MiniMax-M2's bias)
+            def forward(hidden_states, *extra):
+                outputs = original(hidden_states, *extra)
+                weights, index = self.route(router, outputs[0], allowed.to(outputs[0].device), *extra)
                 return outputs[0], weights, index
 
             return forward
@@ -438,8 +465,11 @@ class MoeArch:
                 setattr(block_config, self.num_experts_key, kept)
 
     def _slice_param(self, module: Any, attribute: str, rows: Any) -> None:
+        """Keep ``rows`` of ``module.<attribute>`` (a dotted path reaches into a submodule: ``wg.weight``)."""
         from torch import nn
 
+        owner_path, _, attribute = attribute.rpartition(".")
+        module = _attribute(module, owner_path) if owner_path else module
         value = getattr(module, attribute)
         sliced = value.data[rows].clone()
         if isinstance(value, nn.Parameter):
@@ -449,11 +479,11 @@ class MoeArch:
 
     def _slice_modules(self, modules: MoeModules, rows: Any, kept: int) -> None:
         for attribute in self.expert_params:
-            if getattr(modules.experts, attribute, None) is not None:
+            if _attribute(modules.experts, attribute) is not None:
                 self._slice_param(modules.experts, attribute, rows)
         modules.experts.num_experts = kept
         for attribute in self.router_expert_params:
-            if getattr(modules.router, attribute, None) is not None:
+            if _attribute(modules.router, attribute) is not None:
                 self._slice_param(modules.router, attribute, rows)
         if hasattr(modules.router, "num_experts"):
             modules.router.num_experts = kept
@@ -537,6 +567,7 @@ __all__ = [
     "ROUTER_BIAS",
     "ROUTER_ROLES",
     "ROUTER_WEIGHT",
+    "SIGMOID_BIASED",
     "SIGMOID_GROUPED",
     "SOFTMAX_TOPK",
     "TOPK_SOFTMAX",

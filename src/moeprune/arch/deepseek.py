@@ -28,7 +28,6 @@ from moeprune.arch.base import (
     MoeArch,
     TensorPattern,
 )
-from moeprune.arch.families_common import expert_patterns
 
 
 class DeepseekV3(MoeArch):
@@ -40,7 +39,7 @@ class DeepseekV3(MoeArch):
     top_k_key = "num_experts_per_tok"
     expert_intermediate_key = "moe_intermediate_size"
     dense_intermediate_key = "intermediate_size"  # the dense first layers
-    expert_patterns = expert_patterns("mlp", ("gate_proj", "up_proj", "down_proj")) + (
+    router_patterns = (
         TensorPattern(r"mlp\.gate\.weight", ROUTER_WEIGHT, "mlp.gate.weight"),
         TensorPattern(r"mlp\.gate\.e_score_correction_bias", CORRECTION_BIAS, "mlp.gate.e_score_correction_bias"),
     )
@@ -127,9 +126,7 @@ class DeepseekV2(DeepseekV3):
     family = "DeepSeek-V2"
     model_types = ("deepseek_v2",)
     transformers_causal_lm = "DeepseekV2ForCausalLM"
-    expert_patterns = expert_patterns("mlp", ("gate_proj", "up_proj", "down_proj")) + (
-        TensorPattern(r"mlp\.gate\.weight", ROUTER_WEIGHT, "mlp.gate.weight"),
-    )
+    router_patterns = (TensorPattern(r"mlp\.gate\.weight", ROUTER_WEIGHT, "mlp.gate.weight"),)
     routing = SOFTMAX_TOPK
     router_expert_params = ("weight",)
     decoder_layer_class = "DeepseekV2DecoderLayer"

@@ -28,9 +28,12 @@ class Gemma4(MoeArch):
     top_k_key = "top_k_experts"
     text_config_key = "text_config"
 
-    expert_patterns = (
+    # transformers loads Gemma 4 checkpoints fused as they are: no conversion mapping to derive from.
+    own_expert_patterns = (
         TensorPattern(r"experts\.gate_up_proj", EXPERTS, "experts.gate_up_proj"),
         TensorPattern(r"experts\.down_proj", EXPERTS, "experts.down_proj"),
+    )
+    router_patterns = (
         TensorPattern(r"router\.proj\.weight", ROUTER_WEIGHT, "router.proj.weight"),
         TensorPattern(r"router\.per_expert_scale", EXPERT_SCALE, "router.per_expert_scale"),
     )

@@ -23,11 +23,14 @@ class GptOss(MoeArch):
     top_k_key = "num_experts_per_tok"
     expert_intermediate_key = "intermediate_size"
     dense_intermediate_key = None
-    expert_patterns = (
+    # transformers loads gpt-oss checkpoints fused as they are: no conversion mapping to derive from.
+    own_expert_patterns = (
         TensorPattern(r"mlp\.experts\.gate_up_proj", EXPERTS, "experts.gate_up_proj"),
         TensorPattern(r"mlp\.experts\.gate_up_proj_bias", EXPERT_BIAS, "experts.gate_up_proj_bias"),
         TensorPattern(r"mlp\.experts\.down_proj", EXPERTS, "experts.down_proj"),
         TensorPattern(r"mlp\.experts\.down_proj_bias", EXPERT_BIAS, "experts.down_proj_bias"),
+    )
+    router_patterns = (
         TensorPattern(r"mlp\.router\.weight", ROUTER_WEIGHT, "mlp.router.weight"),
         TensorPattern(r"mlp\.router\.bias", ROUTER_BIAS, "mlp.router.bias"),
     )

@@ -9,7 +9,6 @@ always renormalised. llama.cpp converts it as ``llama`` with experts.
 from __future__ import annotations
 
 from moeprune.arch.base import ROUTER_WEIGHT, SOFTMAX_TOPK, MoeArch, TensorPattern
-from moeprune.arch.families_common import expert_patterns
 
 
 class Mixtral(MoeArch):
@@ -21,7 +20,7 @@ class Mixtral(MoeArch):
     top_k_key = "num_experts_per_tok"
     expert_intermediate_key = "intermediate_size"
     dense_intermediate_key = None
-    expert_patterns = expert_patterns("block_sparse_moe", ("w1", "w2", "w3")) + (
+    router_patterns = (
         TensorPattern(r"block_sparse_moe\.gate\.weight", ROUTER_WEIGHT, "block_sparse_moe.gate.weight"),
     )
     experts_module_re = r"(?:^|\.)layers\.\d+\.(?:block_sparse_moe\.|mlp\.)?experts\."

@@ -8,7 +8,6 @@ OLMoE-1B-7B).
 from __future__ import annotations
 
 from moeprune.arch.base import ROUTER_WEIGHT, SOFTMAX_TOPK, MoeArch, TensorPattern
-from moeprune.arch.families_common import expert_patterns
 
 
 class Olmoe(MoeArch):
@@ -21,9 +20,7 @@ class Olmoe(MoeArch):
     top_k_key = "num_experts_per_tok"
     expert_intermediate_key = "intermediate_size"
     dense_intermediate_key = None
-    expert_patterns = expert_patterns("mlp", ("gate_proj", "up_proj", "down_proj")) + (
-        TensorPattern(r"mlp\.gate\.weight", ROUTER_WEIGHT, "mlp.gate.weight"),
-    )
+    router_patterns = (TensorPattern(r"mlp\.gate\.weight", ROUTER_WEIGHT, "mlp.gate.weight"),)
     routing = SOFTMAX_TOPK
     decoder_layer_class = "OlmoeDecoderLayer"
     gguf_arch = "olmoe"

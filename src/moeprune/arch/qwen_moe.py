@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from moeprune.arch.base import ROUTER_WEIGHT, SOFTMAX_TOPK, MoeArch, TensorPattern
-from moeprune.arch.families_common import expert_patterns
 
 
 class Qwen3Moe(MoeArch):
@@ -26,9 +25,7 @@ class Qwen3Moe(MoeArch):
     top_k_key = "num_experts_per_tok"
     expert_intermediate_key = "moe_intermediate_size"
     dense_intermediate_key = None  # intermediate_size only serves mlp_only_layers
-    expert_patterns = expert_patterns("mlp", ("gate_proj", "up_proj", "down_proj")) + (
-        TensorPattern(r"mlp\.gate\.weight", ROUTER_WEIGHT, "mlp.gate.weight"),
-    )
+    router_patterns = (TensorPattern(r"mlp\.gate\.weight", ROUTER_WEIGHT, "mlp.gate.weight"),)
     routing = SOFTMAX_TOPK
     decoder_layer_class = "Qwen3MoeDecoderLayer"
     gguf_arch = "qwen3moe"

@@ -227,7 +227,7 @@ def convert_to_gguf(
         tmp_out = tmp_dir / out_path.name
         command = [
             sys.executable, str(converter), str(hf_dir), "--outfile", str(tmp_out),
-            "--outtype", outtype, "--metadata", str(override_path),
+            "--outtype", outtype, "--metadata", str(override_path), *adapter.gguf_convert_args,
         ]
         env = {
             **os.environ,

@@ -311,7 +311,28 @@ def meta_model(model_dir: Path, dtype: str) -> torch.nn.Module:
                 model = cls.from_config(config, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{model_dir}: cannot build the model from its config ({exc})") from None
+    _keep_in_fp32(model, getattr(torch, dtype))
     return model.eval()
+
+
+def _keep_in_fp32(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give the tensors that ``from_pretrained`` keeps in float32 (the class's dtype plan:
+    ``_keep_in_fp32_modules[_strict]``, e.g. DeepSeek-V3's ``e_score_correction_bias`` in a bf16
+    load) float32 slots too, so streamed replay routes with the same values as the whole model."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    if not plan:
+        return
+    alternation, group_pattern, _ = build_glob_alternation(list(plan))
+    for module_name, module in model.named_modules():
+        for store in (module._parameters, module._buffers):
+            for key, tensor in store.items():
+                match = alternation.search(f"{module_name}.{key}" if module_name else key) if tensor is not None else None
+                if match is not None:
+                    kept = tensor.to(plan[group_pattern[match.lastgroup]])
+                    is_parameter = isinstance(tensor, torch.nn.Parameter)
+                    store[key] = torch.nn.Parameter(kept, requires_grad=False) if is_parameter else kept
 
 
 # --- capturing each layer's inputs ------------------------------------------------------------
