@@ -138,6 +138,7 @@ def _reference_logits(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild, r
 
 def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str, Any]:
     """Measure every GGUF against the reference; write eval/kld.json and its evidence. Returns kld.json."""
+    from moeprune.kld.heldout import heldout_text
     from moeprune.llamacpp.stages import gguf_path
     from moeprune.schemas import validate
 
@@ -148,10 +149,7 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
         write_json(layout.kld_path, document)
         layout.kld_evidence_dir.mkdir(parents=True, exist_ok=True)
         return document
-    text_path = recipe.kld_text_path
-    assert text_path is not None  # the recipe validator requires it
-    if not text_path.is_file():
-        raise KldError(f"kld.text = {section.text!r}: file not found ({text_path})")
+    text_path = heldout_text(recipe, layout)
     outtype = recipe.quantize.convert_outtype
     eval_type = recipe.quantize.eval_type
     reference = gguf_path(recipe, "base", outtype, layout)
