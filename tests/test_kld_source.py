@@ -97,3 +97,28 @@ def test_a_recipe_names_its_held_out_text_once(tmp_path, dataset):
     (tmp_path / "both.toml").write_text(text)
     with pytest.raises(RecipeError, match="kld.text and kld.source both name the held-out text"):
         load_recipe(tmp_path / "both.toml", check_inputs=False)
+
+
+def test_kld_work_dir_moves_the_large_files_and_the_plan_follows(tmp_path):
+    """kld.work_dir: the plan counts the reference and rival files there (on that filesystem), and
+    the stage records them as kld/<file>, as if they were in the run."""
+    from moeprune.kld.paths import kld_work_dir
+    from moeprune.kld.stage import _shown
+    from moeprune.layout import RunLayout
+    from moeprune.pipeline.stages import stage_names
+    from moeprune.plan.gather import run_plan
+    from moeprune.recipe import load_recipe
+
+    text = demo_recipe_text().replace("rival_types = ", 'work_dir = "scratch/kld"\nrival_types = ', 1)
+    (tmp_path / "demo.toml").write_text(text)
+    recipe = load_recipe(tmp_path / "demo.toml", check_inputs=False)
+    layout = RunLayout(tmp_path / "runs" / "demo")
+    work = kld_work_dir(recipe, layout)
+    assert work == tmp_path / "scratch" / "kld" / "demo"
+    names = stage_names()
+    kld = next(p for p in run_plan(recipe, layout, set(names), names) if p.stage == "kld")
+    assert kld.writes and all(w.path.parent == work for w in kld.writes), kld.writes
+    assert _shown(work / "base-Q3_K_M.gguf", layout, work) == "kld/base-Q3_K_M.gguf"
+    assert _shown(layout.gguf_dir / "base-F32.gguf", layout, work) == "gguf/base-F32.gguf"
+    default = load_recipe(ROOT / "recipes" / "demo.toml", check_inputs=False)
+    assert kld_work_dir(default, layout) == layout.kld_work_dir

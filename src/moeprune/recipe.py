@@ -312,6 +312,11 @@ class KldSection(_Section):
         description="llama-quantize types the base is quantized to; the one whose file size is closest to the "
         "pruned eval quant is the equal-size rival (every one is measured and plotted).",
     )
+    work_dir: str | None = Field(
+        default=None,
+        description="Directory for the reference log-probabilities, the rival quants and a fetched text (large, "
+        "never published), relative to the recipe file; one subdirectory per run. Default: the run's kld/.",
+    )
     self_kld_tolerance: float = Field(
         default=1e-3, gt=0,
         description="The reference measured against its own saved log-probabilities must give |KLD| at most "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from moeprune.atomic import write_text
 from moeprune.errors import MoepruneError
+from moeprune.kld.paths import kld_work_dir
 from moeprune.layout import RunLayout
 from moeprune.recipe import HeldOutSource, Recipe
 
@@ -47,9 +48,9 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def source_text_path(layout: RunLayout, sha256: str) -> Path:
-    """Where a fetched text is kept: in the run's kld work directory, named by its sha256."""
-    return layout.kld_work_dir / f"heldout-{sha256[:16]}.txt"
+def source_text_path(recipe: Recipe, layout: RunLayout, sha256: str) -> Path:
+    """Where a fetched text is kept: in the kld work directory, named by its sha256."""
+    return kld_work_dir(recipe, layout) / f"heldout-{sha256[:16]}.txt"
 
 
 def check_pinned(source: HeldOutSource, sha256: str, size: int) -> None:
@@ -71,13 +72,13 @@ def heldout_text(recipe: Recipe, layout: RunLayout) -> Path:
             raise HeldOutTextError(f"kld.text = {recipe.kld.text!r}: file not found ({path})")
         return path
     if source.sha256 is not None:
-        kept = source_text_path(layout, source.sha256)
+        kept = source_text_path(recipe, layout, source.sha256)
         if kept.is_file() and sha256_text(kept.read_text(encoding="utf-8")) == source.sha256:
             return kept
     text = build_text(fetch_rows(source))
     sha256 = sha256_text(text)
     check_pinned(source, sha256, len(text.encode("utf-8")))
-    kept = source_text_path(layout, sha256)
+    kept = source_text_path(recipe, layout, sha256)
     write_text(kept, text)
     return kept
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moeprune.errors import MoepruneError
+from moeprune.kld.paths import kld_work_dir
 from moeprune.layout import RunLayout
 from moeprune.plan.disk import GB, Shortfall, StagePlan, Write, first_shortfall, human, plan_lines
 from moeprune.plan.ggml import GgufTensor, QuantModel, allows_quantization, gguf_bytes, quantized_types, tensor_bytes
@@ -227,7 +228,7 @@ def run_plan(recipe: Any, layout: RunLayout, will_run: Collection[str], stage_na
                                       gguf_bytes(tensors, [t.gguf_type for t in tensors])))
         memory["mmproj"] = _convert_memory_of(tensors, quantize.convert_outtype)
     if recipe.kld.enabled:
-        work = layout.kld_work_dir
+        work = kld_work_dir(recipe, layout)
         writes["kld"].append(Write("reference log-probabilities", work / "reference.kld",
                                    kld_reference_bytes(_vocab(base), recipe.kld.chunks, recipe.kld.ctx_size)))
         for qtype in recipe.kld.rival_types:
