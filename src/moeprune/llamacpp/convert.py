@@ -275,22 +275,25 @@ def convert_to_gguf(
         metadata_override["general.name"] = model_name
     with converter_output(build, hf_dir, out_path, outtype, metadata_override, log_path=log_path) as tmp_out:
         checks = check_gguf(build.root, tmp_out, num_experts, base["name"], adapter)
-        record = {
-            "stage": "convert",
-            **build_fields(build),
-            "hf_dir_name": hf_dir.resolve().name,
-            "hf_config_sha256": source_files["config.json"],
-            "source_files": source_files,
-            "num_experts": num_experts,
-            "outtype": outtype,
-            "base_model": base,
-            "out_path": str(out_path),
-            "file": out_path.name,
-            "size_bytes": tmp_out.stat().st_size,
-            "sha256": sha256_file(tmp_out),
-            "checks": checks,
-        }
-        os.replace(tmp_out, out_path)
+        return publish_conversion(build, hf_dir, tmp_out, out_path, {
+            "stage": "convert", "hf_config_sha256": source_files["config.json"], "source_files": source_files,
+            "num_experts": num_experts, "outtype": outtype, "base_model": base, "checks": checks})
+
+
+def publish_conversion(build: LlamaCppBuild, hf_dir: Path, tmp_out: Path, out_path: Path,
+                       fields: dict[str, Any]) -> dict[str, Any]:
+    """Move a checked conversion to ``out_path`` and write its record (``fields`` plus the build, the
+    source directory's name and the file's size and sha256) beside it, without local paths."""
+    record = {
+        **fields,
+        **build_fields(build),
+        "hf_dir_name": hf_dir.resolve().name,
+        "out_path": str(out_path),
+        "file": out_path.name,
+        "size_bytes": tmp_out.stat().st_size,
+        "sha256": sha256_file(tmp_out),
+    }
+    os.replace(tmp_out, out_path)
     write_json(out_path.with_name(out_path.name + ".json"), public_record(record))
     return record
 

@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from moeprune.arch.base import TOWER_MARKERS
-from moeprune.atomic import write_json
 from moeprune.errors import MoepruneError
-from moeprune.hashing import sha256_file
 from moeprune.llamacpp.build import LlamaCppBuild
-from moeprune.llamacpp.convert import (GGUFCheckError, base_model_of, build_fields, check_outtype, check_shards,
-                                       converter_output, hf_spec, read_gguf_info, source_file_hashes)
-from moeprune.llamacpp.quantize import public_record
+from moeprune.llamacpp.convert import (GGUFCheckError, base_model_of, check_outtype, check_shards, converter_output,
+                                       hf_spec, publish_conversion, read_gguf_info, source_file_hashes)
 
 STAGE = "mmproj"
 # The projector GGUF's own identity, as the pinned converter writes it (gguf-py: GGUFType.MMPROJ).
@@ -102,21 +98,6 @@ def convert_mmproj(build: LlamaCppBuild, hf_dir: Path, out_path: Path, outtype: 
     with converter_output(build, hf_dir, out_path, outtype, override, extra_args=("--mmproj",),
                           log_path=log_path) as tmp_out:
         checks = check_mmproj_info(read_gguf_info(build.root, tmp_out), out_path, spec.text_int("hidden_size"))
-        record = {
-            "stage": STAGE,
-            **build_fields(build),
-            "hf_dir_name": hf_dir.resolve().name,
-            "source_files": source_files,
-            "tower_sha256": tower_sha256,
-            "tower_tensors": tower_tensors,
-            "outtype": outtype,
-            "base_model": base,
-            "out_path": str(out_path),
-            "file": out_path.name,
-            "size_bytes": tmp_out.stat().st_size,
-            "sha256": sha256_file(tmp_out),
-            "checks": checks,
-        }
-        os.replace(tmp_out, out_path)
-    write_json(out_path.with_name(out_path.name + ".json"), public_record(record))
-    return record
+        return publish_conversion(build, hf_dir, tmp_out, out_path, {
+            "stage": STAGE, "source_files": source_files, "tower_sha256": tower_sha256,
+            "tower_tensors": tower_tensors, "outtype": outtype, "base_model": base, "checks": checks})
