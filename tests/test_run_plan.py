@@ -288,7 +288,7 @@ def test_noop_reproduce_imports_neither_torch_nor_transformers(demo_run, tmp_pat
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     statuses = dict(re.findall(r"^\[(\S+)\] (\w+)", result.stdout + result.stderr, re.M))
-    assert len(statuses) == 13 and set(statuses.values()) == {"skipped"}, statuses
+    assert len(statuses) == 14 and set(statuses.values()) == {"skipped"}, statuses
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "transformers"))
     assert heavy == [], heavy[:5]
