@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_gemma4 import NUM_EXPERTS, save_tiny_gemma4
+from tiny_gemma4 import NUM_EXPERTS, save_servable_tiny_gemma4
 
 from moeprune.errors import MoepruneError
 from moeprune.llamacpp import build as build_mod
@@ -223,13 +223,7 @@ def test_parallel_slots_share_one_kv_cache_unless_told_not_to():
 # --- with the real build --------------------------------------------------------------------
 def _make_tiny_model(out: Path) -> Path:
     """A tiny random Gemma 4 MoE with the demo's Gemma-4-format tokenizer."""
-    import shutil
-
-    out.mkdir(parents=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # the committed demo's
-        shutil.copy2(DEMO_MODEL / name, out / name)
-    vocab_size = json.loads((DEMO_MODEL / "config.json").read_text())["text_config"]["vocab_size"]
-    return save_tiny_gemma4(out, vocab_size=vocab_size)
+    return save_servable_tiny_gemma4(out)
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def reference_run(demo_run: Path, tmp_path_factory) -> Path:
 
 def test_full_demo_then_everything_skipped(reference_run: Path):
     entries = lock(reference_run)
-    assert set(entries) == {"profile", "dropmap", "prune", "convert-base", "convert-pruned", "quantize-base",
+    assert set(entries) == {"profile", "dropmap", "prune", "convert-base", "convert-pruned", "mmproj", "quantize-base",
                              "quantize-pruned", "eval-base", "eval-pruned", "results", "kld", "card", "manifest"}
     for name in ARTIFACTS:
         assert (reference_run / name).exists(), name
@@ -123,7 +123,7 @@ def test_new_threshold_reruns_dropmap_and_downstream_only(reference_run: Path, t
     result = reproduce(runs, recipe=variant_recipe(min(1.0, worst + 1e-6)))
     statuses = stage_lines(result)
     assert statuses["profile"] == "skipped"
-    for name in ("convert-base", "quantize-base", "eval-base"):
+    for name in ("convert-base", "mmproj", "quantize-base", "eval-base"):
         assert statuses[name] == "skipped", (name, result.stderr)
     for name in ("dropmap", "prune", "convert-pruned", "quantize-pruned", "eval-pruned", "results", "kld", "card",
                  "manifest"):
@@ -254,7 +254,7 @@ def test_editing_code_reruns_exactly_the_stages_that_import_it(reference_run: Pa
     template.write_text(template.read_text(encoding="utf-8") + "\n<!-- edited by a test -->\n", encoding="utf-8")
     statuses = stage_lines(reproduce_in(checkout, runs))
     assert {name for name, status in statuses.items() if status == "ran"} == {"card", "manifest"}, statuses
-    assert len(statuses) == 13 and set(statuses.values()) == {"ran", "skipped"}
+    assert len(statuses) == 14 and set(statuses.values()) == {"ran", "skipped"}
 
     module = checkout / "src" / "moeprune" / "arch" / "gemma4.py"
     module.write_text(module.read_text(encoding="utf-8") + "# edited by a test\n", encoding="utf-8")

@@ -94,7 +94,10 @@ def _reference_total_independent() -> tuple[int, int]:
     layers with 16 q heads of 512 and 2 shared K=V heads, dense MLP 2112, 128 experts of 704,
     vocabulary 262144, tied embedding. Download and pruned checkpoint in bf16 (the pruned one at
     most the base: the recipe's threshold strategy chooses the count later), two f16 GGUFs and two
-    Q4_K_M ones at llama.cpp's nominal 4.85 bits per weight for Q4_K_M."""
+    Q4_K_M ones at llama.cpp's nominal 4.85 bits per weight for Q4_K_M; KLD's reference file (101
+    chunks of 512, the second half of each scored, 2 bytes per vocabulary entry) and its three
+    rivals at their nominal bits per weight (Q3_K_M 3.91, IQ4_XS 4.25, Q4_K_S 4.58). The vision
+    projector (under 1 GB) is left out."""
     hidden, layers = 2816, 30
     text = 262144 * hidden
     for i in range(layers):
@@ -103,19 +106,20 @@ def _reference_total_independent() -> tuple[int, int]:
         else:
             attention = hidden * (16 * 256) * 2 + hidden * (8 * 256) * 2
         text += attention + 3 * hidden * 2112 + 128 * 3 * hidden * 704 + 128 * hidden
-    return text, 2 * (2 * text) + 2 * (2 * text) + 2 * int(text * 4.85 / 8)
+    kld = 101 * 256 * 262144 * 2 + sum(int(text * bpw / 8) for bpw in (3.91, 4.25, 4.58))
+    return text, 2 * (2 * text) + 2 * (2 * text) + 2 * int(text * 4.85 / 8) + kld
 
 
 def test_check_prints_the_reference_disk_plan_offline():
     result = _invoke(["check", "--recipe", str(REFERENCE)], {"MOEPRUNE_RUNS_DIR": "/nonexistent-runs"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "run plan of `invoke reproduce` (13 of 13 stages would run" in out
+    assert "run plan of `invoke reproduce` (14 of 14 stages would run" in out
     assert "pinned config google--gemma-4-26B-A4B-it.json" in out
     assert re.search(r"download of google/gemma-4-26B-A4B-it to the HF cache \d+\.\d\d GB", out)
     total = int(re.search(r"total written: <= [\d.]+ GB \((\d+) bytes", out).group(1))
     stage_lines = [line for line in out.splitlines() if re.match(r"  [a-z-]+ +(disk|cached)", line)]
-    assert len(stage_lines) == 13 and not any("not estimated" in line for line in stage_lines), stage_lines
+    assert len(stage_lines) == 14 and not any("not estimated" in line for line in stage_lines), stage_lines
     # llama-quantize's two 4-byte buffers of the largest tensor it quantizes: the tied embedding.
     assert f"RAM ~{8 * 262144 * 2816 / 1e9:.2f} GB (largest tensor token_embd.weight" in out
     text_params, independent = _reference_total_independent()
@@ -251,7 +255,7 @@ def test_reproduce_refuses_a_run_its_filesystem_cannot_hold(small_tmpfs):
     assert re.search(r"refused before any stage ran: disk plan: stage 'convert-base' would not fit: "
                      r".* \((\d+) bytes = [\d.]+ GB short\); free space, or pass --ignore-disk-plan", error), error
     assert "Traceback" not in result.stderr
-    assert "run plan (13 of 13 stages will run)" in result.stderr
+    assert "run plan (14 of 14 stages will run)" in result.stderr
     # Nothing was written (not even the digest cache) and the run's writer lock was released.
     assert _files_under(small_tmpfs) == []
     again = _invoke(["reproduce", "--no-live"], {"MOEPRUNE_RUNS_DIR": str(small_tmpfs)})
@@ -284,7 +288,7 @@ def test_noop_reproduce_imports_neither_torch_nor_transformers(demo_run, tmp_pat
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     statuses = dict(re.findall(r"^\[(\S+)\] (\w+)", result.stdout + result.stderr, re.M))
-    assert len(statuses) == 13 and set(statuses.values()) == {"skipped"}, statuses
+    assert len(statuses) == 14 and set(statuses.values()) == {"skipped"}, statuses
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "transformers"))
     assert heavy == [], heavy[:5]

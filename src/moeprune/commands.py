@@ -52,6 +52,7 @@ def write_recipe_schema(target: Path) -> TaskResult:
 
 def check(recipe_path: Path) -> TaskResult:
     """Validate a recipe, its inputs and everything a stage would refuse later; run nothing."""
+    from moeprune.kld.heldout import describe_source
     from moeprune.preflight import preflight
 
     recipe = load_recipe(recipe_path)
@@ -60,6 +61,7 @@ def check(recipe_path: Path) -> TaskResult:
     if not report.ok:
         return TaskResult(tuple(lines), failure=report.failure(recipe.source_path, "preflight failed"))
     lines.append(f"recipe '{recipe.name}' is valid ({recipe.source_path}); {report.checked} preflight checks passed")
+    lines.append(describe_source(recipe))
     from moeprune.profile.memory_plan import check_memory_plan
 
     lines += check_memory_plan(recipe)

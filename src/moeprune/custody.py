@@ -8,6 +8,10 @@ Each link is a record moeprune writes when it makes the next file:
    was quantized from (and ``imatrix_sha256``);
 3. ``eval/<model>/run.json``: ``gguf.sha256``, the GGUF the server served while the samples were
    scored (the scores themselves are recomputed from the samples by verify's other checks).
+4. ``mmproj-<TYPE>.gguf.json`` of the vision projector (stage ``mmproj``), converted from the base:
+   ``tower_sha256``, the digest of the tower tensors it was made from, which must equal the
+   published checkpoint's (:func:`moeprune.llamacpp.mmproj.tower_digest`): pruning leaves the tower
+   untouched, so the base's projector serves the pruned model.
 
 :func:`chain_problems` follows every GGUF of the manifest back to the safetensors: the pruned
 model's to the published shards, the base model's to the base checkpoint's (when given). A GGUF,
@@ -44,13 +48,15 @@ def gguf_entries(manifest: Mapping[str, Any]) -> dict[str, tuple[str, dict[str, 
 
 
 def chain_problems(manifest: Mapping[str, Any], records: Mapping[str, dict[str, Any] | None],
-                   served: Mapping[str, dict[str, Any]], base_files: Mapping[str, str] | None) -> Chain:
+                   served: Mapping[str, dict[str, Any]], base_files: Mapping[str, str] | None,
+                   published_tower: str | None = None) -> Chain:
     """Follow every link.
 
     ``records``: {GGUF file: its ``.gguf.json`` record, or None when the record is listed but not
     at hand (a GGUF repository not downloaded, an unpublished base record)}; a GGUF whose record
     the manifest does not list at all is a finding. ``served``: {model: ``eval/<model>/run.json``}.
     ``base_files``: {file name: sha256} of the base checkpoint (``--base``), or None.
+    ``published_tower``: the tower digest of the published checkpoint (None: not computed).
     """
     chain = Chain()
     ggufs = gguf_entries(manifest)
@@ -94,6 +100,8 @@ def chain_problems(manifest: Mapping[str, Any], records: Mapping[str, dict[str, 
                 chain.problems.append(f"gguf:{name}: made with an importance matrix of sha256 {imatrix}, which is no "
                                       f"file of the {role} model in the manifest")
                 ok = False
+        elif record.get("stage") == "mmproj":
+            ok = _projector_of(name, record, published_tower, base_files, chain)
         elif record.get("stage") == "imatrix":
             parent = by_sha.get((role, str(record.get("gguf_sha256"))))
             ok = parent is not None and descends(parent, seen | {name})
@@ -101,7 +109,7 @@ def chain_problems(manifest: Mapping[str, Any], records: Mapping[str, dict[str, 
                 chain.problems.append(f"gguf:{name}: computed on a GGUF with sha256 {record.get('gguf_sha256')}, which "
                                       f"is no GGUF of the {role} model in the manifest")
         else:
-            chain.problems.append(f"gguf:{name}.json: stage {record.get('stage')!r} is not convert, quantize or imatrix")
+            chain.problems.append(f"gguf:{name}.json: stage {record.get('stage')!r} is not convert, quantize, imatrix or mmproj")
         chain.descends[name] = ok
         return ok
 
@@ -149,6 +157,27 @@ def _converted_from(name: str, role: str, record: Mapping[str, Any], published: 
         chain.problems.append(f"gguf:{name}: does not descend from {what} safetensors: converted from "
                               + "; ".join(wrong[:4]) + (f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""))
         return False
+    chain.links += 1
+    return True
+
+
+def _projector_of(name: str, record: Mapping[str, Any], published_tower: str | None,
+                  base_files: Mapping[str, str] | None, chain: Chain) -> bool:
+    """A projector serves the published model when it was converted from the tower the published
+    checkpoint holds (and, given ``--base``, from the base's own files)."""
+    tower = record.get("tower_sha256")
+    if not tower:
+        chain.problems.append(f"gguf:{name}.json: no tower_sha256 (the digest of the tower it was converted from)")
+        return False
+    if published_tower is None:
+        chain.notes.append(f"{name}: the published checkpoint's tower not compared")
+        return True
+    if tower != published_tower:
+        chain.problems.append(f"gguf:{name}: converted from a vision tower with digest {tower}, but the published "
+                              f"checkpoint's tower has {published_tower}: this projector does not serve the model")
+        return False
+    if base_files is not None:
+        return _converted_from(name, "base", record, {}, base_files, chain)
     chain.links += 1
     return True
 

@@ -7,7 +7,9 @@
     ``gguf/``                     GGUF files (base and pruned, converted and quantized) + records:
                                   ``<name>-<TYPE>.gguf`` (pruned), ``base-<TYPE>.gguf`` (base, not
                                   published), ``<file>.gguf.json`` beside each, and
-                                  ``<stem>.imatrix.gguf`` when the recipe asks for an imatrix
+                                  ``<stem>.imatrix.gguf`` when the recipe asks for an imatrix;
+                                  ``mmproj-<TYPE>.gguf``: a multimodal base's vision projector
+                                  (published: the pruned model keeps the base's tower)
     ``eval/``                     lm-eval outputs, per-sample logs, ``results.json``, ``kld.json``
     ``kld/``                      reference log-probabilities and rival quants of the kld stage
     ``card/``                     rendered README.md (model card) and plots
@@ -31,6 +33,7 @@ from typing import Literal
 
 Model = Literal["base", "pruned"]
 BASE_GGUF_PREFIX = "base"
+MMPROJ_PREFIX = "mmproj"
 # GGUF types (F32, BF16, Q4_K_M, IQ4_XS...) never contain '-', so "<prefix>-<TYPE>" parses one way.
 _GGUF_NAME = r"-(?P<type>[A-Za-z0-9_]+)(?:\.imatrix)?\.gguf(?:\.json)?"
 
@@ -94,6 +97,10 @@ class RunLayout:
     def gguf_record_path(gguf: Path) -> Path:
         """The conversion/quantization record written beside a GGUF (``<file>.gguf.json``)."""
         return gguf.with_name(gguf.name + ".json")
+
+    def mmproj_path(self, gguf_type: str) -> Path:
+        """The vision projector of ``gguf_type``, converted once from the base (moeprune.llamacpp.mmproj)."""
+        return self.gguf_dir / f"{MMPROJ_PREFIX}-{gguf_type.upper()}.gguf"
 
     def imatrix_path(self, which: Model, source_type: str) -> Path:
         """The importance matrix computed from the ``which`` model's ``source_type`` GGUF."""

@@ -272,6 +272,26 @@ class EvalSection(_Section):
     bootstrap_resamples: int = Field(default=10000, ge=100, description="Paired bootstrap resamples.")
 
 
+class HeldOutSource(_Section):
+    """A held-out text fetched from a Hub dataset when the kld stage runs, pinned by commit and by the
+    sha256 of the text moeprune builds from it (the split's ``column`` joined as is: each row of
+    wikitext keeps its own newline). The stage refuses a text whose sha256 differs."""
+
+    dataset: str = Field(description="Hub dataset id (e.g. Salesforce/wikitext), read with `datasets`.")
+    config: str = Field(description="Dataset configuration (e.g. wikitext-2-raw-v1).")
+    split: str = Field(description="Split (e.g. test).")
+    revision: str = Field(pattern=r"^[0-9a-f]{40}$", description="The dataset's commit sha (40 hex digits).")
+    sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of the built text; unset: the stage fetches and builds it, then refuses, printing "
+        "the value to pin.",
+    )
+    column: str = Field(default="text", description="The column whose rows are joined into the text.")
+
+    def describe(self) -> str:
+        return f"{self.dataset}@{self.revision[:12]} ({self.config}, {self.split} split)"
+
+
 class KldSection(_Section):
     """Teacher-forced agreement with the base model: llama-perplexity's KL divergence.
 
@@ -286,6 +306,9 @@ class KldSection(_Section):
         description="Held-out plain-text file (not the calibration prompts), relative to the recipe file; "
         "required when enabled.",
     )
+    source: HeldOutSource | None = Field(
+        default=None, description="A held-out text fetched from a pinned Hub dataset instead of a local kld.text.",
+    )
     ctx_size: int = Field(default=512, ge=16, description="Tokens per chunk; the second half of each is scored.")
     chunks: int | None = Field(
         default=None, ge=1,
@@ -296,6 +319,11 @@ class KldSection(_Section):
         description="llama-quantize types the base is quantized to; the one whose file size is closest to the "
         "pruned eval quant is the equal-size rival (every one is measured and plotted).",
     )
+    work_dir: str | None = Field(
+        default=None,
+        description="Directory for the reference log-probabilities, the rival quants and a fetched text (large, "
+        "never published), relative to the recipe file; one subdirectory per run. Default: the run's kld/.",
+    )
     self_kld_tolerance: float = Field(
         default=1e-3, gt=0,
         description="The reference measured against its own saved log-probabilities must give |KLD| at most "
@@ -304,8 +332,11 @@ class KldSection(_Section):
 
     @model_validator(mode="after")
     def _text_when_enabled(self) -> KldSection:
-        if self.enabled and not self.text:
-            raise ValueError("kld.enabled needs kld.text, a held-out plain-text file (or set enabled = false)")
+        if self.text and self.source is not None:
+            raise ValueError("kld.text and kld.source both name the held-out text: keep one")
+        if self.enabled and not self.text and self.source is None:
+            raise ValueError("kld.enabled needs kld.text, a held-out plain-text file, or kld.source, a pinned Hub "
+                             "dataset (or set enabled = false)")
         return self
 
 

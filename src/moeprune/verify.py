@@ -678,6 +678,16 @@ def checkpoint_file_hashes(model_dir: Path) -> dict[str, str]:
     return {name: sha256_file(model_dir / name) for name in names if (model_dir / name).is_file()}
 
 
+def _published_tower(art: _Artifact, records: dict[str, dict[str, Any] | None]) -> str | None:
+    """The published checkpoint's tower digest, read only when a projector record asks for it."""
+    from moeprune.llamacpp.mmproj import STAGE, tower_digest
+
+    wanted = any(isinstance(r, dict) and r.get("stage") == STAGE for r in records.values())
+    if not wanted or not (art.source.model_dir / "config.json").is_file():
+        return None
+    return tower_digest(art.source.model_dir)[0]
+
+
 def _check_custody(report: VerifyReport, art: _Artifact, base_dir: Path | None) -> None:
     """safetensors -> converted GGUF -> quantized GGUF -> eval run.json, by record (moeprune.custody), and
     each unquantized GGUF at hand compared with its safetensors (moeprune.gguf_match)."""
@@ -699,7 +709,7 @@ def _check_custody(report: VerifyReport, art: _Artifact, base_dir: Path | None) 
         for run_json in sorted(art.source.eval_dir.glob(f"*/{RUN_RECORD_NAME}")):
             served[run_json.parent.name] = json.loads(run_json.read_text(encoding="utf-8"))
     base_files = checkpoint_file_hashes(base_dir) if base_dir is not None else None
-    chain = chain_problems(art.manifest, records, served, base_files)
+    chain = chain_problems(art.manifest, records, served, base_files, _published_tower(art, records))
     passed = f"{chain.links} links followed from the safetensors to the scored samples"
     if chain.notes:
         passed += "; not followed: " + "; ".join(chain.notes)

@@ -32,6 +32,7 @@ from moeprune.kld.report import (
     row_numbers,
     self_check,
 )
+from moeprune.kld.paths import kld_work_dir
 from moeprune.layout import RunLayout
 from moeprune.llamacpp.build import LlamaCppBuild
 from moeprune.llamacpp.perplexity import (
@@ -43,25 +44,30 @@ from moeprune.llamacpp.perplexity import (
 from moeprune.recipe import Recipe
 
 
-def _gguf_entry(path: Path, layout: RunLayout) -> dict[str, Any]:
-    return {"file": _shown(path, layout), "sha256": sha256_file(path), "size_bytes": path.stat().st_size}
+def _gguf_entry(path: Path, layout: RunLayout, work: Path) -> dict[str, Any]:
+    return {"file": _shown(path, layout, work), "sha256": sha256_file(path), "size_bytes": path.stat().st_size}
 
 
-def _shown(path: Path, layout: RunLayout) -> str:
-    try:
-        return Path(path).resolve().relative_to(layout.root.resolve()).as_posix()
-    except ValueError:
-        return Path(path).name
+def _shown(path: Path, layout: RunLayout, work: Path) -> str:
+    """A file as recorded: relative to the run directory; one in the work directory as ``kld/<file>``
+    wherever kld.work_dir put it."""
+    resolved = Path(path).resolve()
+    for root, prefix in ((work.resolve(), Path(layout.kld_work_dir.name)), (layout.root.resolve(), Path())):
+        try:
+            return (prefix / resolved.relative_to(root)).as_posix()
+        except ValueError:
+            continue
+    return Path(path).name
 
 
-def _stable_command(command: list[str], layout: RunLayout, text_path: Path) -> list[str]:
+def _stable_command(command: list[str], layout: RunLayout, work: Path, text_path: Path) -> list[str]:
     """The command as recorded: the binary by name, run files relative to the run directory."""
     out = [Path(command[0]).name]
     for arg in command[1:]:
         if arg == str(text_path):
             out.append(text_path.name)
         elif "/" in arg and not arg.startswith("-"):
-            out.append(_shown(Path(arg), layout))
+            out.append(_shown(Path(arg), layout, work))
         else:
             out.append(arg)
     return out
@@ -89,7 +95,7 @@ def _candidate_gguf(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild, qty
     if qtype.upper() in (t.upper() for t in recipe.quantize.types):
         return gguf_path(recipe, "base", qtype, layout)
     source = gguf_path(recipe, "base", recipe.quantize.convert_outtype, layout)
-    target = layout.kld_work_dir / f"base-{qtype.upper()}.gguf"
+    target = kld_work_dir(recipe, layout) / f"base-{qtype.upper()}.gguf"
     record_path = target.with_name(target.name + ".json")
     if target.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -109,7 +115,7 @@ def _reference_logits(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild, r
         "reference_sha256": sha256_file(reference), "text_sha256": sha256_file(text_path), "build": build.key,
         **{name: settings[name] for name in ("ctx_size", "chunks", "n_gpu_layers")},
     })[:16]
-    work = layout.kld_work_dir
+    work = kld_work_dir(recipe, layout)
     logits = work / f"reference-{key}.kld"
     output_path = work / f"reference-{key}.out"
     command = perplexity_command(build, reference, text_path, logits, ctx_size=settings["ctx_size"], compare=False,
@@ -138,6 +144,7 @@ def _reference_logits(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild, r
 
 def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str, Any]:
     """Measure every GGUF against the reference; write eval/kld.json and its evidence. Returns kld.json."""
+    from moeprune.kld.heldout import heldout_text
     from moeprune.llamacpp.stages import gguf_path
     from moeprune.schemas import validate
 
@@ -148,10 +155,7 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
         write_json(layout.kld_path, document)
         layout.kld_evidence_dir.mkdir(parents=True, exist_ok=True)
         return document
-    text_path = recipe.kld_text_path
-    assert text_path is not None  # the recipe validator requires it
-    if not text_path.is_file():
-        raise KldError(f"kld.text = {section.text!r}: file not found ({text_path})")
+    text_path = heldout_text(recipe, layout)
     outtype = recipe.quantize.convert_outtype
     eval_type = recipe.quantize.eval_type
     reference = gguf_path(recipe, "base", outtype, layout)
@@ -159,6 +163,7 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
         if not path.is_file():
             raise KldError(f"{path}: not found; run the convert and quantize stages first")
     settings = _settings(recipe)
+    work = kld_work_dir(recipe, layout)
     logits, reference_output, reference_command = _reference_logits(recipe, layout, build, reference, text_path)
 
     # (label, model, quant type, role, file)
@@ -196,8 +201,8 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
         evidence[f"{label}.txt"] = kept
         rows.append({
             "label": label, "model": model, "quant_type": qtype, "role": role,
-            "gguf": _gguf_entry(path, layout),
-            "command": _stable_command(command, layout, text_path),
+            "gguf": _gguf_entry(path, layout, work),
+            "command": _stable_command(command, layout, work, text_path),
             "evidence": f"kld/{label}.txt",
             "evidence_sha256": _sha256_text(kept),
             **row_numbers(kept, reference_ppl, f"{label}.txt"),
@@ -219,8 +224,8 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
         "llamacpp_build": build.key,
         "reference": {
             "label": f"base-{outtype.upper()}",
-            "gguf": _gguf_entry(reference, layout),
-            "command": _stable_command(reference_command, layout, text_path),
+            "gguf": _gguf_entry(reference, layout, work),
+            "command": _stable_command(reference_command, layout, work, text_path),
             "evidence": "kld/reference.txt",
             "evidence_sha256": _sha256_text(reference_evidence),
             **reference_numbers(reference_evidence, "reference.txt"),

@@ -12,11 +12,13 @@ many experts, and the general metadata names the base model. The file only appea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from moeprune.llamacpp.process import last_error_line, no_output_error, run_logg
 from moeprune.llamacpp.quantize import public_record
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+CONVERTER = "convert_hf_to_gguf.py"  # in the pinned llama.cpp tree
 # Tensors whose last GGUF dimension is the expert axis (ne order: fastest dimension first).
 _EXPERT_TENSOR_RE = re.compile(r"^blk\.\d+\.ffn_(gate|up|down|gate_up)_exps\.weight$|^blk\.\d+\.ffn_gate_inp\.weight$")
 
@@ -95,17 +98,11 @@ def base_model_of(hf_dir: Path) -> dict[str, str]:
     return entry
 
 
-def check_gguf(
-    gguf_root: Path,
-    gguf_path: Path,
-    num_experts: int | None,
-    base_model_name: str | None,
-    adapter: Any = None,
-) -> dict[str, Any]:
-    """Check a GGUF against the expected expert count and base model; return what was checked.
+def read_gguf_info(gguf_root: Path, gguf_path: Path) -> dict[str, Any]:
+    """Architecture, metadata (``general.*`` and ``<arch>.*``), tensor shapes and types of a GGUF.
 
     Runs the pinned gguf-py (``<gguf_root>/gguf-py``) in a subprocess so this process never
-    imports a second, different ``gguf`` package. Raises GGUFCheckError on any mismatch.
+    imports a second, different ``gguf`` package. Raises GGUFCheckError when it cannot be read.
     """
     script = r"""
 import json, sys
@@ -133,8 +130,21 @@ json.dump({"arch": arch, "metadata": metadata, "tensors": tensors, "types": type
     if result.returncode != 0:
         said = last_error_line(result.stderr) or f"the reader exited {result.returncode}"
         raise GGUFCheckError(f"{gguf_path}: not a readable GGUF: {said}")
-    info = json.loads(result.stdout)
-    return verify_gguf_info(info, gguf_path, num_experts, base_model_name, adapter)
+    return json.loads(result.stdout)
+
+
+def check_gguf(
+    gguf_root: Path,
+    gguf_path: Path,
+    num_experts: int | None,
+    base_model_name: str | None,
+    adapter: Any = None,
+) -> dict[str, Any]:
+    """Check a GGUF against the expected expert count and base model; return what was checked.
+
+    Raises GGUFCheckError on any mismatch.
+    """
+    return verify_gguf_info(read_gguf_info(gguf_root, gguf_path), gguf_path, num_experts, base_model_name, adapter)
 
 
 def verify_gguf_info(
@@ -187,6 +197,52 @@ def verify_gguf_info(
     }
 
 
+@contextlib.contextmanager
+def converter_output(
+    build: LlamaCppBuild,
+    hf_dir: Path,
+    out_path: Path,
+    outtype: str,
+    metadata_override: dict[str, Any],
+    *,
+    extra_args: tuple[str, ...] = (),
+    log_path: Path | None = None,
+) -> Iterator[Path]:
+    """Run the pinned convert_hf_to_gguf.py on ``hf_dir`` (offline, with ``metadata_override`` and
+    ``extra_args``, e.g. ``--mmproj``) into a temporary file beside ``out_path``; yield that file.
+    The caller checks it and moves it to ``out_path``; whatever is left goes with the temporary
+    directory, so nothing half-written ever has the final name."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    converter = build.root / CONVERTER
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.tmp-", dir=out_path.parent) as tmp:
+        tmp_dir = Path(tmp)
+        override_path = tmp_dir / "metadata.json"
+        override_path.write_text(json.dumps(metadata_override))
+        tmp_out = tmp_dir / out_path.name
+        command = [
+            sys.executable, str(converter), str(hf_dir), "--outfile", str(tmp_out),
+            "--outtype", outtype, "--metadata", str(override_path), *extra_args,
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(build.root / "gguf-py"),
+            # Conversion is offline: everything it needs is in hf_dir.
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
+        env.pop("NO_LOCAL_GGUF", None)
+        output = run_logged(command, log_path, CONVERTER, env=env, writing=out_path)
+        if not tmp_out.is_file():
+            raise no_output_error(CONVERTER, output, tmp_out, log_path)
+        yield tmp_out
+
+
+def build_fields(build: LlamaCppBuild) -> dict[str, Any]:
+    """The converter and build every conversion record names."""
+    return {"converter": CONVERTER, "llamacpp_key": build.key,
+            "llama_cpp_commit": build.record.get("source", {}).get("llama_cpp_commit")}
+
+
 def convert_to_gguf(
     build: LlamaCppBuild,
     hf_dir: Path,
@@ -205,59 +261,44 @@ def convert_to_gguf(
     """
     hf_dir = Path(hf_dir)
     out_path = Path(out_path)
-    if outtype not in OUTTYPES:
-        raise MoepruneError(f"quantize.convert_outtype = {outtype!r}: use one of {', '.join(OUTTYPES)}")
+    check_outtype(outtype)
     spec = hf_spec(hf_dir)
     shards = check_shards(hf_dir)
     source_files = source_file_hashes(hf_dir, shards)  # before converting: what the converter reads
     adapter = spec.adapter
     num_experts = spec.num_experts_stated
     base = base_model_of(hf_dir)
-    metadata_override = {
+    metadata_override: dict[str, Any] = {
         "general.base_models": [{k: v for k, v in base.items() if k != "id"}],
     }
     if model_name:
         metadata_override["general.name"] = model_name
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    converter = build.root / "convert_hf_to_gguf.py"
-    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.tmp-", dir=out_path.parent) as tmp:
-        tmp_dir = Path(tmp)
-        override_path = tmp_dir / "metadata.json"
-        override_path.write_text(json.dumps(metadata_override))
-        tmp_out = tmp_dir / out_path.name
-        command = [
-            sys.executable, str(converter), str(hf_dir), "--outfile", str(tmp_out),
-            "--outtype", outtype, "--metadata", str(override_path), *adapter.gguf_convert_args,
-        ]
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(build.root / "gguf-py"),
-            # Conversion is offline: everything it needs is in hf_dir.
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-        }
-        env.pop("NO_LOCAL_GGUF", None)
-        output = run_logged(command, log_path, "convert_hf_to_gguf.py", env=env, writing=out_path)
-        if not tmp_out.is_file():
-            raise no_output_error("convert_hf_to_gguf.py", output, tmp_out, log_path)
+    with converter_output(build, hf_dir, out_path, outtype, metadata_override,
+                          extra_args=tuple(adapter.gguf_convert_args), log_path=log_path) as tmp_out:
         checks = check_gguf(build.root, tmp_out, num_experts, base["name"], adapter)
-        record = {
-            "stage": "convert",
-            "converter": str(converter.relative_to(build.root)),
-            "llamacpp_key": build.key,
-            "llama_cpp_commit": build.record.get("source", {}).get("llama_cpp_commit"),
-            "hf_dir_name": hf_dir.resolve().name,
-            "hf_config_sha256": source_files["config.json"],
-            "source_files": source_files,
-            "num_experts": num_experts,
-            "outtype": outtype,
-            "base_model": base,
-            "out_path": str(out_path),
-            "file": out_path.name,
-            "size_bytes": tmp_out.stat().st_size,
-            "sha256": sha256_file(tmp_out),
-            "checks": checks,
-        }
-        os.replace(tmp_out, out_path)
+        return publish_conversion(build, hf_dir, tmp_out, out_path, {
+            "stage": "convert", "hf_config_sha256": source_files["config.json"], "source_files": source_files,
+            "num_experts": num_experts, "outtype": outtype, "base_model": base, "checks": checks})
+
+
+def publish_conversion(build: LlamaCppBuild, hf_dir: Path, tmp_out: Path, out_path: Path,
+                       fields: dict[str, Any]) -> dict[str, Any]:
+    """Move a checked conversion to ``out_path`` and write its record (``fields`` plus the build, the
+    source directory's name and the file's size and sha256) beside it, without local paths."""
+    record = {
+        **fields,
+        **build_fields(build),
+        "hf_dir_name": hf_dir.resolve().name,
+        "out_path": str(out_path),
+        "file": out_path.name,
+        "size_bytes": tmp_out.stat().st_size,
+        "sha256": sha256_file(tmp_out),
+    }
+    os.replace(tmp_out, out_path)
     write_json(out_path.with_name(out_path.name + ".json"), public_record(record))
     return record
+
+
+def check_outtype(outtype: str) -> None:
+    if outtype not in OUTTYPES:
+        raise MoepruneError(f"quantize.convert_outtype = {outtype!r}: use one of {', '.join(OUTTYPES)}")

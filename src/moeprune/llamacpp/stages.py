@@ -70,6 +70,20 @@ def convert_stage(
     )
 
 
+def mmproj_stage(recipe: Recipe, hf_dir: Path, *, layout: RunLayout | None = None,
+                 build: LlamaCppBuild | None = None) -> dict[str, Any] | None:
+    """Convert the base's vision projector at quantize.convert_outtype (the record), or None when
+    the base has no vision tower (then nothing is written)."""
+    from moeprune.llamacpp.mmproj import convert_mmproj, has_vision_tower
+
+    if not has_vision_tower(hf_dir):
+        return None
+    layout = layout or RunLayout.for_recipe(recipe.name)
+    out_path = layout.mmproj_path(recipe.quantize.convert_outtype)
+    return convert_mmproj(build or ensure_llamacpp(recipe.llamacpp), hf_dir, out_path, recipe.quantize.convert_outtype,
+                          log_path=layout.log_path(f"convert-{out_path.stem}"))
+
+
 def quantize_stage(
     recipe: Recipe,
     which: Which = "pruned",
@@ -103,6 +117,12 @@ def quantize_stage(
     return records
 
 
+def mmproj_flags(recipe: Recipe, layout: RunLayout) -> list[str]:
+    """``--mmproj FILE`` when the run has a vision projector (then the served model takes images)."""
+    projector = layout.mmproj_path(recipe.quantize.convert_outtype)
+    return ["--mmproj", str(projector)] if projector.is_file() else []
+
+
 def serve_stage(
     recipe: Recipe,
     which: Which = "pruned",
@@ -119,7 +139,7 @@ def serve_stage(
     # (SIGINT too: a shell starts background jobs with SIGINT ignored).
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with LlamaServer(build, path, recipe.serve, log_path, port=port) as server:
+        with LlamaServer(build, path, recipe.serve, log_path, port=port, extra_flags=mmproj_flags(recipe, layout)) as server:
             say(f"llama-server ready: {server.base_url}/v1 (OpenAI API), web UI off; log: {log_path}")
             say(f"flags: {' '.join(server.flags)}")
             say("Ctrl-C stops it.")

@@ -1,6 +1,6 @@
 """The stages of `invoke reproduce`, wired to the stage functions of each package.
 
-profile -> dropmap -> prune -> convert-base -> convert-pruned -> quantize-base -> quantize-pruned
+profile -> dropmap -> prune -> convert-base -> convert-pruned -> mmproj -> quantize-base -> quantize-pruned
 -> eval-base -> eval-pruned -> results -> kld -> card -> manifest
 
 Base and pruned models have stages of their own, so a new drop map reruns only the pruned side:
@@ -93,6 +93,22 @@ def _convert(which: str):
         return {"size_bytes": record["size_bytes"]}
 
     return action
+
+
+def _mmproj(ctx: Context) -> dict[str, Any]:
+    from moeprune.llamacpp.stages import mmproj_stage
+
+    record = mmproj_stage(ctx.recipe, base_dir(ctx), layout=ctx.layout, build=llamacpp_build(ctx))
+    return {} if record is None else {"size_bytes": record["size_bytes"]}
+
+
+def _mmproj_outs(ctx: Context) -> list[Path]:
+    """The projector and its record when the base has a vision tower; nothing for a text-only base."""
+    from moeprune.arch import inspect
+
+    if "vision" not in inspect(base_dir(ctx), "base model's config.json").towers:
+        return []
+    return _with_records([ctx.layout.mmproj_path(ctx.recipe.quantize.convert_outtype)])
 
 
 def _quantize(which: str):
@@ -233,6 +249,10 @@ def build_pipeline() -> Pipeline:
             deps=lambda c, w=which: [_hf_dir(c, w)],
             outs=lambda c, w=which: _with_records([gguf_file(c, w, c.recipe.quantize.convert_outtype)]),
             params=lambda r: {"convert_outtype": r.quantize.convert_outtype, "name": r.model.name}, tools=llamacpp_tools))
+    stages.append(Stage(
+        "mmproj", "convert the base's vision projector (multimodal bases only; it serves the pruned model too)",
+        _mmproj, deps=lambda c: [base_dir(c)], outs=_mmproj_outs,
+        params=lambda r: {"convert_outtype": r.quantize.convert_outtype}, tools=llamacpp_tools))
     for which in MODELS:
         stages.append(Stage(
             f"quantize-{which}", f"quantize the {which} GGUF", _quantize(which),

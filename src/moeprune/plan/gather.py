@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from moeprune.errors import MoepruneError
+from moeprune.kld.paths import kld_work_dir
 from moeprune.layout import RunLayout
 from moeprune.plan.disk import GB, Shortfall, StagePlan, Write, first_shortfall, human, plan_lines
 from moeprune.plan.ggml import GgufTensor, QuantModel, allows_quantization, gguf_bytes, quantized_types, tensor_bytes
-from moeprune.plan.shapes import (ModelShapes, gguf_tensors, known_shapes, model_facts, n_gqa, pruned_shapes,
-                                  read_shapes)
+from moeprune.plan.shapes import (ModelShapes, gguf_tensors, has_vision_tower, known_shapes, mmproj_tensors,
+                                  model_facts, n_gqa, pruned_shapes, read_shapes)
 
 
 class DiskPlanError(MoepruneError):
@@ -136,7 +137,10 @@ def _largest(tensors: Sequence[GgufTensor]) -> GgufTensor:
 def _convert_memory(shapes: ModelShapes, outtype: str) -> str:
     """The pinned converter writes one tensor at a time: it widens each to F32 and writes it at
     ``outtype``, so its peak is about the largest tensor at 4 + outtype bytes per element."""
-    tensors = gguf_tensors(shapes, outtype)
+    return _convert_memory_of(gguf_tensors(shapes, outtype), outtype)
+
+
+def _convert_memory_of(tensors: Sequence[GgufTensor], outtype: str) -> str:
     big = _largest(tensors)
     per_element = 4 + tensor_bytes(outtype.upper(), 1, 1)
     return f"RAM ~{human(big.numel * per_element)} (largest tensor {big.name} at F32 + {outtype.upper()})"
@@ -217,8 +221,14 @@ def run_plan(recipe: Any, layout: RunLayout, will_run: Collection[str], stage_na
         memory[f"quantize-{which}"] = _quantize_memory(shapes, quantize.convert_outtype)
         eval_gguf = gguf_size(shapes, quantize.convert_outtype, quantize.eval_type, experts)
         memory[f"eval-{which}"] = _served_memory(eval_gguf, recipe.serve.n_gpu_layers, num_layers)
+    if has_vision_tower(base.config):
+        projector = layout.mmproj_path(quantize.convert_outtype)
+        tensors = mmproj_tensors(base, quantize.convert_outtype)
+        writes["mmproj"].append(write(f"vision projector {projector.name}", projector,
+                                      gguf_bytes(tensors, [t.gguf_type for t in tensors])))
+        memory["mmproj"] = _convert_memory_of(tensors, quantize.convert_outtype)
     if recipe.kld.enabled:
-        work = layout.kld_work_dir
+        work = kld_work_dir(recipe, layout)
         writes["kld"].append(Write("reference log-probabilities", work / "reference.kld",
                                    kld_reference_bytes(_vocab(base), recipe.kld.chunks, recipe.kld.ctx_size)))
         for qtype in recipe.kld.rival_types:

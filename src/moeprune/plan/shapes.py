@@ -167,6 +167,32 @@ def gguf_tensors(shapes: ModelShapes, outtype: str) -> list[GgufTensor]:
     return sorted(out, key=lambda t: _file_order(t.name))
 
 
+def has_vision_tower(config: Mapping[str, Any]) -> bool:
+    return isinstance(config.get("vision_config"), dict)
+
+
+def mmproj_tensors(shapes: ModelShapes, outtype: str) -> list[GgufTensor]:
+    """The vision projector's tensors (``convert_hf_to_gguf.py --mmproj``) at ``outtype``: every
+    vision tower tensor, with the audio tower's when the config has one; 1-D tensors and the
+    position table stay F32, and a row the type's blocks cannot hold is written at F16."""
+    from moeprune.arch.base import TOWER_MARKERS
+    from moeprune.plan.ggml import TYPE_TRAITS
+
+    towers = [m for m in TOWER_MARKERS if "audio" not in m or isinstance(shapes.config.get("audio_config"), dict)]
+    out = []
+    for tensor in shapes.tensors:
+        if not any(marker in tensor.name for marker in towers):
+            continue
+        ncols = tensor.shape[-1] if tensor.shape else 1
+        gguf_type = outtype.upper()
+        if len(tensor.shape) < 2 or "position_embedding" in tensor.name:
+            gguf_type = "F32"
+        elif ncols % TYPE_TRAITS[gguf_type][0]:
+            gguf_type = "F16"
+        out.append(GgufTensor(tensor.name, ncols, tensor.numel, len(tensor.shape), gguf_type))
+    return out
+
+
 def _file_order(name: str) -> tuple[int, str]:
     parts = name.split(".")
     return (int(parts[1]) if parts[0] == "blk" and parts[1].isdigit() else -1, name)
