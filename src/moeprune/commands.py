@@ -226,7 +226,7 @@ def stage(name: str, recipe_path: Path) -> TaskResult:
 
 
 def compare_criteria(recipe_path: Path, docs_dir: Path, limit: int | None = None, accuracy: bool = True) -> TaskResult:
-    from moeprune.dropmap.compare import run_compare_criteria
+    from moeprune.demo.criteria import run_compare_criteria
 
     recipe = _load(recipe_path, "dropmap", check_inputs=False)
     result = run_compare_criteria(recipe, RunLayout.for_recipe(recipe.name), docs_dir, limit=limit, accuracy=accuracy)
