@@ -39,7 +39,7 @@ class PartialLog:
             self._handle.close()
 
 
-def _recording_model_class() -> type:
+def recording_model_class() -> type:
     """Subclass of lm-eval's LocalChatCompletion that logs each answered request.
 
     Built lazily so importing moeprune.eval does not import lm-eval.

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from moeprune.atomic import atomic_file
 from moeprune.eval.failure import EvalError, classify_failure
-from moeprune.eval.recording import PARTIAL_LOG_NAME, PartialLog, _recording_model_class
+from moeprune.eval.recording import PARTIAL_LOG_NAME, PartialLog, recording_model_class
 from moeprune.eval.records import reported_scores, seeds_of, stable_paths
 from moeprune.eval.rescore import LM_EVAL_RESULTS_NAME
 from moeprune.eval.samples import read_sample_log, sample_log_name, with_finish_reasons, write_sample_log
@@ -111,7 +111,7 @@ def _simple_evaluate(section: EvalSection, model: str, server: ServedModel, task
     says why (server died, timeout, lost connection) and where the answers received so far are."""
     import lm_eval
 
-    lm = _recording_model_class()(partial_log=partial, **model_args)
+    lm = recording_model_class()(partial_log=partial, **model_args)
     try:
         with private_datasets_cache(model_dir / DATASETS_CACHE_NAME):
             return lm_eval.simple_evaluate(
