@@ -33,7 +33,7 @@ from moeprune.profile.loading import (
     model_sha256,
     tokenizer_sha256,
 )
-from moeprune.profile.progress import phase_progress
+from moeprune.progress import phase as phase_progress
 from moeprune.profile.replay import ReplayResult, replay_sequences
 from moeprune.profile.streamed import StreamInfo, replay_streamed
 from moeprune.profile.stats import ProfileStats, build_stats, max_activation_norm, save_stats
