@@ -218,7 +218,8 @@ def test_the_replay_sums_of_every_rank_meet_in_rank_order():
 def test_a_failed_launch_is_one_line():
     own = "error: data-parallel profile, rank 0: gathering failed because another rank stopped (x)\nerror: prompts.jsonl:3: bad\n"
     assert failure_message(own, 1) == "prompts.jsonl:3: bad"
-    report = ("[0]:\n  time      : 2026-12-07_15:00:00\n  host      : h\n  rank      : 1 (local_rank: 1)\n"
-              "  exitcode  : -9 (pid: 42)\n")
+    report = ("Failures:\n[1]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : -15 (pid: 41)\n"
+              "Root Cause (first observed failure):\n[0]:\n  time      : 2026-12-07_15:00:00\n  host      : h\n"
+              "  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 42)\n")
     assert failure_message(report, 1) == "data-parallel profile: rank 1 ended with signal 9; nothing was written"
     assert failure_message("", 3) == "data-parallel profile: torchrun ended with exit code 3; nothing was written"

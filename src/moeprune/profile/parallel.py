@@ -246,10 +246,12 @@ def failure_message(stderr: str, returncode: int) -> str:
     errors = [line for line in _ERROR_LINE.findall(stderr) if "another rank stopped" not in line]
     if errors:
         return errors[0]
-    # A rank killed by a signal is the cause; the others failed because it vanished.
-    died = sorted(((int(code) >= 0, i), rank, code) for i, (rank, code) in enumerate(_FAILED_RANK.findall(stderr)))
+    # torchrun names the first failure it observed ("Root Cause"); the ranks it then stopped
+    # (SIGTERM) or that failed because a peer vanished are listed before it, under "Failures".
+    root_cause = stderr.rfind("Root Cause")
+    died = _FAILED_RANK.search(stderr, root_cause if root_cause >= 0 else 0)
     if died:
-        _, rank, code = died[0]
+        rank, code = died.groups()
         how = f"signal {-int(code)}" if int(code) < 0 else f"exit code {code}"
         return f"data-parallel profile: rank {rank} ended with {how}; nothing was written"
     return f"data-parallel profile: torchrun ended with exit code {returncode}; nothing was written"
