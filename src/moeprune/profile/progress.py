@@ -16,8 +16,9 @@ from rich.progress import (
 
 
 @contextlib.contextmanager
-def phase_progress(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """Show one bar for ``total`` units; yield ``advance(n)``. A no-op when ``enabled`` is False."""
+def phase_progress(description: str, total: int | None, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """Show one bar for ``total`` units (None: a count without a total); yield ``advance(n)``. A
+    no-op when ``enabled`` is False."""
     if not enabled:
         yield lambda _n: None
         return

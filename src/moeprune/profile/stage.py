@@ -47,9 +47,10 @@ PROFILE_FORMAT_VERSION = 1
 
 
 def _warn(warnings: list[str], message: str) -> None:
-    """Record a warning for profile.json and show it now."""
+    """Record a warning for profile.json and show it now (once: on rank 0 of a data-parallel profile)."""
     warnings.append(message)
-    print(f"warning: {message}", file=sys.stderr)
+    if current_world().is_root:
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def layer_summaries(stats: ProfileStats, share_k: int, coverage_fraction: float, top_k: int | None) -> list[dict[str, Any]]:
@@ -80,6 +81,16 @@ def layer_summaries(stats: ProfileStats, share_k: int, coverage_fraction: float,
             }
         )
     return entries
+
+
+def _of_share(world: World) -> str:
+    """What a progress bar counts under data parallelism: rank 0's share (it alone shows bars)."""
+    return f" (rank 0's share of {world.size})" if world.size > 1 else ""
+
+
+def _total(units: int, world: World) -> int | None:
+    """A bar's total: all units for one process; unknown for rank 0's share (the split is by batch)."""
+    return units if world.size == 1 else None
 
 
 def _phase1(
@@ -144,7 +155,8 @@ def _phase1(
         thinking_supported = template_supports_thinking(tokenizer)
         if calibration.enable_thinking and not thinking_supported:
             _warn(warnings, "the chat template has no 'enable_thinking' switch: prompts were rendered without thinking")
-        with phase_progress(f"phase 1: generate ({generator['name']})", len(missing), progress) as advance:
+        with phase_progress(f"phase 1: generate ({generator['name']}){_of_share(world)}", _total(len(missing), world),
+                            progress) as advance:
             if generator["name"] == "llama-server":
                 records = run_llama_server_generation(
                     recipe, layout, model_dir, tokenizer, missing,
@@ -308,7 +320,8 @@ def _run_profile(
         loaded.clear()  # phase 1's whole model (if any) goes before the layers come one by one
         info = StreamInfo()
         num_layers = inspect(model_dir).required_int("num_hidden_layers")
-        with phase_progress("phase 2: streamed replay (layer x tokens)", total_tokens * num_layers, progress) as advance:
+        with phase_progress(f"phase 2: streamed replay (layer x tokens){_of_share(world)}",
+                            _total(total_tokens * num_layers, world), progress) as advance:
             replay = replay_streamed(
                 model_dir,
                 sequences,
@@ -327,7 +340,8 @@ def _run_profile(
     else:
         model = whole_model()
         config = model.config
-        with phase_progress("phase 2: replay (tokens)", total_tokens, progress) as advance:
+        with phase_progress(f"phase 2: replay (tokens){_of_share(world)}", _total(total_tokens, world),
+                            progress) as advance:
             replay = replay_sequences(
                 model,
                 sequences,
