@@ -225,3 +225,16 @@ def test_a_failed_launch_is_one_line():
               "  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 42)\n")
     assert failure_message(report, 1) == "data-parallel profile: rank 1 ended with signal 9; nothing was written"
     assert failure_message("", 3) == "data-parallel profile: torchrun ended with exit code 3; nothing was written"
+
+
+def test_the_world_size_is_not_in_the_profile_stages_cache_key(tmp_path):
+    """``data_parallel`` is how the profile runs, not what it makes: the stage's parameters and the
+    recipe's settings (hashed into every record) are the same at any world size."""
+    from moeprune.pipeline.stages import build_pipeline
+    from moeprune.recipe import load_recipe
+
+    one, two = (load_recipe(_recipe(tmp_path, "whole", data_parallel=n)) for n in (1, 2))
+    assert two.profile.data_parallel == 2
+    profile = next(stage for stage in build_pipeline().stages if stage.name == "profile")
+    assert profile.params(one) == profile.params(two)
+    assert one.settings() == two.settings()
