@@ -115,6 +115,10 @@ def profile(recipe_path: Path, progress: bool = True) -> TaskResult:
     recipe = _load(recipe_path, "profile")
     layout = RunLayout.for_recipe(recipe.name)
     summary = run_profile(recipe, layout, progress=progress)
+    from moeprune.profile.parallel import current_world
+
+    if not current_world().is_root:
+        return TaskResult(())  # rank 0 of a data-parallel profile reports for every rank
     found = summary["findings"]
     return TaskResult((
         f"profiled {summary['num_sequences']} sequences, {summary['num_tokens']} tokens, "
