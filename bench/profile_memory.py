@@ -294,6 +294,7 @@ def activations_worker(args: argparse.Namespace) -> None:
 
     from moeprune.io.checkpoint import Checkpoint
     from moeprune.io.loading_plan import loading_plan
+    from moeprune.io.materialize import materialize, meta_model
     from moeprune.profile import streamed
     from moeprune.profile.hooks import instrument_moe
     from moeprune.profile.replay import make_batches
@@ -301,7 +302,7 @@ def activations_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model_dir)
     sequences = sequences_for(model_dir, args.sequences, args.tokens)
-    model = streamed.meta_model(model_dir, args.dtype)
+    model = meta_model(model_dir, args.dtype)
     arch = streamed.family_adapter(model)
     body_path, layers_path = arch.replay_body_path(model), arch.decoder_layers_path(model)
     unused = arch.streamed_unused_modules(model)
@@ -313,11 +314,11 @@ def activations_worker(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     with Checkpoint.open(model_dir) as checkpoint, torch.inference_mode():
         sources = loading_plan(model, checkpoint.names())
-        shell = streamed.materialize(model, body_path, checkpoint, device, skip=(layers_path, *unused), sources=sources)
+        shell = materialize(model, body_path, checkpoint, device, skip=(layers_path, *unused), sources=sources)
         (capture,) = streamed._embed_batches(model.get_submodule(body_path), model.get_submodule(layers_path),
                                              [batches[largest_batch]], device)
         shell.release()
-        built = streamed.materialize(model, f"{layers_path}.{index}", checkpoint, device, sources=sources)
+        built = materialize(model, f"{layers_path}.{index}", checkpoint, device, sources=sources)
         args_, kwargs = capture.calls[index]
         with instrument_moe(model, num_domains=2) as recorder:
             recorder.set_token_domains(batches[largest_batch].token_domain)

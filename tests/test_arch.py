@@ -7,7 +7,7 @@ import json
 import pytest
 
 from moeprune.arch import ArchError, arch_for_config, arch_for_gguf, supported_model_types
-from moeprune.arch.base import EXPERT_SCALE, EXPERTS, ROUTER_WEIGHT
+from moeprune.arch.patterns import EXPERT_SCALE, EXPERTS, ROUTER_WEIGHT
 from moeprune.dropmap.select import DropMapError
 from moeprune.dropmap.types import DropMap
 from moeprune.errors import MoepruneError

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from moeprune.arch import ADAPTERS, arch_for_config
-from moeprune.arch.base import EXPERT, EXPERTS, ArchError, MoeArch
+from moeprune.arch.base import ArchError, MoeArch
 from moeprune.arch.conversion import patterns_from_converters, transformers_expert_patterns
+from moeprune.arch.patterns import EXPERT, EXPERTS
 
 ARCH_DIR = Path(__file__).resolve().parents[1] / "src" / "moeprune" / "arch"
 

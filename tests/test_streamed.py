@@ -20,17 +20,11 @@ import pytest
 import torch
 from sequences import DOMAINS, random_sequences
 
-from moeprune.profile.replay import ReplayResult, replay_sequences
-from moeprune.profile.streamed import (
-    StreamedReplayError,
-    StreamInfo,
-    family_adapter,
-    materialize,
-    meta_model,
-    replay_streamed,
-)
 from moeprune.demo import MODEL_DIR as DEMO_MODEL_DIR
-
+from moeprune.io.checkpoint import CheckpointError
+from moeprune.io.materialize import materialize, meta_model
+from moeprune.profile.replay import ReplayResult, replay_sequences
+from moeprune.profile.streamed import StreamedReplayError, StreamInfo, family_adapter, replay_streamed
 
 
 def statistic_fields() -> list[str]:
@@ -210,7 +204,7 @@ def test_missing_layer_tensor_is_named(tmp_path, real_layout_dir):
     del tensors[name]
     save_file(tensors, shard, metadata={"format": "pt"})
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(StreamedReplayError, match=r"no tensor 'model\.language_model\.layers\.2\.router\.proj\.weight'"):
+    with pytest.raises(CheckpointError, match=r"no tensor 'model\.language_model\.layers\.2\.router\.proj\.weight'"):
         replay_streamed(broken, random_sequences([5], 512), DOMAINS, dtype="float32")
 
 
@@ -279,8 +273,8 @@ def test_a_streamed_layer_of_every_family_equals_the_loaded_layer(name, direct, 
     if not direct:
         monkeypatch.setattr(TensorAssembly, "placements", lambda self, shapes: None)
     from moeprune.arch import arch_for_dir
+    from moeprune.io import materialize as materialize_module
     from moeprune.io.checkpoint import Checkpoint
-    from moeprune.profile import streamed
     from moeprune.profile.loading import load_model
 
     model_dir = family_models[name]
@@ -289,8 +283,8 @@ def test_a_streamed_layer_of_every_family_equals_the_loaded_layer(name, direct, 
     layers = family_adapter(model).decoder_layers_path(model)
     index = len(model.get_submodule(layers)) - 1
     read: list[str] = []
-    original = streamed.read_tensor_into
-    monkeypatch.setattr(streamed, "read_tensor_into", lambda c, info, t: (read.append(info.name), original(c, info, t)))
+    original = materialize_module.read_tensor_into
+    monkeypatch.setattr(materialize_module, "read_tensor_into", lambda c, info, t: (read.append(info.name), original(c, info, t)))
     with Checkpoint.open(model_dir) as checkpoint:
         built = materialize(model, f"{layers}.{index}", checkpoint, torch.device("cpu"))
         prefix = arch_for_dir(model_dir).layer_tensor_prefix(index)
@@ -348,5 +342,5 @@ def test_missing_expert_tensors_are_named(removed, message, family_models, tmp_p
         del tensors[name]
     save_file(tensors, shard, metadata={"format": "pt"})
     config = json.loads((broken / "config.json").read_text())
-    with pytest.raises(StreamedReplayError, match=message):
+    with pytest.raises(CheckpointError, match=message):
         replay_streamed(broken, random_sequences([5], config["vocab_size"]), DOMAINS, dtype="float32")

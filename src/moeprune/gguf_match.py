@@ -70,7 +70,7 @@ def compare_gguf_experts(gguf_path: Path, checkpoint_dir: Path, shown: str) -> T
     from gguf import GGUFReader
 
     from moeprune.arch import inspect
-    from moeprune.arch.base import EXPERTS
+    from moeprune.arch.patterns import EXPERTS
     from moeprune.io.checkpoint import Checkpoint
 
     out = TensorMatch()

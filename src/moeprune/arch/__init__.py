@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moeprune.arch.base import ArchError, MoeArch, text_config_object
+from moeprune.arch.base import ArchError, MoeArch
+from moeprune.arch.modules import text_config_object
 from moeprune.arch.deepseek import DeepseekV2, DeepseekV3, Glm4Moe
 from moeprune.arch.dots1 import Dots1
 from moeprune.arch.gemma4 import Gemma4

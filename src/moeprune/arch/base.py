@@ -16,7 +16,10 @@ the three views moeprune has of a model:
 plus the GGUF architecture name and keys that the converted file must carry.
 
 Subclasses set class attributes and override the few methods whose answer differs. Everything
-here is pure bookkeeping over dicts, names and modules; I/O stays with the callers.
+here is pure bookkeeping over dicts, names and modules; I/O stays with the callers. What is the
+same for every family lives beside it: the on-disk tensor vocabulary and its matching in
+:mod:`moeprune.arch.patterns`, helpers over transformers objects in :mod:`moeprune.arch.modules`,
+transformers' loading plan and module building in :mod:`moeprune.io`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from moeprune.arch.modules import dotted_attribute, keep_rows, text_config_object
+from moeprune.arch.patterns import (
+    EXPERT,
+    EXPERTS,
+    TOWER_MARKERS,
+    ExpertTensor,
+    TensorPattern,
+    compile_patterns,
+    match_expert_tensor,
+    required_labels,
+)
 from moeprune.errors import MoepruneError
 from moeprune.patching import Patches
 
@@ -37,78 +51,11 @@ class ArchError(MoepruneError):
     """A model, config or drop map this architecture adapter cannot handle."""
 
 
-# Roles of the expert-indexed tensors on disk.
-EXPERTS = "experts"  # fused expert weights, [E, ...] on the expert axis
-EXPERT = "expert"  # one expert's tensor in a per-expert layout (renumbered when pruning)
-EXPERT_BIAS = "expert_bias"  # fused per-expert biases [E, ...]
-ROUTER_WEIGHT = "router_weight"  # router rows [E, hidden]
-ROUTER_BIAS = "router_bias"  # router bias [E]
-CORRECTION_BIAS = "correction_bias"  # selection-only bias added before top-k [E]
-EXPERT_SCALE = "expert_scale"  # per-expert output scale [E]
-ROLES = (EXPERTS, EXPERT, EXPERT_BIAS, ROUTER_WEIGHT, ROUTER_BIAS, CORRECTION_BIAS, EXPERT_SCALE)
-ROUTER_ROLES = (ROUTER_WEIGHT, ROUTER_BIAS, CORRECTION_BIAS, EXPERT_SCALE)
-
 # Routing kinds (how each routed pair's weight is made from the router's logits).
 SOFTMAX_TOPK = "softmax-then-top-k"  # softmax over all experts, top-k, optionally renormalised
 TOPK_SOFTMAX = "top-k-then-softmax"  # top-k logits, softmax over the k
 SIGMOID_GROUPED = "sigmoid-correction-bias-grouped"  # sigmoid scores, + correction bias for choice, grouped top-k
 SIGMOID_BIASED = "sigmoid-correction-bias"  # sigmoid scores, + correction bias for choice, top-k, renormalised
-
-# Multimodal towers have their own "layers.N" but never routed experts.
-TOWER_MARKERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "vision_model", "audio_model")
-
-
-def text_config_object(config_or_model: Any) -> Any:
-    """The text part of a loaded transformers config (or of a model's config): the one spelling of
-    "get the text config" for objects, as ``ModelSpec.text_config`` is for ``config.json`` dicts."""
-    config = getattr(config_or_model, "config", config_or_model)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _attribute(module: Any, dotted: str) -> Any:
-    """``module.a.b`` for ``dotted`` = "a.b" (None where a step is missing)."""
-    for step in dotted.split("."):
-        module = getattr(module, step, None)
-    return module
-
-
-@dataclass(frozen=True)
-class TensorPattern:
-    """One kind of expert-indexed tensor of an MoE layer, as named on disk.
-
-    ``suffix`` is a regular expression for the part of the name after ``layers.N.``; a
-    per-expert pattern (role :data:`EXPERT`) has a named group ``expert``. ``axis`` is the expert
-    axis of a fused tensor. ``required`` patterns must be present in every MoE layer.
-    """
-
-    suffix: str
-    role: str
-    label: str
-    axis: int = 0
-    required: bool = True
-
-    @property
-    def regex(self) -> re.Pattern[str]:
-        return re.compile(r"^(?P<prefix>(?:.*\.)?)layers\.(?P<layer>\d+)\.(?P<suffix>" + self.suffix + r")$")
-
-
-@dataclass(frozen=True)
-class ExpertTensor:
-    """An expert-indexed tensor found in a checkpoint."""
-
-    name: str
-    layer: int
-    role: str
-    label: str  # the pattern's label (e.g. "experts.gate_up_proj", "gate_proj.weight")
-    expert: int | None = None  # per-expert layout: the expert this tensor holds
-    axis: int = 0
-    span: tuple[int, int] | None = None  # per-expert layout: where the expert index sits in ``name``
-
-    def renamed(self, new_expert: int) -> str:
-        """This per-expert tensor's name for the expert's new index."""
-        assert self.span is not None
-        start, end = self.span
-        return f"{self.name[:start]}{new_expert}{self.name[end:]}"
 
 
 @dataclass(frozen=True)
@@ -260,7 +207,7 @@ class MoeArch:
     def _compiled(self) -> list[tuple[TensorPattern, re.Pattern[str]]]:
         cached = self.__dict__.get("_compiled_patterns")
         if cached is None:
-            cached = [(pattern, pattern.regex) for pattern in self.expert_patterns]
+            cached = compile_patterns(self.expert_patterns)
             self.__dict__["_compiled_patterns"] = cached
         return cached
 
@@ -274,13 +221,9 @@ class MoeArch:
             return None
         if self.never_sliced_re and re.search(self.never_sliced_re, name):
             return None
-        for pattern, regex in self._compiled():
-            match = regex.match(name)
-            if match:
-                expert = span = None
-                if pattern.role == EXPERT:
-                    expert, span = int(match["expert"]), match.span("expert")
-                return ExpertTensor(name, int(match["layer"]), pattern.role, pattern.label, expert, pattern.axis, span)
+        found = match_expert_tensor(name, self._compiled())
+        if found is not None:
+            return found
         if re.search(self.experts_module_re, name):
             raise ArchError(f"unsupported expert tensor '{name}' ({self.unsupported_hint()})")
         return None
@@ -292,15 +235,7 @@ class MoeArch:
 
     def required_labels(self, layout_roles: set[str]) -> list[str]:
         """Labels every MoE layer must have, given the roles found (fused and per-expert alternatives)."""
-        per_expert = EXPERT in layout_roles
-        labels = []
-        for pattern in self.expert_patterns:
-            if not pattern.required:
-                continue
-            if pattern.role == EXPERTS and per_expert or pattern.role == EXPERT and not per_expert:
-                continue
-            labels.append(pattern.label)
-        return labels
+        return required_labels(self.expert_patterns, layout_roles)
 
     # ---- model in memory ---------------------------------------------------------------------------
 
@@ -464,27 +399,14 @@ class MoeArch:
             if block_config is not None:
                 setattr(block_config, self.num_experts_key, kept)
 
-    def _slice_param(self, module: Any, attribute: str, rows: Any) -> None:
-        """Keep ``rows`` of ``module.<attribute>`` (a dotted path reaches into a submodule: ``wg.weight``)."""
-        from torch import nn
-
-        owner_path, _, attribute = attribute.rpartition(".")
-        module = _attribute(module, owner_path) if owner_path else module
-        value = getattr(module, attribute)
-        sliced = value.data[rows].clone()
-        if isinstance(value, nn.Parameter):
-            setattr(module, attribute, nn.Parameter(sliced, requires_grad=False))
-        else:
-            setattr(module, attribute, sliced)
-
     def _slice_modules(self, modules: MoeModules, rows: Any, kept: int) -> None:
         for attribute in self.expert_params:
-            if _attribute(modules.experts, attribute) is not None:
-                self._slice_param(modules.experts, attribute, rows)
+            if dotted_attribute(modules.experts, attribute) is not None:
+                keep_rows(modules.experts, attribute, rows)
         modules.experts.num_experts = kept
         for attribute in self.router_expert_params:
-            if _attribute(modules.router, attribute) is not None:
-                self._slice_param(modules.router, attribute, rows)
+            if dotted_attribute(modules.router, attribute) is not None:
+                keep_rows(modules.router, attribute, rows)
         if hasattr(modules.router, "num_experts"):
             modules.router.num_experts = kept
 
@@ -555,22 +477,10 @@ class MoeArch:
 
 __all__ = [
     "ArchError",
-    "CORRECTION_BIAS",
-    "EXPERT",
-    "EXPERTS",
-    "EXPERT_BIAS",
-    "EXPERT_SCALE",
-    "ExpertTensor",
     "MoeArch",
     "MoeModules",
-    "ROLES",
-    "ROUTER_BIAS",
-    "ROUTER_ROLES",
-    "ROUTER_WEIGHT",
     "SIGMOID_BIASED",
     "SIGMOID_GROUPED",
     "SOFTMAX_TOPK",
     "TOPK_SOFTMAX",
-    "TensorPattern",
-    "text_config_object",
 ]

@@ -19,7 +19,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from moeprune.arch.base import EXPERT, EXPERTS, ArchError, TensorPattern
+from moeprune.arch.base import ArchError
+from moeprune.arch.patterns import EXPERT, EXPERTS, TensorPattern
 
 _ANY_MODULE = r"[A-Za-z_]\w*\."
 

@@ -19,15 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moeprune.arch.base import (
-    CORRECTION_BIAS,
-    ROUTER_WEIGHT,
-    SIGMOID_GROUPED,
-    SOFTMAX_TOPK,
-    ArchError,
-    MoeArch,
-    TensorPattern,
-)
+from moeprune.arch.base import SIGMOID_GROUPED, SOFTMAX_TOPK, ArchError, MoeArch
+from moeprune.arch.patterns import CORRECTION_BIAS, ROUTER_WEIGHT, TensorPattern
 
 
 class DeepseekV3(MoeArch):

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from moeprune.arch.base import EXPERT_SCALE, EXPERTS, ROUTER_WEIGHT, SOFTMAX_TOPK, MoeArch, MoeModules, TensorPattern
+from moeprune.arch.base import SOFTMAX_TOPK, MoeArch, MoeModules
+from moeprune.arch.patterns import EXPERT_SCALE, EXPERTS, ROUTER_WEIGHT, TensorPattern
 from moeprune.patching import Patches
 
 

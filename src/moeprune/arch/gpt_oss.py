@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeprune.arch.base import EXPERT_BIAS, EXPERTS, ROUTER_BIAS, ROUTER_WEIGHT, TOPK_SOFTMAX, MoeArch, TensorPattern
+from moeprune.arch.base import TOPK_SOFTMAX, MoeArch
+from moeprune.arch.patterns import EXPERT_BIAS, EXPERTS, ROUTER_BIAS, ROUTER_WEIGHT, TensorPattern
 
 
 class GptOss(MoeArch):

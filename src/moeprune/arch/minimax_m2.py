@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeprune.arch.base import CORRECTION_BIAS, ROUTER_WEIGHT, SIGMOID_BIASED, MoeArch, MoeModules, TensorPattern
+from moeprune.arch.base import SIGMOID_BIASED, MoeArch, MoeModules
+from moeprune.arch.modules import keep_rows
+from moeprune.arch.patterns import CORRECTION_BIAS, ROUTER_WEIGHT, TensorPattern
 
 
 class MiniMaxM2(MoeArch):
@@ -56,4 +58,4 @@ class MiniMaxM2(MoeArch):
 
     def _slice_modules(self, modules: MoeModules, rows: Any, kept: int) -> None:
         super()._slice_modules(modules, rows, kept)
-        self._slice_param(modules.block, "e_score_correction_bias", rows)
+        keep_rows(modules.block, "e_score_correction_bias", rows)

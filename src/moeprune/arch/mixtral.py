@@ -8,7 +8,8 @@ always renormalised. llama.cpp converts it as ``llama`` with experts.
 
 from __future__ import annotations
 
-from moeprune.arch.base import ROUTER_WEIGHT, SOFTMAX_TOPK, MoeArch, TensorPattern
+from moeprune.arch.base import SOFTMAX_TOPK, MoeArch
+from moeprune.arch.patterns import ROUTER_WEIGHT, TensorPattern
 
 
 class Mixtral(MoeArch):

@@ -7,7 +7,8 @@ OLMoE-1B-7B).
 
 from __future__ import annotations
 
-from moeprune.arch.base import ROUTER_WEIGHT, SOFTMAX_TOPK, MoeArch, TensorPattern
+from moeprune.arch.base import SOFTMAX_TOPK, MoeArch
+from moeprune.arch.patterns import ROUTER_WEIGHT, TensorPattern
 
 
 class Olmoe(MoeArch):

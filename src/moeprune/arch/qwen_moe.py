@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from moeprune.arch.base import ROUTER_WEIGHT, SOFTMAX_TOPK, MoeArch, TensorPattern
+from moeprune.arch.base import SOFTMAX_TOPK, MoeArch
+from moeprune.arch.patterns import ROUTER_WEIGHT, TensorPattern
 
 
 class Qwen3Moe(MoeArch):

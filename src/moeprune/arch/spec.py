@@ -27,7 +27,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from moeprune.arch.base import EXPERT, ArchError, MoeArch, text_config_object
+from moeprune.arch.base import ArchError, MoeArch
+from moeprune.arch.modules import text_config_object
+from moeprune.arch.patterns import EXPERT
 from moeprune.errors import MoepruneError
 
 CONFIG_NAME = "config.json"

@@ -146,7 +146,7 @@ def moeprune_drop_map(seed: SeedDropMap, top_k: int | None) -> Any:
 # --- (a) the drop metadata against config.json and the tensor shapes ---------------------------
 def check_drop_metadata(report: AuditReport, root: Path, seed: SeedDropMap) -> None:
     from moeprune.arch import ArchError, inspect
-    from moeprune.arch.base import EXPERT
+    from moeprune.arch.patterns import EXPERT
     from moeprune.io.checkpoint import Checkpoint
     from moeprune.prune.surgery import moe_expert_tensors
 

@@ -4,6 +4,9 @@
   one shard open at a time, raw byte ranges) and :class:`TensorInfo`.
 - :mod:`moeprune.io.writer`: :class:`ShardedWriter` (shards up to ``max_shard_bytes``, exact index,
   temporary directory renamed into place only on success).
+- :mod:`moeprune.io.loading_plan` and :mod:`moeprune.io.materialize`: a transformers model built
+  on ``meta`` and filled one module at a time from the shards, by transformers' own loading plan
+  (imported on their own: they need torch and transformers).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ converters).
 
 It is transformers' knowledge, read from the model's conversion mapping, the same for every
 family: it lives beside the checkpoint reader, not with the family adapters (:mod:`moeprune.arch`).
-The streamed replay (:mod:`moeprune.profile.streamed`) builds one decoder layer at a time from it.
+:mod:`moeprune.io.materialize` builds one module at a time from it (the streamed replay, one
+decoder layer at a time).
 """
 
 from __future__ import annotations

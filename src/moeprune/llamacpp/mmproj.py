@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moeprune.arch.base import TOWER_MARKERS
+from moeprune.arch.patterns import TOWER_MARKERS
 from moeprune.errors import MoepruneError
 from moeprune.llamacpp.build import LlamaCppBuild
 from moeprune.llamacpp.convert import (GGUFCheckError, base_model_of, check_outtype, check_shards, converter_output,

@@ -182,7 +182,7 @@ def mmproj_tensors(shapes: ModelShapes, outtype: str) -> list[GgufTensor]:
     """The vision projector's tensors (``convert_hf_to_gguf.py --mmproj``) at ``outtype``: every
     vision tower tensor, with the audio tower's when the config has one; 1-D tensors and the
     position table stay F32, and a row the type's blocks cannot hold is written at F16."""
-    from moeprune.arch.base import TOWER_MARKERS
+    from moeprune.arch.patterns import TOWER_MARKERS
     from moeprune.plan.ggml import TYPE_TRAITS
 
     has_audio = "audio" in towers(shapes.config)

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from moeprune.arch import ArchError, ModelSpec, MoeArch, read_config
-from moeprune.arch.base import EXPERT, ExpertTensor
+from moeprune.arch.patterns import EXPERT, ExpertTensor
+from moeprune.dropmap.types import DropMap
 from moeprune.errors import MoepruneError
 from moeprune.io.checkpoint import INDEX_NAME, SINGLE_FILE_NAME, Checkpoint, TensorInfo
-from moeprune.dropmap.types import DropMap
 from moeprune.io.writer import ShardedWriter
 
 DROP_MAP_NAME = "expert_drop_metadata.json"

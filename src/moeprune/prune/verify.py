@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moeprune.arch.base import CORRECTION_BIAS, EXPERT_SCALE, ROUTER_BIAS, ROUTER_WEIGHT
+from moeprune.arch.patterns import CORRECTION_BIAS, EXPERT_SCALE, ROUTER_BIAS, ROUTER_WEIGHT
 from moeprune.io.checkpoint import Checkpoint, TensorInfo
 from moeprune.prune.surgery import (
     DROP_MAP_NAME,
