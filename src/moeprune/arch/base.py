@@ -47,6 +47,9 @@ CORRECTION_BIAS = "correction_bias"  # selection-only bias added before top-k [E
 EXPERT_SCALE = "expert_scale"  # per-expert output scale [E]
 ROLES = (EXPERTS, EXPERT, EXPERT_BIAS, ROUTER_WEIGHT, ROUTER_BIAS, CORRECTION_BIAS, EXPERT_SCALE)
 ROUTER_ROLES = (ROUTER_WEIGHT, ROUTER_BIAS, CORRECTION_BIAS, EXPERT_SCALE)
+# The router roles a recalibration fits: each routed pair's weight depends on them smoothly. A
+# correction bias only chooses the experts (it never enters a weight), so no gradient reaches it.
+RECALIBRATED_ROLES = (ROUTER_WEIGHT, ROUTER_BIAS, EXPERT_SCALE)
 
 # Routing kinds (how each routed pair's weight is made from the router's logits).
 SOFTMAX_TOPK = "softmax-then-top-k"  # softmax over all experts, top-k, optionally renormalised
@@ -284,6 +287,17 @@ class MoeArch:
         if re.search(self.experts_module_re, name):
             raise ArchError(f"unsupported expert tensor '{name}' ({self.unsupported_hint()})")
         return None
+
+    def recalibrated_tensors(self, names: Sequence[str], layer: int) -> list[str]:
+        """The on-disk router tensors of MoE layer ``layer`` among ``names`` that a router
+        recalibration may change (:data:`RECALIBRATED_ROLES`: router rows, router biases, per-expert
+        scales such as Gemma 4's ``per_expert_scale``); every other tensor it must leave bit-exact."""
+        found = []
+        for name in names:
+            tensor = self.classify_tensor(name)
+            if tensor is not None and tensor.layer == layer and tensor.role in RECALIBRATED_ROLES:
+                found.append(name)
+        return sorted(found)
 
     def unsupported_hint(self) -> str:
         fused = [p.label for p in self.expert_patterns if p.role in (EXPERTS, EXPERT)]
@@ -563,6 +577,7 @@ __all__ = [
     "ExpertTensor",
     "MoeArch",
     "MoeModules",
+    "RECALIBRATED_ROLES",
     "ROLES",
     "ROUTER_BIAS",
     "ROUTER_ROLES",

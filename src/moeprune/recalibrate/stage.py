@@ -1,0 +1,250 @@
+"""The recalibrate stage: the pruned checkpoint with refitted router tensors, and its record.
+
+For each decoder layer in turn, one layer in memory (the streamed replay's passes,
+:func:`moeprune.profile.streamed._layer_by_layer`, over the profile's own ``sequences.jsonl`` and
+batches), the base layer runs every batch; hooks keep what its block passes the router and the
+experts and what the experts return (every expert, the base routing). The pruned block is a copy
+of that router and experts sliced to the drop map's kept experts, with the router tensors read
+from the pruned checkpoint; :func:`moeprune.recalibrate.fit.fit_layer` fits those tensors. The
+hidden states then go on through the base layer, so every layer sees the base model's inputs.
+
+The output is the pruned checkpoint's shards copied byte for byte except the refitted router
+tensors, written atomically with ``recalibrate.json`` (per layer each new tensor's sha256, the
+held-out loss before and after, the steps, the settings). It is deterministic: fixed held-out
+sequences (seeded), fixed token order, float32 on the CPU, one thread, deterministic algorithms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moeprune.errors import MoepruneError
+from moeprune.hashing import sha256_bytes, sha256_file
+from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
+from moeprune.io.writer import ShardedWriter
+from moeprune.patching import Patches
+from moeprune.recalibrate.fit import FitSettings, LayerData, fit_layer
+
+RECORD_NAME = "recalibrate.json"
+RECORD_FORMAT = "moeprune-recalibrate/1"
+
+
+class RecalibrateError(MoepruneError):
+    """The recalibration cannot run on these inputs."""
+
+
+@contextlib.contextmanager
+def deterministic_cpu() -> Iterator[None]:
+    """One thread and deterministic algorithms while the block runs: the same inputs give the same
+    bytes (reduction order does not depend on the machine's core count)."""
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(strict)
+        torch.set_num_threads(threads)
+
+
+def holdout_ids(sequences: Sequence[dict[str, Any]], fraction: float, seed: int) -> list[str]:
+    """The held-out sequences' ids: a seeded permutation of the file's order, its first
+    ``round(fraction * n)`` (at least one, and at least one left to train on)."""
+    count = len(sequences)
+    if count < 2:
+        raise RecalibrateError(f"recalibrate needs at least 2 calibration sequences (one held out); the profile has {count}")
+    held = min(count - 1, max(1, round(fraction * count)))
+    order = np.random.default_rng(seed).permutation(count)
+    return sorted(str(sequences[int(i)]["id"]) for i in order[:held])
+
+
+def _module_names(model: torch.nn.Module) -> dict[int, str]:
+    return {id(module): name for name, module in model.named_modules()}
+
+
+class _LayerTaps:
+    """Forward hooks on one MoE layer's router and experts: the real tokens' inputs and outputs."""
+
+    def __init__(self) -> None:
+        self.router_input: list[torch.Tensor] = []
+        self.experts_input: list[torch.Tensor] = []
+        self.target: list[torch.Tensor] = []
+        self.real: torch.Tensor | None = None  # this batch's real-token mask, flattened
+
+    def router_hook(self, _module: Any, inputs: tuple[Any, ...], _output: Any) -> None:
+        if len(inputs) != 1:
+            raise RecalibrateError("recalibrate supports routers called with the hidden states only")
+        self.router_input.append(self._real(inputs[0]))
+
+    def experts_hook(self, _module: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        self.experts_input.append(self._real(inputs[0]))
+        self.target.append(self._real(output))
+
+    def _real(self, tensor: torch.Tensor) -> torch.Tensor:
+        assert self.real is not None
+        return tensor.reshape(-1, tensor.shape[-1])[self.real].detach().float().clone()
+
+
+def _pruned_block(arch: Any, modules: Any, keep: Sequence[int]) -> tuple[Any, Any]:
+    """Copies of one layer's router and experts holding only the kept experts (the pruned block)."""
+    from moeprune.arch.base import MoeModules
+
+    router, experts = copy.deepcopy(modules.router), copy.deepcopy(modules.experts)
+    rows = torch.tensor(sorted(int(i) for i in keep), dtype=torch.long)
+    arch._slice_modules(MoeModules(modules.layer_index, router, experts, None), rows, len(keep))
+    return router, experts
+
+
+def _router_parameters(router: Any, router_path: str, names: Sequence[str], pruned: Checkpoint
+                       ) -> tuple[dict[str, torch.nn.Parameter], dict[str, torch.dtype]]:
+    """The router copy's parameters for the on-disk ``names``, set to the pruned checkpoint's values."""
+    from moeprune.profile.streamed import _DTYPES, read_tensor_into
+
+    parameters, dtypes = {}, {}
+    for name in names:
+        if not name.startswith(router_path + "."):
+            raise RecalibrateError(f"{pruned.directory}: router tensor '{name}' is not under the router module '{router_path}'")
+        parameter = router.get_parameter(name[len(router_path) + 1:])
+        info = pruned[name]
+        with torch.no_grad():
+            read_tensor_into(pruned, info, parameter.data)
+        parameters[name], dtypes[name] = parameter, _DTYPES[info.dtype]
+    return parameters, dtypes
+
+
+def tensor_bytes(value: torch.Tensor) -> bytes:
+    """A tensor's bytes as safetensors stores them (row-major, little-endian)."""
+    return value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def recalibrate(base_dir: Path, pruned_dir: Path, sequences_path: Path, domains: Sequence[str], batch_size: int,
+                settings: dict[str, Any]) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The refitted router tensors' bytes by name, and the record's per-layer part and totals."""
+    from moeprune.arch import context_length
+    from moeprune.dropmap.io import load_drop_map
+    from moeprune.profile.generate import read_sequences
+    from moeprune.profile.replay import prepare_batches
+    from moeprune.profile.streamed import StreamInfo, _layer_by_layer, family_adapter, meta_model
+
+    fit = FitSettings(settings["max_steps"], settings["learning_rate"], settings["patience_steps"])
+    keep_by_layer = load_drop_map(pruned_dir / "expert_drop_metadata.json").keep_by_layer
+    sequences = read_sequences(sequences_path)
+    held = set(holdout_ids(sequences, settings["holdout_fraction"], settings["seed"]))
+    model = meta_model(base_dir, "float32")
+    arch = family_adapter(model)
+    batches = prepare_batches(sequences, domains, batch_size, context_length(model.config), sequences_path)
+    names = _module_names(model)
+    moe_by_layer = {m.layer_index: m for m in arch.moe_modules(model)}
+    if sorted(moe_by_layer) != sorted(keep_by_layer):
+        raise RecalibrateError(f"{pruned_dir}: the drop map covers layers {sorted(keep_by_layer)}, the base model's "
+                               f"MoE layers are {sorted(moe_by_layer)}")
+    new_bytes: dict[str, bytes] = {}
+    layers: list[dict[str, Any]] = []
+    cpu = torch.device("cpu")
+    with deterministic_cpu(), Checkpoint.open(base_dir) as base, Checkpoint.open(pruned_dir) as pruned, \
+            contextlib.closing(_layer_by_layer(model, arch, base, batches, cpu, StreamInfo())) as passes:
+        for index, run in enumerate(passes):
+            modules = moe_by_layer.get(index)
+            taps = _LayerTaps()
+            holdout_mask: list[torch.Tensor] = []
+            with Patches() as patches, torch.no_grad():
+                if modules is not None:
+                    patches.forward_hook(modules.router, taps.router_hook)
+                    patches.forward_hook(modules.experts, taps.experts_hook)
+                for position, batch in enumerate(batches):
+                    taps.real = batch.attention_mask.reshape(-1).bool()
+                    run(position, batch)
+                    rows = torch.tensor([record["id"] in held for record in batch.records])
+                    holdout_mask.append(rows[:, None].expand_as(batch.attention_mask).reshape(-1)[taps.real])
+            if modules is None:
+                continue
+            data = LayerData(torch.cat(taps.router_input), torch.cat(taps.experts_input), torch.cat(taps.target),
+                             torch.cat(holdout_mask))
+            router, experts = _pruned_block(arch, modules, keep_by_layer[index])
+            tensor_names = arch.recalibrated_tensors(pruned.names(), index)
+            if not tensor_names:
+                raise RecalibrateError(f"{pruned_dir}: MoE layer {index} has no router tensor a recalibration can fit")
+            parameters, dtypes = _router_parameters(router, names[id(modules.router)], tensor_names, pruned)
+            result = fit_layer(router, parameters, experts, data, fit, dtypes)
+            tensors = {}
+            for name in tensor_names:
+                new_bytes[name] = tensor_bytes(result.values[name])
+                tensors[name] = sha256_bytes(new_bytes[name])
+            layers.append({
+                "layer": index, "tensors": tensors, "changed": result.changed, "steps": result.steps,
+                "best_step": result.best_step,
+                "train_mse_before": result.train_mse_before, "train_mse_after": result.train_mse_after,
+                "holdout_mse_before": result.holdout_mse_before, "holdout_mse_after": result.holdout_mse_after,
+                "train_tokens": int((~data.holdout).sum()), "holdout_tokens": int(data.holdout.sum()),
+            })
+    return new_bytes, {"holdout_sequences": sorted(held), "layers": layers}
+
+
+def write_recalibrated(pruned_dir: Path, out_dir: Path, new_bytes: dict[str, bytes], record: dict[str, Any],
+                       max_shard_bytes: int) -> None:
+    """``out_dir``: the pruned checkpoint with ``new_bytes`` in place of those tensors (every other
+    tensor copied byte for byte, the same shard sizes), its other files, and the record; atomic."""
+    with Checkpoint.open(pruned_dir) as pruned, ShardedWriter(out_dir, max_shard_bytes) as writer:
+        for info in pruned.tensors():
+            if info.name in new_bytes:
+                if len(new_bytes[info.name]) != info.nbytes:
+                    raise RecalibrateError(f"{pruned_dir}: refitted '{info.name}' has {len(new_bytes[info.name])} "
+                                           f"bytes, the pruned tensor {info.nbytes}")
+                writer.add_bytes(info.name, info.dtype, info.shape, new_bytes[info.name])
+            else:
+                writer.add(info.name, info.dtype, info.shape, pruned.source(info))
+        weights = {path.name for path in pruned.shards} | {INDEX_NAME, RECORD_NAME}
+        for path in sorted(pruned_dir.iterdir()):
+            if path.is_file() and path.name not in weights:
+                shutil.copyfile(path, writer.staging_dir / path.name)
+        with open(writer.staging_dir / RECORD_NAME, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+
+
+def recalibrate_checkpoint(base_dir: Path, pruned_dir: Path, sequences_path: Path, domains: Sequence[str],
+                           batch_size: int, settings: dict[str, Any], out_dir: Path, max_shard_bytes: int
+                           ) -> dict[str, Any]:
+    """Recalibrate ``pruned_dir``'s router against ``base_dir`` and write ``out_dir``; the record."""
+    started = time.monotonic()
+    new_bytes, fitted = recalibrate(base_dir, pruned_dir, sequences_path, domains, batch_size, settings)
+    record = {
+        "format": RECORD_FORMAT,
+        "settings": dict(settings),
+        "batch_size": batch_size,
+        "domains": list(domains),
+        "sequences_sha256": sha256_file(sequences_path),
+        "drop_map_sha256": sha256_file(pruned_dir / "expert_drop_metadata.json"),
+        **fitted,
+    }
+    write_recalibrated(pruned_dir, out_dir, new_bytes, record, max_shard_bytes)
+    return {**record, "elapsed_s": round(time.monotonic() - started, 3)}
+
+
+def recipe_settings(recipe: Any) -> dict[str, Any]:
+    """The ``[recalibrate]`` values the fit reads (what the record and verify's rerun use)."""
+    section = recipe.recalibrate
+    return {"holdout_fraction": section.holdout_fraction, "max_steps": section.max_steps,
+            "learning_rate": section.learning_rate, "patience_steps": section.patience_steps, "seed": section.seed}
+
+
+def run_recalibrate(recipe: Any, layout: Any) -> dict[str, Any] | None:
+    """The recalibrate stage: ``layout.recalibrated_dir`` from the run's pruned checkpoint and
+    profile sequences; None (nothing written) when ``[recalibrate]`` is off."""
+    if not recipe.recalibrate.enabled:
+        return None
+    from moeprune.prune.surgery import resolve_base_dir
+
+    return recalibrate_checkpoint(resolve_base_dir(recipe), layout.pruned_dir, layout.sequences_path,
+                                  recipe.calibration.domains, recipe.calibration.batch_size, recipe_settings(recipe),
+                                  layout.recalibrated_dir, recipe.prune.max_shard_bytes)
