@@ -105,20 +105,17 @@ def _pruned_block(arch: Any, modules: Any, keep: Sequence[int]) -> tuple[Any, An
     return router, experts
 
 
-def _router_parameters(router: Any, router_path: str, names: Sequence[str], pruned: Checkpoint
+def _router_parameters(router: Any, router_path: str, names: Sequence[str], base: Checkpoint
                        ) -> tuple[dict[str, torch.nn.Parameter], dict[str, torch.dtype]]:
-    """The router copy's parameters for the on-disk ``names``, set to the pruned checkpoint's values."""
-    from moeprune.profile.streamed import _DTYPES, read_tensor_into
+    """The router copy's parameters for the on-disk ``names`` and their checkpoint dtypes."""
+    from moeprune.profile.streamed import _DTYPES
 
     parameters, dtypes = {}, {}
     for name in names:
         if not name.startswith(router_path + "."):
-            raise RecalibrateError(f"{pruned.directory}: router tensor '{name}' is not under the router module '{router_path}'")
-        parameter = router.get_parameter(name[len(router_path) + 1:])
-        info = pruned[name]
-        with torch.no_grad():
-            read_tensor_into(pruned, info, parameter.data)
-        parameters[name], dtypes[name] = parameter, _DTYPES[info.dtype]
+            raise RecalibrateError(f"{base.directory}: router tensor '{name}' is not under the router module '{router_path}'")
+        parameters[name] = router.get_parameter(name[len(router_path) + 1:])
+        dtypes[name] = _DTYPES[base[name].dtype]
     return parameters, dtypes
 
 
@@ -127,9 +124,13 @@ def tensor_bytes(value: torch.Tensor) -> bytes:
     return value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def recalibrate(base_dir: Path, pruned_dir: Path, sequences_path: Path, domains: Sequence[str], batch_size: int,
+def recalibrate(base_dir: Path, drop_map_path: Path, sequences_path: Path, domains: Sequence[str], batch_size: int,
                 settings: dict[str, Any]) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """The refitted router tensors' bytes by name, and the record's per-layer part and totals."""
+    """The refitted router tensors' bytes by name, and the record's per-layer part.
+
+    Its inputs are the base checkpoint, the drop map, the calibration sequences and the settings
+    only: the pruned router starts as the base's kept rows (which verify-prune proves the pruned
+    checkpoint holds), so an auditor reruns it from the same four inputs."""
     from moeprune.arch import context_length
     from moeprune.dropmap.io import load_drop_map
     from moeprune.profile.generate import read_sequences
@@ -137,7 +138,7 @@ def recalibrate(base_dir: Path, pruned_dir: Path, sequences_path: Path, domains:
     from moeprune.profile.streamed import StreamInfo, _layer_by_layer, family_adapter, meta_model
 
     fit = FitSettings(settings["max_steps"], settings["learning_rate"], settings["patience_steps"])
-    keep_by_layer = load_drop_map(pruned_dir / "expert_drop_metadata.json").keep_by_layer
+    keep_by_layer = load_drop_map(drop_map_path).keep_by_layer
     sequences = read_sequences(sequences_path)
     held = set(holdout_ids(sequences, settings["holdout_fraction"], settings["seed"]))
     model = meta_model(base_dir, "float32")
@@ -146,13 +147,12 @@ def recalibrate(base_dir: Path, pruned_dir: Path, sequences_path: Path, domains:
     names = _module_names(model)
     moe_by_layer = {m.layer_index: m for m in arch.moe_modules(model)}
     if sorted(moe_by_layer) != sorted(keep_by_layer):
-        raise RecalibrateError(f"{pruned_dir}: the drop map covers layers {sorted(keep_by_layer)}, the base model's "
+        raise RecalibrateError(f"{drop_map_path}: the drop map covers layers {sorted(keep_by_layer)}, the base model's "
                                f"MoE layers are {sorted(moe_by_layer)}")
     new_bytes: dict[str, bytes] = {}
     layers: list[dict[str, Any]] = []
     cpu = torch.device("cpu")
-    with deterministic_cpu(), Checkpoint.open(base_dir) as base, Checkpoint.open(pruned_dir) as pruned, \
-            contextlib.closing(_layer_by_layer(model, arch, base, batches, cpu, StreamInfo())) as passes:
+    with deterministic_cpu(), Checkpoint.open(base_dir) as base, contextlib.closing(_layer_by_layer(model, arch, base, batches, cpu, StreamInfo())) as passes:
         for index, run in enumerate(passes):
             modules = moe_by_layer.get(index)
             taps = _LayerTaps()
@@ -171,10 +171,10 @@ def recalibrate(base_dir: Path, pruned_dir: Path, sequences_path: Path, domains:
             data = LayerData(torch.cat(taps.router_input), torch.cat(taps.experts_input), torch.cat(taps.target),
                              torch.cat(holdout_mask))
             router, experts = _pruned_block(arch, modules, keep_by_layer[index])
-            tensor_names = arch.recalibrated_tensors(pruned.names(), index)
+            tensor_names = arch.recalibrated_tensors(base.names(), index)
             if not tensor_names:
-                raise RecalibrateError(f"{pruned_dir}: MoE layer {index} has no router tensor a recalibration can fit")
-            parameters, dtypes = _router_parameters(router, names[id(modules.router)], tensor_names, pruned)
+                raise RecalibrateError(f"{base_dir}: MoE layer {index} has no router tensor a recalibration can fit")
+            parameters, dtypes = _router_parameters(router, names[id(modules.router)], tensor_names, base)
             result = fit_layer(router, parameters, experts, data, fit, dtypes)
             tensors = {}
             for name in tensor_names:
@@ -217,14 +217,15 @@ def recalibrate_checkpoint(base_dir: Path, pruned_dir: Path, sequences_path: Pat
                            ) -> dict[str, Any]:
     """Recalibrate ``pruned_dir``'s router against ``base_dir`` and write ``out_dir``; the record."""
     started = time.monotonic()
-    new_bytes, fitted = recalibrate(base_dir, pruned_dir, sequences_path, domains, batch_size, settings)
+    drop_map_path = pruned_dir / "expert_drop_metadata.json"
+    new_bytes, fitted = recalibrate(base_dir, drop_map_path, sequences_path, domains, batch_size, settings)
     record = {
         "format": RECORD_FORMAT,
         "settings": dict(settings),
         "batch_size": batch_size,
         "domains": list(domains),
         "sequences_sha256": sha256_file(sequences_path),
-        "drop_map_sha256": sha256_file(pruned_dir / "expert_drop_metadata.json"),
+        "drop_map_sha256": sha256_file(drop_map_path),
         **fitted,
     }
     write_recalibrated(pruned_dir, out_dir, new_bytes, record, max_shard_bytes)
