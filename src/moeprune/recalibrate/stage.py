@@ -33,9 +33,9 @@ from moeprune.hashing import sha256_bytes, sha256_file
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
 from moeprune.io.writer import ShardedWriter
 from moeprune.patching import Patches
+from moeprune.recalibrate import RECORD_NAME
 from moeprune.recalibrate.fit import FitSettings, LayerData, fit_layer
 
-RECORD_NAME = "recalibrate.json"
 RECORD_FORMAT = "moeprune-recalibrate/1"
 
 
