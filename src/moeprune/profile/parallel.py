@@ -198,7 +198,9 @@ def reduce_replay(parts: Sequence[Any]) -> Any:
     merged: dict[str, Any] = {}
     for spec in dataclasses.fields(first):
         values = [getattr(part, spec.name) for part in parts]
-        if isinstance(values[0], np.ndarray):
+        if spec.name == "max_activation_norm":
+            merged[spec.name] = np.maximum.reduce(values)
+        elif isinstance(values[0], np.ndarray):
             total = values[0].copy()
             for value in values[1:]:
                 total += value
