@@ -159,7 +159,9 @@ def verify_prune(recipe_path: Path, base: Path | None = None, pruned: Path | Non
 
     recipe = _load(recipe_path, check_inputs=False)
     layout = RunLayout.for_recipe(recipe.name)
-    default = layout.recalibrated_dir if recipe.recalibrate.enabled else layout.pruned_dir
+    from moeprune.recalibrate import pruned_side_dir
+
+    default = pruned_side_dir(recipe, layout)
     # A recalibrated checkpoint is also refitted again from the run's calibration sequences.
     sequences = layout.sequences_path if layout.sequences_path.is_file() else None
     report = verify(base or _base_dir(recipe), pruned or default, sequences_path=sequences)

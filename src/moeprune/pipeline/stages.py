@@ -54,9 +54,9 @@ def gguf_file(ctx: Context, which: str, gguf_type: str) -> Path:
 
 def _hf_dir(ctx: Context, which: str) -> Path:
     """The checkpoint converted for ``which``: the pruned side is the recalibrated one when enabled."""
-    if which == "base":
-        return base_dir(ctx)
-    return ctx.layout.recalibrated_dir if ctx.recipe.recalibrate.enabled else ctx.layout.pruned_dir
+    from moeprune.recalibrate import pruned_side_dir
+
+    return base_dir(ctx) if which == "base" else pruned_side_dir(ctx.recipe, ctx.layout)
 
 
 def _section(recipe: Recipe, *names: str) -> dict[str, Any]:
