@@ -1,20 +1,22 @@
-"""Fitting one MoE layer's kept router parameters: pure tensors in, tensors out (no I/O).
+"""Fitting one MoE layer's kept router parameters against an objective (no I/O).
 
 The pruned block is the family's own router (kept rows) and experts (kept slices) modules. Its
-experts never change, so each kept expert's output on every token is computed once, with the
-family's experts forward (a one-expert routing of weight 1), and each step only recombines them
-with the router's weights: ``sum_k w_k(x) * expert_{i_k}(x)``. The loss is the mean squared error
-to the base block's output (all experts, base routing), fitted on the training tokens with Adam
-(full batch, fixed order) and stopped early on the held-out tokens. The values kept are the best
-held-out ones after rounding to the checkpoint's dtype; if rounding leaves no held-out gain, the
-pruned router is kept unchanged, so the recalibration never makes the held-out fit worse.
+experts never change, so each kept expert's output on every token is computed once
+(:func:`expert_outputs`, the family's experts forward with a one-expert routing of weight 1), and
+each step only recombines them with the router's weights (:func:`combine`). The objective (see
+:mod:`moeprune.recalibrate.stage`) is the mean squared error of the decoder layer's output with the
+pruned block to the base layer's output, on the base layer's inputs: so the norms the family
+applies after its experts count as they do in the model. :func:`fit_layer` runs Adam (full batch,
+fixed order) on the training tokens and stops early on the held-out ones. The values kept are
+the best held-out ones after rounding to the checkpoint's dtype; if rounding leaves no held-out
+gain, the pruned router is kept unchanged, so the recalibration never makes the held-out fit worse.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -28,14 +30,12 @@ class FitSettings:
     patience_steps: int
 
 
-@dataclass
-class LayerData:
-    """One MoE layer's calibration tokens (real tokens only, in replay order), float32."""
+class Objective(Protocol):
+    """The loss of the current parameters on the training or held-out tokens."""
 
-    router_input: torch.Tensor  # [N, H] what the block passes its router
-    experts_input: torch.Tensor  # [N, H] what the block passes its experts
-    target: torch.Tensor  # [N, H] the base experts module's output (every expert, base routing)
-    holdout: torch.Tensor  # [N] bool: token of a held-out sequence
+    def loss(self, part: str, backward: bool) -> float:
+        """Mean loss on ``part`` ("train" or "holdout"); with ``backward``, its gradient is
+        accumulated into the parameters."""
 
 
 @dataclass
@@ -70,39 +70,14 @@ def combine(outputs: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -
     return (chosen * weights.unsqueeze(-1).to(outputs.dtype)).sum(dim=1)
 
 
-def routing(router: Any, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights ``[N, k]``, expert index ``[N, k]``) from the family's router forward, which returns
-    ``(logits or probabilities, weights, index)`` in transformers 5."""
-    outputs = router(hidden)
-    return outputs[1], outputs[2]
-
-
-def mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return torch.mean((prediction - target) ** 2)
-
-
-def fit_layer(
-    router: Any, parameters: Mapping[str, torch.nn.Parameter], experts: Any, data: LayerData,
-    settings: FitSettings, storage_dtype: Mapping[str, torch.dtype],
-) -> LayerFit:
-    """Fit ``parameters`` (the router's own, float32, named as in ``storage_dtype``) in place, then
-    leave them at the chosen values; returns those values in their checkpoint dtypes."""
-    train = ~data.holdout
-    with torch.no_grad():
-        outputs = expert_outputs(experts, data.experts_input)
-    parts = {
-        "train": (data.router_input[train], outputs[train], data.target[train]),
-        "holdout": (data.router_input[data.holdout], outputs[data.holdout], data.target[data.holdout]),
-    }
-
-    def loss(part: str) -> torch.Tensor:
-        hidden, per_expert, target = parts[part]
-        weights, index = routing(router, hidden)
-        return mse(combine(per_expert, weights, index), target)
+def fit_layer(parameters: Mapping[str, torch.nn.Parameter], objective: Objective, settings: FitSettings,
+              storage_dtype: Mapping[str, torch.dtype]) -> LayerFit:
+    """Fit ``parameters`` (float32, named as in ``storage_dtype``) in place, then leave them at the
+    chosen values; returns those values in their checkpoint dtypes."""
 
     def measure(part: str) -> float:
         with torch.no_grad():
-            return float(loss(part))
+            return objective.loss(part, backward=False)
 
     initial = {name: p.detach().clone() for name, p in parameters.items()}
     train_before, holdout_before = measure("train"), measure("holdout")
@@ -112,7 +87,7 @@ def fit_layer(
     optimizer = torch.optim.Adam(list(parameters.values()), lr=settings.learning_rate)
     for step in range(1, settings.max_steps + 1):
         optimizer.zero_grad(set_to_none=True)
-        loss("train").backward()
+        objective.loss("train", backward=True)
         optimizer.step()
         steps = step
         held = measure("holdout")

@@ -34,7 +34,7 @@ from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
 from moeprune.io.writer import ShardedWriter
 from moeprune.patching import Patches
 from moeprune.recalibrate import RECORD_NAME
-from moeprune.recalibrate.fit import FitSettings, LayerData, fit_layer
+from moeprune.recalibrate.fit import FitSettings, combine, expert_outputs, fit_layer
 
 RECORD_FORMAT = "moeprune-recalibrate/1"
 
@@ -73,26 +73,67 @@ def _module_names(model: torch.nn.Module) -> dict[int, str]:
 
 
 class _LayerTaps:
-    """Forward hooks on one MoE layer's router and experts: the real tokens' inputs and outputs."""
+    """Hooks on one decoder layer while the base runs it: per batch, the layer's call (arguments),
+    its output and what its block passes the experts."""
 
     def __init__(self) -> None:
-        self.router_input: list[torch.Tensor] = []
-        self.experts_input: list[torch.Tensor] = []
-        self.target: list[torch.Tensor] = []
-        self.real: torch.Tensor | None = None  # this batch's real-token mask, flattened
+        self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.outputs: list[torch.Tensor] = []
+        self.experts_inputs: list[torch.Tensor] = []
 
-    def router_hook(self, _module: Any, inputs: tuple[Any, ...], _output: Any) -> None:
-        if len(inputs) != 1:
-            raise RecalibrateError("recalibrate supports routers called with the hidden states only")
-        self.router_input.append(self._real(inputs[0]))
+    def layer_call(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.calls.append((args, kwargs))
 
-    def experts_hook(self, _module: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        self.experts_input.append(self._real(inputs[0]))
-        self.target.append(self._real(output))
+    def layer_output(self, _module: Any, _args: Any, output: Any) -> None:
+        self.outputs.append(output.detach())
 
-    def _real(self, tensor: torch.Tensor) -> torch.Tensor:
-        assert self.real is not None
-        return tensor.reshape(-1, tensor.shape[-1])[self.real].detach().float().clone()
+    def experts_call(self, _module: Any, inputs: tuple[Any, ...], _output: Any) -> None:
+        self.experts_inputs.append(inputs[0].detach())
+
+
+class _Recombined(torch.nn.Module):
+    """Stands in for the experts module: the kept experts' precomputed outputs on this batch's
+    tokens (:func:`expert_outputs`), recombined with the routing it is given."""
+
+    def __init__(self, outputs: torch.Tensor) -> None:
+        super().__init__()
+        self.outputs = outputs
+        self.num_experts = outputs.shape[1]
+
+    def forward(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return combine(self.outputs, weights, index).to(hidden.dtype)
+
+
+class _LayerObjective:
+    """Mean squared error of the decoder layer's output with the pruned block (trainable router,
+    kept experts) to the base layer's output, on the base layer's inputs, over the real tokens of
+    the training or held-out sequences; batch by batch in replay order."""
+
+    def __init__(self, arch: Any, layer: Any, modules: Any, router: Any, experts: Any, taps: _LayerTaps,
+                 masks: dict[str, list[torch.Tensor]]) -> None:
+        self.arch, self.layer, self.block, self.router = arch, layer, modules.block, router
+        self.taps, self.masks = taps, masks
+        with torch.no_grad():
+            self.expert_outputs = [expert_outputs(experts, x.reshape(-1, x.shape[-1])) for x in taps.experts_inputs]
+        self.counts = {part: int(sum(int(m.sum()) for m in masks[part])) for part in masks}
+
+    def loss(self, part: str, backward: bool) -> float:
+        count = self.counts[part] * self.taps.outputs[0].shape[-1]
+        total = 0.0
+        for (args, kwargs), target, outputs, mask in zip(self.taps.calls, self.taps.outputs, self.expert_outputs,
+                                                         self.masks[part], strict=True):
+            if not bool(mask.any()):
+                continue
+            with Patches() as patches:
+                patches.set_attribute(self.block, self.arch.router_attribute, self.router)
+                patches.set_attribute(self.block, self.arch.experts_attribute, _Recombined(outputs))
+                output = self.layer(*args, **kwargs)
+            difference = output.reshape(-1, output.shape[-1])[mask] - target.reshape(-1, target.shape[-1])[mask]
+            batch_loss = (difference.double() ** 2).sum() / count
+            if backward:
+                batch_loss.backward()
+            total += float(batch_loss)
+        return total
 
 
 def _pruned_block(arch: Any, modules: Any, keep: Sequence[int]) -> tuple[Any, Any]:
@@ -145,6 +186,7 @@ def recalibrate(base_dir: Path, drop_map_path: Path, sequences_path: Path, domai
     arch = family_adapter(model)
     batches = prepare_batches(sequences, domains, batch_size, context_length(model.config), sequences_path)
     names = _module_names(model)
+    layers_path = arch.decoder_layers_path(model)
     moe_by_layer = {m.layer_index: m for m in arch.moe_modules(model)}
     if sorted(moe_by_layer) != sorted(keep_by_layer):
         raise RecalibrateError(f"{drop_map_path}: the drop map covers layers {sorted(keep_by_layer)}, the base model's "
@@ -152,30 +194,34 @@ def recalibrate(base_dir: Path, drop_map_path: Path, sequences_path: Path, domai
     new_bytes: dict[str, bytes] = {}
     layers: list[dict[str, Any]] = []
     cpu = torch.device("cpu")
-    with deterministic_cpu(), Checkpoint.open(base_dir) as base, contextlib.closing(_layer_by_layer(model, arch, base, batches, cpu, StreamInfo())) as passes:
+    with deterministic_cpu(), Checkpoint.open(base_dir) as base, \
+            contextlib.closing(_layer_by_layer(model, arch, base, batches, cpu, StreamInfo())) as passes:
         for index, run in enumerate(passes):
             modules = moe_by_layer.get(index)
+            layer = model.get_submodule(f"{layers_path}.{index}")
             taps = _LayerTaps()
-            holdout_mask: list[torch.Tensor] = []
+            masks: dict[str, list[torch.Tensor]] = {"train": [], "holdout": []}
             with Patches() as patches, torch.no_grad():
                 if modules is not None:
-                    patches.forward_hook(modules.router, taps.router_hook)
-                    patches.forward_hook(modules.experts, taps.experts_hook)
+                    patches.callback(layer.register_forward_pre_hook(taps.layer_call, with_kwargs=True).remove)
+                    patches.forward_hook(layer, taps.layer_output)
+                    patches.forward_hook(modules.experts, taps.experts_call)
                 for position, batch in enumerate(batches):
-                    taps.real = batch.attention_mask.reshape(-1).bool()
                     run(position, batch)
-                    rows = torch.tensor([record["id"] in held for record in batch.records])
-                    holdout_mask.append(rows[:, None].expand_as(batch.attention_mask).reshape(-1)[taps.real])
+                    real = batch.attention_mask.reshape(-1).bool()
+                    held_rows = torch.tensor([record["id"] in held for record in batch.records])
+                    held_tokens = held_rows[:, None].expand_as(batch.attention_mask).reshape(-1)
+                    masks["train"].append(real & ~held_tokens)
+                    masks["holdout"].append(real & held_tokens)
             if modules is None:
                 continue
-            data = LayerData(torch.cat(taps.router_input), torch.cat(taps.experts_input), torch.cat(taps.target),
-                             torch.cat(holdout_mask))
             router, experts = _pruned_block(arch, modules, keep_by_layer[index])
             tensor_names = arch.recalibrated_tensors(base.names(), index)
             if not tensor_names:
                 raise RecalibrateError(f"{base_dir}: MoE layer {index} has no router tensor a recalibration can fit")
             parameters, dtypes = _router_parameters(router, names[id(modules.router)], tensor_names, base)
-            result = fit_layer(router, parameters, experts, data, fit, dtypes)
+            objective = _LayerObjective(arch, layer, modules, router, experts, taps, masks)
+            result = fit_layer(parameters, objective, fit, dtypes)
             tensors = {}
             for name in tensor_names:
                 new_bytes[name] = tensor_bytes(result.values[name])
@@ -185,7 +231,7 @@ def recalibrate(base_dir: Path, drop_map_path: Path, sequences_path: Path, domai
                 "best_step": result.best_step,
                 "train_mse_before": result.train_mse_before, "train_mse_after": result.train_mse_after,
                 "holdout_mse_before": result.holdout_mse_before, "holdout_mse_after": result.holdout_mse_after,
-                "train_tokens": int((~data.holdout).sum()), "holdout_tokens": int(data.holdout.sum()),
+                "train_tokens": objective.counts["train"], "holdout_tokens": objective.counts["holdout"],
             })
     return new_bytes, {"holdout_sequences": sorted(held), "layers": layers}
 
