@@ -2,11 +2,13 @@
 
 For each decoder layer in turn, one layer in memory (the streamed replay's passes,
 :func:`moeprune.profile.streamed._layer_by_layer`, over the profile's own ``sequences.jsonl`` and
-batches), the base layer runs every batch; hooks keep what its block passes the router and the
-experts and what the experts return (every expert, the base routing). The pruned block is a copy
-of that router and experts sliced to the drop map's kept experts, with the router tensors read
-from the pruned checkpoint; :func:`moeprune.recalibrate.fit.fit_layer` fits those tensors. The
-hidden states then go on through the base layer, so every layer sees the base model's inputs.
+batches), the base layer runs every batch; hooks keep the layer's call, its output and what its
+block passes the experts. The pruned block is a copy of that router and experts sliced to the drop
+map's kept experts (the base's kept rows: what verify-prune proves the pruned checkpoint holds).
+:func:`moeprune.recalibrate.fit.fit_layer` fits the router tensors the family adapter names
+(:meth:`MoeArch.recalibrated_tensors`) so the layer's output with the pruned block matches the base
+layer's output on the base layer's inputs. The hidden states then go on through the base layer, so
+every layer sees the base model's inputs, as in the profile.
 
 The output is the pruned checkpoint's shards copied byte for byte except the refitted router
 tensors, written atomically with ``recalibrate.json`` (per layer each new tensor's sha256, the
