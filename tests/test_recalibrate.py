@@ -184,3 +184,42 @@ def test_the_adapter_names_the_router_tensors_a_recalibration_may_change():
              "model.language_model.layers.1.router.proj.weight"]
     assert arch.recalibrated_tensors(names, 0) == ["model.language_model.layers.0.router.per_expert_scale",
                                                    "model.language_model.layers.0.router.proj.weight"]
+
+
+class _Quadratic:
+    """Train loss (w - train_at)^2, held-out loss (w - held_at)^2."""
+
+    def __init__(self, parameter, train_at: float, held_at: float) -> None:
+        self.parameter, self.at = parameter, {"train": train_at, "holdout": held_at}
+
+    def loss(self, part: str, backward: bool) -> float:
+        value = ((self.parameter - self.at[part]) ** 2).sum()
+        if backward:
+            value.backward()
+        return float(value.detach())
+
+
+def test_the_fit_stops_early_on_the_held_out_loss():
+    import torch
+
+    from moeprune.recalibrate.fit import FitSettings, fit_layer
+
+    w = torch.nn.Parameter(torch.tensor([1.0]), requires_grad=False)
+    result = fit_layer({"w": w}, _Quadratic(w, train_at=3.0, held_at=2.0), FitSettings(2000, 0.05, 10),
+                       {"w": torch.bfloat16})
+    assert result.changed and result.steps < 2000 and result.best_step < result.steps
+    assert abs(float(result.values["w"]) - 2.0) < 0.05 and result.values["w"].dtype == torch.bfloat16
+    assert result.holdout_mse_after < result.holdout_mse_before
+
+
+def test_a_fit_without_held_out_gain_keeps_the_pruned_router():
+    import torch
+
+    from moeprune.recalibrate.fit import FitSettings, fit_layer
+
+    w = torch.nn.Parameter(torch.tensor([2.0]), requires_grad=False)
+    result = fit_layer({"w": w}, _Quadratic(w, train_at=3.0, held_at=2.0), FitSettings(50, 0.05, 5),
+                       {"w": torch.bfloat16})
+    assert not result.changed and result.best_step == 0
+    assert float(result.values["w"]) == 2.0 and float(w) == 2.0
+    assert result.holdout_mse_after == result.holdout_mse_before

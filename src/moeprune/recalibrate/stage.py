@@ -134,7 +134,7 @@ class _LayerObjective:
             batch_loss = (difference.double() ** 2).sum() / count
             if backward:
                 batch_loss.backward()
-            total += float(batch_loss)
+            total += float(batch_loss.detach())
         return total
 
 
