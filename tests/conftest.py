@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # fixture closure (pytest's ``item.fixturenames``, transitive) holds one is in the slow tier.
 SLOW_FIXTURES: dict[str, str] = {
     "demo_run": "a complete `invoke reproduce` of the demo recipe",
+    "recalibrated_run": "the demo reproduced up to the recalibrate stage (test_recalibrate.py)",
     "family_models": "the tiny models of every family (transformers builds, the GPT-2 vocabulary)",
     "llama_source_shared": "the pinned llama.cpp source tree (downloaded on first use)",
     "llama_build_shared": "the pinned llama.cpp build (compiled on first use)",

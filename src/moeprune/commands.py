@@ -158,7 +158,13 @@ def verify_prune(recipe_path: Path, base: Path | None = None, pruned: Path | Non
     from moeprune.prune.verify import verify_prune as verify
 
     recipe = _load(recipe_path, check_inputs=False)
-    report = verify(base or _base_dir(recipe), pruned or RunLayout.for_recipe(recipe.name).pruned_dir)
+    layout = RunLayout.for_recipe(recipe.name)
+    from moeprune.recalibrate import pruned_side_dir
+
+    default = pruned_side_dir(recipe, layout)
+    # A recalibrated checkpoint is also refitted again from the run's calibration sequences.
+    sequences = layout.sequences_path if layout.sequences_path.is_file() else None
+    report = verify(base or _base_dir(recipe), pruned or default, sequences_path=sequences)
     failure = None if report.ok else "the pruned checkpoint differs from the base beyond the dropped experts"
     return TaskResult((report.render(),), failure=failure, data=report)
 

@@ -80,6 +80,11 @@ class RunLayout:
         return self.root / "pruned"
 
     @property
+    def recalibrated_dir(self) -> Path:
+        """The pruned checkpoint with refitted router tensors (recipe ``[recalibrate]``)."""
+        return self.root / "recalibrated"
+
+    @property
     def gguf_dir(self) -> Path:
         return self.root / "gguf"
 

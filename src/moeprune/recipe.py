@@ -166,6 +166,28 @@ class PruneSection(_Section):
     max_shard_bytes: int = Field(ge=1024, description="Largest safetensors shard written, in bytes.")
 
 
+class RecalibrateSection(_Section):
+    """Router recalibration after pruning (off by default): fit the kept router tensors so each
+    pruned MoE block's output matches the base block's on the calibration hidden states."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Run the recalibrate stage: the pruned checkpoint with refitted router tensors is what gets "
+        "converted and evaluated (off: the plain pruned checkpoint, and no recalibrate output).",
+    )
+    holdout_fraction: float = Field(
+        default=0.2, gt=0.0, lt=1.0,
+        description="Share of the calibration sequences held out (whole sequences, seeded): early stopping and "
+        "the recorded before/after loss are measured on them.",
+    )
+    max_steps: int = Field(default=200, ge=1, description="Most optimiser steps per MoE layer (full batch, Adam).")
+    learning_rate: float = Field(default=1e-4, gt=0.0, description="Adam learning rate.")
+    patience_steps: int = Field(
+        default=20, ge=1, description="Stop a layer after this many steps without a better held-out loss."
+    )
+    seed: int = Field(default=0, description="Seed of the held-out split.")
+
+
 class LlamaCppSection(_Section):
     """Where llama.cpp comes from and how it is built."""
 
@@ -380,6 +402,11 @@ class Recipe(_Section):
     profile: ProfileSection = ProfileSection()
     dropmap: DropMapSection
     prune: PruneSection
+    # Recorded in settings() only when enabled, so a recipe without it keeps its keys and hashes.
+    recalibrate: RecalibrateSection = Field(
+        default_factory=RecalibrateSection, exclude_if=lambda section: not section.enabled,
+        description="Router recalibration after pruning (off by default).",
+    )
     llamacpp: LlamaCppSection = LlamaCppSection()
     quantize: QuantizeSection = QuantizeSection()
     serve: ServeSection

@@ -568,6 +568,7 @@ def _check_base(report: VerifyReport, art: _Artifact, base_dir: Path | None) -> 
     prune_report = verify_prune(base_dir, art.source.model_dir)
     report.add("kept experts bit-exact", str(base_dir), [f"model weights: {p}" for p in prune_report.problems],
                f"{prune_report.expert_slices_checked} expert slices, {prune_report.identical_tensors} tensors identical")
+    _check_recalibrated(report, art, base_dir)
     numbers_path = art.local.get(("model", "card_numbers.json"))
     if numbers_path is None or not numbers_path.is_file():
         return
@@ -578,6 +579,23 @@ def _check_base(report: VerifyReport, art: _Artifact, base_dir: Path | None) -> 
         if key in stored and stored[key]["value"] != actual:
             problems.append(f"card_numbers.json: '{key}' = {stored[key]['value']}, the base checkpoint has {actual}")
     report.add("base size on the card", str(base_dir), problems, f"{facts.params} parameters, {facts.tensor_bytes} bytes")
+
+
+def _check_recalibrated(report: VerifyReport, art: _Artifact, base_dir: Path) -> None:
+    """A run's recalibrated checkpoint: experts and every non-router tensor bit-exact against the
+    base, router tensors as recorded, and the recalibration rerun from the profile's sequences."""
+    from moeprune.prune.verify import verify_prune
+    from moeprune.recalibrate import RECORD_NAME
+
+    layout = RunLayout(art.root)
+    if not art.is_run or not (layout.recalibrated_dir / RECORD_NAME).is_file():
+        return
+    sequences = layout.sequences_path if layout.sequences_path.is_file() else None
+    checked = verify_prune(base_dir, layout.recalibrated_dir, sequences_path=sequences)
+    report.add("recalibrated router reproduced", str(layout.recalibrated_dir),
+               [f"recalibrated weights: {p}" for p in checked.problems],
+               f"{checked.expert_slices_checked} expert slices bit-exact, {checked.recalibrated_tensors_checked} "
+               f"router tensors as recorded; {checked.recalibration_rerun}")
 
 
 def _check_gguf_records(report: VerifyReport, art: _Artifact, results: dict[str, Any] | None) -> None:

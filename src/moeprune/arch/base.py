@@ -36,6 +36,7 @@ from moeprune.arch.modules import dotted_attribute, keep_rows, text_config_objec
 from moeprune.arch.patterns import (
     EXPERT,
     EXPERTS,
+    RECALIBRATED_ROLES,
     TOWER_MARKERS,
     ExpertTensor,
     TensorPattern,
@@ -227,6 +228,17 @@ class MoeArch:
         if re.search(self.experts_module_re, name):
             raise ArchError(f"unsupported expert tensor '{name}' ({self.unsupported_hint()})")
         return None
+
+    def recalibrated_tensors(self, names: Sequence[str], layer: int) -> list[str]:
+        """The on-disk router tensors of MoE layer ``layer`` among ``names`` that a router
+        recalibration may change (:data:`RECALIBRATED_ROLES`: router rows, router biases, per-expert
+        scales such as Gemma 4's ``per_expert_scale``); every other tensor it must leave bit-exact."""
+        found = []
+        for name in names:
+            tensor = self.classify_tensor(name)
+            if tensor is not None and tensor.layer == layer and tensor.role in RECALIBRATED_ROLES:
+                found.append(name)
+        return sorted(found)
 
     def unsupported_hint(self) -> str:
         fused = [p.label for p in self.expert_patterns if p.role in (EXPERTS, EXPERT)]

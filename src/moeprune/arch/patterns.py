@@ -23,6 +23,9 @@ CORRECTION_BIAS = "correction_bias"  # selection-only bias added before top-k [E
 EXPERT_SCALE = "expert_scale"  # per-expert output scale [E]
 ROLES = (EXPERTS, EXPERT, EXPERT_BIAS, ROUTER_WEIGHT, ROUTER_BIAS, CORRECTION_BIAS, EXPERT_SCALE)
 ROUTER_ROLES = (ROUTER_WEIGHT, ROUTER_BIAS, CORRECTION_BIAS, EXPERT_SCALE)
+# The router roles a recalibration fits: each routed pair's weight depends on them smoothly. A
+# correction bias only chooses the experts (it never enters a weight), so no gradient reaches it.
+RECALIBRATED_ROLES = (ROUTER_WEIGHT, ROUTER_BIAS, EXPERT_SCALE)
 
 # Multimodal towers have their own "layers.N" but never routed experts.
 TOWER_MARKERS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio", "vision_model", "audio_model")

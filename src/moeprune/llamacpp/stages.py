@@ -30,7 +30,9 @@ def gguf_path(recipe: Recipe, which: Which, gguf_type: str, layout: RunLayout | 
 
 def _hf_dir(recipe: Recipe, which: Which, layout: RunLayout) -> Path:
     if which == "pruned":
-        return layout.pruned_dir
+        from moeprune.recalibrate import pruned_side_dir
+
+        return pruned_side_dir(recipe, layout)
     from moeprune.base_model import resolve_base
 
     return resolve_base(recipe).local_dir

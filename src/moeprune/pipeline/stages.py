@@ -1,6 +1,6 @@
 """The stages of `invoke reproduce`, wired to the stage functions of each package.
 
-profile -> dropmap -> prune -> convert-base -> convert-pruned -> mmproj -> quantize-base -> quantize-pruned
+profile -> dropmap -> prune -> recalibrate -> convert-base -> convert-pruned -> mmproj -> quantize-base -> quantize-pruned
 -> eval-base -> eval-pruned -> results -> kld -> card -> manifest
 
 Base and pruned models have stages of their own, so a new drop map reruns only the pruned side:
@@ -53,7 +53,10 @@ def gguf_file(ctx: Context, which: str, gguf_type: str) -> Path:
 
 
 def _hf_dir(ctx: Context, which: str) -> Path:
-    return base_dir(ctx) if which == "base" else ctx.layout.pruned_dir
+    """The checkpoint converted for ``which``: the pruned side is the recalibrated one when enabled."""
+    from moeprune.recalibrate import pruned_side_dir
+
+    return base_dir(ctx) if which == "base" else pruned_side_dir(ctx.recipe, ctx.layout)
 
 
 def _section(recipe: Recipe, *names: str) -> dict[str, Any]:
@@ -82,6 +85,33 @@ def _prune(ctx: Context) -> dict[str, Any]:
     from moeprune.prune.surgery import run_prune
 
     return _headline(run_prune(ctx.recipe, ctx.layout), ("num_shards", "total_size"))
+
+
+def _recalibrate(ctx: Context) -> dict[str, Any]:
+    from moeprune.recalibrate.stage import run_recalibrate
+
+    record = run_recalibrate(ctx.recipe, ctx.layout)
+    if record is None:
+        return {}
+    return {"layers_changed": sum(layer["changed"] for layer in record["layers"])}
+
+
+def _recalibrate_outs(ctx: Context) -> list[Path]:
+    """The recalibrated checkpoint when ``[recalibrate]`` is enabled; nothing (no file) when not."""
+    return [ctx.layout.recalibrated_dir] if ctx.recipe.recalibrate.enabled else []
+
+
+def _recalibrate_deps(ctx: Context) -> list[Path]:
+    if not ctx.recipe.recalibrate.enabled:
+        return []
+    return [base_dir(ctx), ctx.layout.pruned_dir, ctx.layout.sequences_path]
+
+
+def _recalibrate_params(recipe: Recipe) -> dict[str, Any]:
+    if not recipe.recalibrate.enabled:
+        return {"recalibrate": {"enabled": False}}
+    return {**_section(recipe, "recalibrate", "prune"), "domains": recipe.calibration.domains,
+            "batch_size": recipe.calibration.batch_size}
 
 
 def _convert(which: str):
@@ -242,6 +272,8 @@ def build_pipeline() -> Pipeline:
         Stage("prune", "slice experts, router rows and scales into a sharded checkpoint", _prune,
               deps=lambda c: [base_dir(c), L(c).drop_map_path], outs=lambda c: [L(c).pruned_dir],
               params=lambda r: _section(r, "prune")),
+        Stage("recalibrate", "refit the kept router tensors to the base's MoE outputs (recipe [recalibrate])",
+              _recalibrate, deps=_recalibrate_deps, outs=_recalibrate_outs, params=_recalibrate_params),
     ]
     for which in MODELS:
         stages.append(Stage(
@@ -285,8 +317,8 @@ def build_pipeline() -> Pipeline:
               params=lambda r: _section(r, "model", "calibration", "profile", "dropmap", "serve", "eval", "card",
                                         "publish")),
         Stage("manifest", "hash every file of the artifact", _manifest,
-              deps=lambda c: [L(c).profile_dir, L(c).drop_map_path, L(c).pruned_dir, L(c).gguf_dir,
-                              L(c).eval_dir, L(c).card_dir],
+              deps=lambda c: [L(c).profile_dir, L(c).drop_map_path, L(c).pruned_dir, *_recalibrate_outs(c),
+                              L(c).gguf_dir, L(c).eval_dir, L(c).card_dir],
               outs=lambda c: [L(c).manifest_path], params=lambda r: r.settings(), tools=llamacpp_tools),
     ]
     for stage in stages:

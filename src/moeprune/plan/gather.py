@@ -209,6 +209,11 @@ def run_plan(recipe: Any, layout: RunLayout, will_run: Collection[str], stage_na
         writes["profile"].append(Write(f"download of {recipe.model.base} to the HF cache", hf_cache_dir(),
                                        found.download_bytes))
     writes["prune"].append(write("pruned checkpoint", layout.pruned_dir, pruned.total_bytes, bound))
+    if recipe.recalibrate.enabled:  # the pruned checkpoint again, its router tensors refitted
+        writes["recalibrate"].append(write("recalibrated checkpoint", layout.recalibrated_dir, pruned.total_bytes, bound))
+        memory["recalibrate"] = _STREAMED
+    else:
+        memory["recalibrate"] = "none ([recalibrate] is off: the stage writes nothing)"
     for which, (shapes, experts, is_bound) in models.items():
         converted = layout.gguf_path(which, quantize.convert_outtype)  # type: ignore[arg-type]
         writes[f"convert-{which}"].append(write(converted.name, converted,

@@ -11,6 +11,11 @@ drop map stored beside the pruned weights:
 - no tensor is missing or extra; the index is exact (checked when the pruned checkpoint opens,
   plus ``metadata.total_size``);
 - ``config.json`` equals the base config except the expert count, which equals the kept count.
+
+A recalibrated checkpoint (``recalibrate.json`` beside its weights, :mod:`moeprune.recalibrate`)
+is checked the same way, except that each router tensor the record lists must hash to the
+recorded sha256 instead of equalling the base rows; given the calibration sequences, the
+recalibration is rerun from the base and must give the same bytes.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from moeprune.arch.patterns import CORRECTION_BIAS, EXPERT_SCALE, ROUTER_BIAS, ROUTER_WEIGHT
+from moeprune.hashing import sha256_bytes, sha256_file
 from moeprune.io.checkpoint import Checkpoint, TensorInfo
+from moeprune.recalibrate import RECORD_NAME
 from moeprune.prune.surgery import (
     DROP_MAP_NAME,
+    PruneError,
     config_num_experts,
     load_drop_map_file,
     plan_prune,
@@ -49,6 +57,8 @@ class PruneVerifyReport:
     expert_slices_checked: int = 0  # (layer, kept expert) slices of the expert tensors
     router_rows_checked: int = 0
     router_scales_checked: int = 0
+    recalibrated_tensors_checked: int = 0  # router tensors matching the recalibration record's hash
+    recalibration_rerun: str = ""  # what the rerun of the recalibration found ("" when not a recalibrated checkpoint)
     bytes_compared: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -74,6 +84,9 @@ class PruneVerifyReport:
             f"per-expert scales: {self.router_scales_checked}",
             f"  bytes compared: {self.bytes_compared}",
         ]
+        if self.recalibration_rerun:
+            lines.insert(-1, f"  recalibrated router tensors matching the record: {self.recalibrated_tensors_checked}; "
+                             f"rerun: {self.recalibration_rerun}")
         if self.ok:
             lines.append("  result: OK - only the dropped experts differ")
         else:
@@ -85,11 +98,12 @@ class PruneVerifyReport:
 
 
 def verify_prune(base_dir: str | Path, pruned_dir: str | Path, drop_map: dict[str, Any] | None = None,
-                 drop_map_path: Path | None = None) -> PruneVerifyReport:
+                 drop_map_path: Path | None = None, sequences_path: Path | None = None) -> PruneVerifyReport:
     """Check ``pruned_dir`` against ``base_dir`` with the drop map stored in ``pruned_dir``.
 
     ``drop_map`` (with ``drop_map_path`` for messages) is given instead by ``invoke audit`` for
-    artifacts whose drop map has another format (the seed's).
+    artifacts whose drop map has another format (the seed's). ``sequences_path``: the calibration
+    sequences a recalibrated checkpoint was fitted on; the recalibration is rerun and compared.
     """
     base_dir, pruned_dir = Path(base_dir), Path(pruned_dir)
     report = PruneVerifyReport(base_dir=str(base_dir), pruned_dir=str(pruned_dir))
@@ -100,6 +114,7 @@ def verify_prune(base_dir: str | Path, pruned_dir: str | Path, drop_map: dict[st
         drop_map_path = pruned_dir / DROP_MAP_NAME
         drop_map = load_drop_map_file(drop_map_path)
     drop_map_path = drop_map_path or pruned_dir / DROP_MAP_NAME
+    recorded = recorded_router_hashes(pruned_dir)
     with Checkpoint.open(base_dir) as base, Checkpoint.open(pruned_dir) as pruned:
         plan = plan_prune(base, base_config, base_config_path, drop_map, drop_map_path)
         report.num_experts = plan.num_experts
@@ -155,9 +170,57 @@ def verify_prune(base_dir: str | Path, pruned_dir: str | Path, drop_map: dict[st
                 else:
                     report.problems.append(f"tensor '{info.name}' differs from the base")
                 continue
+            if info.name in recorded:
+                _check_recorded(pruned, got, recorded[info.name], report)
+                continue
             role = plan.arch.classify_tensor(info.name).role if plan.arch is not None else None
             _check_rows(base, info, pruned, got, plan.keep_by_layer[layer], report, role)
+        unknown = sorted(set(recorded) - set(plan.sliced))
+        if unknown:
+            report.problems.append(f"{pruned_dir / RECORD_NAME}: records tensors that are not router tensors of the "
+                                   f"pruned checkpoint: {', '.join(unknown[:5])}")
+        if recorded and not report.problems:
+            report.recalibration_rerun = _rerun(base_dir, pruned_dir, pruned, sequences_path, report)
     return report
+
+
+def recorded_router_hashes(pruned_dir: Path) -> dict[str, str]:
+    """Router tensor name -> sha256 recorded by the recalibration (empty: not recalibrated)."""
+    path = pruned_dir / RECORD_NAME
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return {name: digest for layer in record["layers"] for name, digest in layer["tensors"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise PruneError(f"{path}: not a recalibration record (layers[].tensors); rerun the recalibrate stage") from None
+
+
+def _check_recorded(pruned: Checkpoint, got: TensorInfo, digest: str, report: PruneVerifyReport) -> None:
+    report.bytes_compared += got.nbytes
+    if sha256_bytes(pruned.read(got)) != digest:
+        report.problems.append(f"tensor '{got.name}' differs from what the recalibration recorded (sha256)")
+    else:
+        report.recalibrated_tensors_checked += 1
+
+
+def _rerun(base_dir: Path, pruned_dir: Path, pruned: Checkpoint, sequences_path: Path | None,
+           report: PruneVerifyReport) -> str:
+    """Rerun the recalibration from the base and compare every router tensor's bytes."""
+    from moeprune.recalibrate.stage import recalibrate
+
+    if sequences_path is None:
+        return "not rerun (no calibration sequences given)"
+    record = json.loads((pruned_dir / RECORD_NAME).read_text(encoding="utf-8"))
+    if sha256_file(sequences_path) != record.get("sequences_sha256"):
+        report.problems.append(f"{sequences_path}: not the sequences the recalibration recorded (sha256 differs)")
+        return "not rerun (other sequences)"
+    new_bytes, _ = recalibrate(base_dir, pruned_dir / DROP_MAP_NAME, sequences_path, record["domains"],
+                               record["batch_size"], record["settings"])
+    for name, data in new_bytes.items():
+        if name not in pruned or pruned.read(pruned[name]) != data:
+            report.problems.append(f"tensor '{name}' differs from what the recalibration recomputes")
+    return f"rerun from the base, {len(new_bytes)} router tensors compared"
 
 
 def _check_rows(base: Checkpoint, info: TensorInfo, pruned: Checkpoint, got: TensorInfo,
