@@ -265,7 +265,7 @@ def publish(recipe_path: Path, repo_id: str | None = None, gguf_repo_id: str | N
             dry_run: bool = False, endpoint: str | None = None, audit: bool = True) -> TaskResult:
     from moeprune.publish import print_report, publish as publish_run
 
-    recipe = load_recipe(recipe_path, check_inputs=False)
+    recipe = _load(recipe_path, "publish", check_inputs=False)
     target = repo_id or recipe.publish.repo_id
     if not target:
         raise MoepruneError("no repo id: pass --repo-id or set publish.repo_id in the recipe")
