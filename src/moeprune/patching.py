@@ -76,5 +76,9 @@ class Patches(contextlib.ExitStack):
         """``module.register_forward_hook(hook)`` until the block ends."""
         self.callback(module.register_forward_hook(hook).remove)
 
+    def forward_pre_hook(self, module: Any, hook: Callable[..., Any], with_kwargs: bool = False) -> None:
+        """``module.register_forward_pre_hook(hook, with_kwargs=...)`` until the block ends."""
+        self.callback(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs).remove)
+
 
 __all__ = ["Patches", "forward_attribute"]

@@ -151,7 +151,7 @@ def _pruned_block(arch: Any, modules: Any, keep: Sequence[int]) -> tuple[Any, An
 def _router_parameters(router: Any, router_path: str, names: Sequence[str], base: Checkpoint
                        ) -> tuple[dict[str, torch.nn.Parameter], dict[str, torch.dtype]]:
     """The router copy's parameters for the on-disk ``names`` and their checkpoint dtypes."""
-    from moeprune.profile.streamed import _DTYPES
+    from moeprune.io.materialize import _DTYPES
 
     parameters, dtypes = {}, {}
     for name in names:
@@ -206,7 +206,7 @@ def recalibrate(base_dir: Path, drop_map_path: Path, sequences_path: Path, domai
             masks: dict[str, list[torch.Tensor]] = {"train": [], "holdout": []}
             with Patches() as patches, torch.no_grad():
                 if modules is not None:
-                    patches.callback(layer.register_forward_pre_hook(taps.layer_call, with_kwargs=True).remove)
+                    patches.forward_pre_hook(layer, taps.layer_call, with_kwargs=True)
                     patches.forward_hook(layer, taps.layer_output)
                     patches.forward_hook(modules.experts, taps.experts_call)
                 for position, batch in enumerate(batches):
