@@ -51,6 +51,7 @@ REFERENCE_LAYERS = 30
 GB = 1e9
 SAMPLE_S = 0.5
 PROMPTS_PER_DOMAIN = 2
+PROCESSOR_CONFIG = {"image_processor": {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}}
 
 
 def env() -> dict[str, str]:
@@ -112,6 +113,9 @@ def build_worker(model_dir: Path, num_layers: int) -> None:
         write_random_shards(Gemma4ForConditionalGeneration, config, tmp)
         save_tokenizer(tokenizer, tmp, chat_template_text())
         _generation_config(tokenizer.token_to_id("<turn|>")).save_pretrained(tmp)
+        # What the converter's --mmproj reads besides config.json: the image normalisation, nested
+        # as in Gemma 4's processor_config.json (Gemma 4's SigLIP-style mean and std).
+        (tmp / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=1))
         config.save_pretrained(tmp)
 
 
@@ -320,15 +324,75 @@ def rehearse(num_layers: int, work: Path, eval_limit: int, keep: bool) -> dict:
         rows[stage] = checked(measure(invoke + ["reproduce", "--recipe", str(recipe), "--from", stage,
                                                 "--until", stage], runs_dir, log), f"stage {stage}", log)
     rows["(profile, replay = whole)"], equality = whole_replay_check(here, recipe, name, runs_dir, logs)
+    log = logs / "image.log"
+    rows["(invoke serve + image request)"] = checked(
+        measure(me + ["--worker", "image", "--recipe", str(recipe)], runs_dir, log),
+        "the image request", log)
+    image = json.loads(log.read_text().strip().splitlines()[-1])
+    mmproj = sorted(p.name for p in (runs_dir / name / "gguf").glob("mmproj-*.gguf"))
     log = logs / "verify.log"
     rows["(invoke verify --base)"] = checked(
         measure(invoke + ["verify", str(runs_dir / name), "--base", str(model_dir)], runs_dir, log), "verify", log)
     result = {"layers": num_layers, "rows": rows, "plan": check_log.read_text(errors="replace"), "equality": equality,
+              "image": image, "mmproj_files": mmproj,
               "run_bytes": _dir_bytes(runs_dir), "model_bytes": _dir_bytes(model_dir)}
     (work / f"measurements-{num_layers}l.json").write_text(json.dumps(result, indent=1))
     if not keep:
         shutil.rmtree(here)
     return result
+
+
+def image_worker(recipe: Path, eval_type: str) -> None:
+    """`invoke serve` (the pruned eval GGUF with the run's projector) answers an image + text chat
+    request; print the answer, the image's prompt tokens and the server's flags as JSON."""
+    import base64
+    import io
+    import signal
+    import socket
+    import urllib.request
+
+    from PIL import Image
+
+    def chat(port: int, content: list) -> dict:
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=1800) as response:
+            return json.load(response)
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "invoke", "serve", "--recipe", str(recipe), "--type",
+                               eval_type.lower(), "--port", str(port)], cwd=ROOT,
+                              env={**env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        said = []
+        for line in server.stdout:
+            said.append(line)
+            if line.startswith("llama-server ready"):
+                break
+        if not said or not said[-1].startswith("llama-server ready"):
+            sys.exit("invoke serve did not start:\n" + "".join(said[-40:]))
+        flags = server.stdout.readline().strip()
+        png = io.BytesIO()
+        Image.new("RGB", (224, 224), (200, 40, 30)).save(png, "PNG")
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                     + base64.b64encode(png.getvalue()).decode()}}
+        text = [{"type": "text", "text": "What colour is this picture?"}]
+        with_image, text_only = chat(port, [*text, image]), chat(port, text)
+        print(json.dumps({
+            "mmproj_flag": "--mmproj" in flags, "flags": flags,
+            "answer": with_image["choices"][0]["message"].get("content"),
+            "image_prompt_tokens": with_image["usage"]["prompt_tokens"] - text_only["usage"]["prompt_tokens"],
+        }))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def compare_worker(a: Path, b: Path) -> None:
@@ -428,6 +492,11 @@ def report(work: Path, depths: list[int]) -> None:
         print_table(f"Measured: {depth} decoder layers (run dir {data['run_bytes'] / GB:.2f} GB, base "
                     f"{data['model_bytes'] / GB:.2f} GB)", data["rows"])
         print(f"  streamed vs whole replay on the same phase-1 text: {json.dumps(data.get('equality'))}")
+        if data.get("image"):
+            image = data["image"]
+            print(f"  projector in the GGUF repo: {', '.join(data['mmproj_files']) or 'none'}; llama-server with it "
+                  f"answered an image request ({image['image_prompt_tokens']} image prompt tokens): "
+                  f"{image['answer']!r}")
     if len(found) >= 2:
         a, b = (found[d] for d in sorted(found)[:2])
         rows, notes = extrapolate(a, b, REFERENCE_LAYERS)
@@ -444,12 +513,16 @@ def main() -> None:
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "scale-rehearsal"))
     parser.add_argument("--eval-limit", type=int, default=8)
     parser.add_argument("--keep", action="store_true", help="Keep each depth's model and run directory.")
-    parser.add_argument("--worker", choices=["build", "phase1-gguf", "compare"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["build", "phase1-gguf", "compare", "image"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--recipe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "build":
         build_worker(Path(args.out), int(args.layers))
+        return
+    if args.worker == "image":
+        image_worker(Path(args.recipe), "Q4_K_M")
         return
     if args.worker == "compare":
         compare_worker(Path(args.model_dir), Path(args.out))
