@@ -323,20 +323,29 @@ def rehearse(num_layers: int, work: Path, eval_limit: int, keep: bool) -> dict:
         print(f"[{num_layers} layers] {stage} ...", flush=True)
         rows[stage] = checked(measure(invoke + ["reproduce", "--recipe", str(recipe), "--from", stage,
                                                 "--until", stage], runs_dir, log), f"stage {stage}", log)
-    rows["(profile, replay = whole)"], equality = whole_replay_check(here, recipe, name, runs_dir, logs)
-    log = logs / "image.log"
-    rows["(invoke serve + image request)"] = checked(
-        measure(me + ["--worker", "image", "--recipe", str(recipe)], runs_dir, log),
-        "the image request", log)
-    image = json.loads(log.read_text().strip().splitlines()[-1])
-    mmproj = sorted(p.name for p in (runs_dir / name / "gguf").glob("mmproj-*.gguf"))
-    log = logs / "verify.log"
-    rows["(invoke verify --base)"] = checked(
-        measure(invoke + ["verify", str(runs_dir / name), "--base", str(model_dir)], runs_dir, log), "verify", log)
-    result = {"layers": num_layers, "rows": rows, "plan": check_log.read_text(errors="replace"), "equality": equality,
-              "image": image, "mmproj_files": mmproj,
-              "run_bytes": _dir_bytes(runs_dir), "model_bytes": _dir_bytes(model_dir)}
-    (work / f"measurements-{num_layers}l.json").write_text(json.dumps(result, indent=1))
+    result = {"layers": num_layers, "rows": rows, "plan": check_log.read_text(errors="replace"),
+              "model_bytes": _dir_bytes(model_dir), "run_bytes": _dir_bytes(runs_dir)}
+    save = work / f"measurements-{num_layers}l.json"
+    save.write_text(json.dumps(result, indent=1))  # the pipeline's figures, whatever the checks below say
+    checks: dict[str, object] = {}
+    try:
+        rows["(profile, replay = whole)"], checks["equality"] = whole_replay_check(here, recipe, name, runs_dir, logs)
+        log = logs / "image.log"
+        rows["(invoke serve + image request)"] = checked(
+            measure(me + ["--worker", "image", "--recipe", str(recipe)], runs_dir, log), "the image request", log)
+        checks["image"] = json.loads(log.read_text().strip().splitlines()[-1])
+        manifest = json.loads((runs_dir / name / "manifest.json").read_text())
+        checks["mmproj_files"] = sorted(f["path"] for f in manifest["files"]
+                                        if f["repo"] == "gguf" and "mmproj" in f["path"])
+        log = logs / "verify.log"
+        rows["(invoke verify --base)"] = checked(
+            measure(invoke + ["verify", str(runs_dir / name), "--base", str(model_dir)], runs_dir, log), "verify", log)
+    except SystemExit as failed:
+        checks["failed"] = str(failed)
+    result.update(checks)
+    save.write_text(json.dumps(result, indent=1))
+    if "failed" in checks:
+        sys.exit(f"{checks['failed']}\n(the pipeline's figures are kept in {save}; {here} is kept)")
     if not keep:
         shutil.rmtree(here)
     return result
@@ -491,10 +500,12 @@ def report(work: Path, depths: list[int]) -> None:
     for depth, data in found.items():
         print_table(f"Measured: {depth} decoder layers (run dir {data['run_bytes'] / GB:.2f} GB, base "
                     f"{data['model_bytes'] / GB:.2f} GB)", data["rows"])
+        if data.get("failed"):
+            print(f"  a check after the pipeline failed: {data['failed'].splitlines()[0]}")
         print(f"  streamed vs whole replay on the same phase-1 text: {json.dumps(data.get('equality'))}")
         if data.get("image"):
             image = data["image"]
-            print(f"  projector in the GGUF repo: {', '.join(data['mmproj_files']) or 'none'}; llama-server with it "
+            print(f"  projector in the GGUF repo (manifest): {', '.join(data['mmproj_files']) or 'none'}; llama-server with it "
                   f"answered an image request ({image['image_prompt_tokens']} image prompt tokens): "
                   f"{image['answer']!r}")
     if len(found) >= 2:
