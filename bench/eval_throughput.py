@@ -1,7 +1,7 @@
 """Eval throughput: the demo eval served with one slot, then with N parallel slots, same settings.
 
 Serves the recipe's quantized GGUF with llama-server and runs lm-eval through moeprune's own
-evaluator (``moeprune.eval.run.evaluate_served_model``), first with ``serve.parallel = 1`` and
+evaluator (``moeprune.eval.session.evaluate_served_model``), first with ``serve.parallel = 1`` and
 ``eval.num_concurrent = 1``, then with both at ``--slots`` (a unified KV cache, ``--kv-unified``,
 as the recipe's ``serve.kv_unified`` says). Everything else is the recipe's. Prints, for each:
 requests, wall seconds of the evaluation (server start excluded), requests/s and generated
@@ -26,13 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from moeprune.eval.run import (  # noqa: E402
-    PARTIAL_LOG_NAME,
-    evaluate_served_model,
-    make_task_manager,
-    resolve_include_path,
-    served_gguf_path,
-)
+from moeprune.eval.recording import PARTIAL_LOG_NAME  # noqa: E402
+from moeprune.eval.run import served_gguf_path  # noqa: E402
+from moeprune.eval.session import evaluate_served_model  # noqa: E402
+from moeprune.eval.tasks import make_task_manager, resolve_include_path  # noqa: E402
 from moeprune.eval.samples import read_sample_log, sample_log_name  # noqa: E402
 from moeprune.layout import RunLayout  # noqa: E402
 from moeprune.llamacpp.build import ensure_llamacpp  # noqa: E402

@@ -170,7 +170,7 @@ def _records(model: str, n: int, correct: np.ndarray, rng: np.random.Generator) 
 
 def write_eval(recipe: Recipe, layout: RunLayout, n: int = 40, seed: int = 0) -> None:
     from moeprune.eval.results import task_scores, write_results
-    from moeprune.eval.run import eval_settings, gguf_record, seeds_of
+    from moeprune.eval.records import eval_settings, gguf_record, seeds_of
     from moeprune.eval.samples import sample_log_name, write_sample_log
 
     rng = np.random.default_rng(seed)

@@ -520,7 +520,7 @@ def tiny_model():
 def test_in_memory_pruning_equals_masking_the_dropped_experts(tiny_model):
     import torch
 
-    from moeprune.dropmap.compare import moe_decoder_layers, prune_experts_in_memory
+    from moeprune.demo.criteria import moe_decoder_layers, prune_experts_in_memory
 
     rng = np.random.default_rng(0)
     keep = {layer: sorted(rng.choice(16, size=10, replace=False).tolist()) for layer in range(4)}
@@ -550,7 +550,7 @@ def test_in_memory_pruning_equals_masking_the_dropped_experts(tiny_model):
 
 
 def test_compare_criteria_writes_table_and_plot(tiny_model, tmp_path):
-    from moeprune.dropmap.compare import HeldoutExample, compare_criteria, greedy_accuracy, write_criteria_docs
+    from moeprune.demo.criteria import HeldoutExample, compare_criteria, greedy_accuracy, write_criteria_docs
 
     class ByteTokenizer:
         pad_token_id = 0
@@ -633,7 +633,7 @@ def test_compare_criteria_task_on_a_random_demo_model(tmp_path):
 
 
 def test_agreement_with_base_is_kl_divergence_and_top1_share():
-    from moeprune.dropmap.compare import agreement_with_base
+    from moeprune.demo.criteria import agreement_with_base
 
     base = np.log(np.array([[0.7, 0.2, 0.1], [0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
     other = np.log(np.array([[0.6, 0.3, 0.1], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8]]))

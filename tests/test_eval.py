@@ -21,7 +21,10 @@ import pytest
 from moeprune.errors import MoepruneError
 from moeprune.eval import analysis, stats
 from moeprune.eval.results import check_results, recompute_results
-from moeprune.eval.run import EvalError, check_hub_access, partial_log_path, reported_scores, run_eval
+from moeprune.eval.failure import EvalError
+from moeprune.eval.records import reported_scores
+from moeprune.eval.run import partial_log_path, run_eval
+from moeprune.eval.tasks import check_hub_access
 from moeprune.eval.samples import read_sample_log, write_sample_log
 from moeprune.layout import RunLayout
 from moeprune.recipe import parse_recipe
@@ -615,7 +618,7 @@ def test_results_schema_rejects_a_missing_field(eval_setup):
 
 
 def test_demo_task_loads_from_any_working_directory(tmp_path, monkeypatch):
-    from moeprune.eval.run import check_datasets, make_task_manager, resolve_include_path
+    from moeprune.eval.tasks import check_datasets, make_task_manager, resolve_include_path
     from moeprune.recipe import load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "demo.toml", check_inputs=False)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from moeprune.eval.run import EvalError, check_lm_eval_version, seeds_of
+from moeprune.eval.failure import EvalError
+from moeprune.eval.records import seeds_of
+from moeprune.eval.tasks import check_lm_eval_version
 from moeprune.llamacpp.server import server_flags
 from moeprune.recipe import load_recipe
 
@@ -144,7 +146,7 @@ def _orders(task_dir: Path, seed: int, cache: Path | None) -> list[tuple[str, ..
     import datasets
     from lm_eval.tasks import TaskManager
 
-    from moeprune.eval.run import load_tasks, private_datasets_cache
+    from moeprune.eval.tasks import load_tasks, private_datasets_cache
 
     random.seed(seed)
     manager = TaskManager(include_path=str(task_dir), include_defaults=False)

@@ -160,13 +160,13 @@ SITE_HOOK = textwrap.dedent(
             return _original_log(path, command, *args, **kwargs)
         _process.write_tool_log = _log
     elif _where == "eval":
-        from moeprune.eval import run as _run
-        _original_write = _run.write_sample_log
+        from moeprune.eval import session as _session
+        _original_write = _session.write_sample_log
         def _write(path, records):
             if "pruned" in str(path):  # base done; the pruned model's server is up and has answered
                 _kill()
             return _original_write(path, records)
-        _run.write_sample_log = _write
+        _session.write_sample_log = _write
     '''
 )
 

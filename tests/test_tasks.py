@@ -212,3 +212,34 @@ def test_the_command_run_in_the_image_is_the_same_task_with_the_same_flags(tmp_p
                     "--max-shard-bytes", "1024"]
     assert task_argv("profile", tasks.profile.body, {"progress": False}) == ["profile", "--no-progress"]
     assert task_argv("stage", tasks.stage.body, {"name": "eval-pruned"}) == ["stage", "--name", "eval-pruned"]
+
+
+def _stage_functions(path: Path) -> dict[str, set]:
+    """{function: the objects it imports whose name is a stage function (run_*, *_stage)}, by
+    function of ``path`` (nested actions count for their enclosing function)."""
+    import ast
+    import importlib
+
+    found: dict[str, set] = {}
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.FunctionDef):
+            found[node.name] = {getattr(importlib.import_module(inner.module), alias.name)
+                                for inner in ast.walk(node) if isinstance(inner, ast.ImportFrom)
+                                for alias in inner.names
+                                if alias.name.startswith("run_") or alias.name.endswith("_stage")}
+    return found
+
+
+def test_tasks_reach_stages_by_one_route():
+    """Each stage task calls the stage function its pipeline stage calls; only `invoke stage` runs a
+    pipeline stage by name."""
+    from moeprune.pipeline.stages import run_single_stage
+
+    commands = _stage_functions(ROOT / "src" / "moeprune" / "commands.py")
+    actions = _stage_functions(ROOT / "src" / "moeprune" / "pipeline" / "stages.py")
+    pairs = {"profile": "_profile", "dropmap": "_dropmap", "prune": "_prune", "convert": "_convert",
+             "quantize": "_quantize", "eval_models": "_eval", "card": "_card", "manifest": "_manifest"}
+    for command, action in pairs.items():
+        assert actions[action], action
+        assert commands[command] == actions[action], f"commands.{command} and the pipeline's {action} differ"
+    assert [name for name, used in commands.items() if run_single_stage in used] == ["stage"]

@@ -135,7 +135,10 @@ def _writer_lock(task_name: str, values: dict[str, Any], run_of: Callable[[dict[
     """The run's writer lock for a task that writes one (``run_of(values)`` is its RunLayout)."""
     wait = bool(values.pop("wait", False))
     layout = run_of(values) if run_of is not None else None
-    if layout is None:
+    from moeprune.profile.parallel import current_world
+
+    # Ranks other than 0 of a torchrun-launched profile write nothing; rank 0 holds the lock.
+    if layout is None or not current_world().is_root:
         return contextlib.nullcontext()
     from moeprune.runlock import run_writer
 

@@ -4,6 +4,11 @@
 (the lines the task prints, and a failure message when a check failed). Defaults that several
 entry points share (where the base model is, which repo ids a manifest names) live here or in
 the stage functions, never in ``tasks.py``.
+
+Tasks reach stages by one route: each stage task calls its package's stage function (``run_profile``,
+``run_dropmap``, ..., ``run_card``, ``run_manifest``), the one the pipeline's stage of that name calls
+(:mod:`moeprune.pipeline.stages`). Only :func:`stage` runs a pipeline stage by name: it is what
+``invoke reproduce --runner docker`` runs in the image.
 """
 
 from __future__ import annotations
@@ -110,6 +115,10 @@ def profile(recipe_path: Path, progress: bool = True) -> TaskResult:
     recipe = _load(recipe_path, "profile")
     layout = RunLayout.for_recipe(recipe.name)
     summary = run_profile(recipe, layout, progress=progress)
+    from moeprune.profile.parallel import current_world
+
+    if not current_world().is_root:
+        return TaskResult(())  # rank 0 of a data-parallel profile reports for every rank
     found = summary["findings"]
     return TaskResult((
         f"profiled {summary['num_sequences']} sequences, {summary['num_tokens']} tokens, "
@@ -132,16 +141,12 @@ def dropmap(recipe_path: Path, **overrides: Any) -> TaskResult:
 
 def prune(recipe_path: Path, base: Path | None = None, drop_map: Path | None = None, out: Path | None = None,
           max_shard_bytes: int | None = None) -> TaskResult:
-    from moeprune.prune.surgery import prune_checkpoint
+    from moeprune.prune.surgery import run_prune
 
     recipe = _load(recipe_path, "prune", check_inputs=False)
-    layout = RunLayout.for_recipe(recipe.name)
-    record = prune_checkpoint(
-        base or _base_dir(recipe),
-        drop_map or layout.drop_map_path,
-        out or layout.pruned_dir,
-        max_shard_bytes or recipe.prune.max_shard_bytes,
-    )
+    # A Hub base is downloaded here when not cached yet (the pipeline's profile stage did that).
+    record = run_prune(recipe, RunLayout.for_recipe(recipe.name), base_dir=base or _base_dir(recipe),
+                       drop_map_path=drop_map, out_dir=out, max_shard_bytes=max_shard_bytes)
     return TaskResult((
         f"wrote {record['out_dir']}: {record['num_experts']} -> {record['num_experts_kept']} experts in "
         f"{len(record['moe_layers'])} MoE layers, {len(record['shards'])} shard(s), "
@@ -200,20 +205,23 @@ def eval_models(recipe_path: Path) -> TaskResult:
 
 
 def card(recipe_path: Path) -> TaskResult:
-    from moeprune.pipeline.stages import run_single_stage
+    from moeprune.card.render import run_card
 
-    ctx = _context(_load(recipe_path, "card", check_inputs=False))
-    run_single_stage("card", ctx)
-    return TaskResult((f"wrote {ctx.layout.card_dir / 'README.md'}",))
+    recipe = _load(recipe_path, "card", check_inputs=False)
+    readme = run_card(recipe, RunLayout.for_recipe(recipe.name))
+    return TaskResult((f"wrote {readme}",))
 
 
 def manifest(recipe_path: Path) -> TaskResult:
-    """The manifest exactly as the pipeline's manifest stage writes it (same repo ids, same tools)."""
-    from moeprune.pipeline.stages import run_single_stage
+    """The manifest as the pipeline's manifest stage writes it: the same repo ids, and the record
+    of the llama.cpp build the stages used."""
+    from moeprune.llamacpp.build import ensure_llamacpp
+    from moeprune.manifest import run_manifest
 
-    ctx = _context(_load(recipe_path, "manifest", check_inputs=False))
-    headline = run_single_stage("manifest", ctx)
-    return TaskResult((f"wrote {ctx.layout.manifest_path} ({headline['files']} files)",))
+    recipe = _load(recipe_path, "manifest", check_inputs=False)
+    layout = RunLayout.for_recipe(recipe.name)
+    written = run_manifest(recipe, layout, tools={"llamacpp": ensure_llamacpp(recipe.llamacpp).record})
+    return TaskResult((f"wrote {layout.manifest_path} ({len(written['files'])} files)",))
 
 
 def stage(name: str, recipe_path: Path) -> TaskResult:
@@ -228,7 +236,7 @@ def stage(name: str, recipe_path: Path) -> TaskResult:
 
 
 def compare_criteria(recipe_path: Path, docs_dir: Path, limit: int | None = None, accuracy: bool = True) -> TaskResult:
-    from moeprune.dropmap.compare import run_compare_criteria
+    from moeprune.demo.criteria import run_compare_criteria
 
     recipe = _load(recipe_path, "dropmap", check_inputs=False)
     result = run_compare_criteria(recipe, RunLayout.for_recipe(recipe.name), docs_dir, limit=limit, accuracy=accuracy)

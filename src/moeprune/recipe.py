@@ -99,6 +99,13 @@ class ProfileSection(_Section):
         description="Memory budget for the profile phases on the chosen device (default: what `invoke check` "
         "measures: free GPU memory, or available RAM).",
     )
+    # Not recorded in settings() (so not in the profile stage's cache key): N ranks give the same
+    # statistics up to float64 summation order; profile.json records the world size instead.
+    data_parallel: int = Field(
+        default=1, ge=1, exclude=True,
+        description="Ranks of a data-parallel profile: > 1 starts `torchrun --standalone` (loopback) with this "
+        "many ranks of `invoke profile`, each with its share of the batches (gloo on CPU, NCCL on GPUs).",
+    )
 
     @model_validator(mode="after")
     def _gguf_for_llama_server(self) -> "ProfileSection":

@@ -293,7 +293,7 @@ def _matches_stated(stated: float | None, recomputed: float | None) -> bool:
 def check_eval(report: AuditReport, root: Path) -> list[EvalRecomputation]:
     from moeprune.eval.analysis import error_analysis
     from moeprune.eval.results import _primary_metric, primary_filter, task_scores
-    from moeprune.eval.run import reported_scores
+    from moeprune.eval.records import reported_scores
     from moeprune.eval.samples import read_sample_log
 
     results_dir = root / SEED_RESULTS_DIR

@@ -8,6 +8,7 @@ it, and ``verify`` recomputes it from the published files and compares.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -122,7 +123,37 @@ def checkpoint_facts(model_dir: Path) -> CheckpointFacts:
         raise CardError(str(exc)) from None
 
 
+RESULTS = "eval/results.json"  # the source named by every eval number
+
+
 # --- the card numbers -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CardInputs:
+    """What every section of the card reads: the artifacts, the eval results, the stored card
+    numbers (verify only) and the two things read once for all sections (model spec, drop map)."""
+
+    source: ArtifactSource
+    results: dict[str, Any]
+    stated: dict[str, Any] | None
+    spec: Any  # moeprune.arch.ModelSpec of the pruned checkpoint
+    drop_map: dict[str, Any]
+
+    @property
+    def recipe(self) -> dict[str, Any]:
+        return self.source.recipe
+
+    @property
+    def drop_map_name(self) -> str:
+        return self.source.drop_map_path.name
+
+    @functools.cached_property
+    def stats(self) -> Any:
+        """``profile/stats.safetensors``, read once for the sections that need it."""
+        from moeprune.profile.stats import load_stats
+
+        return load_stats(self.source.stats_path)
+
+
 def compute_card_numbers(source: ArtifactSource, results: dict[str, Any],
                          stated: dict[str, Any] | None = None) -> CardNumbers:
     """Compute every number of the card from the artifacts in ``source`` and eval ``results``.
@@ -133,24 +164,29 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any],
     artifact's GGUF repository is not downloaded; its fallbacks are still counted from the
     downloaded record); each such file is named in :attr:`CardNumbers.not_rederived`. Without it, a
     GGUF not at hand is an error.
-    """
-    from moeprune.dropmap.io import load_drop_map
-    from moeprune.profile.findings import compute_findings, gini
-    from moeprune.profile.stats import load_stats
 
-    card = CardNumbers()
-    recipe = source.recipe
+    Each section of the card is one function of :data:`SECTIONS`, run in order (a section may
+    read a number an earlier one added); adding a section is adding one function there.
+    """
     from moeprune.arch import ArchError, inspect
+    from moeprune.dropmap.io import load_drop_map
 
     try:
         spec = inspect(source.model_dir)
     except ArchError as exc:
         raise CardError(str(exc)) from None
-    arch = spec.adapter
-    drop_map = load_drop_map(source.drop_map_path)
-    pruned = checkpoint_facts(source.model_dir)
+    inputs = CardInputs(source, results, stated, spec, load_drop_map(source.drop_map_path))
+    card = CardNumbers()
+    for section in SECTIONS:
+        section(card, inputs)
+    return card
 
-    # ---- parameters and sizes: pruned from headers, base = pruned + the dropped experts' share
+
+def _size_numbers(card: CardNumbers, inputs: CardInputs) -> None:
+    """Parameters and sizes: the pruned model's from its headers, the base's = pruned + the dropped
+    experts' share."""
+    source, drop_map = inputs.source, inputs.drop_map
+    pruned = inputs.spec.checkpoint
     dropped_by_layer = {entry["layer"]: len(entry["drop"]) for entry in drop_map["layers"]}
     missing = sorted(set(dropped_by_layer) - set(pruned.expert_params_per_layer))
     if missing:
@@ -158,7 +194,7 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any],
     base_params = pruned.params + sum(n * pruned.expert_params_per_layer[l] for l, n in dropped_by_layer.items())
     base_bytes = pruned.tensor_bytes + sum(n * pruned.expert_bytes_per_layer[l] for l, n in dropped_by_layer.items())
     header_src = "safetensors headers of the pruned shards"
-    derived_src = f"{header_src} + dropped experts in {source.drop_map_path.name}"
+    derived_src = f"{header_src} + dropped experts in {inputs.drop_map_name}"
     card.add("params.base", base_params, fmt_count(base_params), derived_src)
     card.add("params.pruned", pruned.params, fmt_count(pruned.params), header_src)
     card.add("params.delta", pruned.params / base_params - 1, fmt_signed_pct(pruned.params / base_params - 1, 1),
@@ -170,20 +206,28 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any],
     card.add("weights.shards", pruned.shards, str(pruned.shards), "model.safetensors.index.json")
     card.facts["dtype"] = DTYPE_NAMES.get(pruned.dtype, pruned.dtype.lower())
 
+
+def _expert_numbers(card: CardNumbers, inputs: CardInputs) -> None:
+    """Experts per layer before and after, as the drop map and config.json state them, and top-k."""
+    drop_map, spec, name = inputs.drop_map, inputs.spec, inputs.drop_map_name
     num_experts = int(drop_map["num_experts"])
     kept_counts = sorted({len(entry["keep"]) for entry in drop_map["layers"]})
     kept_display = str(kept_counts[0]) if len(kept_counts) == 1 else f"{kept_counts[0]}–{kept_counts[-1]}"
-    card.add("experts.base", num_experts, str(num_experts), f"{source.drop_map_path.name}: num_experts")
+    card.add("experts.base", num_experts, str(num_experts), f"{name}: num_experts")
     card.add("experts.pruned", kept_counts[0] if len(kept_counts) == 1 else kept_counts,
-             kept_display, f"{source.drop_map_path.name}: layers[].keep")
+             kept_display, f"{name}: layers[].keep")
     dropped = num_experts - kept_counts[0] if len(kept_counts) == 1 else None
     card.add("experts.dropped_per_layer", dropped, f"−{dropped}/layer" if dropped is not None else "varies",
              "experts.base - experts.pruned")
     config_experts = spec.num_experts
     card.add("experts.config", config_experts, str(config_experts), f"config.json: {spec.num_experts_key}")
-    card.add("top_k", int(drop_map["top_k"]), str(drop_map["top_k"]), f"{source.drop_map_path.name}: top_k")
+    card.add("top_k", int(drop_map["top_k"]), str(drop_map["top_k"]), f"{name}: top_k")
 
-    # ---- architecture (config.json)
+
+def _arch_numbers(card: CardNumbers, inputs: CardInputs) -> None:
+    """The architecture (config.json through the model spec) and the family's wording."""
+    spec = inputs.spec
+    arch = spec.adapter
     layer_types = spec.layer_types
     num_layers, hidden = spec.required_int("num_hidden_layers"), spec.required_int("hidden_size")
     card.add("arch.layers", num_layers, str(num_layers), "config.json")
@@ -204,10 +248,14 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any],
         full = sum(1 for t in layer_types if t == "full_attention")
         card.add("arch.sliding_layers", sliding, str(sliding), "config.json: layer_types")
         card.add("arch.full_layers", full, str(full), "config.json: layer_types")
-    card.add("arch.moe_layers", len(drop_map["layers"]), str(len(drop_map["layers"])),
-             f"{source.drop_map_path.name}: layers")
+    moe_layers = len(inputs.drop_map["layers"])
+    card.add("arch.moe_layers", moe_layers, str(moe_layers), f"{inputs.drop_map_name}: layers")
 
-    # ---- pruning decision: per-layer retention
+
+def _retention_numbers(card: CardNumbers, inputs: CardInputs) -> None:
+    """The pruning decision: strategy, threshold and each layer's retained fraction (a table in
+    three columns and the plot's series)."""
+    drop_map, name = inputs.drop_map, inputs.drop_map_name
     threshold = drop_map["strategy"].get("retention_threshold")
     card.facts["strategy"] = drop_map["strategy"]["name"]
     card.facts["criterion"] = drop_map["strategy"]["criterion"]
@@ -215,14 +263,14 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any],
     card.facts["retention_measure"] = (drop_map.get("summary") or {}).get("retention_measure", "contribution_sum")
     if threshold is not None:
         card.add("dropmap.threshold", threshold, fmt_pct(threshold, 0 if threshold * 100 == int(threshold * 100) else 2),
-                 f"{source.drop_map_path.name}: strategy.retention_threshold")
+                 f"{name}: strategy.retention_threshold")
     rows = []
     fractions = []
     for entry in drop_map["layers"]:
         layer = entry["layer"]
         fraction = entry["retained_fraction"]
         fractions.append(fraction)
-        key = card.add(f"retention.L{layer}", fraction, fmt_pct(fraction), f"{source.drop_map_path.name}: layers[{layer}]")
+        key = card.add(f"retention.L{layer}", fraction, fmt_pct(fraction), f"{name}: layers[{layer}]")
         rows.append((f"L{layer}", key))
     worst = int(np.argmin(fractions))
     worst_layer = drop_map["layers"][worst]["layer"]
@@ -237,17 +285,11 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any],
     card.series["retention"] = {"layers": [e["layer"] for e in drop_map["layers"]], "fractions": fractions,
                                 "threshold": threshold}
 
-    # ---- profile findings (stats.safetensors)
-    stats = load_stats(source.stats_path)
-    contribution = stats.totals["contribution_sum"]
-    profile_cfg = recipe.get("profile", {})
-    overlap_k = int(recipe_setting(recipe, "profile", "top_overlap_k"))
-    share_k = int(recipe_setting(recipe, "profile", "top_share_k"))
-    coverage = float(recipe_setting(recipe, "profile", "coverage_fraction"))
-    per_domain = {d: stats.per_domain[d]["contribution_sum"] for d in stats.domains}
-    findings = compute_findings(contribution, list(stats.layers), per_domain, overlap_k=overlap_k,
-                                share_k=share_k, coverage_fraction=coverage)
-    stats_src = "profile/stats.safetensors: contribution_sum"
+
+def _calibration_numbers(card: CardNumbers, inputs: CardInputs) -> None:
+    """What the profile measured on: tokens and domains (stats.safetensors), the recipe's prompts
+    and generation budget, and how phases 1 and 2 ran."""
+    source, recipe, stats = inputs.source, inputs.recipe, inputs.stats
     card.add("calib.tokens", int(stats.num_tokens), fmt_int(stats.num_tokens), "profile/stats.safetensors: num_tokens")
     card.add("calib.domains", len(stats.domains), str(len(stats.domains)), "profile/stats.safetensors: domains")
     card.facts["domains"] = list(stats.domains)
@@ -260,7 +302,23 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any],
         card.add("calib.max_new_tokens", int(calibration["max_new_tokens"]), fmt_int(calibration["max_new_tokens"]),
                  "recipe: calibration.max_new_tokens")
         card.facts["thinking"] = bool(recipe_setting(recipe, "calibration", "enable_thinking"))
-    _phase1_facts(card, source, profile_cfg)
+    _phase1_facts(card, source, recipe.get("profile", {}))
+
+
+def _findings_numbers(card: CardNumbers, inputs: CardInputs) -> None:
+    """The profile's findings (moeprune.profile.findings with the recipe's k and coverage):
+    concentration, Gini, the most and least concentrated layers, the most distinct domain pair."""
+    from moeprune.profile.findings import compute_findings, gini
+
+    recipe, stats = inputs.recipe, inputs.stats
+    contribution = stats.totals["contribution_sum"]
+    overlap_k = int(recipe_setting(recipe, "profile", "top_overlap_k"))
+    share_k = int(recipe_setting(recipe, "profile", "top_share_k"))
+    coverage = float(recipe_setting(recipe, "profile", "coverage_fraction"))
+    per_domain = {d: stats.per_domain[d]["contribution_sum"] for d in stats.domains}
+    findings = compute_findings(contribution, list(stats.layers), per_domain, overlap_k=overlap_k,
+                                share_k=share_k, coverage_fraction=coverage)
+    stats_src = "profile/stats.safetensors: contribution_sum"
     card.add("find.share_k", findings["top_share_k"], str(findings["top_share_k"]), "recipe: profile.top_share_k")
     card.add("find.top_share", findings["top_k_share_pooled"], fmt_pct(findings["top_k_share_pooled"], 1), stats_src)
     card.add("find.coverage", coverage, fmt_pct(coverage, 0), "recipe: profile.coverage_fraction")
@@ -296,23 +354,18 @@ def compute_card_numbers(source: ArtifactSource, results: dict[str, Any],
     }
     card.series["gini"] = {"layers": list(stats.layers), "gini": gini(contribution).tolist()}
 
-    # ---- evaluation
-    _eval_numbers(card, source, results, recipe)
-    _gguf_bits_numbers(card, source, results, stated)
-    _kld_numbers(card, source)
-    return card
-
 
 def fallback_key(name: str, requested: str, actual: str) -> str:
     """The card number of how many tensors of GGUF ``name`` fell back from ``requested`` to ``actual``."""
     return f"gguf.fallback.{name}.{requested}->{actual}"
 
 
-def _gguf_bits_numbers(card: CardNumbers, source: ArtifactSource, results: dict[str, Any],
-                       stated: dict[str, Any] | None) -> None:
+def _gguf_bits_numbers(card: CardNumbers, inputs: CardInputs) -> None:
     """Effective bits per weight of every published GGUF and of both evaluated ones, and the tensors
     llama-quantize gave another type, counted per (requested, actual) type (:mod:`moeprune.gguf_bits`)."""
     from moeprune.gguf_bits import fallback_counts, read_gguf_bits
+
+    source, results, stated = inputs.source, inputs.results, inputs.stated
 
     evaluated = {}
     for model in ("base", "pruned"):
@@ -371,11 +424,11 @@ _KLD_ROLE_NAMES = {
 _KLD_ORDER = ("reference", "pruned-converted", "base-eval", "pruned-eval", "pruned-quant", "base-candidate")
 
 
-def _kld_numbers(card: CardNumbers, source: ArtifactSource) -> None:
+def _kld_numbers(card: CardNumbers, inputs: CardInputs) -> None:
     """The KLD table, the equal-size comparison and the plot series, from ``eval/kld.json``."""
     from moeprune.kld.report import load_kld
 
-    kld = load_kld(source.eval_dir / "kld.json")
+    kld = load_kld(inputs.source.eval_dir / "kld.json")
     card.tables["kld"] = []
     if kld is None or not kld["enabled"]:
         return
@@ -459,20 +512,24 @@ def recipe_setting(recipe: dict[str, Any], section: str, name: str) -> Any:
     return Recipe.model_fields[section].annotation.model_fields[name].default
 
 
-def _eval_numbers(card: CardNumbers, source: ArtifactSource, results: dict[str, Any], recipe: dict[str, Any]) -> None:
-    models = [m for m in ("base", "pruned") if m in results["models"]]
+def _evaluated_models(results: dict[str, Any]) -> list[str]:
+    return [m for m in ("base", "pruned") if m in results["models"]]
+
+
+def _eval_setting_numbers(card: CardNumbers, inputs: CardInputs) -> None:
+    """How both models were evaluated: the tasks, lm-eval's settings, the server's, the tools."""
+    results, recipe = inputs.results, inputs.recipe
+    models = _evaluated_models(results)
     tasks = list(results["settings"]["tasks"])
-    primary = tasks[0]
-    card.facts["task"] = primary
+    card.facts["task"] = tasks[0]
     card.facts["tasks"] = tasks
     card.facts["models"] = models
-    res = "eval/results.json"
     settings = results["settings"]
-    card.add("eval.max_gen_toks", settings["max_gen_toks"], fmt_int(settings["max_gen_toks"]), f"{res}: settings")
-    card.add("eval.temperature", settings["temperature"], f"{settings['temperature']:g}", f"{res}: settings")
-    card.add("eval.seed", settings["seed"], str(settings["seed"]), f"{res}: settings")
+    card.add("eval.max_gen_toks", settings["max_gen_toks"], fmt_int(settings["max_gen_toks"]), f"{RESULTS}: settings")
+    card.add("eval.temperature", settings["temperature"], f"{settings['temperature']:g}", f"{RESULTS}: settings")
+    card.add("eval.seed", settings["seed"], str(settings["seed"]), f"{RESULTS}: settings")
     card.add("eval.bootstrap_resamples", settings["bootstrap_resamples"], fmt_int(settings["bootstrap_resamples"]),
-             f"{res}: settings")
+             f"{RESULTS}: settings")
     serve = recipe.get("serve", {})
     if serve:
         card.add("serve.ctx_size", serve["ctx_size"], fmt_int(serve["ctx_size"]), "recipe: serve.ctx_size")
@@ -488,63 +545,84 @@ def _eval_numbers(card: CardNumbers, source: ArtifactSource, results: dict[str, 
     src = build.get("source") or {}
     card.facts["llamacpp"] = (src.get("llama_cpp_commit") or src.get("version") or build.get("key") or "unknown")
 
-    for model in models:
+
+def _eval_score_numbers(card: CardNumbers, inputs: CardInputs) -> None:
+    """Per evaluated model: the GGUF it served (checked against the file with that sha256), and per
+    task its scores, error analysis, response lengths and canary counts."""
+    results, source = inputs.results, inputs.source
+    for model in _evaluated_models(results):
         entry = results["models"][model]
         gguf = entry["gguf"]
         located = source.gguf_by_sha256(gguf["sha256"])
         if located is not None and located[1]["size_bytes"] != gguf["size_bytes"]:
-            raise CardError(f"{res}: models.{model}.gguf.size_bytes = {gguf['size_bytes']} but the file "
+            raise CardError(f"{RESULTS}: models.{model}.gguf.size_bytes = {gguf['size_bytes']} but the file "
                             f"{located[0]} with that sha256 has {located[1]['size_bytes']} bytes")
         if model == "pruned" and located is not None:
             card.facts["eval_gguf"] = located[0]
         card.add(f"gguf.{model}_bytes", gguf["size_bytes"], fmt_bytes(gguf["size_bytes"]),
-                 f"{res}: models.{model}.gguf" + (f" = {located[0]}" if located else ""))
-        for task in tasks:
+                 f"{RESULTS}: models.{model}.gguf" + (f" = {located[0]}" if located else ""))
+        for task in results["settings"]["tasks"]:
             task_entry = entry["tasks"].get(task)
             if task_entry is None:
                 continue
-            card.add(f"eval.{model}.{task}.n", task_entry["n_samples"], fmt_int(task_entry["n_samples"]),
-                     f"{res}: models.{model}.tasks.{task}.n_samples")
-            for filter_name, metrics in sorted(task_entry["scores"].items()):
-                score = metrics.get(PRIMARY_METRIC) or next(iter(metrics.values()))
-                stderr = score["stderr"]
-                display = fmt_pct(score["value"]) + (f" ± {fmt_pct(stderr)}" if stderr is not None else "")
-                card.add(f"eval.{model}.{task}.{filter_name}", score["value"], display,
-                         f"{res}: models.{model}.tasks.{task}.scores.{filter_name}")
+            _task_score_numbers(card, model, task, task_entry)
             errors = task_entry["error_analysis"]
-            base_key = f"err.{model}.{task}"
-            total = errors["total"]
-            for kind in ("correct", "wrong", "invalid"):
-                card.add(f"{base_key}.{kind}", errors[kind], fmt_int(errors[kind]), f"{res}: error_analysis.{kind}")
-                card.add(f"{base_key}.{kind}_pct", errors[kind] / total, fmt_pct(errors[kind] / total, 1),
-                         f"{base_key}.{kind} / {base_key}.total")
-            card.add(f"{base_key}.total", total, fmt_int(total), f"{res}: error_analysis.total")
-            for letter, count in sorted(errors["wrong_answer_letters"].items()):
-                card.add(f"{base_key}.wrong_letter.{letter}", count, str(count), f"{res}: error_analysis.wrong_answer_letters")
-            lengths = errors["response_length"]
-            if lengths["count"]:
-                card.add(f"{base_key}.median_chars", lengths["median_chars"], fmt_int(round(lengths["median_chars"])),
-                         f"{res}: error_analysis.response_length")
-                card.add(f"{base_key}.median_tokens", lengths["median_tokens_approx"],
-                         fmt_int(round(lengths["median_tokens_approx"])), f"{res}: error_analysis.response_length")
-                card.add(f"{base_key}.mean_chars", lengths["mean_chars"], fmt_int(round(lengths["mean_chars"])),
-                         f"{res}: error_analysis.response_length")
-                card.add(f"{base_key}.mean_tokens", lengths["mean_tokens_approx"],
-                         fmt_int(round(lengths["mean_tokens_approx"])), f"{res}: error_analysis.response_length")
-                card.add(f"{base_key}.max_chars", lengths["max_chars"], fmt_int(lengths["max_chars"]),
-                         f"{res}: error_analysis.response_length")
-                for mark, count in sorted(lengths["over_chars"].items(), key=lambda kv: int(kv[0])):
-                    card.add(f"{base_key}.over.{mark}", count, str(count), f"{res}: error_analysis.response_length")
-            canary = errors["canary"]
-            for kind in ("truncated", "looping", "empty"):
-                if canary[kind] is not None:
-                    card.add(f"{base_key}.{kind}", canary[kind], fmt_int(canary[kind]),
-                             f"{res}: models.{model}.tasks.{task}.error_analysis.canary.{kind}")
-            for name, value in canary["loop_rule"].items():
-                if f"canary.{name}" not in card.numbers:  # one rule for every model and task
-                        card.add(f"canary.{name}", value, fmt_int(value), f"{res}: error_analysis.canary.loop_rule")
+            _error_numbers(card, f"err.{model}.{task}", errors)
+            _length_numbers(card, f"err.{model}.{task}", errors["response_length"])
+            _canary_numbers(card, model, task, errors["canary"])
+
+
+def _task_score_numbers(card: CardNumbers, model: str, task: str, task_entry: dict[str, Any]) -> None:
+    card.add(f"eval.{model}.{task}.n", task_entry["n_samples"], fmt_int(task_entry["n_samples"]),
+             f"{RESULTS}: models.{model}.tasks.{task}.n_samples")
+    for filter_name, metrics in sorted(task_entry["scores"].items()):
+        score = metrics.get(PRIMARY_METRIC) or next(iter(metrics.values()))
+        stderr = score["stderr"]
+        display = fmt_pct(score["value"]) + (f" ± {fmt_pct(stderr)}" if stderr is not None else "")
+        card.add(f"eval.{model}.{task}.{filter_name}", score["value"], display,
+                 f"{RESULTS}: models.{model}.tasks.{task}.scores.{filter_name}")
+
+
+def _error_numbers(card: CardNumbers, base_key: str, errors: dict[str, Any]) -> None:
+    """Correct, wrong and invalid answers (counts and shares) and the wrong answers' letters."""
+    total = errors["total"]
+    for kind in ("correct", "wrong", "invalid"):
+        card.add(f"{base_key}.{kind}", errors[kind], fmt_int(errors[kind]), f"{RESULTS}: error_analysis.{kind}")
+        card.add(f"{base_key}.{kind}_pct", errors[kind] / total, fmt_pct(errors[kind] / total, 1),
+                 f"{base_key}.{kind} / {base_key}.total")
+    card.add(f"{base_key}.total", total, fmt_int(total), f"{RESULTS}: error_analysis.total")
+    for letter, count in sorted(errors["wrong_answer_letters"].items()):
+        card.add(f"{base_key}.wrong_letter.{letter}", count, str(count), f"{RESULTS}: error_analysis.wrong_answer_letters")
+
+
+def _length_numbers(card: CardNumbers, base_key: str, lengths: dict[str, Any]) -> None:
+    """Response lengths (median, mean, max; how many answers ran over each mark)."""
+    if not lengths["count"]:
+        return
+    where = f"{RESULTS}: error_analysis.response_length"
+    for name, field_name in (("median_chars", "median_chars"), ("median_tokens", "median_tokens_approx"),
+                             ("mean_chars", "mean_chars"), ("mean_tokens", "mean_tokens_approx")):
+        card.add(f"{base_key}.{name}", lengths[field_name], fmt_int(round(lengths[field_name])), where)
+    card.add(f"{base_key}.max_chars", lengths["max_chars"], fmt_int(lengths["max_chars"]), where)
+    for mark, count in sorted(lengths["over_chars"].items(), key=lambda kv: int(kv[0])):
+        card.add(f"{base_key}.over.{mark}", count, str(count), where)
+
+
+def _canary_numbers(card: CardNumbers, model: str, task: str, canary: dict[str, Any]) -> None:
+    """The canary's counts (truncated, looping, empty answers) and its loop rule, stated once."""
+    for kind in ("truncated", "looping", "empty"):
+        if canary[kind] is not None:
+            card.add(f"err.{model}.{task}.{kind}", canary[kind], fmt_int(canary[kind]),
+                     f"{RESULTS}: models.{model}.tasks.{task}.error_analysis.canary.{kind}")
+    for name, value in canary["loop_rule"].items():
+        if f"canary.{name}" not in card.numbers:  # one rule for every model and task
+            card.add(f"canary.{name}", value, fmt_int(value), f"{RESULTS}: error_analysis.canary.loop_rule")
+
+
+def _gguf_file_numbers(card: CardNumbers, inputs: CardInputs) -> None:
+    """The published GGUF files' sizes, and the pruned GGUF's size against the base's."""
     files = []
-    for name, entry in sorted(source.gguf_files.items()):
+    for name, entry in sorted(inputs.source.gguf_files.items()):
         if entry["published"]:
             files.append({"name": name, "key": card.add(f"gguf.file.{name}", entry["size_bytes"],
                                                         fmt_bytes(entry["size_bytes"]), f"gguf/{name}")})
@@ -552,6 +630,13 @@ def _eval_numbers(card: CardNumbers, source: ArtifactSource, results: dict[str, 
     if all(f"gguf.{m}_bytes" in card.numbers for m in ("base", "pruned")):
         ratio = card.numbers["gguf.pruned_bytes"].value / card.numbers["gguf.base_bytes"].value - 1
         card.add("gguf.delta", ratio, fmt_signed_pct(ratio, 1), "gguf.pruned_bytes / gguf.base_bytes - 1")
+
+
+def _comparison_numbers(card: CardNumbers, inputs: CardInputs) -> None:
+    """Pruned against base: the primary score's difference and, per task, the paired comparison
+    (agreement table, McNemar p, bootstrap interval)."""
+    results = inputs.results
+    primary = results["settings"]["tasks"][0]
     base_primary = _score(results, "base", primary, PRIMARY_FILTER)
     pruned_primary = _score(results, "pruned", primary, PRIMARY_FILTER)
     if base_primary and pruned_primary:
@@ -560,19 +645,24 @@ def _eval_numbers(card: CardNumbers, source: ArtifactSource, results: dict[str, 
     comparisons = []
     for task, comparison in sorted(results.get("comparisons", {}).items()):
         key = f"cmp.{task}"
+        where = f"{RESULTS}: comparisons.{task}"
         table = comparison["table"]
         for name in ("both_correct", "base_only_correct", "pruned_only_correct", "both_wrong"):
-            card.add(f"{key}.{name}", table[name], fmt_int(table[name]), f"{res}: comparisons.{task}.table")
-        card.add(f"{key}.n", comparison["n"], fmt_int(comparison["n"]), f"{res}: comparisons.{task}.n")
-        card.add(f"{key}.difference", comparison["difference"], fmt_pp(comparison["difference"]),
-                 f"{res}: comparisons.{task}.difference")
+            card.add(f"{key}.{name}", table[name], fmt_int(table[name]), f"{where}.table")
+        card.add(f"{key}.n", comparison["n"], fmt_int(comparison["n"]), f"{where}.n")
+        card.add(f"{key}.difference", comparison["difference"], fmt_pp(comparison["difference"]), f"{where}.difference")
         card.add(f"{key}.p", comparison["mcnemar"]["p_value"], fmt_p(comparison["mcnemar"]["p_value"]),
-                 f"{res}: comparisons.{task}.mcnemar.p_value")
+                 f"{where}.mcnemar.p_value")
         boot = comparison["bootstrap"]
-        card.add(f"{key}.ci_low", boot["low"], fmt_pp(boot["low"]), f"{res}: comparisons.{task}.bootstrap")
-        card.add(f"{key}.ci_high", boot["high"], fmt_pp(boot["high"]), f"{res}: comparisons.{task}.bootstrap")
-        card.add(f"{key}.confidence", boot["confidence"], fmt_pct(boot["confidence"], 0),
-                 f"{res}: comparisons.{task}.bootstrap")
+        card.add(f"{key}.ci_low", boot["low"], fmt_pp(boot["low"]), f"{where}.bootstrap")
+        card.add(f"{key}.ci_high", boot["high"], fmt_pp(boot["high"]), f"{where}.bootstrap")
+        card.add(f"{key}.confidence", boot["confidence"], fmt_pct(boot["confidence"], 0), f"{where}.bootstrap")
         comparisons.append({"task": task, "key": key, "filter": comparison["filter"]})
         card.series.setdefault("agreement", {})[task] = table
     card.tables["comparisons"] = comparisons
+
+
+SECTIONS = (_size_numbers, _expert_numbers, _arch_numbers, _retention_numbers, _calibration_numbers,
+            _findings_numbers, _eval_setting_numbers, _eval_score_numbers, _gguf_file_numbers,
+            _comparison_numbers, _gguf_bits_numbers, _kld_numbers)
+"""The card's sections in order, each ``(card, inputs) -> None``."""

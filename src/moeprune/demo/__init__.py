@@ -1,7 +1,8 @@
 """The embedded demo: a small Gemma-4-architecture MoE, its tokenizer, data and lm-eval task.
 
 ``MODEL_DIR`` is the committed model (built by ``invoke demo-model``); ``TASKS_DIR`` is the
-lm-eval ``--include_path`` holding the ``demo_mcq`` task.
+lm-eval ``--include_path`` holding the ``demo_mcq`` task. :mod:`moeprune.demo.criteria` is the
+drop-map criteria experiment on this model (`invoke compare-criteria`, docs/criteria.md).
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@
 - :mod:`moeprune.dropmap.io`: the ``expert_drop_metadata.json`` format (build, write, load, check).
 - :mod:`moeprune.dropmap.report`: the per-layer retention table.
 - :mod:`moeprune.dropmap.stage`: :func:`run_dropmap`, the ``invoke dropmap`` stage.
-- :mod:`moeprune.dropmap.compare`: the criteria comparison on the demo model.
 """
 
 from __future__ import annotations

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from moeprune.eval.results import check_results, recompute_results, write_results
-    from moeprune.eval.run import EvalError, run_eval
+    from moeprune.eval.failure import EvalError
+    from moeprune.eval.run import run_eval
 
 __all__ = ["EvalError", "check_results", "recompute_results", "run_eval", "write_results"]
 _HOME = {"check_results": "results", "recompute_results": "results", "write_results": "results",
-         "EvalError": "run", "run_eval": "run"}
+         "EvalError": "failure", "run_eval": "run"}
 
 
 def __getattr__(name: str) -> Any:

@@ -41,6 +41,7 @@ from moeprune.llamacpp.perplexity import (
     perplexity_command,
     run_until_complete,
 )
+from moeprune.progress import track
 from moeprune.recipe import Recipe
 
 
@@ -189,7 +190,7 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
     reference_ppl = reference_numbers(reference_output, "reference")["ppl"]
     rows = []
     evidence: dict[str, str] = {"reference.txt": reference_output}
-    for label, model, qtype, role, path in plan:
+    for label, model, qtype, role, path in track(plan, description="kld: llama-perplexity --kl-divergence per GGUF"):
         if not path.is_file():
             raise KldError(f"{path}: not found; run the quantize stages first")
         command = perplexity_command(build, path, text_path, logits, ctx_size=settings["ctx_size"], compare=True,

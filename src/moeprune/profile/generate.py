@@ -217,11 +217,16 @@ def generate_sequences(
     context_tokens: int | None,
     prompts_path: Path | None = None,
     on_batch: Callable[[int], None] | None = None,
+    share: Callable[[list[int]], list[int]] | None = None,
 ) -> list[dict[str, Any]]:
     """Greedy-generate a continuation of each prompt; return sequence records in prompt order.
 
     Raises SequenceError (naming the prompt and line) when prompt + max_new_tokens would not fit in
-    ``context_tokens``. ``on_batch(n)`` is called after each batch of n prompts.
+    ``context_tokens``. ``on_batch(n)`` is called after each batch of n prompts. ``share`` picks,
+    from the batches' start positions, the ones this caller generates (a data-parallel rank's
+    share, :meth:`moeprune.profile.parallel.World.share`): the batches themselves are the single
+    process's, so each prompt gets the same neighbours and padding; only those prompts' records are
+    returned.
     """
     import torch
 
@@ -245,7 +250,8 @@ def generate_sequences(
     # Longest first keeps padding low inside each batch; output order is restored below.
     order = sorted(range(len(prompts)), key=lambda i: -len(rendered[i]))
     by_index: dict[int, dict[str, Any]] = {}
-    for start in range(0, len(order), batch_size):
+    starts = list(range(0, len(order), batch_size))
+    for start in share(starts) if share is not None else starts:
         batch = order[start : start + batch_size]
         width = max(len(rendered[i]) for i in batch)
         # Left padding: every prompt ends at the same column, where generation starts.
@@ -273,4 +279,4 @@ def generate_sequences(
             by_index[i] = sequence_record(prompts[i], rendered[i], response, tokenizer, keys[prompts[i].id])
         if on_batch is not None:
             on_batch(len(batch))
-    return [by_index[i] for i in range(len(prompts))]
+    return [by_index[i] for i in range(len(prompts)) if i in by_index]

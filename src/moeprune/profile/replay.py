@@ -17,6 +17,7 @@ import numpy as np
 
 from moeprune.profile.generate import SequenceError
 from moeprune.profile.hooks import ContributionRecorder, instrument_moe
+from moeprune.profile.parallel import World, check_share_sizes
 
 
 @dataclass
@@ -117,10 +118,19 @@ def prepare_batches(
     batch_size: int,
     context_tokens: int | None,
     source: Path | str,
+    world: World | None = None,
 ) -> list[Batch]:
-    """The checked sequences' batches (:func:`check_sequences`, :func:`make_batches`), for either mode."""
+    """The checked sequences' batches (:func:`check_sequences`, :func:`make_batches`), for either mode.
+
+    Every rank of a data-parallel ``world`` checks every sequence, forms every batch, and keeps its
+    share of the batches (:mod:`moeprune.profile.parallel`).
+    """
     check_sequences(sequences, domains, context_tokens, source)
-    return make_batches(sequences, domains, batch_size)
+    batches = make_batches(sequences, domains, batch_size)
+    if world is None:
+        return batches
+    check_share_sizes(len(batches), world, "replay batches")
+    return world.share(batches)
 
 
 BatchPass = Callable[[int, Batch], None]
@@ -223,8 +233,10 @@ def replay_sequences(
     source: Path | str = "sequences",
     on_tokens: Callable[[int], None] | None = None,
     capture: bool = False,
+    world: World | None = None,
 ) -> ReplayResult:
-    """One instrumented forward per batch of stored sequences; returns the accumulated statistics.
+    """One instrumented forward per batch of stored sequences; returns the accumulated statistics
+    (of this rank's share of the batches when ``world`` is data-parallel).
 
     ``sequences`` are phase-1 records (``input_ids``, ``domain``, ``id``); a sequence longer than
     ``context_tokens`` (default: the model's ``max_position_embeddings``) is refused with an error
@@ -234,5 +246,5 @@ def replay_sequences(
 
     if context_tokens is None:
         context_tokens = context_length(model)
-    batches = prepare_batches(sequences, domains, batch_size, context_tokens, source)
+    batches = prepare_batches(sequences, domains, batch_size, context_tokens, source, world)
     return execute_replay(model, batches, domains, _whole_model(model), capture=capture, on_tokens=on_tokens)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ from moeprune.profile.generate import (
     write_sequences,
 )
 from moeprune.profile.llama_generate import run_llama_server_generation
+from moeprune.profile.parallel import Collectives, World, current_world, distributed, launch, rank_device_map, reduce_replay
 from moeprune.profile.loading import (
     load_config,
     load_model,
@@ -33,7 +36,7 @@ from moeprune.profile.loading import (
     model_sha256,
     tokenizer_sha256,
 )
-from moeprune.profile.progress import phase_progress
+from moeprune.progress import phase as phase_progress
 from moeprune.profile.replay import ReplayResult, replay_sequences
 from moeprune.profile.streamed import StreamInfo, replay_streamed
 from moeprune.profile.stats import ProfileStats, build_stats, max_activation_norm, save_stats
@@ -44,9 +47,10 @@ PROFILE_FORMAT_VERSION = 1
 
 
 def _warn(warnings: list[str], message: str) -> None:
-    """Record a warning for profile.json and show it now."""
+    """Record a warning for profile.json and show it now (once: on rank 0 of a data-parallel profile)."""
     warnings.append(message)
-    print(f"warning: {message}", file=sys.stderr)
+    if current_world().is_root:
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def layer_summaries(stats: ProfileStats, share_k: int, coverage_fraction: float, top_k: int | None) -> list[dict[str, Any]]:
@@ -79,6 +83,16 @@ def layer_summaries(stats: ProfileStats, share_k: int, coverage_fraction: float,
     return entries
 
 
+def _of_share(world: World) -> str:
+    """What a progress bar counts under data parallelism: rank 0's share (it alone shows bars)."""
+    return f" (rank 0's share of {world.size})" if world.size > 1 else ""
+
+
+def _total(units: int, world: World) -> int | None:
+    """A bar's total: all units for one process; unknown for rank 0's share (the split is by batch)."""
+    return units if world.size == 1 else None
+
+
 def _phase1(
     recipe: Recipe,
     layout: RunLayout,
@@ -88,7 +102,14 @@ def _phase1(
     warnings: list[str],
     progress: bool,
     context_tokens: int | None,
+    comm: Collectives,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Phase 1: reuse every stored sequence whose key still matches, generate the others.
+
+    Under data parallelism each rank generates its share of the generation batches (llama-server
+    generation, one server, runs on rank 0 alone); every rank gets every record, rank 0 writes
+    the sequences file."""
+    world = comm.world
     calibration = recipe.calibration
     prompts = load_calibration(recipe.prompts_path, calibration.domains, calibration.prompts_per_domain)
     tokenizer_hash = tokenizer_sha256(model_dir)
@@ -134,12 +155,13 @@ def _phase1(
         thinking_supported = template_supports_thinking(tokenizer)
         if calibration.enable_thinking and not thinking_supported:
             _warn(warnings, "the chat template has no 'enable_thinking' switch: prompts were rendered without thinking")
-        with phase_progress(f"phase 1: generate ({generator['name']})", len(missing), progress) as advance:
+        with phase_progress(f"phase 1: generate ({generator['name']}){_of_share(world)}", _total(len(missing), world),
+                            progress) as advance:
             if generator["name"] == "llama-server":
                 records = run_llama_server_generation(
                     recipe, layout, model_dir, tokenizer, missing,
                     keys=keys, context_tokens=context_tokens, on_batch=advance,
-                )
+                ) if world.is_root else []
             else:
                 records = generate_sequences(
                     get_model(),
@@ -152,7 +174,9 @@ def _phase1(
                     context_tokens=context_tokens,
                     prompts_path=recipe.prompts_path,
                     on_batch=advance,
+                    share=world.share,
                 )
+        records = [record for part in comm.all_gather(records) for record in part]
         # The phase-1 file says, line by line, what produced each sequence.
         generated = {r["id"]: {**r, "generator": generator} for r in records}
         odd = [r["id"] for r in records if r.get("canonical") is False]
@@ -164,7 +188,8 @@ def _phase1(
                 "replays the generated ids",
             )
     sequences = [reused.get(p.id) or generated[p.id] for p in prompts]
-    write_sequences(layout.sequences_path, sequences)
+    if world.is_root:
+        write_sequences(layout.sequences_path, sequences)
     info = {
         "generated": len(missing),
         "reused": len(reused),
@@ -244,8 +269,35 @@ def profile_summary(
 def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dict[str, Any]:
     """Run both profiling phases for ``recipe``; write sequences, statistics and summary under ``layout``.
 
-    Returns the summary written to ``layout.profile_summary_path``.
+    Returns the summary written to ``layout.profile_summary_path``. Started by torchrun, this
+    process is one rank of a data-parallel profile (:mod:`moeprune.profile.parallel`); a single
+    process whose recipe asks for ``profile.data_parallel = N > 1`` starts N loopback ranks of
+    ``invoke profile`` and waits for them.
     """
+    world = current_world()
+    if world.size == 1 and recipe.profile.data_parallel > 1:
+        return _launch_ranks(recipe, layout, progress)
+    with distributed(world) as (comm, backend):
+        return _run_profile(recipe, layout, progress and world.is_root, comm, backend)
+
+
+def _launch_ranks(recipe: Recipe, layout: RunLayout, progress: bool) -> dict[str, Any]:
+    """``invoke profile`` on ``profile.data_parallel`` loopback ranks, under this writer's lock."""
+    from moeprune.runlock import child_env
+
+    if recipe.source_path is None:
+        raise MoepruneError("profile.data_parallel: the recipe has no file the ranks could read; save it first")
+    argv = ["profile", "--recipe", str(recipe.source_path.resolve()), "--runner", "native"]
+    env = {"MOEPRUNE_RUNS_DIR": str(layout.root.parent.resolve()), **child_env()}
+    launch(recipe.profile.data_parallel, argv if progress else [*argv, "--no-progress"], Path.cwd(), env)
+    return json.loads(layout.profile_summary_path.read_text(encoding="utf-8"))
+
+
+def _run_profile(
+    recipe: Recipe, layout: RunLayout, progress: bool, comm: Collectives, backend: str | None
+) -> dict[str, Any]:
+    world: World = comm.world
+    device_map = rank_device_map(recipe.profile.device_map, world)
     warnings: list[str] = []
     model_dir = resolve_base(recipe).local_dir
     model_hash, model_files = model_sha256(model_dir)
@@ -254,14 +306,15 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
     def whole_model() -> Any:
         """The whole model, loaded on first use (streamed replay with reused sequences never loads it)."""
         if "model" not in loaded:
-            loaded["model"] = load_model(model_dir, recipe.model.dtype, recipe.profile.device_map)
+            loaded["model"] = load_model(model_dir, recipe.model.dtype, device_map)
         return loaded["model"]
 
     config = load_config(model_dir)
-    layout.profile_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_root:
+        layout.profile_dir.mkdir(parents=True, exist_ok=True)
 
     sequences, phase1 = _phase1(
-        recipe, layout, whole_model, model_dir, model_hash, warnings, progress, context_length(config)
+        recipe, layout, whole_model, model_dir, model_hash, warnings, progress, context_length(config), comm
     )
 
     total_tokens = sum(len(r["input_ids"]) for r in sequences)
@@ -269,25 +322,28 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
         loaded.clear()  # phase 1's whole model (if any) goes before the layers come one by one
         info = StreamInfo()
         num_layers = inspect(model_dir).required_int("num_hidden_layers")
-        with phase_progress("phase 2: streamed replay (layer x tokens)", total_tokens * num_layers, progress) as advance:
+        with phase_progress(f"phase 2: streamed replay (layer x tokens){_of_share(world)}",
+                            _total(total_tokens * num_layers, world), progress) as advance:
             replay = replay_streamed(
                 model_dir,
                 sequences,
                 recipe.calibration.domains,
                 dtype=recipe.model.dtype,
-                device_map=recipe.profile.device_map,
+                device_map=device_map,
                 batch_size=recipe.calibration.batch_size,
                 context_tokens=context_length(config),
                 source=layout.sequences_path,
                 on_tokens=advance,
                 stream_info=info,
+                world=world,
             )
         model = info.model  # the meta-device model: config and module structure, no weights
         config = model.config
     else:
         model = whole_model()
         config = model.config
-        with phase_progress("phase 2: replay (tokens)", total_tokens, progress) as advance:
+        with phase_progress(f"phase 2: replay (tokens){_of_share(world)}", _total(total_tokens, world),
+                            progress) as advance:
             replay = replay_sequences(
                 model,
                 sequences,
@@ -296,7 +352,32 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
                 context_tokens=context_length(model),
                 source=layout.sequences_path,
                 on_tokens=advance,
+                world=world,
             )
+    # The recorder holds the model's modules: only the arrays travel to rank 0.
+    parts = comm.gather_to_root(dataclasses.replace(replay, recorder=None))
+    if parts is None:  # not rank 0: rank 0 writes; wait for its summary (or its failure)
+        return comm.from_root(None)
+    replay = reduce_replay(parts)
+    summary = _write_outputs(recipe, layout, replay, sequences, phase1, warnings, model, config,
+                             model_hash, model_files, world.record(backend))
+    return comm.from_root(summary)
+
+
+def _write_outputs(
+    recipe: Recipe,
+    layout: RunLayout,
+    replay: ReplayResult,
+    sequences: list[dict[str, Any]],
+    phase1: dict[str, Any],
+    warnings: list[str],
+    model: Any,
+    config: Any,
+    model_hash: str,
+    model_files: list[str],
+    parallel: dict[str, Any],
+) -> dict[str, Any]:
+    """Rank 0 (or the single process): statistics, then the summary, each written atomically."""
     stats = build_stats(
         layers=replay.layers,
         domains=replay.domains,
@@ -345,6 +426,8 @@ def run_profile(recipe: Recipe, layout: RunLayout, progress: bool = True) -> dic
         moe=moe,
         warnings=warnings,
     )
+    # The world that produced the statistics: provenance, not part of the stage's cache key.
+    summary["parallel"] = parallel
     validate("profile", summary, source=layout.profile_summary_path)
     write_json(layout.profile_summary_path, summary)
     return summary

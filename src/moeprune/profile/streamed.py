@@ -55,6 +55,7 @@ from moeprune.io.checkpoint import Checkpoint, TensorInfo
 from moeprune.io.loading_plan import TensorAssembly, loading_plan
 from moeprune.profile.allocator import return_freed_memory
 from moeprune.patching import Patches
+from moeprune.profile.parallel import World
 from moeprune.profile.replay import (
     Batch,
     BatchPass,
@@ -514,13 +515,14 @@ def replay_streamed(
     on_tokens: Callable[[int], None] | None = None,
     capture: bool = False,
     stream_info: StreamInfo | None = None,
+    world: World | None = None,
 ) -> ReplayResult:
     """The replay of :func:`moeprune.profile.replay.replay_sequences`, one decoder layer at a time.
 
     ``model_dir`` is the checkpoint directory (safetensors), loaded in ``dtype`` on the device of
     ``device_map``. ``on_tokens(n)`` is called after each (layer, batch) with the batch's real
     tokens, so the total is ``num_layers * tokens``. Returns the same statistics as the
-    whole-model replay.
+    whole-model replay (of this rank's share of the batches when ``world`` is data-parallel).
     """
     from moeprune.arch import context_length
 
@@ -528,7 +530,7 @@ def replay_streamed(
     model = meta_model(model_dir, dtype)
     if context_tokens is None:
         context_tokens = context_length(model.config)
-    batches = prepare_batches(sequences, domains, batch_size, context_tokens, source)
+    batches = prepare_batches(sequences, domains, batch_size, context_tokens, source, world)
     arch = family_adapter(model)
     stats = stream_info if stream_info is not None else StreamInfo()
     stats.model = model

@@ -281,10 +281,12 @@ def prune_checkpoint(base_dir: str | Path, drop_map_path: str | Path, out_dir: s
     }
 
 
-def run_prune(recipe: Any, layout: Any) -> dict[str, Any]:
-    """The pipeline's prune stage: recipe base model + run drop map -> ``layout.pruned_dir``."""
-    base_dir = resolve_base_dir(recipe)
-    return prune_checkpoint(base_dir, layout.drop_map_path, layout.pruned_dir, recipe.prune.max_shard_bytes)
+def run_prune(recipe: Any, layout: Any, *, base_dir: Path | None = None, drop_map_path: Path | None = None,
+              out_dir: Path | None = None, max_shard_bytes: int | None = None) -> dict[str, Any]:
+    """The prune stage (the pipeline's and `invoke prune`'s): recipe base model + run drop map ->
+    ``layout.pruned_dir``; each of them can be overridden (`invoke prune --base/--drop-map/--out`)."""
+    return prune_checkpoint(base_dir or resolve_base_dir(recipe), drop_map_path or layout.drop_map_path,
+                            out_dir or layout.pruned_dir, max_shard_bytes or recipe.prune.max_shard_bytes)
 
 
 def resolve_base_dir(recipe: Any) -> Path:
