@@ -203,7 +203,7 @@ def test_more_ranks_than_batches_is_refused_naming_the_setting():
 def test_the_replay_sums_of_every_rank_meet_in_rank_order():
     def part(scale: float, tokens: int) -> ReplayResult:
         arrays = {name: np.full((1, 2, 3), scale) for name in ("contribution_sum", "router_prob_sum",
-                                                               "sequence_norm_sum")}
+                                                               "sequence_norm_sum", "max_activation_norm")}
         return ReplayResult(layers=[0, 1], domains=["d"], routed_count=np.full((1, 2, 3), tokens, dtype=np.int64),
                             domain_num_tokens={"d": tokens}, num_sequences=1, elapsed_s=scale, recorder=None,
                             **arrays)
@@ -212,6 +212,8 @@ def test_the_replay_sums_of_every_rank_meet_in_rank_order():
     assert merged.contribution_sum.dtype == np.float64 and merged.routed_count.dtype == np.int64
     np.testing.assert_array_equal(merged.contribution_sum, np.full((1, 2, 3), 0.1 + 0.2))
     np.testing.assert_array_equal(merged.routed_count, np.full((1, 2, 3), 5))
+    # A maximum over tokens is the largest rank's, not the sum of the ranks'.
+    np.testing.assert_array_equal(merged.max_activation_norm, np.full((1, 2, 3), 0.2))
     assert (merged.domain_num_tokens, merged.num_sequences, merged.elapsed_s) == ({"d": 5}, 2, 0.2)
     with pytest.raises(MoepruneError, match="disagree on layers"):
         reduce_replay([part(0.1, 2), dataclasses.replace(part(0.2, 3), layers=[0, 2])])

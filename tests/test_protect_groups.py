@@ -167,7 +167,7 @@ def _profile(model_dir: Path, runs: Path, name: str) -> np.ndarray:
     profile_dir = runs / name / "profile"
     profile_dir.mkdir(parents=True, exist_ok=True)
     save_stats(stats, profile_dir / "stats.safetensors")
-    peaks = max_activation_norm(replay.recorder.max_norm_arrays())
+    peaks = max_activation_norm(replay.max_activation_norm)
     (profile_dir / "profile.json").write_text(json.dumps({"max_activation_norm": peaks.tolist()}))
     return peaks
 
@@ -265,8 +265,8 @@ def test_whole_and_streamed_replay_agree_exactly_on_the_max_norm(super_model, dt
     with torch.no_grad():
         for param in model.parameters():
             param.data = param.data.clone()
-    whole = replay_sequences(model, sequences, ["math"], batch_size=2).recorder.max_norm_arrays()
-    streamed = replay_streamed(super_model, sequences, ["math"], dtype=dtype, batch_size=2).recorder.max_norm_arrays()
+    whole = replay_sequences(model, sequences, ["math"], batch_size=2).max_activation_norm
+    streamed = replay_streamed(super_model, sequences, ["math"], dtype=dtype, batch_size=2).max_activation_norm
     assert whole.shape == (1, 2, 8) and np.all(whole > 0)
     assert np.array_equal(whole, streamed)
 
@@ -404,7 +404,7 @@ def test_max_activation_norm_is_the_largest_unweighted_output_element(super_mode
 
     model = _load(super_model)
     replay = replay_sequences(model, _sequences(model.config.vocab_size), ["math"], batch_size=1, capture=True)
-    got = max_activation_norm(replay.recorder.max_norm_arrays())
+    got = max_activation_norm(replay.max_activation_norm)
     for row, layer in enumerate(replay.layers):
         want = np.zeros(8)
         for capture in replay.recorder.captures[layer]:

@@ -167,8 +167,15 @@ def gguf_tensors(shapes: ModelShapes, outtype: str) -> list[GgufTensor]:
     return sorted(out, key=lambda t: _file_order(t.name))
 
 
+def towers(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The multimodal towers the config declares (the model's spec answers)."""
+    from moeprune.arch.spec import ModelSpec
+
+    return ModelSpec.from_config(config).towers
+
+
 def has_vision_tower(config: Mapping[str, Any]) -> bool:
-    return isinstance(config.get("vision_config"), dict)
+    return "vision" in towers(config)
 
 
 def mmproj_tensors(shapes: ModelShapes, outtype: str) -> list[GgufTensor]:
@@ -178,10 +185,11 @@ def mmproj_tensors(shapes: ModelShapes, outtype: str) -> list[GgufTensor]:
     from moeprune.arch.base import TOWER_MARKERS
     from moeprune.plan.ggml import TYPE_TRAITS
 
-    towers = [m for m in TOWER_MARKERS if "audio" not in m or isinstance(shapes.config.get("audio_config"), dict)]
+    has_audio = "audio" in towers(shapes.config)
+    markers = [m for m in TOWER_MARKERS if "audio" not in m or has_audio]
     out = []
     for tensor in shapes.tensors:
-        if not any(marker in tensor.name for marker in towers):
+        if not any(marker in tensor.name for marker in markers):
             continue
         ncols = tensor.shape[-1] if tensor.shape else 1
         gguf_type = outtype.upper()

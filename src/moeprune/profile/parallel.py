@@ -188,17 +188,23 @@ def distributed(world: World) -> Iterator[tuple[Collectives, str | None]]:
             dist.destroy_process_group()
 
 
+# ReplayResult arrays that are a maximum over tokens: the ranks' are combined by max, not summed.
+MAXIMA = frozenset({"max_activation_norm"})
+
+
 def reduce_replay(parts: Sequence[Any]) -> Any:
     """One :class:`~moeprune.profile.replay.ReplayResult` from every rank's (in rank order).
 
     Every numpy array and every count is summed, in rank order (float64 stays float64, integers
-    stay exact); ``domain_num_tokens`` per domain; ``elapsed_s`` is the slowest rank's. The other
+    stay exact), except the maxima (``MAXIMA``), which take the largest rank's; ``domain_num_tokens`` per domain; ``elapsed_s`` is the slowest rank's. The other
     fields (layers, domains) must agree; the recorder is rank 0's own (its arrays are the share's)."""
     first = parts[0]
     merged: dict[str, Any] = {}
     for spec in dataclasses.fields(first):
         values = [getattr(part, spec.name) for part in parts]
-        if isinstance(values[0], np.ndarray):
+        if spec.name in MAXIMA:
+            merged[spec.name] = np.maximum.reduce(values)
+        elif isinstance(values[0], np.ndarray):
             total = values[0].copy()
             for value in values[1:]:
                 total += value

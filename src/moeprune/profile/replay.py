@@ -30,6 +30,7 @@ class ReplayResult:
     routed_count: np.ndarray
     router_prob_sum: np.ndarray
     sequence_norm_sum: np.ndarray
+    max_activation_norm: np.ndarray  # each expert's largest output element: reduced by max, not summed
     domain_num_tokens: dict[str, int]
     num_sequences: int
     elapsed_s: float
@@ -181,6 +182,7 @@ def replay_result(
         routed_count=routed_count,
         router_prob_sum=router_prob_sum,
         sequence_norm_sum=recorder.sequence_norm_arrays(),
+        max_activation_norm=recorder.max_norm_arrays(),
         domain_num_tokens=domain_tokens(batches, domains),
         num_sequences=sum(len(batch.records) for batch in batches),
         elapsed_s=elapsed_s,

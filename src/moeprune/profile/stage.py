@@ -261,7 +261,7 @@ def profile_summary(
         "layers": layer_summaries(stats, settings.top_share_k, settings.coverage_fraction, moe.get("top_k")),
         "findings": found,
         # Per MoE layer (the order of moe.layers) and expert: the super-experts statistic.
-        "max_activation_norm": max_activation_norm(replay.recorder.max_norm_arrays()).tolist(),
+        "max_activation_norm": max_activation_norm(replay.max_activation_norm).tolist(),
         "warnings": warnings,
     }
 
