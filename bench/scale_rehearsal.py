@@ -462,31 +462,47 @@ def print_table(title: str, rows: dict[str, dict]) -> None:
     print(f"{'pipeline total':<26}{total_wall:>13.1f}{'':>52}{total_written / GB:>13.2f}")
 
 
+# A figure "grows with depth" when its fit at the target depth is at least this multiple of the
+# deeper measurement and above the per-figure floor (seconds or bytes below which the difference
+# between two runs on a shared machine is noise).
+GROWTH_FACTOR = 1.5
+NOISE_FLOOR = {"wall_s": 5.0, "cpu_s": 5.0, "max_process_rss": 0.1 * GB, "tree_rss": 0.1 * GB,
+               "written_bytes": 0.1 * GB, "peak_extra_bytes": 0.1 * GB}
+
+
 def extrapolate(a: dict, b: dict, depth: int) -> tuple[dict[str, dict], list[str]]:
     """Fit every figure as ``c0 + c1 * layers`` through depths a and b; evaluate at ``depth``.
 
-    Free disk is not extrapolated (it is this machine's). Returns the rows and, per figure, the
-    stages where it grows with depth (slope above 5% of the value at ``depth``)."""
+    A fit whose slope is not positive (the two runs differ by less than the machine's noise, or
+    the figure does not depend on depth) keeps the deeper run's value. Free disk is not
+    extrapolated (it is this machine's). Returns the rows and notes: per figure, the stages where
+    it grows with depth (``GROWTH_FACTOR``, ``NOISE_FLOOR``)."""
     la, lb = a["layers"], b["layers"]
     rows: dict[str, dict] = {}
     grows: dict[str, list[str]] = {}
+    constant: list[str] = []
     for stage, row_b in b["rows"].items():
+        if stage.startswith("("):
+            continue
         row_a = a["rows"].get(stage)
-        if row_a is None or stage.startswith("("):
+        if row_a is None:  # a stage only the later run has (e.g. mmproj): taken as measured
+            rows[stage] = {**row_b, "free_bytes": float("nan")}
+            constant.append(stage)
             continue
         out = {}
         for key, _label, _scale in COLUMNS:
             if key == "free_bytes":
                 out[key] = float("nan")
                 continue
-            slope = (row_b[key] - row_a[key]) / (lb - la)
-            value = max(0.0, row_b[key] + slope * (depth - lb))
-            out[key] = value
-            if value and slope * depth > 0.05 * value:
+            slope = max(0.0, (row_b[key] - row_a[key]) / (lb - la))
+            out[key] = row_b[key] + slope * (depth - lb)
+            if out[key] >= GROWTH_FACTOR * row_b[key] and out[key] - row_b[key] > NOISE_FLOOR[key]:
                 grows.setdefault(key, []).append(stage)
         rows[stage] = out
     notes = [f"{label}: grows with depth in {', '.join(grows.get(key, [])) or 'no stage'}"
              for key, label, _s in COLUMNS if key != "free_bytes"]
+    if constant:
+        notes.append(f"measured at {lb} layers only, taken as is (depth does not enter them): {', '.join(constant)}")
     return rows, notes
 
 
