@@ -173,39 +173,11 @@ def synthetic_config(num_layers: int):
 
 def write_synthetic(directory: Path, num_layers: int) -> Path:
     """Random bf16 weights of the 26B-A4B shapes, one shard per decoder layer (written one at a time)."""
-    import torch
-    from safetensors.torch import save_file
+    from synthetic_shards import write_random_shards
     from transformers import Gemma4ForConditionalGeneration
 
-    directory.mkdir(parents=True, exist_ok=True)
     config = synthetic_config(num_layers)
-    with torch.device("meta"):
-        model = Gemma4ForConditionalGeneration(config)
-    names = [n for n in model.state_dict() if not n.startswith("lm_head")]
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        key = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "shell"
-        groups.setdefault(key, []).append(name)
-    generator = torch.Generator().manual_seed(0)
-    weight_map = {}
-    shapes = dict(model.state_dict())
-    for index, (key, members) in enumerate(groups.items()):
-        tensors = {}
-        for name in members:
-            shape = shapes[name].shape
-            if name.endswith(("norm.weight", "scale", "layer_scalar")) or "layernorm" in name:
-                value = torch.ones(shape)
-            elif name.endswith("router.proj.weight"):
-                value = torch.randn(shape, generator=generator)  # decisive routing, as trained routers are
-            else:
-                value = torch.randn(shape, generator=generator) * 0.02
-            tensors[name] = value.to(torch.bfloat16).contiguous()
-        shard = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file(tensors, str(directory / shard), metadata={"format": "pt"})
-        weight_map.update({name: shard for name in tensors})
-        del tensors
-    index_json = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index_json))
+    write_random_shards(Gemma4ForConditionalGeneration, config, directory)
     config.save_pretrained(directory)  # last: its config.json marks the directory complete
     return directory
 
