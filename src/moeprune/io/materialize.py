@@ -27,7 +27,7 @@ from moeprune.io.checkpoint import Checkpoint, CheckpointError, TensorInfo
 from moeprune.io.loading_plan import TensorAssembly, loading_plan
 
 # safetensors dtype strings -> torch dtypes
-_DTYPES: dict[str, torch.dtype] = {
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -46,7 +46,7 @@ _DTYPES: dict[str, torch.dtype] = {
 def read_tensor_into(checkpoint: Checkpoint, info: TensorInfo, target: torch.Tensor) -> None:
     """Fill ``target`` with the checkpoint tensor ``info`` (cast to target's dtype and device,
     exactly as ``tensor.to(dtype)``). Raises CheckpointError on a dtype or shape mismatch."""
-    dtype = _DTYPES.get(info.dtype)
+    dtype = SAFETENSORS_DTYPES.get(info.dtype)
     if dtype is None:
         raise CheckpointError(f"{info.shard}: tensor '{info.name}' has dtype {info.dtype}, which cannot be read into a module")
     if tuple(target.shape) != tuple(info.shape):

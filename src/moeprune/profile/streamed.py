@@ -194,7 +194,7 @@ def family_adapter(model: torch.nn.Module) -> Any:
         raise StreamedReplayError(f"streamed replay: {exc}; use profile.replay = \"whole\"") from None
 
 
-def _layer_by_layer(
+def layer_by_layer(
     model: torch.nn.Module,
     arch: Any,
     checkpoint: Checkpoint,
@@ -271,6 +271,6 @@ def replay_streamed(
     stats.model = model
     return_freed_memory()
     with Checkpoint.open(model_dir) as checkpoint, contextlib.closing(
-        _layer_by_layer(model, arch, checkpoint, batches, device, stats)
+        layer_by_layer(model, arch, checkpoint, batches, device, stats)
     ) as passes:
         return execute_replay(model, batches, domains, passes, capture=capture, on_tokens=on_tokens)

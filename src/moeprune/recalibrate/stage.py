@@ -1,7 +1,7 @@
 """The recalibrate stage: the pruned checkpoint with refitted router tensors, and its record.
 
 For each decoder layer in turn, one layer in memory (the streamed replay's passes,
-:func:`moeprune.profile.streamed._layer_by_layer`, over the profile's own ``sequences.jsonl`` and
+:func:`moeprune.profile.streamed.layer_by_layer`, over the profile's own ``sequences.jsonl`` and
 batches), the base layer runs every batch; hooks keep the layer's call, its output and what its
 block passes the experts. The pruned block is a copy of that router and experts sliced to the drop
 map's kept experts (the base's kept rows: what verify-prune proves the pruned checkpoint holds).
@@ -151,14 +151,14 @@ def _pruned_block(arch: Any, modules: Any, keep: Sequence[int]) -> tuple[Any, An
 def _router_parameters(router: Any, router_path: str, names: Sequence[str], base: Checkpoint
                        ) -> tuple[dict[str, torch.nn.Parameter], dict[str, torch.dtype]]:
     """The router copy's parameters for the on-disk ``names`` and their checkpoint dtypes."""
-    from moeprune.io.materialize import _DTYPES
+    from moeprune.io.materialize import SAFETENSORS_DTYPES
 
     parameters, dtypes = {}, {}
     for name in names:
         if not name.startswith(router_path + "."):
             raise RecalibrateError(f"{base.directory}: router tensor '{name}' is not under the router module '{router_path}'")
         parameters[name] = router.get_parameter(name[len(router_path) + 1:])
-        dtypes[name] = _DTYPES[base[name].dtype]
+        dtypes[name] = SAFETENSORS_DTYPES[base[name].dtype]
     return parameters, dtypes
 
 
@@ -179,7 +179,7 @@ def recalibrate(base_dir: Path, drop_map_path: Path, sequences_path: Path, domai
     from moeprune.profile.generate import read_sequences
     from moeprune.profile.replay import prepare_batches
     from moeprune.io.materialize import meta_model
-    from moeprune.profile.streamed import StreamInfo, _layer_by_layer, family_adapter
+    from moeprune.profile.streamed import StreamInfo, layer_by_layer, family_adapter
 
     fit = FitSettings(settings["max_steps"], settings["learning_rate"], settings["patience_steps"])
     keep_by_layer = load_drop_map(drop_map_path).keep_by_layer
@@ -198,7 +198,7 @@ def recalibrate(base_dir: Path, drop_map_path: Path, sequences_path: Path, domai
     layers: list[dict[str, Any]] = []
     cpu = torch.device("cpu")
     with deterministic_cpu(), Checkpoint.open(base_dir) as base, \
-            contextlib.closing(_layer_by_layer(model, arch, base, batches, cpu, StreamInfo())) as passes:
+            contextlib.closing(layer_by_layer(model, arch, base, batches, cpu, StreamInfo())) as passes:
         for index, run in enumerate(passes):
             modules = moe_by_layer.get(index)
             layer = model.get_submodule(f"{layers_path}.{index}")
