@@ -161,7 +161,10 @@ def test_a_rank_killed_mid_profile_ends_in_one_error_and_writes_nothing(tmp_path
             time.sleep(0.5)
             pid = _rank_pid(1, runs)
         assert pid is not None, "rank 1 never started"
-        time.sleep(5)  # into its work (loading the model or generating)
+        # Freeze it at once, so it cannot finish before the kill however fast this machine is;
+        # rank 0 goes on to its next collective and waits there. Then kill the frozen rank.
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(5)
         os.kill(pid, signal.SIGKILL)
         stdout, stderr = process.communicate(timeout=300)
     finally:
@@ -240,3 +243,38 @@ def test_the_world_size_is_not_in_the_profile_stages_cache_key(tmp_path):
     profile = next(stage for stage in build_pipeline().stages if stage.name == "profile")
     assert profile.params(one) == profile.params(two)
     assert one.settings() == two.settings()
+
+
+@pytest.mark.parametrize("ranks_end_well", [True, False])
+def test_the_launcher_alone_commits_rank_zeros_outputs(tmp_path, monkeypatch, ranks_end_well):
+    """Rank 0 writes into the launcher's staging directory; the launcher moves the files into place
+    only when every rank ended well. A rank that dies after rank 0 wrote (CI saw one killed while it
+    left the process group) leaves no statistics behind, and no staging directory either."""
+    from moeprune.profile import stage
+    from moeprune.profile.parallel import STAGING_ENV, RankFailed
+    from moeprune.recipe import load_recipe
+
+    recipe = load_recipe(_recipe(tmp_path, "whole", data_parallel=2))
+    layout = _layout(tmp_path / "runs")
+    seen = {}
+
+    def ranks(nproc, argv, cwd, env):
+        staging = Path(env[STAGING_ENV])
+        seen["staging"] = staging
+        assert staging.is_dir() and staging.parent == layout.profile_dir
+        (staging / layout.profile_stats_path.name).write_bytes(b"stats")
+        (staging / layout.profile_summary_path.name).write_text('{"written": "by rank 0"}')
+        if not ranks_end_well:
+            raise RankFailed("data-parallel profile: rank 1 ended with signal 9; nothing was written")
+
+    monkeypatch.setattr(stage, "launch", ranks)
+    if ranks_end_well:
+        assert stage.run_profile(recipe, layout, progress=False) == {"written": "by rank 0"}
+        assert layout.profile_stats_path.read_bytes() == b"stats"
+    else:
+        with pytest.raises(RankFailed, match="nothing was written"):
+            stage.run_profile(recipe, layout, progress=False)
+        assert not layout.profile_stats_path.exists() and not layout.profile_summary_path.exists()
+    assert not seen["staging"].exists()
+    assert sorted(p.name for p in layout.profile_dir.iterdir()) == (
+        ["profile.json", "stats.safetensors"] if ranks_end_well else [])

@@ -19,7 +19,10 @@ gathers them in rank order and adds them (:func:`reduce_replay`), so a new stati
 keeps is reduced too, and the order of the additions is fixed. Integer counts are exact; a float64
 sum differs from the single process's only by the order of its additions (the relative difference
 is bounded by about ``batches * 2**-52``; the tests measure it). Rank 0 writes every output; the
-other ranks write nothing.
+other ranks write nothing. When moeprune launched the ranks itself, rank 0 writes the statistics and
+the summary into the launcher's staging directory (``STAGING_ENV``), and the launcher moves them into
+place only after every rank has ended well: a rank that dies after rank 0 wrote (while it leaves the
+process group) still leaves nothing behind, so "nothing was written" is always true.
 
 The world size is recorded in ``profile.json`` (``parallel``) but is not part of the profile
 stage's cache key (``profile.data_parallel`` is excluded from the recipe's settings): runs at
@@ -49,6 +52,8 @@ T = TypeVar("T")
 
 # torchrun's own variables: a process that has them is one rank of a launched world.
 RANK_ENV, WORLD_SIZE_ENV, LOCAL_RANK_ENV = "RANK", "WORLD_SIZE", "LOCAL_RANK"
+# Set by :func:`launch`'s caller: the directory rank 0 writes the stage's final outputs into.
+STAGING_ENV = "MOEPRUNE_PROFILE_STAGING"
 
 
 class RankFailed(MoepruneError):
@@ -74,6 +79,12 @@ class World:
     def record(self, backend: str | None) -> dict[str, Any]:
         """What ``profile.json`` records of the world that produced it."""
         return {"world_size": self.size, "backend": backend}
+
+
+def staging_dir(env: dict[str, str] | None = None) -> Path | None:
+    """Where rank 0 writes the outputs the launcher commits (None: write them in place)."""
+    value = (os.environ if env is None else env).get(STAGING_ENV)
+    return Path(value) if value else None
 
 
 def current_world(env: dict[str, str] | None = None) -> World:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +30,17 @@ from moeprune.profile.generate import (
     write_sequences,
 )
 from moeprune.profile.llama_generate import run_llama_server_generation
-from moeprune.profile.parallel import Collectives, World, current_world, distributed, launch, rank_device_map, reduce_replay
+from moeprune.profile.parallel import (
+    STAGING_ENV,
+    Collectives,
+    World,
+    current_world,
+    distributed,
+    launch,
+    rank_device_map,
+    reduce_replay,
+    staging_dir,
+)
 from moeprune.profile.loading import (
     load_config,
     load_model,
@@ -288,9 +300,31 @@ def _launch_ranks(recipe: Recipe, layout: RunLayout, progress: bool) -> dict[str
     if recipe.source_path is None:
         raise MoepruneError("profile.data_parallel: the recipe has no file the ranks could read; save it first")
     argv = ["profile", "--recipe", str(recipe.source_path.resolve()), "--runner", "native"]
-    env = {"MOEPRUNE_RUNS_DIR": str(layout.root.parent.resolve()), **child_env()}
-    launch(recipe.profile.data_parallel, argv if progress else [*argv, "--no-progress"], Path.cwd(), env)
+    layout.profile_dir.mkdir(parents=True, exist_ok=True)
+    staging = layout.profile_dir / f".tmp-ranks-{os.getpid()}"
+    staging.mkdir()
+    env = {"MOEPRUNE_RUNS_DIR": str(layout.root.parent.resolve()), STAGING_ENV: str(staging.resolve()), **child_env()}
+    try:
+        launch(recipe.profile.data_parallel, argv if progress else [*argv, "--no-progress"], Path.cwd(), env)
+        # Every rank ended well: the statistics, then the summary (the stage's mark of completion).
+        for final in _outputs(layout):
+            os.replace(staging / final.name, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return json.loads(layout.profile_summary_path.read_text(encoding="utf-8"))
+
+
+def _outputs(layout: RunLayout) -> tuple[Path, Path]:
+    """The statistics and the summary, in the order they are written and committed."""
+    return layout.profile_stats_path, layout.profile_summary_path
+
+
+def _output_paths(layout: RunLayout) -> tuple[Path, Path]:
+    """Where rank 0 writes the statistics and the summary: in place, or the launcher's staging."""
+    staging = staging_dir()
+    if staging is None:
+        return _outputs(layout)
+    return tuple(staging / path.name for path in _outputs(layout))  # type: ignore[return-value]
 
 
 def _run_profile(
@@ -393,7 +427,8 @@ def _write_outputs(
             f"{layout.profile_stats_path}: non-finite expert contributions (the model produced inf/NaN); "
             "load it in float32 (model.dtype) and check the checkpoint"
         )
-    save_stats(stats, layout.profile_stats_path)
+    stats_path, summary_path = _output_paths(layout)
+    save_stats(stats, stats_path)
 
     from moeprune.arch import arch_for_model
 
@@ -410,7 +445,7 @@ def _write_outputs(
         "tokenizer_sha256": phase1.pop("tokenizer_sha256"),
         "prompts_sha256": sha256_file(recipe.prompts_path),
         "sequences_sha256": sha256_file(layout.sequences_path),
-        "stats_sha256": sha256_file(layout.profile_stats_path),
+        "stats_sha256": sha256_file(stats_path),
         "settings_sha256": sha256_json(
             {"calibration": recorded["calibration"], "profile": recorded["profile"]}
         ),
@@ -429,5 +464,5 @@ def _write_outputs(
     # The world that produced the statistics: provenance, not part of the stage's cache key.
     summary["parallel"] = parallel
     validate("profile", summary, source=layout.profile_summary_path)
-    write_json(layout.profile_summary_path, summary)
+    write_json(summary_path, summary)
     return summary
