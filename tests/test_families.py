@@ -305,14 +305,15 @@ def test_card_of_a_family_is_phrased_for_it_and_verifies(name, llama_source_shar
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_one_decoder_layer_can_be_built_and_fed_alone(name, family_models):
-    """What a layer-streamed replay needs: build layer i empty, load its tensors, embed the inputs."""
+def test_one_decoder_layer_can_be_materialized_alone(name, family_models):
+    """What a layer-streamed replay does: build the model on meta, give one decoder layer its values
+    from the checkpoint (and nothing else), and embed the inputs as the text model does."""
+    from moeprune.io.checkpoint import Checkpoint
+    from moeprune.io.materialize import materialize, meta_model
+
     model = _load(family_models[name])
     arch = arch_for_dir(family_models[name])
-    layers = arch.decoder_layers(model)
     index = FAMILIES[name].moe_layers[-1]
-    layer = arch.build_decoder_layer(model.config, index)
-    assert type(layer).__name__ == arch.decoder_layer_class == type(layers[index]).__name__
     prefix = arch.layer_tensor_prefix(index)
     from safetensors import safe_open
 
@@ -320,6 +321,16 @@ def test_one_decoder_layer_can_be_built_and_fed_alone(name, family_models):
         on_disk = {key for key in handle.keys() if key.startswith(prefix)}
     assert on_disk and all(arch.classify_tensor(key) is None or arch.classify_tensor(key).layer == index
                            for key in on_disk)
-    layer.load_state_dict(layers[index].state_dict())
+    shell = meta_model(family_models[name], "float32")
+    layers_path = arch.decoder_layers_path(shell)
+    with Checkpoint.open(family_models[name]) as checkpoint:
+        built = materialize(shell, f"{layers_path}.{index}", checkpoint, torch.device("cpu"))
+    assert built.nbytes > 0
+    alone = arch.decoder_layers(shell)[index].state_dict()
+    loaded = arch.decoder_layers(model)[index].state_dict()
+    assert alone.keys() == loaded.keys()
+    for key, value in loaded.items():
+        assert torch.equal(alone[key], value), key
+    assert all(p.is_meta for p in arch.decoder_layers(shell)[index - 1].parameters())
     ids = torch.tensor([[11, 42, 7, 99]])
     torch.testing.assert_close(arch.embed_inputs(model, ids), model.get_input_embeddings()(ids))

@@ -105,7 +105,6 @@ class MoeArch:
     router_attribute: ClassVar[str] = "gate"
     experts_attribute: ClassVar[str] = "experts"
     block_attribute: ClassVar[str | None] = "mlp"  # None: router/experts sit on the decoder layer itself
-    decoder_layer_class: ClassVar[str]  # transformers class name of one decoder layer
     # names of the router's parameters/buffers indexed by expert (sliced in memory), with the axis 0
     router_expert_params: ClassVar[tuple[str, ...]] = ("weight",)
     expert_params: ClassVar[tuple[str, ...]] = ("gate_up_proj", "down_proj")
@@ -441,18 +440,6 @@ class MoeArch:
     def embed_inputs(self, model: Any, input_ids: Any) -> Any:
         """Input embeddings of ``input_ids`` as the text model computes them (scaling included)."""
         return self.text_model(model).embed_tokens(input_ids)
-
-    def build_decoder_layer(self, config: Any, layer_index: int) -> Any:
-        """An uninitialised decoder layer ``layer_index`` of the text model (for layer-streamed replay)."""
-        import importlib
-
-        import transformers
-
-        module_name = type(config).__module__.replace("configuration_", "modeling_")
-        module = importlib.import_module(module_name)
-        cls = getattr(module, self.decoder_layer_class, None) or getattr(transformers, self.decoder_layer_class)
-        text = text_config_object(config)
-        return cls(text, layer_index)
 
     # ---- layer-streamed replay (profile.replay = "streamed", moeprune.profile.streamed) ---------------
 

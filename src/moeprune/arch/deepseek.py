@@ -39,7 +39,6 @@ class DeepseekV3(MoeArch):
     never_sliced_re = r"\.mlp\.shared_experts\."
     routing = SIGMOID_GROUPED
     router_expert_params = ("weight", "e_score_correction_bias")
-    decoder_layer_class = "DeepseekV3DecoderLayer"
     gguf_arch = "deepseek2"
     gguf_required_tensors = ((r"^blk\.\d+\.exp_probs_b\.bias$", "blk.N.exp_probs_b.bias tensors (e_score_correction_bias)"),)
     router_sentence = ("The router keeps only the rows and correction-bias entries of retained experts (shared "
@@ -110,7 +109,6 @@ class Glm4Moe(DeepseekV3):
     family = "GLM-4.5-MoE"
     model_types = ("glm4_moe",)
     transformers_causal_lm = "Glm4MoeForCausalLM"
-    decoder_layer_class = "Glm4MoeDecoderLayer"
     gguf_arch = "glm4moe"
 
 
@@ -122,7 +120,6 @@ class DeepseekV2(DeepseekV3):
     router_patterns = (TensorPattern(r"mlp\.gate\.weight", ROUTER_WEIGHT, "mlp.gate.weight"),)
     routing = SOFTMAX_TOPK
     router_expert_params = ("weight",)
-    decoder_layer_class = "DeepseekV2DecoderLayer"
     gguf_required_tensors = ()
     router_sentence = ("The router keeps only the rows of retained experts (shared experts and the dense first "
                        "layers are unchanged)")

@@ -16,5 +16,4 @@ class Dots1(Glm4Moe):
     family = "dots.llm1"
     model_types = ("dots1",)
     transformers_causal_lm = "Dots1ForCausalLM"
-    decoder_layer_class = "Dots1DecoderLayer"
     gguf_arch = "dots1"

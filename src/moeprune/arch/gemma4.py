@@ -44,7 +44,6 @@ class Gemma4(MoeArch):
     routing = SOFTMAX_TOPK
     router_attribute = "router"
     block_attribute = None
-    decoder_layer_class = "Gemma4TextDecoderLayer"
     router_expert_params = ("per_expert_scale",)
 
     gguf_arch = "gemma4"

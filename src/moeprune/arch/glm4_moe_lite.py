@@ -15,5 +15,4 @@ class Glm4MoeLite(GlmMoeDsa):
     family = "GLM-4.5-Lite"
     model_types = ("glm4_moe_lite",)
     transformers_causal_lm = "Glm4MoeLiteForCausalLM"
-    decoder_layer_class = "Glm4MoeLiteDecoderLayer"
     gguf_arch = "deepseek2"

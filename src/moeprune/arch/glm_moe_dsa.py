@@ -20,7 +20,6 @@ class GlmMoeDsa(Glm4Moe):
     family = "GLM-MoE-DSA"
     model_types = ("glm_moe_dsa",)
     transformers_causal_lm = "GlmMoeDsaForCausalLM"
-    decoder_layer_class = "GlmMoeDsaDecoderLayer"
     gguf_arch = "glm-dsa"
 
     def is_moe_layer(self, config: Mapping[str, Any], layer: int) -> bool:

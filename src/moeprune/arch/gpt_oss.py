@@ -39,7 +39,6 @@ class GptOss(MoeArch):
     router_attribute = "router"
     router_expert_params = ("weight", "bias")
     expert_params = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
-    decoder_layer_class = "GptOssDecoderLayer"
     gguf_arch = "gpt-oss"
     gguf_required_tensors = ((r"^blk\.\d+\.ffn_gate_inp\.bias$", "blk.N.ffn_gate_inp.bias tensors (router bias)"),)
     router_sentence = "The router keeps only the rows and biases of retained experts (expert biases likewise)"

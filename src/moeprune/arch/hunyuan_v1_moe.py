@@ -30,7 +30,6 @@ class HunyuanV1Moe(MoeArch):
     never_sliced_re = r"\.mlp\.shared_mlp\."
     routing = SOFTMAX_TOPK
     router_expert_params = ("wg.weight",)
-    decoder_layer_class = "HunYuanMoEV1DecoderLayer"
     gguf_arch = "hunyuan-moe"
     router_sentence = "The router `gate.wg` keeps only the rows of retained experts (the shared MLP is unchanged)"
 

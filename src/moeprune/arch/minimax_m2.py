@@ -13,28 +13,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeprune.arch.base import SIGMOID_BIASED, MoeArch, MoeModules
+from moeprune.arch.base import SIGMOID_BIASED, MoeModules
+from moeprune.arch.mixtral import Mixtral
 from moeprune.arch.modules import keep_rows
 from moeprune.arch.patterns import CORRECTION_BIAS, ROUTER_WEIGHT, TensorPattern
 
 
-class MiniMaxM2(MoeArch):
+class MiniMaxM2(Mixtral):
+    """Mixtral's config keys and expert layout; its own router, routing and GGUF name."""
+
     name = "minimax_m2"
     family = "MiniMax-M2"
     model_types = ("minimax_m2",)
     transformers_causal_lm = "MiniMaxM2ForCausalLM"
-    num_experts_key = "num_local_experts"
-    top_k_key = "num_experts_per_tok"
-    expert_intermediate_key = "intermediate_size"
-    dense_intermediate_key = None
     router_patterns = (
         TensorPattern(r"block_sparse_moe\.gate\.weight", ROUTER_WEIGHT, "block_sparse_moe.gate.weight"),
         TensorPattern(r"block_sparse_moe\.e_score_correction_bias", CORRECTION_BIAS,
                       "block_sparse_moe.e_score_correction_bias"),
     )
-    experts_module_re = r"(?:^|\.)layers\.\d+\.(?:block_sparse_moe\.|mlp\.)?experts\."
     routing = SIGMOID_BIASED
-    decoder_layer_class = "MiniMaxM2DecoderLayer"
     gguf_arch = "minimax-m2"
     gguf_required_tensors = ((r"^blk\.\d+\.exp_probs_b\.bias$", "blk.N.exp_probs_b.bias tensors (e_score_correction_bias)"),)
     router_sentence = "The router keeps only the rows and selection-bias entries of retained experts"

@@ -26,5 +26,4 @@ class Mixtral(MoeArch):
     )
     experts_module_re = r"(?:^|\.)layers\.\d+\.(?:block_sparse_moe\.|mlp\.)?experts\."
     routing = SOFTMAX_TOPK
-    decoder_layer_class = "MixtralDecoderLayer"
     gguf_arch = "llama"

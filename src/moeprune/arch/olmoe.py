@@ -23,5 +23,4 @@ class Olmoe(MoeArch):
     dense_intermediate_key = None
     router_patterns = (TensorPattern(r"mlp\.gate\.weight", ROUTER_WEIGHT, "mlp.gate.weight"),)
     routing = SOFTMAX_TOPK
-    decoder_layer_class = "OlmoeDecoderLayer"
     gguf_arch = "olmoe"

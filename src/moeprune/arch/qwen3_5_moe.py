@@ -24,7 +24,6 @@ class Qwen35Moe(Qwen3Next):
     transformers_causal_lm = "Qwen3_5MoeForConditionalGeneration"
     text_config_key = "text_config"
     layer_prefix = "model.language_model.layers."
-    decoder_layer_class = "Qwen3_5MoeDecoderLayer"
     gguf_arch = "qwen35moe"
 
     def is_moe_layer(self, config: Mapping[str, Any], layer: int) -> bool:

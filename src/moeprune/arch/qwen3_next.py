@@ -23,6 +23,5 @@ class Qwen3Next(Qwen2Moe):
     model_types = ("qwen3_next",)
     transformers_causal_lm = "Qwen3NextForCausalLM"
     never_sliced_re = r"^mtp\.|\.mlp\.shared_expert(?:_gate)?\."
-    decoder_layer_class = "Qwen3NextDecoderLayer"
     gguf_arch = "qwen3next"
     gguf_convert_args = ("--no-mtp",)

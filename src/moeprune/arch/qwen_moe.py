@@ -28,7 +28,6 @@ class Qwen3Moe(MoeArch):
     dense_intermediate_key = None  # intermediate_size only serves mlp_only_layers
     router_patterns = (TensorPattern(r"mlp\.gate\.weight", ROUTER_WEIGHT, "mlp.gate.weight"),)
     routing = SOFTMAX_TOPK
-    decoder_layer_class = "Qwen3MoeDecoderLayer"
     gguf_arch = "qwen3moe"
 
     def is_moe_layer(self, config: Mapping[str, Any], layer: int) -> bool:
@@ -43,7 +42,6 @@ class Qwen2Moe(Qwen3Moe):
     model_types = ("qwen2_moe",)
     transformers_causal_lm = "Qwen2MoeForCausalLM"
     never_sliced_re = r"\.mlp\.shared_expert(?:_gate)?\."
-    decoder_layer_class = "Qwen2MoeDecoderLayer"
     gguf_arch = "qwen2moe"
     router_sentence = ("The router keeps only the rows of retained experts (the shared expert and its gate "
                        "are unchanged)")
