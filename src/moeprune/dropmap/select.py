@@ -331,6 +331,69 @@ def select_experts(
         raise DropMapError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
     contribution = _check_contribution(contribution)
     num_layers, num_experts = contribution.shape
+    ranked = _rank(contribution, scores, top_k, protect_top_k, protection, groups)
+    limited = False
+    threshold = None
+    if strategy == "uniform-count":
+        counts = _uniform_counts(keep_count, num_layers, num_experts, top_k, protect_top_k, ranked, protection)
+    else:
+        if retention_threshold is None:
+            raise DropMapError(f"strategy '{strategy}' needs retention_threshold, e.g. 0.99")
+        threshold = check_threshold(retention_threshold)
+        threshold_counts = _threshold_counts(contribution, ranked, threshold)
+        # Routing needs top-k experts (and protected ones stay): counts never go below that floor.
+        limited = bool(np.any(threshold_counts < ranked.min_keep)) if strategy == "per-layer-retention" else (
+            int(threshold_counts.max()) < ranked.min_keep
+        )
+        layer_counts = np.maximum(threshold_counts, ranked.min_keep)
+        if strategy == "uniform-min-retention":
+            keep_count = int(layer_counts.max())
+            counts = np.full(num_layers, keep_count)
+        else:
+            counts = layer_counts
+            keep_count = None
+    mask = _mask_from_order(ranked.order, counts)
+    criterion_fraction = retained_fraction(scores, mask) if criterion != "random" else np.full(num_layers, np.nan)
+    return Selection(
+        strategy=strategy,
+        criterion=criterion,
+        keep_mask=mask,
+        retained_fraction=retained_fraction(contribution, mask),
+        criterion_retained_fraction=criterion_fraction,
+        keep_count=keep_count,
+        retention_threshold=threshold,
+        protect_top_k=protect_top_k,
+        seed=seed,
+        min_keep=ranked.min_keep,
+        limited_by_min_keep=limited,
+        retention_measure=retention_measure,
+        protection=protection,
+        groups=groups if groups is not None and groups.grouped else None,
+    )
+
+
+@dataclass(frozen=True)
+class _Ranking:
+    """Every layer's keep order and the floor under its count: ``front`` marks the experts that
+    must stay (top-``protect_top_k`` and protected ones), ``step`` is the count's granularity
+    (``n_group`` on a grouped router, else 1)."""
+
+    order: np.ndarray
+    front: np.ndarray
+    min_keep: int
+    step: int
+
+
+def _rank(
+    contribution: np.ndarray,
+    scores: np.ndarray,
+    top_k: int,
+    protect_top_k: int,
+    protection: Protection | None,
+    groups: RoutingGroups | None,
+) -> _Ranking:
+    """The keep order (protected experts first, grouped routers' groups interleaved) and its floor."""
+    num_experts = contribution.shape[1]
     min_keep = _min_keep(top_k, protect_top_k, num_experts)
     order = keep_order(contribution, scores, protect_top_k)
     front = np.zeros(contribution.shape, dtype=bool)
@@ -351,67 +414,47 @@ def select_experts(
         step = groups.n_group
         min_keep = step * min_per_group(groups, top_k, front, min_keep)
         order = interleave(order, groups)
+    return _Ranking(order=order, front=front, min_keep=min_keep, step=step)
 
-    limited = False
-    if strategy == "uniform-count":
-        if keep_count is None:
-            raise DropMapError("strategy 'uniform-count' needs keep_count (experts kept per layer)")
-        if keep_count < top_k:
-            raise DropMapError(
-                f"keep_count {keep_count} is below the model's top-k routing ({top_k}); "
-                f"keep at least {top_k} experts per layer"
-            )
-        if keep_count < protect_top_k:
-            raise DropMapError(f"keep_count {keep_count} is below protect_top_k {protect_top_k}")
-        if keep_count > num_experts:
-            raise DropMapError(f"keep_count {keep_count} exceeds the {num_experts} experts per layer")
-        if keep_count % step:
-            raise DropMapError(f"dropmap.keep_count = {keep_count} is not a multiple of n_group = {step}: every "
-                               f"routing group must keep the same number; use a multiple of {step}")
-        if keep_count < min_keep:
-            raise DropMapError(_below_floor(keep_count, min_keep, front, step, protection))
-        counts = np.full(num_layers, keep_count)
-        threshold = None
-    else:
-        if retention_threshold is None:
-            raise DropMapError(f"strategy '{strategy}' needs retention_threshold, e.g. 0.99")
-        threshold = check_threshold(retention_threshold)
-        curve = retention_curve(contribution, order)
-        passes = meets_threshold(curve, threshold)  # [layers, experts + 1]
-        passes[:, num_experts] = True  # keeping everything retains exactly 1
-        passes[:, np.arange(num_experts + 1) % step != 0] = False  # grouped: whole rounds of the groups only
-        # First passing count per layer; retention is monotone in N so every larger count passes.
-        threshold_counts = np.argmax(passes, axis=1)
-        # Routing needs top-k experts (and protected ones stay): counts never go below that floor.
-        limited = bool(np.any(threshold_counts < min_keep)) if strategy == "per-layer-retention" else (
-            int(threshold_counts.max()) < min_keep
+
+def _uniform_counts(
+    keep_count: int | None,
+    num_layers: int,
+    num_experts: int,
+    top_k: int,
+    protect_top_k: int,
+    ranked: _Ranking,
+    protection: Protection | None,
+) -> np.ndarray:
+    """``uniform-count``: ``keep_count`` in every layer, refused where routing or protection cannot hold."""
+    if keep_count is None:
+        raise DropMapError("strategy 'uniform-count' needs keep_count (experts kept per layer)")
+    if keep_count < top_k:
+        raise DropMapError(
+            f"keep_count {keep_count} is below the model's top-k routing ({top_k}); "
+            f"keep at least {top_k} experts per layer"
         )
-        layer_counts = np.maximum(threshold_counts, min_keep)
-        if strategy == "uniform-min-retention":
-            keep_count = int(layer_counts.max())
-            counts = np.full(num_layers, keep_count)
-        else:
-            counts = layer_counts
-            keep_count = None
+    if keep_count < protect_top_k:
+        raise DropMapError(f"keep_count {keep_count} is below protect_top_k {protect_top_k}")
+    if keep_count > num_experts:
+        raise DropMapError(f"keep_count {keep_count} exceeds the {num_experts} experts per layer")
+    if keep_count % ranked.step:
+        raise DropMapError(f"dropmap.keep_count = {keep_count} is not a multiple of n_group = {ranked.step}: every "
+                           f"routing group must keep the same number; use a multiple of {ranked.step}")
+    if keep_count < ranked.min_keep:
+        raise DropMapError(_below_floor(keep_count, ranked.min_keep, ranked.front, ranked.step, protection))
+    return np.full(num_layers, keep_count)
 
-    mask = _mask_from_order(order, counts)
-    criterion_fraction = retained_fraction(scores, mask) if criterion != "random" else np.full(num_layers, np.nan)
-    return Selection(
-        strategy=strategy,
-        criterion=criterion,
-        keep_mask=mask,
-        retained_fraction=retained_fraction(contribution, mask),
-        criterion_retained_fraction=criterion_fraction,
-        keep_count=keep_count,
-        retention_threshold=threshold,
-        protect_top_k=protect_top_k,
-        seed=seed,
-        min_keep=min_keep,
-        limited_by_min_keep=limited,
-        retention_measure=retention_measure,
-        protection=protection,
-        groups=groups if groups is not None and groups.grouped else None,
-    )
+
+def _threshold_counts(contribution: np.ndarray, ranked: _Ranking, threshold: float) -> np.ndarray:
+    """Each layer's smallest count (a whole round of the groups) whose first experts retain more
+    than ``threshold``; retention is monotone in the count, so every larger count passes too."""
+    num_experts = contribution.shape[1]
+    curve = retention_curve(contribution, ranked.order)
+    passes = meets_threshold(curve, threshold)  # [layers, experts + 1]
+    passes[:, num_experts] = True  # keeping everything retains exactly 1
+    passes[:, np.arange(num_experts + 1) % ranked.step != 0] = False
+    return np.argmax(passes, axis=1)
 
 
 def _protected_first(order: np.ndarray, protected: np.ndarray) -> np.ndarray:
