@@ -229,6 +229,39 @@ def test_predicted_sizes_equal_the_demo_runs_files(demo_run):
     assert existing_bytes(reference) == kld_reference_bytes(vocab, recipe.kld.chunks, recipe.kld.ctx_size)
 
 
+@pytest.mark.llamacpp
+def test_predicted_sizes_equal_llama_quantize_for_q2_k_and_q4_k_m(llama_build_shared, tmp_path):
+    """The demo model (rows of 64 and 256: its 64-wide expert ffn_down_exps cannot take a 256-block
+    type) converted with the pinned tools, then quantized to Q2_K and Q4_K_M (and Q3_K_M): each
+    file's tensor data, predicted from the safetensors shapes alone, against the file, to within the
+    one tensor the converter adds (rope_freqs, <= 1 KiB); and the fallbacks the plan predicts are
+    the types llama-quantize wrote."""
+    import gguf
+
+    from moeprune.llamacpp.convert import convert_to_gguf
+    from moeprune.llamacpp.quantize import quantize_gguf
+    from moeprune.plan.gather import gguf_size
+    from moeprune.plan.shapes import gguf_tensors, model_facts, read_shapes
+
+    model = ROOT / "src" / "moeprune" / "demo" / "model"
+    shapes = read_shapes(model)
+    experts = model_facts(shapes.config).num_experts
+    converted = tmp_path / "demo-F32.gguf"
+    convert_to_gguf(llama_build_shared, model, converted, "f32", log_path=tmp_path / "convert.log")
+    planned_names = {t.name for t in gguf_tensors(shapes, "f32")}
+    for qtype in ("Q2_K", "Q4_K_M", "Q3_K_M"):
+        out = tmp_path / f"demo-{qtype}.gguf"
+        quantize_gguf(llama_build_shared, converted, out, qtype, log_path=tmp_path / f"quantize-{qtype}.log")
+        tensors = gguf.GGUFReader(out).tensors
+        actual = sum(int(t.n_bytes) for t in tensors)
+        predicted = gguf_size(shapes, "f32", qtype, experts)
+        print(f"{qtype}: predicted {predicted} bytes, llama-quantize wrote {actual}")
+        assert 0 <= actual - predicted <= 1024, (qtype, actual, predicted)
+        written = {t.name: t.tensor_type.name for t in tensors if t.name in planned_names}
+        down = [name for name in written if name.endswith("ffn_down_exps.weight")]
+        assert down and all(written[name] in ("Q4_0", "Q5_0", "Q8_0") for name in down), written
+
+
 # --- reproduce on a filesystem too small -------------------------------------------------------
 @pytest.fixture
 def small_tmpfs(tmp_path):
