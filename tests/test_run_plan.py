@@ -296,6 +296,39 @@ def test_reproduce_refuses_a_run_its_filesystem_cannot_hold(small_tmpfs):
     assert "would not fit" in again.stderr and "in use" not in again.stderr
 
 
+def test_kld_work_dir_is_planned_on_its_own_filesystem(small_tmpfs, tmp_path):
+    """kld.work_dir on a filesystem of its own (the 20 MB tmpfs) while the run directory has room:
+    the KLD reference and rivals are counted against the tmpfs only. At 16 chunks they fit
+    there and check names both filesystems; at 256 chunks the reference file alone does not,
+    and reproduce refuses, naming the kld stage and the tmpfs, before any stage runs (the run's own
+    filesystem would hold it)."""
+    from fakerun import demo_recipe_text
+
+    text = demo_recipe_text()
+    assert text.count("chunks = 16\n") == 1
+    runs, recipe = tmp_path / "runs", tmp_path / "demo.toml"
+
+    def run(command: str, chunks: str) -> subprocess.CompletedProcess:
+        recipe.write_text(text.replace("chunks = 16\n", f'{chunks}\nwork_dir = "{small_tmpfs}"\n'))
+        return _invoke([command, *(["--no-live"] if command == "reproduce" else []), "--recipe", str(recipe)],
+                       {"MOEPRUNE_RUNS_DIR": str(runs)})
+
+    fits = run("check", "chunks = 16")
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    places = next(line for line in fits.stdout.splitlines() if line.startswith("  disk plan: fits ("))
+    assert str(small_tmpfs) in places and str(tmp_path) in places.replace(str(small_tmpfs), ""), places
+
+    refused = run("reproduce", "chunks = 256")
+    assert refused.returncode != 0
+    error = refused.stderr.strip().splitlines()[-1]
+    assert re.search(rf"refused before any stage ran: disk plan: stage 'kld' would not fit: {small_tmpfs} has "
+                     r"[\d.]+ MB free", error), error
+    kld_line = next(line for line in refused.stderr.splitlines() if line.startswith("  kld "))
+    reference_mb = float(re.search(r"reference log-probabilities ([\d.]+) MB", kld_line).group(1))
+    assert reference_mb * 1e6 > 20 * 2**20, kld_line  # the reference alone is more than the tmpfs holds
+    assert _files_under(small_tmpfs) == [] and not (runs / "demo" / "profile").exists()
+
+
 @pytest.mark.slow
 def test_ignore_disk_plan_runs_anyway(small_tmpfs):
     """--ignore-disk-plan: the profile runs; the prune then meets the full disk and fails in one
