@@ -143,6 +143,8 @@ def plan_lines(stages: Sequence[StagePlan]) -> list[str]:
                  "metadata not counted)")
     if any(s.frees or any(w.transient for w in s.writes) for s in stages):
         peak = peak_bytes(stages)
+        gone = sum(w.new_bytes for s in stages if s.runs for w in s.writes if w.transient) + \
+            sum(f.nbytes for s in stages for f in s.frees)
         lines.append(f"  peak on disk: {bound}{human(peak)} ({peak} bytes at once, with the deletions of "
-                     "[disk] delete_intermediates)")
+                     f"[disk] delete_intermediates; {human(gone)} deleted by the end)")
     return lines
