@@ -21,9 +21,10 @@ ON = "\n[disk]\ndelete_intermediates = true\n"
 
 
 def _invoke(args: list[str], runs: Path) -> subprocess.CompletedProcess:
+    # COLUMNS: verify's table wide enough that no detail is wrapped across lines.
     return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT,
-                          env={**os.environ, "MOEPRUNE_RUNS_DIR": str(runs)}, capture_output=True, text=True,
-                          timeout=1800)
+                          env={**os.environ, "MOEPRUNE_RUNS_DIR": str(runs), "COLUMNS": "400"},
+                          capture_output=True, text=True, timeout=1800)
 
 
 def _statuses(result: subprocess.CompletedProcess) -> dict[str, str]:
@@ -160,6 +161,8 @@ def test_deleted_intermediates_keep_their_records_and_come_back_when_needed(demo
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
     statuses = _statuses(rerun)
     assert statuses["convert-base"] == "ran" and statuses["quantize-base"] == "ran", statuses
+    planned = next(line for line in rerun.stderr.splitlines() if line.startswith("  convert-base "))
+    assert re.search(r"disk [\d.]+ MB \(base-F32\.gguf", planned), planned  # the plan counts the remake
     assert statuses["kld"] == "skipped", statuses  # the same file came back: its reader stays cached
     assert not converted.exists() and "gguf/base-F32.gguf" in json.loads((run / "deleted.json").read_text())["files"]
 
