@@ -194,10 +194,11 @@ class Pipeline:
         hashes: HashCache,
         force: bool,
         listener: PipelineListener,
+        because: str = "",
     ) -> StageResult:
         key = self.key(stage, ctx, hashes)
         entry = lock.entry(stage.name)
-        reason = _why_rerun(entry, key, self.outputs(stage, ctx, hashes) if entry else None, force)
+        reason = because or _why_rerun(entry, key, self.outputs(stage, ctx, hashes) if entry else None, force)
         if reason is None:
             result = StageResult(stage.name, "skipped", headline=dict(entry.get("headline", {})))
             listener.stage_finished(result)
@@ -249,7 +250,8 @@ class Pipeline:
         deleted = _deleted(ctx)
         missing = [path for path in stage.deps(ctx) if deleted.record(path) is not None]
         for path in missing:
-            self._run_stage(self.producer(path, ctx), ctx, lock, hashes, True, listener)
+            self._run_stage(self.producer(path, ctx), ctx, lock, hashes, True, listener,
+                            because=f"makes {path.name} again (deleted on purpose) for {stage.name}")
             deleted.forget(path)
         return bool(missing)
 
