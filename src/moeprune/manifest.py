@@ -263,7 +263,8 @@ def build_manifest(layout: RunLayout, recipe: dict[str, Any], extra: dict[str, A
         "repo_ids": {repo: (extra.get("repo_ids") or {}).get(repo) for repo in REPOS},
         **({"base_model": extra.pop("base_model")} if extra.get("base_model") else {}),
         "files": files,
-        "unpublished": [_file_entry(item) for item in unpublished] + _deleted_entries(layout),
+        "unpublished": sorted([_file_entry(item) for item in unpublished] + _deleted_entries(layout),
+                              key=lambda entry: (entry["repo"], entry["path"])),
         "totals": totals,
     }
     extra.pop("repo_ids", None)

@@ -234,7 +234,6 @@ class Pipeline:
         listener.stage_finished(result)
         return result
 
-
     def producer(self, path: Path, ctx: Context) -> Stage:
         """The stage whose declared outputs include ``path``."""
         target = Path(path).resolve()
