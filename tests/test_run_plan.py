@@ -229,6 +229,39 @@ def test_predicted_sizes_equal_the_demo_runs_files(demo_run):
     assert existing_bytes(reference) == kld_reference_bytes(vocab, recipe.kld.chunks, recipe.kld.ctx_size)
 
 
+@pytest.mark.llamacpp
+def test_predicted_sizes_equal_llama_quantize_for_q2_k_and_q4_k_m(llama_build_shared, tmp_path):
+    """The demo model (rows of 64 and 256: its 64-wide expert ffn_down_exps cannot take a 256-block
+    type) converted with the pinned tools, then quantized to Q2_K and Q4_K_M (and Q3_K_M): each
+    file's tensor data, predicted from the safetensors shapes alone, against the file, to within the
+    one tensor the converter adds (rope_freqs, <= 1 KiB); and the fallbacks the plan predicts are
+    the types llama-quantize wrote."""
+    import gguf
+
+    from moeprune.llamacpp.convert import convert_to_gguf
+    from moeprune.llamacpp.quantize import quantize_gguf
+    from moeprune.plan.gather import gguf_size
+    from moeprune.plan.shapes import gguf_tensors, model_facts, read_shapes
+
+    model = ROOT / "src" / "moeprune" / "demo" / "model"
+    shapes = read_shapes(model)
+    experts = model_facts(shapes.config).num_experts
+    converted = tmp_path / "demo-F32.gguf"
+    convert_to_gguf(llama_build_shared, model, converted, "f32", log_path=tmp_path / "convert.log")
+    planned_names = {t.name for t in gguf_tensors(shapes, "f32")}
+    for qtype in ("Q2_K", "Q4_K_M", "Q3_K_M"):
+        out = tmp_path / f"demo-{qtype}.gguf"
+        quantize_gguf(llama_build_shared, converted, out, qtype, log_path=tmp_path / f"quantize-{qtype}.log")
+        tensors = gguf.GGUFReader(out).tensors
+        actual = sum(int(t.n_bytes) for t in tensors)
+        predicted = gguf_size(shapes, "f32", qtype, experts)
+        print(f"{qtype}: predicted {predicted} bytes, llama-quantize wrote {actual}")
+        assert 0 <= actual - predicted <= 1024, (qtype, actual, predicted)
+        written = {t.name: t.tensor_type.name for t in tensors if t.name in planned_names}
+        down = [name for name in written if name.endswith("ffn_down_exps.weight")]
+        assert down and all(written[name] in ("Q4_0", "Q5_0", "Q8_0") for name in down), written
+
+
 # --- reproduce on a filesystem too small -------------------------------------------------------
 @pytest.fixture
 def small_tmpfs(tmp_path):
@@ -261,6 +294,39 @@ def test_reproduce_refuses_a_run_its_filesystem_cannot_hold(small_tmpfs):
     assert _files_under(small_tmpfs) == []
     again = _invoke(["reproduce", "--no-live"], {"MOEPRUNE_RUNS_DIR": str(small_tmpfs)})
     assert "would not fit" in again.stderr and "in use" not in again.stderr
+
+
+def test_kld_work_dir_is_planned_on_its_own_filesystem(small_tmpfs, tmp_path):
+    """kld.work_dir on a filesystem of its own (the 20 MB tmpfs) while the run directory has room:
+    the KLD reference and rivals are counted against the tmpfs only. At 16 chunks they fit
+    there and check names both filesystems; at 256 chunks the reference file alone does not,
+    and reproduce refuses, naming the kld stage and the tmpfs, before any stage runs (the run's own
+    filesystem would hold it)."""
+    from fakerun import demo_recipe_text
+
+    text = demo_recipe_text()
+    assert text.count("chunks = 16\n") == 1
+    runs, recipe = tmp_path / "runs", tmp_path / "demo.toml"
+
+    def run(command: str, chunks: str) -> subprocess.CompletedProcess:
+        recipe.write_text(text.replace("chunks = 16\n", f'{chunks}\nwork_dir = "{small_tmpfs}"\n'))
+        return _invoke([command, *(["--no-live"] if command == "reproduce" else []), "--recipe", str(recipe)],
+                       {"MOEPRUNE_RUNS_DIR": str(runs)})
+
+    fits = run("check", "chunks = 16")
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    places = next(line for line in fits.stdout.splitlines() if line.startswith("  disk plan: fits ("))
+    assert str(small_tmpfs) in places and str(tmp_path) in places.replace(str(small_tmpfs), ""), places
+
+    refused = run("reproduce", "chunks = 256")
+    assert refused.returncode != 0
+    error = refused.stderr.strip().splitlines()[-1]
+    assert re.search(rf"refused before any stage ran: disk plan: stage 'kld' would not fit: {small_tmpfs} has "
+                     r"[\d.]+ MB free", error), error
+    kld_line = next(line for line in refused.stderr.splitlines() if line.startswith("  kld "))
+    reference_mb = float(re.search(r"reference log-probabilities ([\d.]+) MB", kld_line).group(1))
+    assert reference_mb * 1e6 > 20 * 2**20, kld_line  # the reference alone is more than the tmpfs holds
+    assert _files_under(small_tmpfs) == [] and not (runs / "demo" / "profile").exists()
 
 
 @pytest.mark.slow

@@ -14,6 +14,8 @@
     ``kld/``                      reference log-probabilities and rival quants of the kld stage
     ``card/``                     rendered README.md (model card) and plots
     ``manifest.json``             every artifact file with size and sha256
+    ``deleted.json``              intermediates deleted on purpose (disk.delete_intermediates):
+                                  what each was (size, sha256) and which stages made and last read it
     ``run.lock.json``             per-stage dependencies and outputs (what produced what)
     ``.writer.json``              the writer holding the run (pid, command, start), while one does
     ``logs/``                     stage and server logs
@@ -163,6 +165,11 @@ class RunLayout:
     @property
     def manifest_path(self) -> Path:
         return self.root / "manifest.json"
+
+    @property
+    def deleted_path(self) -> Path:
+        """The records of intermediates deleted on purpose (moeprune.pipeline.release)."""
+        return self.root / "deleted.json"
 
     @property
     def lock_path(self) -> Path:

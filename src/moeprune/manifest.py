@@ -72,6 +72,12 @@ def _files_below(root: Path) -> list[Path]:
     )
 
 
+def is_published_gguf(layout: RunLayout, name: str) -> bool:
+    """Whether the GGUF repository holds ``gguf/<name>``: every file there but the base model's
+    (measured for the card, not published)."""
+    return layout.gguf_role(name) != "base"
+
+
 def artifact_files(layout: RunLayout) -> tuple[list[ArtifactFile], list[ArtifactFile]]:
     """Map a run directory onto repo paths.
 
@@ -109,7 +115,7 @@ def artifact_files(layout: RunLayout) -> tuple[list[ArtifactFile], list[Artifact
     unpublished: list[ArtifactFile] = []
     for path in _files_below(layout.gguf_dir):
         rel = path.relative_to(layout.gguf_dir).as_posix()
-        if layout.gguf_role(rel) == "base":  # measured for the card, not published
+        if not is_published_gguf(layout, rel):
             unpublished.append(ArtifactFile("gguf", rel, path))
         else:
             add("gguf", rel, path)
@@ -214,6 +220,16 @@ def _file_entry(item: ArtifactFile) -> dict[str, Any]:
     }
 
 
+def _deleted_entries(layout: RunLayout) -> list[dict[str, Any]]:
+    """The unpublished GGUFs deleted on purpose (moeprune.deleted): their recorded size and sha256,
+    marked deleted. A published file is never deleted, so none of these is in ``files``."""
+    from moeprune.deleted import DeletedFiles
+
+    return [{"repo": "gguf", "path": name, "size_bytes": entry["size_bytes"], "sha256": entry["sha256"],
+             "deleted": {"produced_by": entry["produced_by"], "deleted_after": entry["deleted_after"]}}
+            for name, entry in DeletedFiles.load(layout).under(layout.gguf_dir).items()]
+
+
 def build_manifest(layout: RunLayout, recipe: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Describe every file of the artifact (sorted, with size and sha256) and its provenance.
 
@@ -247,7 +263,8 @@ def build_manifest(layout: RunLayout, recipe: dict[str, Any], extra: dict[str, A
         "repo_ids": {repo: (extra.get("repo_ids") or {}).get(repo) for repo in REPOS},
         **({"base_model": extra.pop("base_model")} if extra.get("base_model") else {}),
         "files": files,
-        "unpublished": [_file_entry(item) for item in unpublished],
+        "unpublished": sorted([_file_entry(item) for item in unpublished] + _deleted_entries(layout),
+                              key=lambda entry: (entry["repo"], entry["path"])),
         "totals": totals,
     }
     extra.pop("repo_ids", None)

@@ -384,6 +384,17 @@ class PublishSection(_Section):
     private: bool = Field(default=False, description="Create repos as private.")
 
 
+class DiskSection(_Section):
+    """Shrinking a run's footprint on disk (off by default: every file a run makes stays)."""
+
+    delete_intermediates: bool = Field(
+        default=False,
+        description="Delete the unpublished converted base GGUF once the last stage that reads it has finished, "
+        "and each KLD rival quant once scored; their size and sha256 stay recorded (manifest, kld.json) and "
+        "a stage that needs one again regenerates it first.",
+    )
+
+
 class RunnerSection(_Section):
     """Where stages run."""
 
@@ -414,6 +425,11 @@ class Recipe(_Section):
     kld: KldSection = KldSection()
     card: CardSection = CardSection()
     publish: PublishSection = PublishSection()
+    # Recorded in settings() only when on, so a recipe without it keeps its keys and hashes.
+    disk: DiskSection = Field(
+        default_factory=DiskSection, exclude_if=lambda section: not section.delete_intermediates,
+        description="Footprint options (off by default).",
+    )
     runner: RunnerSection = RunnerSection()
 
     # Set by load_recipe, not by the TOML: where the file lives (for relative paths).

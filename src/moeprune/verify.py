@@ -220,6 +220,7 @@ def _check_manifest(report: VerifyReport, art: _Artifact) -> None:
 def _check_hashes(report: VerifyReport, art: _Artifact, remote_gguf: dict[str, Any] | None) -> None:
     problems = []
     checked = skipped = 0
+    deleted: list[str] = []
     entries = [(e, "published") for e in art.manifest.get("files", [])] + [
         (e, "unpublished") for e in art.manifest.get("unpublished", [])
     ]
@@ -229,6 +230,9 @@ def _check_hashes(report: VerifyReport, art: _Artifact, remote_gguf: dict[str, A
         key = (entry["repo"], entry["path"])
         shown = f"{entry['repo']}:{entry['path']}" if entry["repo"] != "model" else entry["path"]
         path = art.local.get(key)
+        if (path is None or not path.is_file()) and kind == "unpublished" and entry.get("deleted"):
+            deleted.append(shown)  # an intermediate deleted on purpose (moeprune.deleted): its record is the entry
+            continue
         if path is None or not path.is_file():
             if entry["repo"] == "gguf" and remote_gguf is not None and kind == "published":
                 remote = remote_gguf.get(entry["path"])
@@ -257,7 +261,8 @@ def _check_hashes(report: VerifyReport, art: _Artifact, remote_gguf: dict[str, A
         checked += 1
     problems += art.refused
     problems += [f"{name}: present but not listed in the manifest" for name in art.extra_local]
-    note = f"{checked} files match" + (f"; {skipped} GGUF files not downloaded (not checked)" if skipped else "")
+    note = (f"{checked} files match" + (f"; {skipped} GGUF files not downloaded (not checked)" if skipped else "")
+            + (f"; {', '.join(deleted)}: deleted, record kept" if deleted else ""))
     report.add("sha256 + size", "manifest.json files", problems, note)
 
 

@@ -167,8 +167,8 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
     work = kld_work_dir(recipe, layout)
     logits, reference_output, reference_command = _reference_logits(recipe, layout, build, reference, text_path)
 
-    # (label, model, quant type, role, file)
-    plan: list[tuple[str, str, str, str, Path]] = [
+    # (label, model, quant type, role, file; None: a rival, made in its turn)
+    plan: list[tuple[str, str, str, str, Path | None]] = [
         (f"base-{outtype.upper()}", "base", outtype.upper(), "reference", reference),
         (f"base-{eval_type}", "base", eval_type, "base-eval", gguf_path(recipe, "base", eval_type, layout)),
         (f"pruned-{eval_type}", "pruned", eval_type, "pruned-eval", gguf_path(recipe, "pruned", eval_type, layout)),
@@ -178,11 +178,12 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
     for qtype in recipe.quantize.types:
         if qtype != eval_type:
             plan.append((f"pruned-{qtype}", "pruned", qtype, "pruned-quant", gguf_path(recipe, "pruned", qtype, layout)))
+    rivals: dict[str, str] = {}  # label -> quant type: each is made (or found) when its turn comes
     for qtype in section.rival_types:
         if qtype.upper() == eval_type.upper():
             continue  # already the base-eval row
-        plan.append((f"base-{qtype.upper()}", "base", qtype.upper(), "base-candidate",
-                     _candidate_gguf(recipe, layout, build, qtype)))
+        rivals[f"base-{qtype.upper()}"] = qtype
+        plan.append((f"base-{qtype.upper()}", "base", qtype.upper(), "base-candidate", None))
     if not any(role == "base-candidate" for _, _, _, role, _ in plan):
         raise KldError(f"kld.rival_types = {section.rival_types}: name at least one type other than "
                        f"quantize.eval_type ({eval_type})")
@@ -191,6 +192,8 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
     rows = []
     evidence: dict[str, str] = {"reference.txt": reference_output}
     for label, model, qtype, role, path in track(plan, description="kld: llama-perplexity --kl-divergence per GGUF"):
+        if path is None:
+            path = _candidate_gguf(recipe, layout, build, rivals[label])
         if not path.is_file():
             raise KldError(f"{path}: not found; run the quantize stages first")
         command = perplexity_command(build, path, text_path, logits, ctx_size=settings["ctx_size"], compare=True,
@@ -208,6 +211,8 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
             "evidence_sha256": _sha256_text(kept),
             **row_numbers(kept, reference_ppl, f"{label}.txt"),
         })
+        if recipe.disk.delete_intermediates and path.parent == work:
+            path.unlink()  # a scored rival: its size and sha256 are in the row; made again if the stage reruns
 
     candidates = {row["quant_type"]: row["gguf"]["size_bytes"] for row in rows if row["role"] == "base-candidate"}
     pruned_label = f"pruned-{eval_type}"

@@ -18,6 +18,7 @@ from typing import Any
 from moeprune.errors import MoepruneError
 from moeprune.layout import RunLayout
 from moeprune.atomic import describe_write_error, is_disk_error
+from moeprune.deleted import DeletedFiles, intermediates, last_reader
 from moeprune.pipeline.code import CodeRoots, ImportGraph, action_roots, package_graph
 from moeprune.pipeline.fingerprint import Anchors, HashCache, dep_key
 from moeprune.pipeline.lock import Lock, stage_key
@@ -118,10 +119,16 @@ class Pipeline:
         return self.names[first : last + 1]
 
     def key(self, stage: Stage, ctx: Context, hashes: HashCache) -> dict[str, Any]:
-        """Everything that decides whether ``stage`` must rerun, as recorded in the lock."""
+        """Everything that decides whether ``stage`` must rerun, as recorded in the lock. A file
+        deleted on purpose counts as its record says (moeprune.deleted)."""
         anchors = anchors_of(ctx)
+        deleted = _deleted(ctx)
         deps = {}
         for path in stage.deps(ctx):
+            recorded = deleted.digest(path)
+            if recorded is not None:
+                deps[dep_key(path, anchors)] = recorded
+                continue
             if not path.exists():
                 raise MoepruneError(
                     f"stage '{stage.name}' needs {path}, which does not exist; "
@@ -137,9 +144,14 @@ class Pipeline:
         }
 
     def outputs(self, stage: Stage, ctx: Context, hashes: HashCache) -> dict[str, Any] | None:
-        """Digests of the stage's outputs, or None if one is missing."""
+        """Digests of the stage's outputs, or None if one is missing (not deleted on purpose)."""
+        deleted = _deleted(ctx)
         digests = {}
         for path in stage.outs(ctx):
+            recorded = deleted.digest(path)
+            if recorded is not None:
+                digests[dep_key(path, anchors_of(ctx))] = recorded
+                continue
             if not path.exists():
                 return None
             digests[dep_key(path, anchors_of(ctx))] = hashes.path_digest(path)
@@ -160,6 +172,7 @@ class Pipeline:
         with run_writer(ctx.layout, "moeprune pipeline"):
             lock = Lock.load(ctx.layout.lock_path)
             hashes = HashCache(ctx.layout.root / ".hashcache.json", anchors_of(ctx))
+            ctx.cache["deleted"] = DeletedFiles.load(ctx.layout)
             results: list[StageResult] = []
             try:
                 for stage in self.stages:
@@ -168,6 +181,7 @@ class Pipeline:
                         continue
                     results.append(self._run_stage(stage, ctx, lock, hashes, force or stage.name == from_stage,
                                                    listener))
+                    self._release(stage, ctx, hashes)
             finally:
                 hashes.save()  # best effort: never raises, so it cannot hide the stage's own error
         return results
@@ -180,15 +194,18 @@ class Pipeline:
         hashes: HashCache,
         force: bool,
         listener: PipelineListener,
+        because: str = "",
     ) -> StageResult:
         key = self.key(stage, ctx, hashes)
         entry = lock.entry(stage.name)
-        reason = _why_rerun(entry, key, self.outputs(stage, ctx, hashes) if entry else None, force)
+        reason = because or _why_rerun(entry, key, self.outputs(stage, ctx, hashes) if entry else None, force)
         if reason is None:
             result = StageResult(stage.name, "skipped", headline=dict(entry.get("headline", {})))
             listener.stage_finished(result)
             return result
 
+        if self._regenerate(stage, ctx, lock, hashes, listener):
+            key = self.key(stage, ctx, hashes)
         listener.stage_started(stage.name, reason)
         # The previous outputs, and the lock entry describing them, stay until the stage succeeds
         # (its atomic writers replace the outputs), so a failed rerun leaves the last good state in
@@ -216,6 +233,43 @@ class Pipeline:
         result = StageResult(stage.name, "ran", duration_s, headline, reason)
         listener.stage_finished(result)
         return result
+
+    def producer(self, path: Path, ctx: Context) -> Stage:
+        """The stage whose declared outputs include ``path``."""
+        target = Path(path).resolve()
+        for stage in self.stages:
+            if any(Path(out).resolve() == target for out in stage.outs(ctx)):
+                return stage
+        raise MoepruneError(f"{path}: no stage makes it")
+
+    def _regenerate(self, stage: Stage, ctx: Context, lock: Lock, hashes: HashCache,
+                    listener: PipelineListener) -> bool:
+        """Make again the inputs of ``stage`` (about to run) that were deleted on purpose: their
+        producing stage reruns first. Returns whether any was made."""
+        deleted = _deleted(ctx)
+        missing = [path for path in stage.deps(ctx) if deleted.record(path) is not None]
+        for path in missing:
+            self._run_stage(self.producer(path, ctx), ctx, lock, hashes, True, listener,
+                            because=f"makes {path.name} again (deleted on purpose) for {stage.name}")
+            deleted.forget(path)
+        return bool(missing)
+
+    def _release(self, stage: Stage, ctx: Context, hashes: HashCache) -> None:
+        """Delete the intermediates (moeprune.deleted) whose last reader ``stage`` is, once it has
+        finished (ran or cached), recording each first."""
+        if stage.name != last_reader(ctx.recipe):
+            return
+        deleted = _deleted(ctx)
+        for path in intermediates(ctx.recipe, ctx.layout):
+            if path.is_file():
+                deleted.mark(path, hashes.file(path), self.producer(path, ctx).name, stage.name)
+                path.unlink()
+
+
+def _deleted(ctx: Context) -> DeletedFiles:
+    """The run's records of deleted intermediates, loaded once per run (a plan reads them afresh)."""
+    found = ctx.cache.get("deleted")
+    return found if isinstance(found, DeletedFiles) else DeletedFiles.load(ctx.layout)
 
 
 def _changed_names(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

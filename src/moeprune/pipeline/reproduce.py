@@ -128,7 +128,20 @@ def stages_to_run(pipeline: Pipeline, ctx: Context, selected: list[str], *, forc
         if runs:
             will_run.append(stage.name)
             rewritten += list(stage.outs(ctx))
-    return will_run
+    return _with_regenerated(pipeline, ctx, will_run)
+
+
+def _with_regenerated(pipeline: Pipeline, ctx: Context, will_run: list[str]) -> list[str]:
+    """``will_run`` plus the stages that make again an input deleted on purpose (moeprune.deleted)
+    of a stage that will run: the pipeline reruns those first."""
+    from moeprune.deleted import DeletedFiles
+
+    deleted = DeletedFiles.load(ctx.layout)
+    if not deleted.entries:
+        return will_run
+    producers = {pipeline.producer(dep, ctx).name for stage in pipeline.stages if stage.name in will_run
+                 for dep in stage.deps(ctx) if deleted.record(dep) is not None}
+    return [name for name in pipeline.names if name in will_run or name in producers]
 
 
 def run_hash_cache(ctx: Context) -> HashCache:

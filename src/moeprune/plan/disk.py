@@ -9,7 +9,7 @@ walks the stages in order with exactly that rule, per filesystem.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,16 @@ class Write:
     new_bytes: int
     old_bytes: int = 0  # the output there now, freed once the new one has replaced it
     bound: bool = False  # new_bytes is an upper bound (e.g. the expert count is not chosen yet)
+    transient: bool = False  # deleted within the stage once used, one at a time (disk.delete_intermediates)
+
+
+@dataclass(frozen=True)
+class Free:
+    """A file deleted once its stage has finished (moeprune.deleted), cached or not."""
+
+    what: str
+    path: Path
+    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,7 @@ class StagePlan:
     memory: str = ""
     time: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    frees: tuple[Free, ...] = ()
 
     @property
     def new_bytes(self) -> int:
@@ -53,27 +64,48 @@ class Shortfall:
         return self.need_bytes - self.free_bytes
 
 
+def stage_peaks(stages: Sequence[StagePlan], filesystem_of: Callable[[Path], str]
+                ) -> Iterator[tuple[StagePlan, dict[str, int]]]:
+    """Each stage that runs, with the bytes each filesystem holds beyond what it holds now at the
+    stage's peak: what earlier stages left, plus this stage's outputs (its transient ones one at a
+    time, the largest counted). After the stage, replaced outputs, transient ones and the files it
+    frees are gone again."""
+    used: dict[str, int] = {}
+    for stage in stages:
+        if stage.runs:
+            peak, transient = dict(used), {}
+            for write in stage.writes:
+                fs = filesystem_of(write.path)
+                if write.transient:
+                    transient[fs] = max(transient.get(fs, 0), write.new_bytes)
+                else:
+                    peak[fs] = peak.get(fs, 0) + write.new_bytes
+            for fs, nbytes in transient.items():
+                peak[fs] = peak.get(fs, 0) + nbytes
+            yield stage, peak
+            used = {fs: nbytes - transient.get(fs, 0) for fs, nbytes in peak.items()}
+            for write in stage.writes:
+                used[filesystem_of(write.path)] -= write.old_bytes
+        for free in stage.frees:
+            fs = filesystem_of(free.path)
+            used[fs] = used.get(fs, 0) - free.nbytes
+
+
 def first_shortfall(stages: Sequence[StagePlan], free_bytes: Mapping[str, int],
                     filesystem_of: Callable[[Path], str]) -> Shortfall | None:
     """The first stage (in run order) at whose peak a filesystem would hold more than it has free
     now; None when every stage fits. ``free_bytes`` maps each filesystem key (what
     ``filesystem_of`` returns for a path) to its free bytes now."""
-    used: dict[str, int] = {}
-    for stage in stages:
-        if not stage.runs:
-            continue
-        peak = dict(used)
-        for write in stage.writes:
-            fs = filesystem_of(write.path)
-            peak[fs] = peak.get(fs, 0) + write.new_bytes
+    for stage, peak in stage_peaks(stages, filesystem_of):
         for fs, need in peak.items():
             if need > free_bytes.get(fs, 0):
                 return Shortfall(stage.stage, fs, need, free_bytes.get(fs, 0))
-        for write in stage.writes:
-            fs = filesystem_of(write.path)
-            peak[fs] -= write.old_bytes
-        used = peak
     return None
+
+
+def peak_bytes(stages: Sequence[StagePlan]) -> int:
+    """The most the run holds at once beyond what is on disk now, all filesystems together."""
+    return max((sum(peak.values()) for _, peak in stage_peaks(stages, lambda path: "all")), default=0)
 
 
 def human(nbytes: int) -> str:
@@ -98,10 +130,21 @@ def plan_lines(stages: Sequence[StagePlan]) -> list[str]:
                 else f"  {stage.stage:<16} disk: small files only (not counted)")
         if freed:
             line += f"; replaces {human(freed)} once written"
+        transient = [w.path.name for w in stage.writes if w.transient]
+        if transient:
+            line += f"; deletes {', '.join(transient)} once each is used"
+        if stage.frees:
+            line += "; then deletes " + ", ".join(f"{f.what} {human(f.nbytes)}" for f in stage.frees)
         line += f"; memory: {stage.memory or 'not estimated'}; time: {stage.time or 'no measured rate'}"
         lines.append(line + "".join(f"; {note}" for note in stage.notes))
     total = sum(s.new_bytes for s in stages)
     bound = "<= " if any(w.bound for s in stages if s.runs for w in s.writes) else ""
     lines.append(f"  total written: {bound}{human(total)} ({total} bytes; GGUF sizes are tensor data, "
                  "metadata not counted)")
+    if any(s.frees or any(w.transient for w in s.writes) for s in stages):
+        peak = peak_bytes(stages)
+        gone = sum(w.new_bytes for s in stages if s.runs for w in s.writes if w.transient) + \
+            sum(f.nbytes for s in stages for f in s.frees)
+        lines.append(f"  peak on disk: {bound}{human(peak)} ({peak} bytes at once, with the deletions of "
+                     f"[disk] delete_intermediates; {human(gone)} deleted by the end)")
     return lines

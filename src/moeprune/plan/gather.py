@@ -17,7 +17,7 @@ from typing import Any
 from moeprune.errors import MoepruneError
 from moeprune.kld.paths import kld_work_dir
 from moeprune.layout import RunLayout
-from moeprune.plan.disk import GB, Shortfall, StagePlan, Write, first_shortfall, human, plan_lines
+from moeprune.plan.disk import GB, Free, Shortfall, StagePlan, Write, first_shortfall, human, plan_lines
 from moeprune.plan.ggml import GgufTensor, QuantModel, allows_quantization, gguf_bytes, quantized_types, tensor_bytes
 from moeprune.plan.shapes import (ModelShapes, gguf_tensors, has_vision_tower, known_shapes, mmproj_tensors,
                                   model_facts, n_gqa, pruned_shapes, read_shapes)
@@ -236,12 +236,15 @@ def run_plan(recipe: Any, layout: RunLayout, will_run: Collection[str], stage_na
         work = kld_work_dir(recipe, layout)
         writes["kld"].append(Write("reference log-probabilities", work / "reference.kld",
                                    kld_reference_bytes(_vocab(base), recipe.kld.chunks, recipe.kld.ctx_size)))
-        for qtype in recipe.kld.rival_types:
+        own = {t.upper() for t in quantize.types}  # a rival the run quantized already is its own file
+        for qtype in (t for t in recipe.kld.rival_types if t.upper() not in own):
             path = work / f"base-{qtype.upper()}.gguf"
-            writes["kld"].append(write(f"rival {path.name}", path,
-                                       gguf_size(base, quantize.convert_outtype, qtype, num_experts)))
+            writes["kld"].append(Write(f"rival {path.name}", path,
+                                       gguf_size(base, quantize.convert_outtype, qtype, num_experts),
+                                       existing_bytes(path), transient=recipe.disk.delete_intermediates))
         memory["kld"] = _served_memory(gguf_size(base, quantize.convert_outtype, None, num_experts),
                                        recipe.serve.n_gpu_layers, num_layers)
+    frees = _frees(recipe, layout, will_run, {w.path: w.new_bytes for ws in writes.values() for w in ws})
     plans = []
     for name in stage_names:
         runs = name in will_run
@@ -250,8 +253,24 @@ def run_plan(recipe: Any, layout: RunLayout, will_run: Collection[str], stage_na
         old = sum(w.old_bytes for w in stage_writes)
         notes = (f"shapes: {base.source}",) if name == "profile" and found.download_bytes else ()
         plans.append(StagePlan(name, runs, stage_writes, memory.get(name, ""),
-                               _time(entries.get(name), new, old) if runs else "", notes))
+                               _time(entries.get(name), new, old) if runs else "", notes, frees.get(name, ())))
     return plans
+
+
+def _frees(recipe: Any, layout: RunLayout, will_run: Collection[str], planned: dict[Path, int]
+           ) -> dict[str, tuple[Free, ...]]:
+    """{stage: files deleted once it has finished} under ``[disk] delete_intermediates``
+    (moeprune.deleted): each intermediate at its planned size when its stage runs, else as on disk."""
+    from moeprune.deleted import intermediates, last_reader
+
+    freed = tuple(Free(path.name, path, planned[path] if path in planned and _made(path, layout, will_run)
+                       else existing_bytes(path)) for path in intermediates(recipe, layout))
+    return {last_reader(recipe): freed} if freed else {}
+
+
+def _made(path: Path, layout: RunLayout, will_run: Collection[str]) -> bool:
+    """Whether the stage that writes the converted GGUF ``path`` runs (convert-<role>)."""
+    return f"convert-{layout.gguf_role(path.name)}" in will_run
 
 
 # --- the free space --------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ TYPE_TRAITS: dict[str, tuple[int, int]] = {
 # llama-quantize's file types (``llama_ftype_get_default_type``) this module has the rules of.
 FTYPE_DEFAULT: dict[str, str] = {
     "F32": "F32", "F16": "F16", "BF16": "BF16",
-    "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0",
+    "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1", "Q8_0": "Q8_0", "Q2_K": "Q2_K",
     "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
     "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K",
     "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS",
@@ -137,7 +137,9 @@ def _mixture_type(ftype: str, default: str, tensor: GgufTensor, category: str, m
     if category == "token_embd":
         return new
     if category in ("attn_v", "attn_qkv", "attn_kv_b"):
-        if ftype == "Q3_K_M":
+        if ftype == "Q2_K":
+            new = "Q4_K" if model.n_gqa >= 4 else "Q3_K"
+        elif ftype == "Q3_K_M":
             new = "Q5_K" if i_attention_wv < 2 else "Q4_K"
         elif ftype == "Q3_K_L":
             new = "Q5_K"
@@ -154,6 +156,8 @@ def _mixture_type(ftype: str, default: str, tensor: GgufTensor, category: str, m
         return "Q8_0" if model.n_expert == 8 else new
     if category == "ffn_down":
         i_layer, n_layer = _layer(tensor.name), model.n_layer
+        if ftype == "Q2_K":
+            return "Q3_K"
         if ftype == "Q3_K_M":
             return "Q5_K" if i_layer < n_layer // 16 else "Q4_K"
         if ftype == "Q3_K_L":
@@ -171,8 +175,8 @@ def _mixture_type(ftype: str, default: str, tensor: GgufTensor, category: str, m
         return new
     if category == "attn_output":
         if model.n_expert == 8:
-            return "Q5_K" if ftype in ("Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS") else new
-        return {"Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype, new)
+            return "Q5_K" if ftype in ("Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS") else new
+        return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype, new)
     return new  # (llama.cpp's own attn_qkv branch is unreachable: attn_qkv is an attn_v category above)
 
 
