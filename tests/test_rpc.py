@@ -221,18 +221,47 @@ def test_eval_with_two_workers_gives_the_single_process_samples(demo_run: Path, 
         assert results["models"][model]["tasks"] == single["models"][model]["tasks"]
 
 
-def test_kld_with_two_workers_records_them_and_equals_the_single_process_figures(demo_run: Path, workers, rpc_run):
+# Measured on the demo (CPU workers on loopback): KLD rows of types that llama.cpp's CPU backend
+# repacks for its own weights (Q4_K, Q3_K, IQ4_XS here) differ from the single-process run by up
+# to 2.4e-4 in mean KLD, 3e-3 in top-1 agreement and 0.1 % in PPL; F32, Q5_K and Q6_K rows are
+# equal. A worker holds the weights in plain RPC buffers, so it runs the kernels of unrepacked
+# weights: the same run in one process with --no-repack gives the workers' figures exactly.
+KLD_BOUNDS = {"mean_kld": 1e-3, "top1_agreement": 5e-3, "rms_delta_p": 1e-3}
+PPL_RELATIVE_BOUND = 5e-3
+
+
+def test_kld_with_two_workers_records_them_and_differs_only_by_the_cpu_repack(demo_run: Path, workers, rpc_run):
+    import shlex
+
     run, _, _ = rpc_run
     spread = json.loads((run / "eval" / "kld.json").read_text())
     alone = json.loads((demo_run / "eval" / "kld.json").read_text())
     assert [w["endpoint"] for w in spread["topology"]["rpc_workers"]] == [w.endpoint for w in workers]
     assert alone["topology"] == {"rpc_workers": []}
-    figures = ("mean_kld", "ppl", "top1_agreement", "rms_dp")
-
-    def numbers(document: dict) -> dict:
-        return {row["label"]: {k: v for k, v in row.items() if k in figures} for row in document["rows"]}
-
-    assert numbers(spread) == numbers(alone)
+    assert spread["reference"]["ppl"] == alone["reference"]["ppl"]
+    rows = {row["label"]: row for row in alone["rows"]}
+    for row in spread["rows"]:
+        single = rows[row["label"]]
+        assert "--rpc" not in row["command"]  # the workers are topology, not a setting
+        for name, bound in KLD_BOUNDS.items():
+            assert abs(row[name]["value"] - single[name]["value"]) <= bound, (row["label"], name)
+        assert abs(row["ppl"]["value"] / single["ppl"]["value"] - 1) <= PPL_RELATIVE_BOUND, row["label"]
+        if row["quant_type"] in ("F32", "Q5_K_S", "Q6_K"):  # no repacked kernels: equal
+            assert {k: row[k] for k in KLD_BOUNDS} == {k: single[k] for k in KLD_BOUNDS}, row["label"]
+    # The whole difference is the repack: one process with --no-repack gives the workers' rows.
+    logged = (run / "logs" / "kld-base-Q4_K_M.log").read_text().splitlines()
+    command = shlex.split(logged[0].removeprefix("$ "))
+    at = command.index("--rpc")
+    scored = [line for line in logged if line.split()[:1] == [str(spread["settings"]["chunks"])]]
+    assert len(scored) == 1, logged
+    outputs = []
+    for _ in range(3):  # llama-perplexity can lose its last log lines (moeprune.llamacpp.perplexity)
+        local = subprocess.run([*command[:at], *command[at + 2:], "--no-repack"], capture_output=True, text=True,
+                               env={**os.environ, "OMP_WAIT_POLICY": "passive"}, timeout=600)
+        outputs.append(local.stdout + local.stderr)
+        if scored[0] in outputs[-1]:
+            break
+    assert scored[0] in outputs[-1], (scored[0], outputs[-1][-2000:])
 
 
 def test_a_worker_killed_mid_eval_is_one_error_and_loses_nothing(workers, rpc_run):
@@ -257,8 +286,11 @@ def test_a_worker_killed_mid_eval_is_one_error_and_loses_nothing(workers, rpc_ru
         if process.poll() is None:
             process.kill()
     assert process.returncode != 0 and "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert "llama-server" in last and f"serve.rpc = {workers[0].endpoint}, {workers[1].endpoint}" in last, err
+    # lm-eval's progress bar shares stderr (and, without a newline, the error's line)
+    errors = [line[line.index("error:"):] for line in err.replace("\r", "\n").splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    assert "llama-server" in errors[0] and "no results were written" in errors[0]
+    assert f"RPC worker {workers[1].endpoint} of serve.rpc = {workers[0].endpoint}, {workers[1].endpoint}" in errors[0]
     after = {path.relative_to(run): path.read_bytes() for path in (run / "eval").rglob("*") if path.is_file()}
     assert after == before
     assert not list((run / "eval").glob(".*.tmp-*"))

@@ -166,7 +166,7 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
             raise KldError(f"{path}: not found; run the convert and quantize stages first")
     settings = _settings(recipe)
     work = kld_work_dir(recipe, layout)
-    where = topology(recipe.serve.rpc)  # asked before llama-perplexity connects: a worker serves one client
+    served_on = topology(recipe.serve.rpc)  # asked before llama-perplexity connects: a worker serves one client
     logits, reference_output, reference_command = _reference_logits(recipe, layout, build, reference, text_path)
 
     # (label, model, quant type, role, file)
@@ -226,7 +226,7 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
         "settings": settings,
         "text": {"file": text_path.name, "sha256": sha256_file(text_path), "size_bytes": text_path.stat().st_size},
         "llamacpp_build": build.key,
-        "topology": where,
+        "topology": served_on,
         "reference": {
             "label": f"base-{outtype.upper()}",
             "gguf": _gguf_entry(reference, layout, work),

@@ -21,11 +21,11 @@ Request: ``cmd (1 byte) | size (u64) | payload``; response: ``size (u64) | paylo
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -125,6 +125,17 @@ def probe(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> WorkerInfo:
     return WorkerInfo(endpoint, protocol, devices)
 
 
+def silent_workers(endpoints: Sequence[str], timeout_s: float = 2.0) -> list[str]:
+    """The workers that do not answer now (asked after a client of theirs failed)."""
+    silent = []
+    for endpoint in endpoints:
+        try:
+            probe(endpoint, timeout_s)
+        except RpcWorkerError:
+            silent.append(endpoint)
+    return silent
+
+
 def pinned_protocol(source_root: Path) -> str:
     """The RPC protocol version of the pinned llama.cpp source (``ggml-rpc.h``)."""
     path = Path(source_root) / PROTOCOL_HEADER
@@ -175,14 +186,19 @@ def build_line(record: dict[str, Any]) -> str:
 
 
 def _wait_answering(process: subprocess.Popen[bytes], endpoint: str, log_path: Path) -> WorkerInfo:
+    """The worker's own answer: it runs, holds the port (/proc: not another process that had it
+    first) and answers the protocol."""
+    from moeprune.llamacpp.server import listener_problem
+
     deadline = time.monotonic() + START_TIMEOUT_S
+    port = parse_endpoint(endpoint)[1]
     while True:
         code = process.poll()
         text = log_path.read_text(errors="replace") if log_path.is_file() else ""
         if code is not None or _BIND_FAILED in text:
             why = f"could not bind {endpoint} (in use?)" if _BIND_FAILED in text else f"exited with {code}"
             raise RpcWorkerError(f"rpc-worker {endpoint}: {WORKER_BINARY} {why}; log: {log_path}")
-        if "endpoint" in text:
+        if listener_problem(process.pid, port) is None:
             try:
                 return probe(endpoint, timeout_s=5.0)
             except RpcWorkerError:
@@ -208,8 +224,8 @@ def run_worker(binary: Path, record: dict[str, Any], host: str, port: int, *, me
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(worker_command(binary, host, port, threads), stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=die_with_parent if sys.platform == "linux" else None)
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   preexec_fn=die_with_parent if os.name == "posix" else None)  # own group, dies with us
     try:
         info = _wait_answering(process, endpoint, log_path)
         free_mb = info.free_bytes // 2**20

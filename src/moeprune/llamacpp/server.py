@@ -45,7 +45,7 @@ from typing import Any
 from moeprune.errors import MoepruneError
 from moeprune.llamacpp.build import LlamaCppBuild
 from moeprune.llamacpp.process import failure_line, kill_group, last_error_line
-from moeprune.llamacpp.rpc import RPC_FAILURES, rpc_flags
+from moeprune.llamacpp.rpc import RPC_FAILURES, rpc_flags, silent_workers
 from moeprune.recipe import ServeSection
 
 HOST = "127.0.0.1"
@@ -468,7 +468,9 @@ class LlamaServer:
             said = last_error_line(text.split("\n", 1)[1] if "\n" in text else "", or_last_line=False)
             cause = ("it stopped while starting" if starting else "it died while serving") + (f": {said}" if said else "")
             if self.serve.rpc and any(failure in text for failure in RPC_FAILURES):
-                cause += f" (an RPC worker of serve.rpc = {', '.join(self.serve.rpc)} stopped answering)"
+                gone = silent_workers(self.serve.rpc) or self.serve.rpc
+                cause += (f" (RPC worker {', '.join(gone)} of serve.rpc = {', '.join(self.serve.rpc)} "
+                          "stopped answering)")
         return LlamaServerError(failure_line("llama-server", code, text, self.log_path, cause=cause))
 
     def check_alive(self) -> None:
