@@ -264,6 +264,15 @@ def test_kld_with_two_workers_records_them_and_differs_only_by_the_cpu_repack(de
     assert scored[0] in outputs[-1], (scored[0], outputs[-1][-2000:])
 
 
+def test_the_card_says_the_layers_were_split_over_the_workers(demo_run: Path, rpc_run):
+    run, recipe, env = rpc_run
+    done = invoke("card", "--recipe", str(recipe), env=env, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = (run / "card" / "README.md").read_text()
+    assert "its layers split over 2 llama.cpp RPC workers" in card
+    assert "RPC workers" not in (demo_run / "card" / "README.md").read_text()
+
+
 def test_a_worker_killed_mid_eval_is_one_error_and_loses_nothing(workers, rpc_run):
     """SIGKILL one worker while llama-server answers: `invoke eval` ends in one line that names the
     workers, eval/ keeps the previous good results byte for byte, and no staging is left."""
