@@ -155,6 +155,17 @@ def serve(c, recipe: Path | None = None, which: Which = "pruned", type: str | No
     return commands.serve(_recipe_path(recipe), which, type, port)
 
 
+@moeprune_task(help={"recipe": RECIPE_HELP,
+                     "host": "Address to listen on (default 127.0.0.1; another exposes an unauthenticated port).",
+                     "port": "TCP port (default 50052).",
+                     "mem": "Refuse to serve unless the worker's devices have at least this many MiB free.",
+                     "threads": "CPU threads of a CPU worker (default: rpc-server's, half the cores)."})
+def rpc_worker(c, recipe: Path | None = None, host: str | None = None, port: int | None = None,
+               mem: int | None = None, threads: int | None = None):
+    """Serve this machine's devices to llama.cpp over RPC (recipe serve.rpc) until Ctrl-C."""
+    return commands.rpc_worker(_recipe_path(recipe), host, port, mem, threads)
+
+
 @stage_task(
     help={
         "recipe": RECIPE_HELP, "runner": RUNNER_HELP, "wait": WAIT_HELP,
@@ -348,5 +359,6 @@ def demo_model(c, seed: int | None = None, steps: int | None = None, out: Path |
 docker_ns = Collection("docker", docker_build, docker_shell, docker_lock)
 
 ns = Collection(test, schema, check, audit, prune, verify_prune, llamacpp, convert, quantize, serve, dropmap,
-                compare_criteria, profile, card, manifest, publish, verify, eval_, reproduce, stage, demo_model)
+                compare_criteria, profile, card, manifest, publish, verify, eval_, reproduce, stage, demo_model,
+                rpc_worker)
 ns.add_collection(docker_ns)

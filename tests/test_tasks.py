@@ -20,7 +20,7 @@ NO_ENGINE = "unix:///nonexistent/moeprune-test/docker.sock"
 STAGE_TASKS = ["profile", "dropmap", "prune", "verify-prune", "convert", "quantize", "eval", "card", "manifest",
                "stage"]
 OTHER_TASKS = ["test", "schema", "check", "audit", "llamacpp", "serve", "compare-criteria", "publish", "verify", "reproduce",
-               "demo-model", "docker.build", "docker.shell", "docker.lock"]
+               "demo-model", "docker.build", "docker.shell", "docker.lock", "rpc-worker"]
 TASKS = STAGE_TASKS + OTHER_TASKS
 
 

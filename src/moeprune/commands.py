@@ -200,6 +200,20 @@ def serve(recipe_path: Path, which: Which = "pruned", gguf_type: str | None = No
     return TaskResult()
 
 
+def rpc_worker(recipe_path: Path, host: str | None, port: int | None, mem_mb: int | None,
+               threads: int | None) -> TaskResult:
+    """One llama.cpp RPC worker of the recipe's pinned build, in the foreground until stopped."""
+    from moeprune.llamacpp.build import ensure_llamacpp
+    from moeprune.llamacpp.rpc import DEFAULT_HOST, DEFAULT_PORT, WORKER_BINARY, run_worker, worker_log_path
+    from moeprune.llamacpp.source import cache_root
+
+    host, port = host or DEFAULT_HOST, port or DEFAULT_PORT
+    build = ensure_llamacpp(load_recipe(recipe_path, check_inputs=False).llamacpp)
+    code = run_worker(build.binary(WORKER_BINARY), build.record, host, port, mem_mb=mem_mb, threads=threads,
+                      log_path=worker_log_path(cache_root(), host, port), say=lambda line: print(line, flush=True))
+    return TaskResult((f"rpc-worker {host}:{port} stopped (exit {code})",))
+
+
 def eval_models(recipe_path: Path) -> TaskResult:
     from moeprune.eval import run_eval
     from moeprune.eval.results import summary_lines

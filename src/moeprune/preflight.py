@@ -33,6 +33,10 @@ Checks (and the stages they guard):
     silently, and the eval then fails hours later calling the task unknown).
 ``kld-text`` (kld)
     ``kld.text`` is non-empty UTF-8 text.
+``rpc-workers`` (serve, eval, kld; only with ``serve.rpc``)
+    each worker answers over the wire, speaks the pinned build's RPC protocol, and together they
+    have the free memory the offloaded layers of the largest served GGUF need; the one check that
+    talks to other machines.
 ``revision`` (the stages that read the base: profile, dropmap, prune, convert-base)
     a Hub base pinned by a branch or tag name gets a warning: the run records the commit it
     downloads, but the recipe alone does not reproduce it.
@@ -83,8 +87,8 @@ def check_gpu_build(recipe: Recipe, report: PreflightReport) -> None:
     from moeprune.llamacpp.build import LlamaCppBuildError, use_cuda
 
     layers = recipe.serve.n_gpu_layers
-    if layers == 0:
-        return
+    if layers == 0 or recipe.serve.rpc:
+        return  # with serve.rpc the layers go to the workers (check_rpc_workers)
     try:
         cuda = use_cuda(recipe.llamacpp)
     except LlamaCppBuildError as exc:
@@ -357,6 +361,37 @@ def check_publishable(recipe: Recipe, report: PreflightReport) -> None:
         )
 
 
+def check_rpc_workers(recipe: Recipe, report: PreflightReport) -> None:
+    """Each ``serve.rpc`` worker answers, speaks the pinned build's RPC protocol, and together they
+    have the memory the plan says the offloaded layers need (moeprune.llamacpp.rpc says what the
+    wire can and cannot prove about a worker's build)."""
+    from moeprune.llamacpp.rpc import RpcWorkerError, pinned_protocol, probe, worker_problems
+    from moeprune.llamacpp.source import ensure_source
+    from moeprune.plan.gather import served_offload_bytes
+
+    if not recipe.serve.rpc:
+        return
+    if recipe.serve.n_gpu_layers == 0:
+        report.errors.append("field 'serve.rpc': serve.n_gpu_layers = 0 offloads no layer, so the workers would "
+                             "hold nothing; set serve.n_gpu_layers (99: every layer)")
+        return
+    infos = []
+    for endpoint in recipe.serve.rpc:
+        try:
+            infos.append(probe(endpoint))
+        except RpcWorkerError as exc:
+            report.errors.append(str(exc))
+    if not infos:
+        return  # nothing answered: each worker has its line already
+    try:
+        protocol = pinned_protocol(ensure_source(recipe.llamacpp).root)
+        need = served_offload_bytes(recipe)
+    except MoepruneError as exc:
+        report.errors.append(str(exc))
+        return
+    report.errors.extend(worker_problems(infos, protocol, need))
+
+
 Check = Callable[[Recipe, PreflightReport], None]
 CHECKS: dict[str, Check] = {
     "gpu-build": check_gpu_build,
@@ -370,6 +405,7 @@ CHECKS: dict[str, Check] = {
     "kld-text": check_kld_text,
     "revision": check_revision,
     "publishable": check_publishable,
+    "rpc-workers": check_rpc_workers,
 }
 # Which checks a stage (or task) needs before its first real work.
 STAGE_CHECKS: dict[str, tuple[str, ...]] = {
@@ -380,11 +416,11 @@ STAGE_CHECKS: dict[str, tuple[str, ...]] = {
     "convert-pruned": ("convertible",),
     "quantize-base": ("calibration-if-imatrix",),
     "quantize-pruned": ("calibration-if-imatrix",),
-    "serve": ("gpu-build", "slots"),
-    "eval": ("gpu-build", "slots", "eval-tasks"),
-    "eval-base": ("gpu-build", "slots", "eval-tasks"),
-    "eval-pruned": ("gpu-build", "slots", "eval-tasks"),
-    "kld": ("kld-text",),
+    "serve": ("gpu-build", "slots", "rpc-workers-if-rpc"),
+    "eval": ("gpu-build", "slots", "eval-tasks", "rpc-workers-if-rpc"),
+    "eval-base": ("gpu-build", "slots", "eval-tasks", "rpc-workers-if-rpc"),
+    "eval-pruned": ("gpu-build", "slots", "eval-tasks", "rpc-workers-if-rpc"),
+    "kld": ("kld-text", "rpc-workers-if-rpc"),
     "card": ("publishable",),
     "manifest": ("publishable",),
     "publish": ("publishable",),
@@ -401,6 +437,9 @@ def checks_for(recipe: Recipe, stages: Iterable[str] | None) -> list[str]:
             if name == "calibration-if-imatrix":
                 if recipe.quantize.imatrix:
                     wanted.add("calibration")
+            elif name == "rpc-workers-if-rpc":
+                if recipe.serve.rpc:
+                    wanted.add("rpc-workers")
             else:
                 wanted.add(name)
     return [name for name in CHECKS if name in wanted]

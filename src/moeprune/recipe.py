@@ -261,6 +261,25 @@ class ServeSection(_Section):
         "greedy answers too: the penalty is applied to the logits before the argmax.",
     )
     startup_timeout_s: float = Field(default=600.0, gt=0, description="Seconds to wait for /health.")
+    # Not recorded in settings() (so not in any stage's cache key): where the layers run does not
+    # change the greedy answers (tests/test_rpc.py checks it); results.json and kld.json record the
+    # workers as topology instead, as profile.json records profile.data_parallel's world size.
+    rpc: list[str] = Field(
+        default_factory=list, exclude=True,
+        description="llama.cpp RPC workers (`invoke rpc-worker` on each), as \"host:port\": llama-server and "
+        "llama-perplexity get --rpc and offload serve.n_gpu_layers layers to them, split by their free memory.",
+    )
+
+    @field_validator("rpc")
+    @classmethod
+    def _rpc_endpoints(cls, value: list[str]) -> list[str]:
+        from moeprune.llamacpp.rpc import parse_endpoint
+
+        for entry in value:
+            parse_endpoint(entry)  # ValueError naming the entry
+        if len(set(value)) != len(value):
+            raise ValueError("names a worker twice; list each host:port once")
+        return value
 
 
 class EvalSection(_Section):

@@ -544,6 +544,8 @@ def _eval_setting_numbers(card: CardNumbers, inputs: CardInputs) -> None:
     build = first.get("llamacpp_build") or {}
     src = build.get("source") or {}
     card.facts["llamacpp"] = (src.get("llama_cpp_commit") or src.get("version") or build.get("key") or "unknown")
+    workers = (first.get("topology") or {}).get("rpc_workers") or []
+    card.facts["rpc_workers"] = len(workers)  # 0: served by one process
 
 
 def _eval_score_numbers(card: CardNumbers, inputs: CardInputs) -> None:

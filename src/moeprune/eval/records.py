@@ -100,8 +100,12 @@ def stable_paths(value: Any, replacements: dict[str, str]) -> Any:
 
 def stable_flags(flags: list[str], gguf_path: Path) -> list[str]:
     """Server flags as recorded: the port as ``<port>``, the identity nonce as ``<nonce>``, the
-    model as its file name."""
+    model as its file name, without ``--rpc``: the workers are recorded as the run's topology, so
+    the same evaluation on one machine records the same flags."""
     out = list(flags)
+    while "--rpc" in out[:-1]:
+        index = out.index("--rpc")
+        del out[index:index + 2]
     for index, flag in enumerate(out[:-1]):
         if flag == "--port":
             out[index + 1] = "<port>"

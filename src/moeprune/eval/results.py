@@ -263,6 +263,8 @@ def recompute_results(eval_dir: Path) -> dict[str, Any]:
             "gguf": run["gguf"],
             "llamacpp_build": run["llamacpp_build"],
             "server_flags": run["server_flags"],
+            # Where it ran (serve.rpc workers); run records older than it have none.
+            **({"topology": run["topology"]} if "topology" in run else {}),
             "lm_eval": run["lm_eval"],
             "seeds": run["seeds"],
             "tasks": tasks_out,

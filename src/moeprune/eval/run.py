@@ -135,7 +135,10 @@ def _evaluate_model(recipe: Recipe, layout: RunLayout, model: str, gguf_path: Pa
                     task_manager: Any, placeholders: dict[str, str], server_factory: ServerFactory,
                     build_record: dict[str, Any]) -> dict[str, Any]:
     """Serve one model, evaluate it, prove the same server answered throughout; write its run.json."""
+    from moeprune.llamacpp.rpc import topology
+
     gguf = gguf_record(gguf_path, recipe.quantize.eval_type, layout)
+    served_on = topology(recipe.serve.rpc)  # asked before the server connects: a worker serves one client
     log_path = layout.log_path(f"llama-server-{model}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with server_factory(model, gguf_path, log_path) as server:
@@ -152,6 +155,7 @@ def _evaluate_model(recipe: Recipe, layout: RunLayout, model: str, gguf_path: Pa
         "llamacpp_build": build_record,
         "server_flags": flags,
         "server": {**identity, "log": run_relative(log_path, layout)},
+        "topology": served_on,
         "lm_eval": {
             "version": outcome["lm_eval_version"],
             "model_type": MODEL_TYPE,

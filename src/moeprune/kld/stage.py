@@ -35,6 +35,7 @@ from moeprune.kld.report import (
 from moeprune.kld.paths import kld_work_dir
 from moeprune.layout import RunLayout
 from moeprune.llamacpp.build import LlamaCppBuild
+from moeprune.llamacpp.rpc import rpc_flags, topology
 from moeprune.llamacpp.perplexity import (
     base_evidence_text,
     evidence_text,
@@ -129,7 +130,7 @@ def _reference_logits(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild, r
         stale.unlink()  # another key: another reference, text or setting
     with tempfile.TemporaryDirectory(prefix=".reference.tmp-", dir=work) as tmp:
         tmp_logits = Path(tmp) / logits.name
-        tmp_command = [str(tmp_logits) if arg == str(logits) else arg for arg in command]
+        tmp_command = [str(tmp_logits) if arg == str(logits) else arg for arg in command] + rpc_flags(recipe.serve.rpc)
         where = f"llama-perplexity --kl-divergence-base on {reference.name}"
         _, evidence = run_until_complete(tmp_command, layout.logs_dir / "kld-reference.log",
                                          f"saving the reference log-probabilities of {reference.name}",
@@ -165,6 +166,7 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
             raise KldError(f"{path}: not found; run the convert and quantize stages first")
     settings = _settings(recipe)
     work = kld_work_dir(recipe, layout)
+    served_on = topology(recipe.serve.rpc)  # asked before llama-perplexity connects: a worker serves one client
     logits, reference_output, reference_command = _reference_logits(recipe, layout, build, reference, text_path)
 
     # (label, model, quant type, role, file; None: a rival, made in its turn)
@@ -200,7 +202,8 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
                                      chunks=settings["chunks"],
                                      threads=settings["threads"], n_gpu_layers=settings["n_gpu_layers"])
         where = f"llama-perplexity --kl-divergence on {path.name}"
-        _, kept = run_until_complete(command, layout.logs_dir / f"kld-{label}.log", f"KL divergence of {path.name}",
+        _, kept = run_until_complete(command + rpc_flags(recipe.serve.rpc), layout.logs_dir / f"kld-{label}.log",
+                                     f"KL divergence of {path.name}",
                                      lambda text: evidence_text(text, where))
         evidence[f"{label}.txt"] = kept
         rows.append({
@@ -228,6 +231,7 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
         "settings": settings,
         "text": {"file": text_path.name, "sha256": sha256_file(text_path), "size_bytes": text_path.stat().st_size},
         "llamacpp_build": build.key,
+        "topology": served_on,
         "reference": {
             "label": f"base-{outtype.upper()}",
             "gguf": _gguf_entry(reference, layout, work),

@@ -14,6 +14,9 @@ Choices recorded in every build record:
   the rename from the temporary build directory.
 - No network at build time: ``LLAMA_OPENSSL=OFF`` and ``LLAMA_USE_PREBUILT_UI=OFF`` (the server's
   web UI would otherwise be downloaded from the Hub); tests, examples and the unified app off.
+- ``GGML_RPC=ON``: llama-server and llama-perplexity accept ``--rpc host:port,...`` and
+  ``ggml-rpc-server`` is built (``invoke rpc-worker``, serving across machines). RDMA is pinned
+  off: otherwise the binaries would depend on whether libibverbs happens to be installed.
 - The llama.cpp commit is passed explicitly (``LLAMA_BUILD_COMMIT``) so the build never asks git.
 
 The number of compile jobs (``--jobs``, ``llamacpp.jobs``, default: the CPU count) and the
@@ -43,7 +46,8 @@ from moeprune.hashing import sha256_file, sha256_json
 from moeprune.llamacpp.source import SourceTree, cache_root, ensure_source
 from moeprune.recipe import LlamaCppSection
 
-BINARIES = ("llama-quantize", "llama-server", "llama-imatrix", "llama-perplexity", "llama-gguf-split")
+BINARIES = ("llama-quantize", "llama-server", "llama-imatrix", "llama-perplexity", "llama-gguf-split",
+            "ggml-rpc-server")
 RECORD_NAME = "build_record.json"
 RECORD_FORMAT_VERSION = 1
 LOG_TAIL_LINES = 40
@@ -198,6 +202,8 @@ def cmake_flags(section: LlamaCppSection, cuda: bool, source: SourceTree) -> dic
         "LLAMA_BUILD_UI": "OFF",
         "LLAMA_USE_PREBUILT_UI": "OFF",
         "LLAMA_OPENSSL": "OFF",
+        "GGML_RPC": "ON",
+        "GGML_RPC_RDMA": "OFF",
         "LLAMA_BUILD_COMMIT": commit[:12],
         "LLAMA_BUILD_NUMBER": "0",
     }

@@ -45,6 +45,7 @@ from typing import Any
 from moeprune.errors import MoepruneError
 from moeprune.llamacpp.build import LlamaCppBuild
 from moeprune.llamacpp.process import failure_line, kill_group, last_error_line
+from moeprune.llamacpp.rpc import RPC_FAILURES, rpc_flags, silent_workers
 from moeprune.recipe import ServeSection
 
 HOST = "127.0.0.1"
@@ -127,7 +128,7 @@ def server_flags(serve: ServeSection) -> list[str]:
         flags += ["--threads", str(serve.threads)]
     if serve.dry_multiplier:
         flags += ["--dry-multiplier", f"{serve.dry_multiplier:g}"]
-    return flags
+    return flags + rpc_flags(serve.rpc)
 
 
 def _get(host: str, port: int, path: str, timeout_s: float = 2.0) -> tuple[int, bytes] | None:
@@ -441,10 +442,12 @@ class LlamaServer:
 
     def _refuse_cpu_fallback(self) -> None:
         """llama-server only warns when it cannot offload (no GPU, or a CPU-only build) and then
-        runs everything on the CPU; with serve.n_gpu_layers > 0 that is an error, not a warning."""
+        runs everything on the CPU; with serve.n_gpu_layers > 0 that is an error, not a warning.
+        A build with GGML_RPC counts the RPC backend as one that can offload and does not warn, so
+        a CPU-only build without serve.rpc workers is refused on the build record too."""
         if self.serve.n_gpu_layers <= 0:
             return
-        if NO_GPU_WARNING in self._log_text():
+        if NO_GPU_WARNING in self._log_text() or not (self.build.cuda or self.serve.rpc):
             self.stop()
             raise LlamaServerError(
                 f"serve.n_gpu_layers = {self.serve.n_gpu_layers}, but llama-server found no usable GPU "
@@ -464,6 +467,10 @@ class LlamaServer:
             # An error line of its own, if it printed one (not our command line, not its last info line).
             said = last_error_line(text.split("\n", 1)[1] if "\n" in text else "", or_last_line=False)
             cause = ("it stopped while starting" if starting else "it died while serving") + (f": {said}" if said else "")
+            if self.serve.rpc and any(failure in text for failure in RPC_FAILURES):
+                gone = silent_workers(self.serve.rpc) or self.serve.rpc
+                cause += (f" (RPC worker {', '.join(gone)} of serve.rpc = {', '.join(self.serve.rpc)} "
+                          "stopped answering)")
         return LlamaServerError(failure_line("llama-server", code, text, self.log_path, cause=cause))
 
     def check_alive(self) -> None:

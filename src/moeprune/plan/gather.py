@@ -115,10 +115,28 @@ def _vocab(shapes: ModelShapes) -> int:
     return embed[0].shape[0]
 
 
+def offloaded_bytes(gguf: int, n_gpu_layers: int, num_layers: int) -> int:
+    """The offloaded layers' share of a served GGUF (on the GPU, or on the serve.rpc workers)."""
+    share = min(max(n_gpu_layers, 0), num_layers) / num_layers if num_layers else 0.0
+    return int(gguf * share)
+
+
+def served_offload_bytes(recipe: Any) -> int | None:
+    """What the largest GGUF a recipe serves (the base's eval quant; with KLD, its converted file)
+    puts on the offload devices, KV cache not counted; None when the base's shapes are unknown."""
+    found = base_shapes(recipe)
+    if found is None:
+        return None
+    base, quantize = found.shapes, recipe.quantize
+    facts = model_facts(base.config)
+    sizes = [gguf_size(base, quantize.convert_outtype, qtype, facts.num_experts)
+             for qtype in ([quantize.eval_type] + ([None] if recipe.kld.enabled else []))]
+    return offloaded_bytes(max(sizes), recipe.serve.n_gpu_layers, facts.num_layers)
+
+
 def _served_memory(gguf: int, n_gpu_layers: int, num_layers: int) -> str:
     """A llama.cpp tool's weights: the GGUF, memory-mapped; the offloaded layers' share in VRAM."""
-    share = min(max(n_gpu_layers, 0), num_layers) / num_layers if num_layers else 0.0
-    on_gpu = int(gguf * share)
+    on_gpu = offloaded_bytes(gguf, n_gpu_layers, num_layers)
     if not on_gpu:
         return f"RAM {human(gguf)} (the GGUF, mapped) + KV cache"
     on_cpu = f", RAM {human(gguf - on_gpu)}" if gguf > on_gpu else ""
