@@ -345,18 +345,6 @@ def check_revision(recipe: Recipe, report: PreflightReport) -> None:
     )
 
 
-def check_publishable(recipe: Recipe, report: PreflightReport) -> None:
-    """The card and manifest describe the plain pruned checkpoint. With ``[recalibrate]`` on, the
-    GGUFs come from the recalibrated one, so the published safetensors and card would not be what
-    was converted and measured: refused until they follow the recalibrated checkpoint."""
-    if recipe.recalibrate.enabled:
-        report.errors.append(
-            "field 'recalibrate.enabled' = true: the card and manifest do not yet describe the recalibrated "
-            "checkpoint (they would publish the plain pruned one beside GGUFs made from the recalibrated one); "
-            "run `invoke reproduce --until kld` to measure it, or set recalibrate.enabled = false to publish"
-        )
-
-
 Check = Callable[[Recipe, PreflightReport], None]
 CHECKS: dict[str, Check] = {
     "gpu-build": check_gpu_build,
@@ -369,7 +357,6 @@ CHECKS: dict[str, Check] = {
     "eval-tasks": check_eval_tasks,
     "kld-text": check_kld_text,
     "revision": check_revision,
-    "publishable": check_publishable,
 }
 # Which checks a stage (or task) needs before its first real work.
 STAGE_CHECKS: dict[str, tuple[str, ...]] = {
@@ -378,16 +365,16 @@ STAGE_CHECKS: dict[str, tuple[str, ...]] = {
     "prune": ("revision", "moe-model", "expert-shapes"),
     "convert-base": ("revision", "convertible"),
     "convert-pruned": ("convertible",),
+    "convert-plain": ("convertible",),
     "quantize-base": ("calibration-if-imatrix",),
     "quantize-pruned": ("calibration-if-imatrix",),
+    "quantize-plain": ("calibration-if-imatrix",),
     "serve": ("gpu-build", "slots"),
     "eval": ("gpu-build", "slots", "eval-tasks"),
     "eval-base": ("gpu-build", "slots", "eval-tasks"),
     "eval-pruned": ("gpu-build", "slots", "eval-tasks"),
+    "eval-plain": ("gpu-build", "slots", "eval-tasks"),
     "kld": ("kld-text",),
-    "card": ("publishable",),
-    "manifest": ("publishable",),
-    "publish": ("publishable",),
 }
 
 
