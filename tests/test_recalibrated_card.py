@@ -131,6 +131,43 @@ def test_verify_names_the_shard_of_a_router_tensor_that_differs_from_the_record(
     assert f"{shard}: tensor '{ROUTER}' differs from the sha256 {RECORD_NAME} records for it" in result.stdout
 
 
+def test_the_hub_gets_the_recalibrated_checkpoint_and_verify_reruns_the_fit_from_it(recalibrated_full_run, tmp_path,
+                                                                                   monkeypatch):
+    """Published to a local Hub and verified by repo id: the model repo holds the recalibrated
+    shards and record, and verify --base refits the router from the published profile sequences."""
+    import huggingface_hub.constants as constants
+    from hub_server import FakeHub
+
+    from moeprune.layout import RunLayout
+    from moeprune.publish import publish
+    from moeprune.recipe import load_recipe
+    from moeprune.verify import verify
+
+    recipe, run, _env = recalibrated_full_run
+    token = "hf_testtoken_0123456789abcdefghij"
+    hf = tmp_path / "hf"
+    for name, value in (("HF_HOME", hf), ("HF_HUB_CACHE", hf / "hub"), ("HF_TOKEN_PATH", hf / "token")):
+        monkeypatch.setenv(name, str(value))
+        monkeypatch.setattr(constants, name, str(value))  # read at import time by huggingface_hub
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_TOKEN", token)
+    copy = tmp_path / "runs" / NAME
+    shutil.copytree(run, copy, symlinks=True)
+    with FakeHub(token) as hub:
+        publish(RunLayout(copy), load_recipe(recipe).settings(), "me/recal", "me/recal-GGUF", endpoint=hub.endpoint)
+        model = hub.repos["me/recal"]
+        files = model.commits[model.head]
+        for path in (copy / "recalibrated").iterdir():
+            assert files[path.name] == path.read_bytes(), path.name
+        assert not any("plain" in name for name in hub.repos["me/recal-GGUF"].commits[hub.repos["me/recal-GGUF"].head])
+        report = verify("me/recal", BASE, endpoint=hub.endpoint)
+        assert report.ok, [(c.name, c.detail) for c in report.failures]
+        base_check = next(c for c in report.checks if c.name == "kept experts bit-exact")
+        assert "rerun from the base, 8 router tensors compared" in base_check.detail
+        assert any(c.name == "recalibrated router as recorded" and c.ok for c in report.checks)
+
+
 # --- fast: graph, layout, manifest mapping, preflight ------------------------------------------
 
 

@@ -120,7 +120,7 @@ def test_check_prints_the_reference_disk_plan_offline():
     assert re.search(r"download of google/gemma-4-26B-A4B-it to the HF cache \d+\.\d\d GB", out)
     total = int(re.search(r"total written: <= [\d.]+ GB \((\d+) bytes", out).group(1))
     stage_lines = [line for line in out.splitlines() if re.match(r"  [a-z-]+ +(disk|cached)", line)]
-    assert len(stage_lines) == 15 and not any("not estimated" in line for line in stage_lines), stage_lines
+    assert len(stage_lines) == 18 and not any("not estimated" in line for line in stage_lines), stage_lines
     # llama-quantize's two 4-byte buffers of the largest tensor it quantizes: the tied embedding.
     assert f"RAM ~{8 * 262144 * 2816 / 1e9:.2f} GB (largest tensor token_embd.weight" in out
     text_params, independent = _reference_total_independent()
