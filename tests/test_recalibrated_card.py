@@ -26,6 +26,7 @@ from moeprune.recalibrate import RECORD_NAME
 
 BASE = ROOT / "src" / "moeprune" / "demo" / "model"
 NAME = "recal"
+WIDE = {"COLUMNS": "1000"}  # verify's table unwrapped: each finding on one line
 ROUTER = "model.language_model.layers.1.router.proj.weight"
 
 
@@ -62,7 +63,8 @@ def test_the_published_checkpoint_is_the_recalibrated_one(recalibrated_full_run)
         {k: v for k, v in model_root.items() if k.endswith(".safetensors")}
     unpublished = {e["path"] for e in manifest["unpublished"]}
     assert {f"{NAME}-plain-F32.gguf", f"{NAME}-plain-Q4_K_M.gguf"} <= unpublished
-    assert not any("plain" in e["path"] for e in manifest["files"])
+    assert not any("plain" in e["path"] for e in manifest["files"] if e["repo"] == "gguf")
+    assert {"eval/plain/run.json", "eval/kld/plain-Q4_K_M.txt"} <= {e["path"] for e in manifest["files"]}
 
 
 def test_the_card_shows_base_plain_and_recalibrated_side_by_side(recalibrated_full_run):
@@ -108,7 +110,7 @@ def test_the_card_shows_base_plain_and_recalibrated_side_by_side(recalibrated_fu
 
 def test_verify_passes_the_recalibrated_run_and_reruns_the_fit(recalibrated_full_run):
     _recipe, run, env = recalibrated_full_run
-    result = invoke_ok("verify", str(run), "--base", str(BASE), env=env, timeout=1800)
+    result = invoke_ok("verify", str(run), "--base", str(BASE), env={**env, **WIDE}, timeout=1800)
     assert "recalibrated router as recorded" in result.stdout
     assert "rerun from the base, 8 router tensors compared" in result.stdout
 
@@ -126,7 +128,7 @@ def test_verify_names_the_shard_of_a_router_tensor_that_differs_from_the_record(
         shard = opened[ROUTER].shard.name
     env = {"MOEPRUNE_RUNS_DIR": str(tmp_path / "runs")}
     invoke_ok("manifest", "--recipe", str(recipe), env=env, timeout=900)
-    result = invoke("verify", str(copy), env=env, timeout=1800)
+    result = invoke("verify", str(copy), env={**env, **WIDE}, timeout=1800)
     assert result.returncode != 0
     assert f"{shard}: tensor '{ROUTER}' differs from the sha256 {RECORD_NAME} records for it" in result.stdout
 
