@@ -233,3 +233,18 @@ def test_card_manifest_and_publish_accept_a_recalibrated_run(tmp_path):
 
     recipe = load_recipe(recalibration_recipe(tmp_path))
     assert not preflight(recipe, ["card", "manifest", "publish", "convert-plain", "eval-plain"]).errors
+
+
+def test_results_refuse_a_plain_evaluation_the_recipe_no_longer_measures(tmp_path):
+    """eval/plain left by a recalibrated run would go into results.json and onto the card of a run
+    that measured no plain model: refused in one line naming the directory."""
+    from moeprune.errors import MoepruneError
+    from moeprune.pipeline.stages import build_pipeline
+
+    off = _context(DEMO, tmp_path / "demo")
+    stale = off.layout.eval_model_dir("plain")
+    stale.mkdir(parents=True)
+    results = next(stage for stage in build_pipeline().stages if stage.name == "results")
+    with pytest.raises(MoepruneError, match=f"^{stale}: the evaluation of the 'plain' model, which this recipe does "
+                                            "not measure"):
+        results.action(off)

@@ -193,6 +193,13 @@ def _eval(which: str):
 def _results(ctx: Context) -> dict[str, Any]:
     from moeprune.eval.results import write_results
 
+    # results.json takes every eval/<model>/ there is: one this run no longer measures (the plain
+    # pruned model's, left by a run with [recalibrate] on) would go on the card as if measured now.
+    for which in MODELS:
+        stale = ctx.layout.eval_model_dir(which)
+        if not _measured(ctx, which) and stale.exists():
+            raise MoepruneError(f"{stale}: the evaluation of the '{which}' model, which this recipe does not measure "
+                                "(left by a run with recalibrate.enabled = true); move it away, or enable recalibrate")
     results = write_results(ctx.layout.eval_dir)
     return _headline_results(results)
 
