@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SLOW_FIXTURES: dict[str, str] = {
     "demo_run": "a complete `invoke reproduce` of the demo recipe",
     "recalibrated_run": "the demo reproduced up to the recalibrate stage (test_recalibrate.py)",
+    "recalibrated_full_run": "the demo reproduced to the end with [recalibrate] on (test_recalibrated_card.py)",
     "family_models": "the tiny models of every family (transformers builds, the GPT-2 vocabulary)",
     "llama_source_shared": "the pinned llama.cpp source tree (downloaded on first use)",
     "llama_build_shared": "the pinned llama.cpp build (compiled on first use)",

@@ -54,7 +54,7 @@ def test_demo_recipe_passes_every_check():
     recipe = load_recipe(ROOT / "recipes" / "demo.toml")
     report = preflight(recipe)
     assert report.ok, report.errors
-    assert report.checked == len(CHECKS) == 12 and report.warnings == []
+    assert report.checked == len(CHECKS) == 11 and report.warnings == []
 
 
 def test_gpu_layers_slots_and_budget_refused_together_naming_each_field(tmp_path: Path):
@@ -174,9 +174,9 @@ def test_each_stage_checks_only_what_concerns_it():
     assert checks_for(recipe, ["dropmap"]) == ["moe-model", "drop-counts", "revision"]
     assert checks_for(recipe, ["convert-base"]) == ["convertible", "revision"]
     assert checks_for(recipe, ["kld"]) == ["kld-text"]
-    assert checks_for(recipe, ["card", "manifest"]) == ["publishable"]
+    assert checks_for(recipe, ["card", "manifest"]) == []
     assert checks_for(recipe, None) == ["gpu-build", "slots", "moe-model", "expert-shapes", "drop-counts", "convertible",
-                                        "calibration", "eval-tasks", "kld-text", "revision", "publishable", "rpc-workers"]
+                                        "calibration", "eval-tasks", "kld-text", "revision", "rpc-workers"]
 
 
 def test_a_stage_task_refuses_before_any_work(tmp_path: Path):

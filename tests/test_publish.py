@@ -111,7 +111,7 @@ def test_publish_one_commit_per_repo_and_read_back(tmp_path):
         commits = [r for r in hub.requests if r[0] == "POST" and "/commit/" in r[1]]
         assert len(commits) == 2  # exactly one commit per repository
         model = remote_files(hub, "me/tiny")
-        published, _ = artifact_files(layout)
+        published, _ = artifact_files(layout, {})
         for item in published:
             repo = "me/tiny" if item.repo == "model" else "me/tiny-GGUF"
             assert remote_files(hub, repo)[item.path_in_repo] == item.local_path.read_bytes()

@@ -97,7 +97,7 @@ def test_recipe_with_absolute_paths_records_no_path_and_reruns_nothing(tmp_path:
     assert set(stage_lines(first).values()) == {"ran"}, first.stdout + first.stderr
 
     run = runs / "demo"
-    published, unpublished = artifact_files(RunLayout(run))
+    published, unpublished = artifact_files(RunLayout(run), {})
     assert not any("logs" in f.local_path.relative_to(run).parts for f in published + unpublished)
     needles = [str(ROOT), str(run.resolve()), str(runs.resolve()), str(recipe.parent), str(Path.home())]
     assert _files_with(run, needles) == []

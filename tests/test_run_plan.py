@@ -115,12 +115,12 @@ def test_check_prints_the_reference_disk_plan_offline():
     result = _invoke(["check", "--recipe", str(REFERENCE)], {"MOEPRUNE_RUNS_DIR": "/nonexistent-runs"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "run plan of `invoke reproduce` (15 of 15 stages would run" in out
+    assert "run plan of `invoke reproduce` (18 of 18 stages would run" in out
     assert "pinned config google--gemma-4-26B-A4B-it.json" in out
     assert re.search(r"download of google/gemma-4-26B-A4B-it to the HF cache \d+\.\d\d GB", out)
     total = int(re.search(r"total written: <= [\d.]+ GB \((\d+) bytes", out).group(1))
     stage_lines = [line for line in out.splitlines() if re.match(r"  [a-z-]+ +(disk|cached)", line)]
-    assert len(stage_lines) == 15 and not any("not estimated" in line for line in stage_lines), stage_lines
+    assert len(stage_lines) == 18 and not any("not estimated" in line for line in stage_lines), stage_lines
     # llama-quantize's two 4-byte buffers of the largest tensor it quantizes: the tied embedding.
     assert f"RAM ~{8 * 262144 * 2816 / 1e9:.2f} GB (largest tensor token_embd.weight" in out
     text_params, independent = _reference_total_independent()
@@ -289,7 +289,7 @@ def test_reproduce_refuses_a_run_its_filesystem_cannot_hold(small_tmpfs):
     assert re.search(r"refused before any stage ran: disk plan: stage 'convert-base' would not fit: "
                      r".* \((\d+) bytes = [\d.]+ GB short\); free space, or pass --ignore-disk-plan", error), error
     assert "Traceback" not in result.stderr
-    assert "run plan (15 of 15 stages will run)" in result.stderr
+    assert "run plan (18 of 18 stages will run)" in result.stderr
     # Nothing was written (not even the digest cache) and the run's writer lock was released.
     assert _files_under(small_tmpfs) == []
     again = _invoke(["reproduce", "--no-live"], {"MOEPRUNE_RUNS_DIR": str(small_tmpfs)})

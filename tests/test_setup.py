@@ -273,6 +273,6 @@ def test_manifest_publishes_a_baseline_named_run(tmp_path):
     layout.gguf_dir.mkdir(parents=True)
     for name in ("baseline-x-Q4_K_M.gguf", "base-Q4_K_M.gguf"):
         (layout.gguf_dir / name).write_bytes(b"GGUF")
-    published, unpublished = artifact_files(layout)
+    published, unpublished = artifact_files(layout, {})
     assert [f.path_in_repo for f in published] == ["baseline-x-Q4_K_M.gguf"]
     assert [f.path_in_repo for f in unpublished] == ["base-Q4_K_M.gguf"]

@@ -14,7 +14,8 @@ Each link is a record moeprune writes when it makes the next file:
    untouched, so the base's projector serves the pruned model.
 
 :func:`chain_problems` follows every GGUF of the manifest back to the safetensors: the pruned
-model's to the published shards, the base model's to the base checkpoint's (when given). A GGUF,
+model's to the published shards, the base model's to the base checkpoint's (when given); the plain
+pruned model's (a recalibrated run measures it beside the published one) to its own records only. A GGUF,
 record or eval that does not descend from them is a finding naming the file.
 """
 
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLE_OF_LIST = {"files": "pruned", "unpublished": "base"}  # manifest list -> whose GGUF it holds
+ROLE_OF_LIST = {"files": "pruned", "unpublished": "base"}  # manifest list -> whose GGUF it holds, by default
 
 
 @dataclass
@@ -38,12 +39,19 @@ class Chain:
 
 
 def gguf_entries(manifest: Mapping[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
-    """{GGUF file: (role, manifest entry)} of every ``.gguf`` file the manifest lists."""
+    """{GGUF file: (role, manifest entry)} of every ``.gguf`` file the manifest lists: an unpublished
+    one is the base's unless its name (:meth:`RunLayout.gguf_role`) says it is the plain pruned model's."""
+    from pathlib import Path
+
+    from moeprune.layout import RunLayout
+
+    layout = RunLayout(Path(str(manifest.get("run") or "run")))
     out = {}
     for key, role in ROLE_OF_LIST.items():
         for entry in manifest.get(key) or []:
             if entry.get("repo") == "gguf" and entry["path"].endswith(".gguf"):
-                out[entry["path"]] = (role, entry)
+                named = layout.gguf_role(entry["path"]) if key == "unpublished" else None
+                out[entry["path"]] = ("plain" if named == "plain" else role, entry)
     return out
 
 
@@ -119,7 +127,7 @@ def chain_problems(manifest: Mapping[str, Any], records: Mapping[str, dict[str, 
     for model, run in sorted(served.items()):
         gguf = run.get("gguf") if isinstance(run, dict) else None
         sha = gguf.get("sha256") if isinstance(gguf, dict) else None
-        role = "base" if model == "base" else "pruned"
+        role = model if model in ("base", "plain") else "pruned"
         name = by_sha.get((role, str(sha)))
         where = f"eval/{model}/run.json"
         if name is None:
@@ -142,6 +150,9 @@ def _converted_from(name: str, role: str, record: Mapping[str, Any], published: 
         return False
     if role == "base" and base_files is None:
         chain.notes.append(f"{name}: base checkpoint not given (--base): its source shards not compared")
+        return True
+    if role == "plain":  # the pruned checkpoint before recalibration: measured beside it, not published
+        chain.notes.append(f"{name}: converted from the unpublished plain pruned checkpoint: its source shards not compared")
         return True
     truth, what = (published, "the published") if role == "pruned" else (base_files or {}, "the --base")
     wrong = []

@@ -8,6 +8,8 @@
                                   ``<name>-<TYPE>.gguf`` (pruned), ``base-<TYPE>.gguf`` (base, not
                                   published), ``<file>.gguf.json`` beside each, and
                                   ``<stem>.imatrix.gguf`` when the recipe asks for an imatrix;
+                                  ``<name>-plain-<TYPE>.gguf``: with ``[recalibrate]`` on, the
+                                  pruned checkpoint before recalibration (measured, not published);
                                   ``mmproj-<TYPE>.gguf``: a multimodal base's vision projector
                                   (published: the pruned model keeps the base's tower)
     ``eval/``                     lm-eval outputs, per-sample logs, ``results.json``, ``kld.json``
@@ -33,13 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Model = Literal["base", "pruned"]
+Model = Literal["base", "pruned", "plain"]
+"""base; pruned (the published checkpoint: recalibrated when the recipe recalibrates); plain (the
+pruned checkpoint before recalibration, measured beside it at the same size, only then)."""
+UNPUBLISHED_MODELS: tuple[Model, ...] = ("base", "plain")  # GGUFs measured for the card, never published
 BASE_GGUF_PREFIX = "base"
+PLAIN_GGUF_SUFFIX = "-plain"  # <run>-plain-<TYPE>.gguf: '-' never in a type, so no pruned name reads so
 MMPROJ_PREFIX = "mmproj"
 # GGUF types (F32, BF16, Q4_K_M, IQ4_XS...) never contain '-', so "<prefix>-<TYPE>" parses one way.
 _GGUF_NAME = r"-(?P<type>[A-Za-z0-9_]+)(?:\.imatrix)?\.gguf(?:\.json)?"
 
 DEFAULT_RUNS_DIR = Path("runs")
+SEQUENCES_NAME = "sequences.jsonl"  # in profile/ of a run and of a published artifact alike
 
 
 def runs_root() -> Path:
@@ -63,7 +70,7 @@ class RunLayout:
 
     @property
     def sequences_path(self) -> Path:
-        return self.profile_dir / "sequences.jsonl"
+        return self.profile_dir / SEQUENCES_NAME
 
     @property
     def profile_stats_path(self) -> Path:
@@ -97,8 +104,10 @@ class RunLayout:
 
     def gguf_path(self, which: Model, gguf_type: str) -> Path:
         """The ``which`` model's GGUF of ``gguf_type`` (e.g. "Q4_K_M", "bf16")."""
-        prefix = self.run_name if which == "pruned" else BASE_GGUF_PREFIX
-        return self.gguf_dir / f"{prefix}-{gguf_type.upper()}.gguf"
+        return self.gguf_dir / f"{self._gguf_prefixes()[which]}-{gguf_type.upper()}.gguf"
+
+    def _gguf_prefixes(self) -> dict[Model, str]:
+        return {"base": BASE_GGUF_PREFIX, "pruned": self.run_name, "plain": self.run_name + PLAIN_GGUF_SUFFIX}
 
     @staticmethod
     def gguf_record_path(gguf: Path) -> Path:
@@ -122,9 +131,9 @@ class RunLayout:
     def gguf_role(self, name: str) -> Model | None:
         """Which model a file of ``gguf/`` belongs to, from the names this layout gives; None for
         anything else."""
-        for role, prefix in (("base", BASE_GGUF_PREFIX), ("pruned", self.run_name)):
+        for role, prefix in self._gguf_prefixes().items():
             if re.fullmatch(re.escape(prefix) + _GGUF_NAME, name):
-                return role  # type: ignore[return-value]
+                return role
         return None
 
     @property
@@ -132,7 +141,7 @@ class RunLayout:
         return self.root / "eval"
 
     def eval_model_dir(self, which: Model) -> Path:
-        """lm-eval outputs and per-sample logs of one model (``eval/base``, ``eval/pruned``)."""
+        """lm-eval outputs and per-sample logs of one model (``eval/base``, ``eval/pruned``, ``eval/plain``)."""
         return self.eval_dir / which
 
     def log_path(self, name: str) -> Path:

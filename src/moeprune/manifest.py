@@ -4,13 +4,15 @@ A run directory (``runs/<name>/``) is mapped onto two Hub repositories:
 
 ``model`` repo
     the pruned checkpoint at the root (``config.json``, shards, index, tokenizer files,
-    ``expert_drop_metadata.json``), the card (``README.md``, ``card_numbers.json``, ``plots/``),
+    ``expert_drop_metadata.json``; with ``[recalibrate]`` on, the recalibrated checkpoint the GGUFs
+    were converted from, with its ``recalibrate.json``), the card (``README.md``, ``card_numbers.json``, ``plots/``),
     ``eval/`` (``results.json`` and per-sample logs) and ``profile/`` (summary and statistics).
 ``gguf`` repo
     the GGUF files of the pruned model, their conversion/quantization records, and its own card
     (``card/gguf/README.md``).
 
-Files that are measured but not published (the base model's GGUF, compared on the card) are listed
+Files that are measured but not published (the base model's GGUF and, for a recalibrated run, the
+plain pruned model's, compared on the card) are listed
 under ``unpublished`` with size and sha256 so a card number derived from them can still be checked.
 
 ``manifest.json`` itself is published to the model repo but is not listed in itself.
@@ -29,7 +31,8 @@ import moeprune
 from moeprune.atomic import write_json
 from moeprune.errors import MoepruneError
 from moeprune.hashing import sha256_file, sha256_json
-from moeprune.layout import RunLayout
+from moeprune.layout import UNPUBLISHED_MODELS, RunLayout
+from moeprune.recalibrate import recorded_side_dir
 from moeprune.resources import checkout_root
 
 MANIFEST_FORMAT_VERSION = 1
@@ -73,13 +76,16 @@ def _files_below(root: Path) -> list[Path]:
 
 
 def is_published_gguf(layout: RunLayout, name: str) -> bool:
-    """Whether the GGUF repository holds ``gguf/<name>``: every file there but the base model's
-    (measured for the card, not published)."""
-    return layout.gguf_role(name) != "base"
+    """Whether the GGUF repository holds ``gguf/<name>``: every file there but the base model's and
+    the plain pruned model's (measured for the card, not published)."""
+    return layout.gguf_role(name) not in UNPUBLISHED_MODELS
 
 
-def artifact_files(layout: RunLayout) -> tuple[list[ArtifactFile], list[ArtifactFile]]:
+def artifact_files(layout: RunLayout, recipe: dict[str, Any]) -> tuple[list[ArtifactFile], list[ArtifactFile]]:
     """Map a run directory onto repo paths.
+
+    ``recipe`` is the recorded recipe (``Recipe.settings()``): it says which checkpoint the run
+    converted, so which one is published (:func:`moeprune.recalibrate.recorded_side_dir`).
 
     Returns ``(published, unpublished)``, each sorted by (repo, path_in_repo). Raises
     MoepruneError when two local files would land on the same repo path.
@@ -95,8 +101,9 @@ def artifact_files(layout: RunLayout) -> tuple[list[ArtifactFile], list[Artifact
             )
         published[key] = ArtifactFile(repo, path_in_repo, local)
 
-    for path in _files_below(layout.pruned_dir):
-        add("model", path.relative_to(layout.pruned_dir).as_posix(), path)
+    checkpoint = recorded_side_dir(recipe, layout)
+    for path in _files_below(checkpoint):
+        add("model", path.relative_to(checkpoint).as_posix(), path)
     if layout.drop_map_path.is_file() and ("model", layout.drop_map_path.name) not in published:
         add("model", layout.drop_map_path.name, layout.drop_map_path)
     for path in _files_below(layout.card_dir):
@@ -240,7 +247,7 @@ def build_manifest(layout: RunLayout, recipe: dict[str, Any], extra: dict[str, A
     $MOEPRUNE_IMAGE / $MOEPRUNE_IMAGE_DIGEST when set).
     """
     extra = dict(extra or {})
-    published, unpublished = artifact_files(layout)
+    published, unpublished = artifact_files(layout, recipe)
     if not published:
         raise MoepruneError(f"{layout.root}: no artifact files found; run the pipeline first")
     files = [_file_entry(item) for item in published]

@@ -349,18 +349,6 @@ def check_revision(recipe: Recipe, report: PreflightReport) -> None:
     )
 
 
-def check_publishable(recipe: Recipe, report: PreflightReport) -> None:
-    """The card and manifest describe the plain pruned checkpoint. With ``[recalibrate]`` on, the
-    GGUFs come from the recalibrated one, so the published safetensors and card would not be what
-    was converted and measured: refused until they follow the recalibrated checkpoint."""
-    if recipe.recalibrate.enabled:
-        report.errors.append(
-            "field 'recalibrate.enabled' = true: the card and manifest do not yet describe the recalibrated "
-            "checkpoint (they would publish the plain pruned one beside GGUFs made from the recalibrated one); "
-            "run `invoke reproduce --until kld` to measure it, or set recalibrate.enabled = false to publish"
-        )
-
-
 def check_rpc_workers(recipe: Recipe, report: PreflightReport) -> None:
     """Each ``serve.rpc`` worker answers, speaks the pinned build's RPC protocol, and together they
     have the memory the plan says the offloaded layers need (moeprune.llamacpp.rpc says what the
@@ -404,7 +392,6 @@ CHECKS: dict[str, Check] = {
     "eval-tasks": check_eval_tasks,
     "kld-text": check_kld_text,
     "revision": check_revision,
-    "publishable": check_publishable,
     "rpc-workers": check_rpc_workers,
 }
 # Which checks a stage (or task) needs before its first real work.
@@ -414,16 +401,16 @@ STAGE_CHECKS: dict[str, tuple[str, ...]] = {
     "prune": ("revision", "moe-model", "expert-shapes"),
     "convert-base": ("revision", "convertible"),
     "convert-pruned": ("convertible",),
+    "convert-plain": ("convertible",),
     "quantize-base": ("calibration-if-imatrix",),
     "quantize-pruned": ("calibration-if-imatrix",),
+    "quantize-plain": ("calibration-if-imatrix",),
     "serve": ("gpu-build", "slots", "rpc-workers-if-rpc"),
     "eval": ("gpu-build", "slots", "eval-tasks", "rpc-workers-if-rpc"),
     "eval-base": ("gpu-build", "slots", "eval-tasks", "rpc-workers-if-rpc"),
     "eval-pruned": ("gpu-build", "slots", "eval-tasks", "rpc-workers-if-rpc"),
+    "eval-plain": ("gpu-build", "slots", "eval-tasks", "rpc-workers-if-rpc"),
     "kld": ("kld-text", "rpc-workers-if-rpc"),
-    "card": ("publishable",),
-    "manifest": ("publishable",),
-    "publish": ("publishable",),
 }
 
 

@@ -174,7 +174,7 @@ def _prepare(
     """Re-render the card for the targets, validate, write the manifest and audit ``layout``."""
     shown_root = shown_root or layout.root
     recipe_settings = _retarget_card(layout, recipe_settings, repo_ids["model"], repo_ids["gguf"])
-    published, _ = artifact_files(layout)
+    published, _ = artifact_files(layout, recipe_settings)
     validated = validate_artifacts(published)
     write_manifest(layout, recipe_settings, {"repo_ids": repo_ids})
     files = _with_manifest(layout, published)

@@ -43,8 +43,9 @@ from typing import Any
 
 from moeprune.errors import MoepruneError
 from moeprune.hashing import sha256_file
-from moeprune.layout import RunLayout
+from moeprune.layout import SEQUENCES_NAME, RunLayout
 from moeprune.manifest import MANIFEST_NAME, SCHEMA_OF, artifact_files
+from moeprune.recalibrate import RECORD_NAME
 
 _IGNORED_LOCAL = {MANIFEST_NAME, ".gitattributes"}
 _MAX_DETAILS = 8
@@ -175,7 +176,7 @@ def _open_artifact(path: Path, base_dir: Path | None, gguf_dir: Path | None = No
     safe = {(e["repo"], e["path"]) for e in entries if not unsafe_manifest_path(e["path"])}
     if (path / "pruned").is_dir():  # a run directory
         layout = RunLayout(path)
-        published, unpublished = artifact_files(layout)
+        published, unpublished = artifact_files(layout, manifest.get("recipe") or {})
         local = {(f.repo, f.path_in_repo): f.local_path for f in published + unpublished}
         listed = {(e["repo"], e["path"]) for e in entries}
         extra = sorted(f"{repo}:{p}" for repo, p in set(local) - listed)
@@ -400,10 +401,12 @@ def _check_kld(report: VerifyReport, art: _Artifact, results: dict[str, Any] | N
     if stored.get("enabled"):
         rows = {row["role"]: row for row in stored.get("rows", [])}
         pruned = rows.get("pruned-eval")
-        evaluated = ((results or {}).get("models", {}).get("pruned") or {}).get("gguf")
-        if pruned is not None and evaluated is not None and pruned["gguf"]["sha256"] != evaluated["sha256"]:
-            problems.append(f"{target}: the pruned-eval row measured sha256 {pruned['gguf']['sha256']}, but "
-                            f"eval/results.json evaluated {evaluated['sha256']}")
+        for role, model in (("pruned-eval", "pruned"), ("plain-eval", "plain")):  # measured = evaluated
+            row = rows.get(role)
+            evaluated = ((results or {}).get("models", {}).get(model) or {}).get("gguf")
+            if row is not None and evaluated is not None and row["gguf"]["sha256"] != evaluated["sha256"]:
+                problems.append(f"{target}: the {role} row measured sha256 {row['gguf']['sha256']}, but "
+                                f"eval/results.json evaluated {evaluated['sha256']} for {model}")
         published = {e["sha256"] for e in art.manifest.get("files", []) if e.get("repo") == "gguf"}
         if pruned is not None and published and pruned["gguf"]["sha256"] not in published:
             problems.append(f"{target}: the pruned-eval row's GGUF ({pruned['gguf']['file']}) is no published GGUF")
@@ -458,6 +461,7 @@ def _check_card(report: VerifyReport, art: _Artifact, results: dict[str, Any] | 
         CARD_NUMBERS_NAME,
         GGUF_TEMPLATE_PATH,
         TEMPLATE_PATH,
+        made_by_these_templates,
         render_gguf_text,
         render_text,
     )
@@ -502,7 +506,7 @@ def _check_card(report: VerifyReport, art: _Artifact, results: dict[str, Any] | 
     # The card text: re-render from the recomputed numbers and compare line by line.
     text = readme_path.read_text(encoding="utf-8")
     card_problems = _check_card_metadata(text)
-    if stored.get("template_sha256") != sha256_file(TEMPLATE_PATH):
+    if not made_by_these_templates(stored, recomputed):
         # A card made by another template version: check each number appears where it can.
         missing = [f"README.md: '{key}' = {n.display!r} does not appear on the card"
                    for key, n in recomputed.numbers.items() if n.display not in text]
@@ -570,10 +574,14 @@ def _check_base(report: VerifyReport, art: _Artifact, base_dir: Path | None) -> 
     from moeprune.card.numbers import checkpoint_facts
     from moeprune.prune.verify import verify_prune
 
-    prune_report = verify_prune(base_dir, art.source.model_dir)
-    report.add("kept experts bit-exact", str(base_dir), [f"model weights: {p}" for p in prune_report.problems],
-               f"{prune_report.expert_slices_checked} expert slices, {prune_report.identical_tensors} tensors identical")
-    _check_recalibrated(report, art, base_dir)
+    # The profile's sequences are published: a recalibrated checkpoint's fit is rerun from them.
+    sequences = art.source.stats_path.with_name(SEQUENCES_NAME)
+    prune_report = verify_prune(base_dir, art.source.model_dir, sequences_path=sequences if sequences.is_file() else None)
+    passed = f"{prune_report.expert_slices_checked} expert slices, {prune_report.identical_tensors} tensors identical"
+    if prune_report.recalibration_rerun:
+        passed += (f"; {prune_report.recalibrated_tensors_checked} recalibrated router tensors as recorded, "
+                   f"{prune_report.recalibration_rerun}")
+    report.add("kept experts bit-exact", str(base_dir), [f"model weights: {p}" for p in prune_report.problems], passed)
     numbers_path = art.local.get(("model", "card_numbers.json"))
     if numbers_path is None or not numbers_path.is_file():
         return
@@ -586,21 +594,16 @@ def _check_base(report: VerifyReport, art: _Artifact, base_dir: Path | None) -> 
     report.add("base size on the card", str(base_dir), problems, f"{facts.params} parameters, {facts.tensor_bytes} bytes")
 
 
-def _check_recalibrated(report: VerifyReport, art: _Artifact, base_dir: Path) -> None:
-    """A run's recalibrated checkpoint: experts and every non-router tensor bit-exact against the
-    base, router tensors as recorded, and the recalibration rerun from the profile's sequences."""
-    from moeprune.prune.verify import verify_prune
-    from moeprune.recalibrate import RECORD_NAME
+def _check_recalibration_record(report: VerifyReport, art: _Artifact) -> None:
+    """A recalibrated checkpoint's router tensors are the ones its ``recalibrate.json`` records
+    (sha256); with ``--base``, :func:`_check_base` also reruns the fit. Nothing for a checkpoint
+    that was not recalibrated."""
+    from moeprune.prune.verify import recorded_router_problems
 
-    layout = RunLayout(art.root)
-    if not art.is_run or not (layout.recalibrated_dir / RECORD_NAME).is_file():
+    if not (art.source.model_dir / RECORD_NAME).is_file():
         return
-    sequences = layout.sequences_path if layout.sequences_path.is_file() else None
-    checked = verify_prune(base_dir, layout.recalibrated_dir, sequences_path=sequences)
-    report.add("recalibrated router reproduced", str(layout.recalibrated_dir),
-               [f"recalibrated weights: {p}" for p in checked.problems],
-               f"{checked.expert_slices_checked} expert slices bit-exact, {checked.recalibrated_tensors_checked} "
-               f"router tensors as recorded; {checked.recalibration_rerun}")
+    matched, problems = recorded_router_problems(art.source.model_dir)
+    report.add("recalibrated router as recorded", RECORD_NAME, problems, f"{matched} router tensors match their sha256")
 
 
 def _check_gguf_records(report: VerifyReport, art: _Artifact, results: dict[str, Any] | None) -> None:
@@ -611,7 +614,7 @@ def _check_gguf_records(report: VerifyReport, art: _Artifact, results: dict[str,
     problems = []
     for model, entry in sorted(results["models"].items()):
         gguf = entry["gguf"]
-        pool = published if model != "base" else {**published, **unpublished}
+        pool = published if model == "pruned" else {**published, **unpublished}
         found = pool.get(gguf["sha256"])
         if found is None:
             problems.append(f"eval/results.json: models.{model}.gguf.sha256 {gguf['sha256']} is no GGUF file of the manifest")
@@ -744,7 +747,8 @@ def _check_custody(report: VerifyReport, art: _Artifact, base_dir: Path | None) 
             continue
         if str(record.get("outtype")).upper() not in UNQUANTIZED:
             continue  # a quantized conversion (q8_0): followed by record only
-        source = art.source.model_dir if role == "pruned" else base_dir
+        # The plain pruned checkpoint differs from the published one in its router only: the same experts.
+        source = base_dir if role == "base" else art.source.model_dir
         if source is None:
             report.add("GGUF experts = safetensors", f"gguf:{file}", [], skipped="base GGUF: pass --base to compare")
             continue
@@ -790,6 +794,7 @@ def verify_artifact(
     _guarded(report, "profile findings", "profile/stats.safetensors", _check_profile, report, art)
     _guarded(report, "drop map re-derived", "expert_drop_metadata.json", _check_drop_map_rederived, report, art)
     _guarded(report, "card numbers", "card_numbers.json", _check_card, report, art, results)
+    _guarded(report, "recalibrated router as recorded", RECORD_NAME, _check_recalibration_record, report, art)
     _guarded(report, "kept experts bit-exact", str(base_dir), _check_base, report, art, base_dir)
     _guarded(report, "chain of custody", "safetensors -> GGUF -> eval", _check_custody, report, art, base_dir)
     return report

@@ -420,8 +420,15 @@ _KLD_ROLE_NAMES = {
     "pruned-eval": "**pruned {q} (this model)**",
     "pruned-quant": "pruned {q}",
     "base-candidate": "base {q}",
+    "plain-eval": "plain pruned {q} (before recalibration)",
 }
-_KLD_ORDER = ("reference", "pruned-converted", "base-eval", "pruned-eval", "pruned-quant", "base-candidate")
+# With a plain-eval row the pruned rows are the recalibrated checkpoint's: named so beside it.
+_KLD_RECALIBRATED_NAMES = {
+    "pruned-converted": "pruned + recalibrated {q}",
+    "pruned-eval": "**pruned + recalibrated {q} (this model)**",
+    "pruned-quant": "pruned + recalibrated {q}",
+}
+_KLD_ORDER = ("reference", "pruned-converted", "base-eval", "plain-eval", "pruned-eval", "pruned-quant", "base-candidate")
 
 
 def _kld_numbers(card: CardNumbers, inputs: CardInputs) -> None:
@@ -442,6 +449,7 @@ def _kld_numbers(card: CardNumbers, inputs: CardInputs) -> None:
     card.add("kld.chunks", reference["chunks"], fmt_int(reference["chunks"]), f"{src}: reference.chunks")
     card.add("kld.ctx_size", reference["ctx_size"], fmt_int(reference["ctx_size"]), f"{src}: reference.ctx_size")
     card.add("kld.reference_ppl", reference["ppl"], f"{reference['ppl']:.2f}", f"{src}: reference.ppl")
+    names = _KLD_ROLE_NAMES | (_KLD_RECALIBRATED_NAMES if any(r["role"] == "plain-eval" for r in rows) else {})
     table = []
     for row in rows:
         key = f"kld.{row['label']}"
@@ -453,7 +461,7 @@ def _kld_numbers(card: CardNumbers, inputs: CardInputs) -> None:
         card.add(f"{key}.top1", top1["value"], f"{100 * top1['value']:.2f}% ± {100 * top1['stderr']:.2f}%",
                  f"{where}.top1_agreement")
         card.add(f"{key}.ppl_ratio", row["ppl_ratio"], f"{row['ppl_ratio']:.4f}", f"{where}.ppl_ratio")
-        name = _KLD_ROLE_NAMES[row["role"]].format(q=row["quant_type"])
+        name = names[row["role"]].format(q=row["quant_type"])
         if row["label"] == rival["label"]:
             name = f"**{name} (equal-size rival)**"
         table.append({"name": name, "key": key})
@@ -513,7 +521,8 @@ def recipe_setting(recipe: dict[str, Any], section: str, name: str) -> Any:
 
 
 def _evaluated_models(results: dict[str, Any]) -> list[str]:
-    return [m for m in ("base", "pruned") if m in results["models"]]
+    """In the card's order: base, the plain pruned model (a recalibrated run's), the published one."""
+    return [m for m in ("base", "plain", "pruned") if m in results["models"]]
 
 
 def _eval_setting_numbers(card: CardNumbers, inputs: CardInputs) -> None:
@@ -664,7 +673,94 @@ def _comparison_numbers(card: CardNumbers, inputs: CardInputs) -> None:
     card.tables["comparisons"] = comparisons
 
 
+def fmt_mse(value: float) -> str:
+    return f"{value:.3e}"
+
+
+def _recalibration_numbers(card: CardNumbers, inputs: CardInputs) -> None:
+    """The router recalibration, from the published checkpoint's ``recalibrate.json`` (nothing when
+    the checkpoint was not recalibrated): its settings and, per MoE layer, the held-out loss before
+    and after the fit."""
+    from moeprune.recalibrate import RECORD_NAME
+
+    path = inputs.source.model_dir / RECORD_NAME
+    if not path.is_file():
+        return
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        settings, layers, held = record["settings"], record["layers"], record["holdout_sequences"]
+        rows = [(int(layer["layer"]), float(layer["holdout_mse_before"]), float(layer["holdout_mse_after"]),
+                 int(layer["steps"]), bool(layer["changed"]), int(layer["holdout_tokens"])) for layer in layers]
+        values = {name: settings[name] for name in _RECALIBRATION_SETTINGS}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CardError(f"{path}: not a recalibration record ({exc!r} is missing or malformed); rerun the "
+                        "recalibrate stage") from None
+    if not rows:
+        raise CardError(f"{path}: records no layer; rerun the recalibrate stage")
+    src = RECORD_NAME
+    for name, value in values.items():
+        shown = fmt_pct(value, 0) if name == "holdout_fraction" else f"{value:g}"
+        card.add(f"recal.{name}", value, shown, f"{src}: settings.{name}")
+    card.add("recal.holdout_sequences", len(held), fmt_int(len(held)), f"{src}: holdout_sequences")
+    card.add("recal.holdout_tokens", rows[0][5], fmt_int(rows[0][5]), f"{src}: layers[].holdout_tokens")
+    card.add("recal.layers", len(rows), fmt_int(len(rows)), f"{src}: layers")
+    changed = sum(row[4] for row in rows)
+    card.add("recal.layers_changed", changed, fmt_int(changed), f"{src}: layers[].changed")
+    table = []
+    for layer, before, after, steps, _, _ in rows:
+        key = f"recal.layer.{layer}"
+        where = f"{src}: layers[{layer}]"
+        card.add(f"{key}.before", before, fmt_mse(before), f"{where}.holdout_mse_before")
+        card.add(f"{key}.after", after, fmt_mse(after), f"{where}.holdout_mse_after")
+        change = after / before - 1 if before > 0 else 0.0
+        card.add(f"{key}.change", change, fmt_signed_pct(change, 1), f"{key}.after / {key}.before - 1")
+        card.add(f"{key}.steps", steps, fmt_int(steps), f"{where}.steps")
+        table.append({"layer": layer, "key": key})
+    before_total, after_total = sum(row[1] for row in rows), sum(row[2] for row in rows)
+    total_change = after_total / before_total - 1 if before_total > 0 else 0.0
+    card.add("recal.total_change", total_change, fmt_signed_pct(total_change, 1),
+             "sum of recal.layer.*.after / sum of recal.layer.*.before - 1")
+    card.tables["recalibration"] = table
+
+
+_SIDE_BY_SIDE = (("base", "base-eval"), ("plain", "plain-eval"), ("pruned", "pruned-eval"))
+"""The side-by-side table's columns: (evaluated model, KLD row role) of base, plain pruned and
+pruned + recalibrated, all at the eval type."""
+
+
+def _side_by_side_numbers(card: CardNumbers, inputs: CardInputs) -> None:
+    """What the recalibration buys at the same size: base, plain pruned and pruned + recalibrated
+    side by side (a table of keys the other sections added), and the recalibrated model's mean KLD
+    as a fraction of the plain pruned one's. Nothing unless the plain pruned model was evaluated."""
+    models = [model for model, _ in _SIDE_BY_SIDE]
+    if not all(model in inputs.results["models"] for model in models):
+        return
+    rows = [{"name": "GGUF size", "cells": [f"gguf.{m}_bytes" for m in models]}]
+    for task in inputs.results["settings"]["tasks"]:
+        keys = [f"eval.{m}.{task}.{PRIMARY_FILTER}" for m in models]
+        if all(key in card.numbers for key in keys):
+            rows.append({"name": f"{task} ({PRIMARY_FILTER})", "cells": keys})
+    points = {point["role"]: point for point in card.series.get("kld", {}).get("points", [])}
+    if all(role in points for _, role in _SIDE_BY_SIDE):
+        for name, suffix in (("Mean KLD (nats/token)", "kld"), ("Top-1 agreement", "top1")):
+            rows.append({"name": name, "cells": [f"kld.{points[role]['label']}.{suffix}" for _, role in _SIDE_BY_SIDE]})
+        plain, recalibrated = points["plain-eval"], points["pruned-eval"]
+        keys = f"kld.{recalibrated['label']}.kld and kld.{plain['label']}.kld"
+        if plain["kld"] > 0:
+            ratio = recalibrated["kld"] / plain["kld"]
+            card.add("recal.kld_ratio", ratio, f"{ratio:.2f}×", f"ratio of {keys}")
+        gap = plain["kld"] - recalibrated["kld"]
+        spread = math.hypot(plain["stderr"], recalibrated["stderr"])
+        sigmas = abs(gap) / spread if spread > 0 else math.inf
+        card.add("recal.kld_gain", gap, f"{gap:+.4f}".replace("-", "−"), f"difference of {keys}")
+        card.add("recal.kld_sigmas", sigmas, f"{sigmas:.1f}", "|recal.kld_gain| / combined uncertainty (eval/kld.json)")
+    card.tables["side_by_side"] = rows
+
+
+_RECALIBRATION_SETTINGS = ("max_steps", "learning_rate", "patience_steps", "holdout_fraction", "seed")
+
+
 SECTIONS = (_size_numbers, _expert_numbers, _arch_numbers, _retention_numbers, _calibration_numbers,
-            _findings_numbers, _eval_setting_numbers, _eval_score_numbers, _gguf_file_numbers,
-            _comparison_numbers, _gguf_bits_numbers, _kld_numbers)
+            _recalibration_numbers, _findings_numbers, _eval_setting_numbers, _eval_score_numbers, _gguf_file_numbers,
+            _comparison_numbers, _gguf_bits_numbers, _kld_numbers, _side_by_side_numbers)
 """The card's sections in order, each ``(card, inputs) -> None``."""

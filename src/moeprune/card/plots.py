@@ -102,13 +102,17 @@ def _kld(plt: Any, kld: dict[str, Any]) -> Any:
     from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for model, color in (("base", "#4c72b0"), ("pruned", "#dd8452")):
+    recalibrated = any(p["model"] == "plain" for p in kld["points"])
+    series = (("base", "#4c72b0", "base quants"),
+              ("pruned", "#dd8452", "pruned + recalibrated quants" if recalibrated else "pruned quants"),
+              ("plain", "#55a868", "plain pruned (before recalibration)"))
+    for model, color, legend in series:
         points = sorted((p for p in kld["points"] if p["model"] == model), key=lambda p: p["size_bytes"])
         if not points:
             continue
         sizes = [p["size_bytes"] / 1e6 for p in points]
         ax.errorbar(sizes, [p["kld"] for p in points], yerr=[p["stderr"] for p in points], color=color,
-                    marker="o", linestyle="-" if model == "base" else ":", capsize=3, label=f"{model} quants")
+                    marker="o", linestyle="-" if model == "base" else ":", capsize=3, label=legend)
         for p, size in zip(points, sizes):
             ax.annotate(p["quant_type"], (size, p["kld"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     for label, marker, name in ((kld["rival"], "s", "equal-size rival"), (kld["pruned"], "D", "this model")):

@@ -27,6 +27,11 @@ from moeprune.resources import data_dir
 
 TEMPLATE_PATH = data_dir("model_card") / "template.md"
 GGUF_TEMPLATE_PATH = TEMPLATE_PATH.with_name("gguf_template.md")
+# The card of a recalibrated checkpoint has one more section, from its own template (so the card of
+# a checkpoint that was not recalibrated, and its record of the template, stay as they were). It
+# goes just before this heading of the main template: after the pruning decision it amends.
+RECALIBRATION_TEMPLATE_PATH = TEMPLATE_PATH.with_name("recalibration.md")
+RECALIBRATION_BEFORE = "\n## Evaluation\n"
 CARD_NUMBERS_NAME = "card_numbers.json"
 CARD_FORMAT_VERSION = 1
 
@@ -138,7 +143,24 @@ def render_text(numbers: CardNumbers, context: dict[str, Any], template_path: Pa
         **_template_inputs(numbers),
     )
     text = str(card)
+    text = _with_recalibration(text, numbers, template_path)
     return text if text.endswith("\n") else text + "\n"
+
+
+def _with_recalibration(text: str, numbers: CardNumbers, template_path: Path) -> str:
+    """``text`` with the router recalibration section before :data:`RECALIBRATION_BEFORE`, when the
+    numbers have one."""
+    import jinja2
+
+    if not numbers.tables.get("recalibration"):
+        return text
+    if RECALIBRATION_BEFORE not in text:
+        raise MoepruneError(f"{template_path}: has no line '{RECALIBRATION_BEFORE.strip()}' to put the "
+                            f"recalibration section ({RECALIBRATION_TEMPLATE_PATH.name}) before")
+    section = jinja2.Template(RECALIBRATION_TEMPLATE_PATH.read_text(encoding="utf-8"),
+                              keep_trailing_newline=True).render(**_template_inputs(numbers))
+    head, tail = text.split(RECALIBRATION_BEFORE, 1)
+    return head + "\n" + section.strip("\n") + "\n" + RECALIBRATION_BEFORE + tail
 
 
 def render_gguf_text(numbers: CardNumbers, context: dict[str, Any], template_path: Path = GGUF_TEMPLATE_PATH) -> str:
@@ -166,11 +188,22 @@ def numbers_document(numbers: CardNumbers, context: dict[str, Any], template_pat
         "format_version": CARD_FORMAT_VERSION,
         "template_sha256": sha256_file(template_path),
         "gguf_template_sha256": sha256_file(GGUF_TEMPLATE_PATH),
+        **({"recalibration_template_sha256": sha256_file(RECALIBRATION_TEMPLATE_PATH)}
+           if numbers.tables.get("recalibration") else {}),
         "context": context,
         "facts": numbers.facts,
         "tables": numbers.tables,
         "numbers": numbers.as_json(),
     }
+
+
+def made_by_these_templates(stored: dict[str, Any], numbers: CardNumbers) -> bool:
+    """Whether a stored ``card_numbers.json`` records the templates the card text is rendered from
+    now (so a re-render must give its text exactly)."""
+    if stored.get("template_sha256") != sha256_file(TEMPLATE_PATH):
+        return False
+    return (not numbers.tables.get("recalibration")
+            or stored.get("recalibration_template_sha256") == sha256_file(RECALIBRATION_TEMPLATE_PATH))
 
 
 def render_card(

@@ -1,6 +1,7 @@
 """Where the card's inputs live: a run directory or a published (downloaded) artifact.
 
-Both views expose the same files: the pruned checkpoint (``config.json`` + safetensors shards),
+Both views expose the same files: the published checkpoint (``config.json`` + safetensors shards;
+the recalibrated one, with its ``recalibrate.json``, when the recipe recalibrated the router),
 the drop map, the profile statistics, the eval directory, and the size/sha256 of the GGUF files
 (read from disk in a run directory; from ``manifest.json`` in a published artifact, whose GGUF
 files live in another repository and whose base GGUF is not published).
@@ -16,7 +17,7 @@ from typing import Any
 from moeprune.errors import MoepruneError
 from moeprune.hashing import sha256_file
 from moeprune.layout import RunLayout
-from moeprune.manifest import MANIFEST_NAME
+from moeprune.manifest import MANIFEST_NAME, is_published_gguf
 
 DROP_MAP_NAME = "expert_drop_metadata.json"
 
@@ -47,13 +48,16 @@ class ArtifactSource:
                 gguf[path.name] = {
                     "size_bytes": path.stat().st_size,
                     "sha256": sha256_file(path),
-                    "published": layout.gguf_role(path.name) != "base",
+                    "published": is_published_gguf(layout, path.name),
                 }
+        from moeprune.recalibrate import recorded_side_dir
+
+        checkpoint = recorded_side_dir(recipe, layout)  # the one converted and published
         drop_map = layout.drop_map_path
-        if not drop_map.is_file() and (layout.pruned_dir / DROP_MAP_NAME).is_file():
-            drop_map = layout.pruned_dir / DROP_MAP_NAME
+        if not drop_map.is_file() and (checkpoint / DROP_MAP_NAME).is_file():
+            drop_map = checkpoint / DROP_MAP_NAME
         return cls(
-            model_dir=layout.pruned_dir,
+            model_dir=checkpoint,
             drop_map_path=drop_map,
             stats_path=layout.profile_stats_path,
             eval_dir=layout.eval_dir,

@@ -22,7 +22,8 @@ from moeprune.errors import MoepruneError
 from moeprune.llamacpp.perplexity import parse_base_output, parse_kld_output
 
 KLD_FORMAT_VERSION = 1
-ROLES = ("reference", "base-eval", "pruned-eval", "pruned-converted", "pruned-quant", "base-candidate")
+ROLES = ("reference", "base-eval", "pruned-eval", "pruned-converted", "pruned-quant", "base-candidate", "plain-eval")
+"""plain-eval: the pruned checkpoint before recalibration at the eval type (recalibrated runs only)."""
 
 
 class KldError(MoepruneError):

@@ -7,7 +7,8 @@
 2. The base is quantized to every type of ``kld.rival_types`` (kept in ``kld/`` too); the one whose
    file is closest in size to the pruned eval quant is the equal-size rival.
 3. ``--kl-divergence`` runs for the reference itself (the self-check: KLD 0), the base and pruned
-   eval quants, the pruned model at converted precision and every rival candidate.
+   eval quants, the pruned model at converted precision and every rival candidate; with
+   ``[recalibrate]`` on, also the plain pruned model's eval quant (the same size, before recalibration).
 
 Writes ``eval/kld.json`` (schemas/kld.schema.json) and ``eval/kld/<label>.txt``, the deterministic
 part of each output; full outputs go to ``logs/kld-<label>.log``.
@@ -43,6 +44,7 @@ from moeprune.llamacpp.perplexity import (
     run_until_complete,
 )
 from moeprune.progress import track
+from moeprune.recalibrate import measured_models
 from moeprune.recipe import Recipe
 
 
@@ -177,6 +179,8 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
         (f"pruned-{outtype.upper()}", "pruned", outtype.upper(), "pruned-converted",
          gguf_path(recipe, "pruned", outtype, layout)),
     ]
+    if "plain" in measured_models(recipe):  # the pruned checkpoint before recalibration, at the same size
+        plan.append((f"plain-{eval_type}", "plain", eval_type, "plain-eval", gguf_path(recipe, "plain", eval_type, layout)))
     for qtype in recipe.quantize.types:
         if qtype != eval_type:
             plan.append((f"pruned-{qtype}", "pruned", qtype, "pruned-quant", gguf_path(recipe, "pruned", qtype, layout)))

@@ -10,17 +10,17 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from moeprune.errors import MoepruneError
-from moeprune.layout import RunLayout
+from moeprune.layout import Model, RunLayout
 from moeprune.llamacpp.build import LlamaCppBuild, ensure_llamacpp
 from moeprune.llamacpp.convert import convert_to_gguf
 from moeprune.llamacpp.quantize import calibration_text, compute_imatrix, quantize_gguf
 from moeprune.llamacpp.server import LlamaServer
 from moeprune.recipe import Recipe
 
-Which = Literal["pruned", "base"]
+Which = Model
 
 
 def gguf_path(recipe: Recipe, which: Which, gguf_type: str, layout: RunLayout | None = None) -> Path:
@@ -29,10 +29,10 @@ def gguf_path(recipe: Recipe, which: Which, gguf_type: str, layout: RunLayout | 
 
 
 def _hf_dir(recipe: Recipe, which: Which, layout: RunLayout) -> Path:
-    if which == "pruned":
-        from moeprune.recalibrate import pruned_side_dir
+    if which != "base":
+        from moeprune.recalibrate import run_checkpoint
 
-        return pruned_side_dir(recipe, layout)
+        return run_checkpoint(recipe, layout, which)
     from moeprune.base_model import resolve_base
 
     return resolve_base(recipe).local_dir
@@ -60,14 +60,14 @@ def convert_stage(
     layout = layout or RunLayout.for_recipe(recipe.name)
     hf_dir = hf_dir or _hf_dir(recipe, which, layout)
     if not (hf_dir / "config.json").is_file():
-        hint = "run `invoke prune` first" if which == "pruned" else "check model.base"
+        hint = "check model.base" if which == "base" else "run `invoke prune` first"
         raise MoepruneError(f"{hf_dir}: no Hugging Face checkpoint there (config.json missing); {hint}")
     outtype = recipe.quantize.convert_outtype
     out_path = out_path or gguf_path(recipe, which, outtype, layout)
     build = build or ensure_llamacpp(recipe.llamacpp)
     return convert_to_gguf(
         build, hf_dir, out_path, outtype,
-        model_name=recipe.model.name if which == "pruned" else None,
+        model_name=None if which == "base" else recipe.model.name,
         log_path=layout.log_path(f"convert-{out_path.stem}"),
     )
 

@@ -1,10 +1,11 @@
 """The stages of `invoke reproduce`, wired to the stage functions of each package.
 
-profile -> dropmap -> prune -> recalibrate -> convert-base -> convert-pruned -> mmproj -> quantize-base -> quantize-pruned
--> eval-base -> eval-pruned -> results -> kld -> card -> manifest
+profile -> dropmap -> prune -> recalibrate -> convert-{base,pruned,plain} -> mmproj -> quantize-{base,pruned,plain}
+-> eval-{base,pruned,plain} -> results -> kld -> card -> manifest
 
 Base and pruned models have stages of their own, so a new drop map reruns only the pruned side:
-the base model's GGUF and its evaluation are reused. Every stage runs the same way natively and in
+the base model's GGUF and its evaluation are reused. The plain model is the pruned checkpoint
+before recalibration: its stages run only with ``[recalibrate]`` on (the cost side by side). Every stage runs the same way natively and in
 the container: ``invoke stage NAME --recipe FILE`` (the docker runner runs that in the image).
 """
 
@@ -13,14 +14,15 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from moeprune.errors import MoepruneError
+from moeprune.layout import Model
 from moeprune.eval.analysis import PRIMARY_FILTER, PRIMARY_METRIC
 from moeprune.pipeline.graph import Context, Pipeline, Stage
 from moeprune.recipe import Recipe
 
-MODELS = ("base", "pruned")
+MODELS = get_args(Model)  # every model a run may measure; measured_models(recipe) says which this one does
 
 
 # --- shared helpers ------------------------------------------------------------------------------
@@ -54,9 +56,21 @@ def gguf_file(ctx: Context, which: str, gguf_type: str) -> Path:
 
 def _hf_dir(ctx: Context, which: str) -> Path:
     """The checkpoint converted for ``which``: the pruned side is the recalibrated one when enabled."""
-    from moeprune.recalibrate import pruned_side_dir
+    from moeprune.recalibrate import run_checkpoint
 
-    return base_dir(ctx) if which == "base" else pruned_side_dir(ctx.recipe, ctx.layout)
+    return base_dir(ctx) if which == "base" else run_checkpoint(ctx.recipe, ctx.layout, which)
+
+
+def _measured(ctx: Context, which: str) -> bool:
+    from moeprune.recalibrate import measured_models
+
+    return which in measured_models(ctx.recipe)
+
+
+def _if_measured(which: str, paths):
+    """A stage's deps or outs for the ``which`` model: nothing when the run does not measure it (the
+    plain pruned model of a run without recalibration), so its stages run nothing and write nothing."""
+    return lambda ctx: paths(ctx) if _measured(ctx, which) else []
 
 
 def _section(recipe: Recipe, *names: str) -> dict[str, Any]:
@@ -118,6 +132,8 @@ def _convert(which: str):
     def action(ctx: Context) -> dict[str, Any]:
         from moeprune.llamacpp.stages import convert_stage
 
+        if not _measured(ctx, which):
+            return {}
         record = convert_stage(ctx.recipe, which, _hf_dir(ctx, which), layout=ctx.layout,
                                build=llamacpp_build(ctx))
         return {"size_bytes": record["size_bytes"]}
@@ -145,6 +161,8 @@ def _quantize(which: str):
     def action(ctx: Context) -> dict[str, Any]:
         from moeprune.llamacpp.stages import quantize_stage
 
+        if not _measured(ctx, which):
+            return {}
         records = quantize_stage(ctx.recipe, which, layout=ctx.layout, build=llamacpp_build(ctx))
         return {f"{record['qtype']}_size_bytes": record["size_bytes"] for record in records}
 
@@ -155,6 +173,8 @@ def _eval(which: str):
     def action(ctx: Context) -> dict[str, Any]:
         from moeprune.eval.run import run_eval
 
+        if not _measured(ctx, which):
+            return {}
         # One model per stage, so a new drop map re-evaluates only the pruned model.
         section = ctx.recipe.eval.model_copy(update={"models": [which]})
         recipe = ctx.recipe.model_copy(update={"eval": section})
@@ -173,6 +193,13 @@ def _eval(which: str):
 def _results(ctx: Context) -> dict[str, Any]:
     from moeprune.eval.results import write_results
 
+    # results.json takes every eval/<model>/ there is: one this run no longer measures (the plain
+    # pruned model's, left by a run with [recalibrate] on) would go on the card as if measured now.
+    for which in MODELS:
+        stale = ctx.layout.eval_model_dir(which)
+        if not _measured(ctx, which) and stale.exists():
+            raise MoepruneError(f"{stale}: the evaluation of the '{which}' model, which this recipe does not measure "
+                                "(left by a run with recalibrate.enabled = true); move it away, or enable recalibrate")
     results = write_results(ctx.layout.eval_dir)
     return _headline_results(results)
 
@@ -195,8 +222,10 @@ def _kld_deps(ctx: Context) -> list[Path]:
     recipe = ctx.recipe
     if not recipe.kld.enabled:
         return []
+    from moeprune.recalibrate import measured_models
+
     types = (recipe.quantize.convert_outtype, *recipe.quantize.types)
-    files = [gguf_file(ctx, which, t) for which in MODELS for t in types]
+    files = [gguf_file(ctx, which, t) for which in measured_models(recipe) for t in types]
     return [*dict.fromkeys(files), *([recipe.kld_text_path] if recipe.kld_text_path else [])]
 
 
@@ -278,8 +307,8 @@ def build_pipeline() -> Pipeline:
     for which in MODELS:
         stages.append(Stage(
             f"convert-{which}", f"convert the {which} checkpoint to GGUF", _convert(which),
-            deps=lambda c, w=which: [_hf_dir(c, w)],
-            outs=lambda c, w=which: _with_records([gguf_file(c, w, c.recipe.quantize.convert_outtype)]),
+            deps=_if_measured(which, lambda c, w=which: [_hf_dir(c, w)]),
+            outs=_if_measured(which, lambda c, w=which: _with_records([gguf_file(c, w, c.recipe.quantize.convert_outtype)])),
             params=lambda r: {"convert_outtype": r.quantize.convert_outtype, "name": r.model.name}, tools=llamacpp_tools))
     stages.append(Stage(
         "mmproj", "convert the base's vision projector (multimodal bases only; it serves the pruned model too)",
@@ -288,22 +317,22 @@ def build_pipeline() -> Pipeline:
     for which in MODELS:
         stages.append(Stage(
             f"quantize-{which}", f"quantize the {which} GGUF", _quantize(which),
-            deps=lambda c, w=which: [gguf_file(c, w, c.recipe.quantize.convert_outtype)]
-            + ([c.recipe.prompts_path] if c.recipe.quantize.imatrix else []),
-            outs=lambda c, w=which: _with_records([gguf_file(c, w, t) for t in c.recipe.quantize.types]
-                                                  + _imatrix(c, w)),
+            deps=_if_measured(which, lambda c, w=which: [gguf_file(c, w, c.recipe.quantize.convert_outtype)]
+                              + ([c.recipe.prompts_path] if c.recipe.quantize.imatrix else [])),
+            outs=_if_measured(which, lambda c, w=which: _with_records([gguf_file(c, w, t) for t in c.recipe.quantize.types]
+                                                                      + _imatrix(c, w))),
             params=lambda r: _section(r, "quantize"), tools=llamacpp_tools))
     for which in MODELS:
         stages.append(Stage(
             f"eval-{which}", f"serve the {which} GGUF and evaluate it with lm-eval", _eval(which),
-            deps=lambda c, w=which: [gguf_file(c, w, c.recipe.quantize.eval_type)]
-            + ([c.recipe.include_path] if c.recipe.include_path else []),
-            outs=lambda c, w=which: [L(c).eval_model_dir(w)],
+            deps=_if_measured(which, lambda c, w=which: [gguf_file(c, w, c.recipe.quantize.eval_type)]
+                              + ([c.recipe.include_path] if c.recipe.include_path else [])),
+            outs=_if_measured(which, lambda c, w=which: [L(c).eval_model_dir(w)]),
             params=lambda r: _section(r, "eval", "serve"),
             tools=llamacpp_tools))
     stages += [
         Stage("results", "scores, error analysis and the paired comparison", _results,
-              deps=lambda c: [L(c).eval_model_dir(m) for m in MODELS], outs=lambda c: [L(c).results_path],
+              deps=lambda c: [L(c).eval_model_dir(m) for m in MODELS if _measured(c, m)], outs=lambda c: [L(c).results_path],
               params=lambda r: {"bootstrap_resamples": r.eval.bootstrap_resamples, "seed": r.eval.seed}),
         Stage("kld", "KL divergence to the base: pruned, base and the equal-size rival (llama-perplexity)", _kld,
               deps=_kld_deps, outs=lambda c: [L(c).kld_path, L(c).kld_evidence_dir],
@@ -312,7 +341,7 @@ def build_pipeline() -> Pipeline:
               tools=llamacpp_tools),
         Stage("card", "render the model card and its plots", _card,
               deps=lambda c: [L(c).profile_summary_path, L(c).profile_stats_path, L(c).drop_map_path,
-                              L(c).pruned_dir, L(c).results_path, L(c).kld_path, L(c).gguf_dir, _card_templates()],
+                              L(c).pruned_dir, *_recalibrate_outs(c), L(c).results_path, L(c).kld_path, L(c).gguf_dir, _card_templates()],
               outs=lambda c: [L(c).card_dir],
               params=lambda r: _section(r, "model", "calibration", "profile", "dropmap", "serve", "eval", "card",
                                         "publish")),

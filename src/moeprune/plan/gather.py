@@ -230,8 +230,11 @@ def run_plan(recipe: Any, layout: RunLayout, will_run: Collection[str], stage_na
     if recipe.recalibrate.enabled:  # the pruned checkpoint again, its router tensors refitted
         writes["recalibrate"].append(write("recalibrated checkpoint", layout.recalibrated_dir, pruned.total_bytes, bound))
         memory["recalibrate"] = _STREAMED
+        models["plain"] = models["pruned"]  # the pruned checkpoint before recalibration, measured beside it
     else:
         memory["recalibrate"] = "none ([recalibrate] is off: the stage writes nothing)"
+        memory.update(dict.fromkeys((f"{kind}-plain" for kind in ("convert", "quantize", "eval")),
+                                    "none ([recalibrate] is off: no plain pruned model to measure)"))
     for which, (shapes, experts, is_bound) in models.items():
         converted = layout.gguf_path(which, quantize.convert_outtype)  # type: ignore[arg-type]
         writes[f"convert-{which}"].append(write(converted.name, converted,

@@ -196,6 +196,24 @@ def recorded_router_hashes(pruned_dir: Path) -> dict[str, str]:
         raise PruneError(f"{path}: not a recalibration record (layers[].tensors); rerun the recalibrate stage") from None
 
 
+def recorded_router_problems(checkpoint_dir: Path) -> tuple[int, list[str]]:
+    """Each router tensor the checkpoint's recalibration record names, read from its shard and
+    hashed (no base needed): how many match, and a problem naming the shard and tensor for each
+    that does not (or is missing)."""
+    recorded = recorded_router_hashes(checkpoint_dir)
+    matched, problems = 0, []
+    with Checkpoint.open(checkpoint_dir) as checkpoint:
+        for name, digest in sorted(recorded.items()):
+            if name not in checkpoint:
+                problems.append(f"{RECORD_NAME}: records tensor '{name}', which no shard holds")
+            elif sha256_bytes(checkpoint.read(checkpoint[name])) != digest:
+                problems.append(f"{checkpoint[name].shard.name}: tensor '{name}' differs from the sha256 {RECORD_NAME} "
+                                "records for it")
+            else:
+                matched += 1
+    return matched, problems
+
+
 def _check_recorded(pruned: Checkpoint, got: TensorInfo, digest: str, report: PruneVerifyReport) -> None:
     report.bytes_compared += got.nbytes
     if sha256_bytes(pruned.read(got)) != digest:

@@ -12,6 +12,35 @@ RECORD_NAME = "recalibrate.json"  # the record beside the recalibrated weights
 
 
 def pruned_side_dir(recipe: Any, layout: Any) -> Path:
-    """The checkpoint the pruned side converts and evaluates: the recalibrated one when the
-    recipe's ``[recalibrate]`` is enabled, else the plain pruned one (the one definition)."""
-    return layout.recalibrated_dir if recipe.recalibrate.enabled else layout.pruned_dir
+    """The checkpoint the pruned side converts, evaluates and publishes: the recalibrated one when
+    the recipe's ``[recalibrate]`` is enabled, else the plain pruned one (the one definition)."""
+    return published_dir(layout, recipe.recalibrate.enabled)
+
+
+def measured_models(recipe: Any) -> tuple[str, ...]:
+    """The models a run converts, quantizes, evaluates and KLD-scores: base and pruned, and with
+    ``[recalibrate]`` on also the plain pruned checkpoint (before recalibration) at the same size,
+    so the card shows what the recalibration buys."""
+    return ("base", "pruned", "plain") if recipe.recalibrate.enabled else ("base", "pruned")
+
+
+def run_checkpoint(recipe: Any, layout: Any, which: str) -> Path:
+    """The run's checkpoint a pruned-side model is converted from: ``pruned`` the one published
+    (:func:`pruned_side_dir`), ``plain`` the pruned one before recalibration."""
+    return layout.pruned_dir if which == "plain" else pruned_side_dir(recipe, layout)
+
+
+def published_dir(layout: Any, recalibrated: bool) -> Path:
+    """The run's checkpoint that is converted and published, for a run recalibrated or not."""
+    return layout.recalibrated_dir if recalibrated else layout.pruned_dir
+
+
+def recorded_enabled(settings: dict[str, Any]) -> bool:
+    """Whether a recorded recipe (``Recipe.settings()``, a manifest's ``recipe``) recalibrated the
+    router; a recipe recorded before ``[recalibrate]`` existed did not."""
+    return bool((settings.get("recalibrate") or {}).get("enabled", False))
+
+
+def recorded_side_dir(settings: dict[str, Any], layout: Any) -> Path:
+    """:func:`pruned_side_dir` for a recorded recipe (manifest, card, publish and verify read one)."""
+    return published_dir(layout, recorded_enabled(settings))
