@@ -193,12 +193,14 @@ def dropmap(c, recipe: Path | None = None, strategy: str | None = None, criterio
         "docs_dir": "Where criteria.md, criteria.png and criteria.json go (default: docs).",
         "limit": "Use only the first N held-out examples.",
         "accuracy": "Also measure greedy held-out accuracy (slower).",
+        "recalibrate": "Also measure each pruned model after the router recalibration (the recovery table).",
     },
 )
 def compare_criteria(c, recipe: Path | None = None, docs_dir: Path = Path("docs"), limit: int | None = None,
-                     accuracy: bool = True):
-    """Prune the model in memory per drop-map criterion (75% and 50% of experts) and compare held-out loss."""
-    return commands.compare_criteria(_recipe_path(recipe), Path(docs_dir), limit, accuracy)
+                     accuracy: bool = True, recalibrate: bool = True):
+    """Prune the model in memory per drop-map criterion (75%, 62.5% and 50% of experts), with and without router
+    recalibration, and compare held-out KLD, top-1 agreement and accuracy."""
+    return commands.compare_criteria(_recipe_path(recipe), Path(docs_dir), limit, accuracy, recalibrate)
 
 
 @stage_task(help={"recipe": RECIPE_HELP, "runner": RUNNER_HELP, "wait": WAIT_HELP, "progress": "Show progress bars (default: on)."})

@@ -575,14 +575,16 @@ def test_compare_criteria_writes_table_and_plot(tiny_model, tmp_path):
         log=lambda _line: None,
     )
     keep_counts = sorted({row["keep_count"] for row in result["rows"]})
-    assert keep_counts == [8, 12]
-    assert len(result["rows"]) == 2 * (5 + 2)  # five criteria + two random seeds per keep count
+    assert keep_counts == [8, 10, 12]
+    assert len(result["rows"]) == 3 * (5 + 2)  # five criteria + two random seeds per keep count
     assert tiny_model.config.text_config.num_experts == 16  # the original model is untouched
     assert all(row["answered"] == 1 for row in result["rows"])  # one example has an answer letter
     result["source"] = {"model": "tiny", "profile": "fixture", "heldout": "inline", "max_new_tokens": 3}
     paths = write_criteria_docs(result, tmp_path / "docs")
     markdown = paths["markdown"].read_text()
     assert "## Keep 12 of 16 experts (75%)" in markdown and "## Keep 8 of 16 experts (50%)" in markdown
+    assert "## Keep 10 of 16 experts (62%)" in markdown
+    assert "Criteria and recovery" not in markdown  # no recalibration measured, no recovery table
     assert result["baseline"]["kld"] == pytest.approx(0.0, abs=1e-12)  # the unpruned model against itself
     assert result["baseline"]["top1_agreement"] == 1.0
     for row in result["rows"]:
@@ -592,6 +594,56 @@ def test_compare_criteria_writes_table_and_plot(tiny_model, tmp_path):
     assert "Lowest KL divergence at 12 experts" in markdown
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(paths["json"].read_text())["baseline"]["loss"] == pytest.approx(result["baseline"]["loss"])
+
+
+def test_compare_criteria_measures_each_pruned_copy_again_with_the_recalibrated_router(tiny_model, tmp_path):
+    """The recovery table: every row is measured a second time with what ``recalibrate_fn``
+    returns for its kept experts (here: per-expert scales halved for the first kept expert)."""
+    import torch
+
+    from moeprune.demo.criteria import HeldoutExample, compare_criteria, recovery_markdown
+
+    class ByteTokenizer:
+        pad_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [min(b, 127) for b in text.encode()]}
+
+    rng = np.random.default_rng(1)
+    contribution = rng.gamma(0.5, size=(4, 16))
+    totals = {"contribution_sum": contribution, "routed_count": rng.integers(1, 40, size=(4, 16)),
+              "reap_mean": contribution, "sequence_norm_sum": np.sqrt(contribution)}
+    per_domain = {d: {"contribution_sum": rng.gamma(0.5, size=(4, 16))} for d in DOMAINS}
+    examples = [HeldoutExample("Q: 12 or 40? ", "The answer is (B)."), HeldoutExample("Say hi: ", "hi there friend")]
+    calls = []
+    original = tiny_model.model.language_model.layers[0].router.per_expert_scale.detach().clone()
+
+    def recalibrate_fn(keep_by_layer):
+        calls.append(keep_by_layer)
+        values = {}
+        for layer, keep in keep_by_layer.items():
+            scale = tiny_model.model.language_model.layers[layer].router.per_expert_scale.detach()[keep].clone()
+            scale[0] *= 0.5
+            values[f"model.language_model.layers.{layer}.router.per_expert_scale"] = scale
+        return values
+
+    result = compare_criteria(tiny_model, ByteTokenizer(), totals, per_domain, [0, 1, 2, 3], examples,
+                              keep_fractions=(0.5,), criteria=("contribution-sum", "frequency"),
+                              recalibrate_fn=recalibrate_fn, log=lambda _line: None)
+    assert len(calls) == len(result["rows"]) == 2
+    assert all(sorted(keep) == keep and len(keep) == 8 for call in calls for keep in call.values())
+    assert torch.equal(tiny_model.model.language_model.layers[0].router.per_expert_scale, original)
+    assert tiny_model.config.text_config.num_experts == 16  # the original model is untouched
+    for row in result["rows"]:
+        after = row["recalibrated"]
+        assert after["kld"] > 0 and after["kld"] != row["kld"] and after["target_tokens"] == row["target_tokens"]
+    result["source"] = {"recalibrate": {"settings": {"max_steps": 1}, "sequences": "fixture"}}
+    lines = "\n".join(recovery_markdown(result))
+    assert "## Criteria and recovery" in lines
+    for row in result["rows"]:
+        after = row["recalibrated"]
+        assert (f"| 8/16 | `{row['criterion']}` | {row['kld']:.4f} ± {row['kld_stderr']:.4f} | "
+                f"{after['kld']:.4f} ± {after['kld_stderr']:.4f} | {after['kld'] / row['kld']:.3f} |") in lines
 
 
 @pytest.mark.slow
@@ -622,11 +674,13 @@ def test_compare_criteria_task_on_a_random_demo_model(tmp_path):
     env = {"MOEPRUNE_RUNS_DIR": str(runs), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
            "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
     done = invoke("--search-root", str(ROOT), "compare-criteria", "--recipe", str(recipe_path),
-                  "--docs-dir", str(tmp_path / "docs"), "--no-accuracy", env=env, inherit_env=False, cwd=tmp_path)
+                  "--docs-dir", str(tmp_path / "docs"), "--no-accuracy", "--no-recalibrate", env=env, inherit_env=False,
+                  cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "docs" / "criteria.json").read_text())
     assert result["examples"] == 4 and result["num_experts"] == 16
-    assert {row["keep_count"] for row in result["rows"]} == {12, 8}
+    assert {row["keep_count"] for row in result["rows"]} == {12, 10, 8}
+    assert all("recalibrated" not in row for row in result["rows"])
     assert {row["criterion"] for row in result["rows"]} == {"contribution-sum", "sequence-norm-sum", "reap-mean",
                                                             "frequency", "domain-max", "random"}
     assert "Lowest held-out loss at 12 experts" in (tmp_path / "docs" / "criteria.md").read_text()

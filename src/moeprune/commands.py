@@ -255,11 +255,13 @@ def stage(name: str, recipe_path: Path) -> TaskResult:
     return TaskResult((f"stage {name} done {headline}",), data=headline)
 
 
-def compare_criteria(recipe_path: Path, docs_dir: Path, limit: int | None = None, accuracy: bool = True) -> TaskResult:
+def compare_criteria(recipe_path: Path, docs_dir: Path, limit: int | None = None, accuracy: bool = True,
+                     recalibrate: bool = True) -> TaskResult:
     from moeprune.demo.criteria import run_compare_criteria
 
     recipe = _load(recipe_path, "dropmap", check_inputs=False)
-    result = run_compare_criteria(recipe, RunLayout.for_recipe(recipe.name), docs_dir, limit=limit, accuracy=accuracy)
+    result = run_compare_criteria(recipe, RunLayout.for_recipe(recipe.name), docs_dir, limit=limit, accuracy=accuracy,
+                                  recalibrate=recalibrate)
     return TaskResult(data=result)  # it logs as it goes
 
 

@@ -44,7 +44,7 @@ from moeprune.dropmap.select import (
 from moeprune.dropmap.types import CRITERIA
 from moeprune.hashing import sha256_file
 
-DEFAULT_KEEP_FRACTIONS = (0.75, 0.5)
+DEFAULT_KEEP_FRACTIONS = (0.75, 0.625, 0.5)
 ANSWER_PATTERN = re.compile(r"answer is \(([A-D])\)")
 
 
@@ -214,13 +214,16 @@ def compare_criteria(
     random_seeds: Sequence[int] = (0, 1, 2),
     batch_size: int = 8,
     accuracy_fn: Callable[[Any], tuple[int, int]] | None = None,
+    recalibrate_fn: Callable[[dict[int, list[int]]], Mapping[str, Any]] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Prune ``model`` (a copy per setting) by each criterion and keep count; measure each copy.
 
     ``accuracy_fn(model) -> (correct, total)`` also measures held-out accuracy (e.g.
-    :func:`greedy_accuracy` bound to a tokenizer). The random criterion is run once per seed in
-    ``random_seeds``. Returns plain data (see :func:`write_criteria_docs`).
+    :func:`greedy_accuracy` bound to a tokenizer). ``recalibrate_fn(keep_by_layer)`` returns
+    refitted router tensors by parameter name (the recalibrate stage's fit); each pruned copy is
+    then measured again with them, as the row's ``recalibrated``. The random criterion is run once
+    per seed in ``random_seeds``. Returns plain data (see :func:`write_criteria_docs`).
     """
     model_layers = moe_decoder_layers(model)
     if list(layers) != list(model_layers):
@@ -266,9 +269,8 @@ def compare_criteria(
                     keep_count=keep_count, seed=seed,
                 )
                 candidate = copy.deepcopy(model)
-                prune_experts_in_memory(
-                    candidate, {layer: selection.keep_indices(row) for row, layer in enumerate(layers)}
-                )
+                keep_by_layer = {layer: [int(i) for i in selection.keep_indices(row)] for row, layer in enumerate(layers)}
+                prune_experts_in_memory(candidate, keep_by_layer)
                 row = measure(candidate) | {
                     "criterion": criterion,
                     "seed": seed if criterion == "random" else None,
@@ -277,12 +279,18 @@ def compare_criteria(
                     "mean_retained_fraction": float(selection.retained_fraction.mean()),
                     "min_retained_fraction": float(selection.retained_fraction.min()),
                 }
+                if recalibrate_fn is not None:
+                    set_parameters(candidate, recalibrate_fn(keep_by_layer))
+                    row["recalibrated"] = measure(candidate)
                 del candidate
                 rows.append(row)
                 log(
                     f"keep {keep_count}/{num_experts} {criterion}{'' if row['seed'] is None else f' seed {seed}'}: "
                     f"KLD {row['kld']:.4f} ± {row['kld_stderr']:.4f}, top-1 {row['top1_agreement']:.3f}, "
                     f"loss {row['loss']:.4f}, min retained {row['min_retained_fraction']:.4f}" + _accuracy_note(row)
+                    + ("" if "recalibrated" not in row else
+                       f"; recalibrated KLD {row['recalibrated']['kld']:.4f}, top-1 "
+                       f"{row['recalibrated']['top1_agreement']:.3f}" + _accuracy_note(row["recalibrated"]))
                 )
     return {
         "num_experts": num_experts,
@@ -291,6 +299,19 @@ def compare_criteria(
         "baseline": baseline,
         "rows": rows,
     }
+
+
+def set_parameters(model: Any, values: Mapping[str, Any]) -> None:
+    """Overwrite the named parameters of ``model`` with ``values`` (cast to the parameter's dtype)."""
+    import torch
+
+    parameters = dict(model.named_parameters())
+    missing = sorted(set(values) - set(parameters))
+    if missing:
+        raise DropMapError(f"the model has no parameter {missing[0]} to take a recalibrated value")
+    with torch.no_grad():
+        for name, value in values.items():
+            parameters[name].copy_(value.to(parameters[name].dtype))
 
 
 def _accuracy_note(row: Mapping[str, Any]) -> str:
@@ -333,9 +354,64 @@ def summarize(result: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "accuracy": float(np.mean(accuracies)) if accuracies else None,
                 "min_retained_fraction": float(np.mean([r["min_retained_fraction"] for r in rows])),
                 "mean_retained_fraction": float(np.mean([r["mean_retained_fraction"] for r in rows])),
+                "recalibrated": _recalibrated_summary([r["recalibrated"] for r in rows if "recalibrated" in r]),
             }
         )
     return table
+
+
+def _recalibrated_summary(measured: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The recalibrated copies' means (standard error as in :func:`summarize`); None if not measured."""
+    if not measured:
+        return None
+    klds = [m["kld"] for m in measured]
+    accuracies = [m["accuracy"] for m in measured if m.get("accuracy") is not None]
+    return {
+        "kld": float(np.mean(klds)),
+        "kld_stderr": measured[0]["kld_stderr"] if len(measured) == 1 else float(np.std(klds, ddof=1) / math.sqrt(len(klds))),
+        "top1_agreement": float(np.mean([m["top1_agreement"] for m in measured])),
+        "loss": float(np.mean([m["loss"] for m in measured])),
+        "accuracy": float(np.mean(accuracies)) if accuracies else None,
+    }
+
+
+def recovery_markdown(result: Mapping[str, Any]) -> list[str]:
+    """The criteria-and-recovery section: per keep count and criterion, KLD, top-1 agreement and
+    accuracy without and with router recalibration (empty when recalibration was not measured)."""
+    table = [r for r in summarize(result) if r["recalibrated"] is not None]
+    if not table:
+        return []
+    recal = result.get("source", {}).get("recalibrate") or {}
+    has_accuracy = result["baseline"].get("accuracy") is not None
+    lines = [
+        "## Criteria and recovery: without and with router recalibration", "",
+        "Each pruned copy above, measured again after the recalibrate stage's router fit "
+        f"(`moeprune.recalibrate.stage.fit_routers`, settings {json.dumps(recal.get('settings'), sort_keys=True)}, "
+        f"on `{recal.get('sequences', '?')}`). Ratio = recalibrated KLD / plain KLD (below 1: recovered); "
+        "Δ/SE = (plain - recalibrated) KLD over the combined standard error.", "",
+    ]
+    header = "| Keep | Criterion | KLD plain | KLD recalibrated | Ratio | Δ/SE | Top-1 plain | Top-1 recalibrated |"
+    rule = "|---:|---|---:|---:|---:|---:|---:|---:|"
+    if has_accuracy:
+        header += " Accuracy plain | Accuracy recalibrated |"
+        rule += "---:|---:|"
+    lines += [header, rule]
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    for row in sorted(table, key=lambda r: (-r["keep_count"], r["kld"])):
+        after = row["recalibrated"]
+        spread = math.hypot(row["kld_stderr"], after["kld_stderr"])
+        cells = [f"{row['keep_count']}/{result['num_experts']}", f"`{row['criterion']}`",
+                 f"{row['kld']:.4f} ± {row['kld_stderr']:.4f}", f"{after['kld']:.4f} ± {after['kld_stderr']:.4f}",
+                 f"{after['kld'] / row['kld']:.3f}" if row["kld"] > 0 else "-",
+                 f"{(row['kld'] - after['kld']) / spread:+.1f}" if spread > 0 else "-",
+                 percent(row["top1_agreement"]), percent(after["top1_agreement"])]
+        if has_accuracy:
+            cells += [percent(row["accuracy"]), percent(after["accuracy"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def criteria_markdown(result: Mapping[str, Any], plot_name: str = "criteria.png") -> str:
@@ -415,6 +491,7 @@ def criteria_markdown(result: Mapping[str, Any], plot_name: str = "criteria.png"
     if has_accuracy:
         lines += [f"One question is {100 / result['examples']:.1f} accuracy points: differences of a few questions are "
                   "within noise at this size, which is why accuracy is secondary here.", ""]
+    lines += recovery_markdown(result)
     for note in source.get("notes", []):
         lines += [note, ""]
     lines += [f"![KL divergence, top-1 agreement and accuracy per criterion and keep count]({plot_name})", ""]
@@ -578,9 +655,14 @@ def run_compare_criteria(
     keep_fractions: Sequence[float] = DEFAULT_KEEP_FRACTIONS,
     random_seeds: Sequence[int] = (0, 1, 2),
     threads: int = 2,
+    recalibrate: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Compare the criteria on the recipe's (local) base model with its profile; write the docs.
+
+    With ``recalibrate``, every pruned copy is also measured after the recalibrate stage's router
+    fit (:func:`moeprune.recalibrate.stage.fit_routers`, the recipe's ``[recalibrate]`` settings,
+    on the profile's calibration sequences): the criteria-and-recovery table.
 
     Loss is measured on the eval task's held-out questions (reference thought + answer);
     accuracy (``accuracy=True``) with the demo build's greedy held-out evaluation (flexible
@@ -621,9 +703,22 @@ def run_compare_criteria(
             measured = evaluate_heldout(candidate, tokenizer, questions, enable_thinking=True)
             return round(measured["flexible_extract_accuracy"] * len(questions)), len(questions)
 
+    recalibrate_fn = None
+    settings: dict[str, Any] | None = None
+    if recalibrate:
+        from moeprune.recalibrate.stage import fit_routers, recipe_settings
+
+        settings = recipe_settings(recipe)
+
+        def recalibrate_fn(keep_by_layer: dict[int, list[int]]) -> Mapping[str, Any]:
+            values, _ = fit_routers(recipe.base_dir, keep_by_layer, layout.sequences_path, recipe.calibration.domains,
+                                    recipe.calibration.batch_size, settings, "compare-criteria's selection")
+            return values
+
     result = compare_criteria(
         model, tokenizer, stats.totals, stats.per_domain, stats.layers, examples,
-        keep_fractions=keep_fractions, random_seeds=random_seeds, accuracy_fn=accuracy_fn, log=log,
+        keep_fractions=keep_fractions, random_seeds=random_seeds, accuracy_fn=accuracy_fn,
+        recalibrate_fn=recalibrate_fn, log=log,
     )
     root = Path.cwd()
     result["source"] = {
@@ -636,6 +731,9 @@ def run_compare_criteria(
                     "evaluate_heldout`, up to 96 new tokens), answer = last `(X)` in the visible reply "
                     "(lm-eval's flexible-extract)" if accuracy else None,
         "torch_threads": threads,
+        "recalibrate": None if settings is None else {
+            "settings": settings, "sequences": _display_path(layout.sequences_path, root),
+            "sequences_sha256": sha256_file(layout.sequences_path)},
         "profile_stats_sha256": sha256_file(layout.profile_stats_path),
         "calibration": (_calibration_note(recipe.prompts_path, root)
                         + f" in domains {', '.join(f'`{d}`' for d in stats.domains)}, {stats.num_tokens} profiled tokens"),

@@ -174,15 +174,31 @@ def recalibrate(base_dir: Path, drop_map_path: Path, sequences_path: Path, domai
     Its inputs are the base checkpoint, the drop map, the calibration sequences and the settings
     only: the pruned router starts as the base's kept rows (which verify-prune proves the pruned
     checkpoint holds), so an auditor reruns it from the same four inputs."""
-    from moeprune.arch import context_length
     from moeprune.dropmap.io import load_drop_map
+
+    keep_by_layer = load_drop_map(drop_map_path).keep_by_layer
+    values, fitted = fit_routers(base_dir, keep_by_layer, sequences_path, domains, batch_size, settings,
+                                 str(drop_map_path))
+    new_bytes = {name: tensor_bytes(value) for name, value in values.items()}
+    for layer in fitted["layers"]:
+        layer["tensors"] = {name: sha256_bytes(new_bytes[name]) for name in layer.pop("tensor_names")}
+    return new_bytes, fitted
+
+
+def fit_routers(base_dir: Path, keep_by_layer: dict[int, Sequence[int]], sequences_path: Path, domains: Sequence[str],
+                batch_size: int, settings: dict[str, Any], keep_source: str
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The refitted router tensors (checkpoint dtypes) by name for the kept experts
+    ``keep_by_layer`` (named ``keep_source`` in errors), and the record's per-layer part (each
+    layer's ``tensor_names``): what :func:`recalibrate` writes, and what ``compare-criteria``
+    applies to a model pruned in memory."""
+    from moeprune.arch import context_length
     from moeprune.profile.generate import read_sequences
     from moeprune.profile.replay import prepare_batches
     from moeprune.io.materialize import meta_model
     from moeprune.profile.streamed import StreamInfo, layer_by_layer, family_adapter
 
     fit = FitSettings(settings["max_steps"], settings["learning_rate"], settings["patience_steps"])
-    keep_by_layer = load_drop_map(drop_map_path).keep_by_layer
     sequences = read_sequences(sequences_path)
     held = set(holdout_ids(sequences, settings["holdout_fraction"], settings["seed"]))
     model = meta_model(base_dir, "float32")
@@ -192,9 +208,9 @@ def recalibrate(base_dir: Path, drop_map_path: Path, sequences_path: Path, domai
     layers_path = arch.decoder_layers_path(model)
     moe_by_layer = {m.layer_index: m for m in arch.moe_modules(model)}
     if sorted(moe_by_layer) != sorted(keep_by_layer):
-        raise RecalibrateError(f"{drop_map_path}: the drop map covers layers {sorted(keep_by_layer)}, the base model's "
+        raise RecalibrateError(f"{keep_source}: the drop map covers layers {sorted(keep_by_layer)}, the base model's "
                                f"MoE layers are {sorted(moe_by_layer)}")
-    new_bytes: dict[str, bytes] = {}
+    values: dict[str, torch.Tensor] = {}
     layers: list[dict[str, Any]] = []
     cpu = torch.device("cpu")
     with deterministic_cpu(), Checkpoint.open(base_dir) as base, \
@@ -225,18 +241,15 @@ def recalibrate(base_dir: Path, drop_map_path: Path, sequences_path: Path, domai
             parameters, dtypes = _router_parameters(router, names[id(modules.router)], tensor_names, base)
             objective = _LayerObjective(arch, layer, modules, router, experts, taps, masks)
             result = fit_layer(parameters, objective, fit, dtypes)
-            tensors = {}
-            for name in tensor_names:
-                new_bytes[name] = tensor_bytes(result.values[name])
-                tensors[name] = sha256_bytes(new_bytes[name])
+            values.update((name, result.values[name]) for name in tensor_names)
             layers.append({
-                "layer": index, "tensors": tensors, "changed": result.changed, "steps": result.steps,
+                "layer": index, "tensor_names": list(tensor_names), "changed": result.changed, "steps": result.steps,
                 "best_step": result.best_step,
                 "train_mse_before": result.train_mse_before, "train_mse_after": result.train_mse_after,
                 "holdout_mse_before": result.holdout_mse_before, "holdout_mse_after": result.holdout_mse_after,
                 "train_tokens": objective.counts["train"], "holdout_tokens": objective.counts["holdout"],
             })
-    return new_bytes, {"holdout_sequences": sorted(held), "layers": layers}
+    return values, {"holdout_sequences": sorted(held), "layers": layers}
 
 
 def write_recalibrated(pruned_dir: Path, out_dir: Path, new_bytes: dict[str, bytes], record: dict[str, Any],
