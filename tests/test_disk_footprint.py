@@ -6,25 +6,23 @@ record kept" from a file that is missing; the plan counts the savings."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 
+from invoke_cli import invoke
 from moeprune.plan.disk import Free, StagePlan, Write, first_shortfall, peak_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 ON = "\n[disk]\ndelete_intermediates = true\n"
 
 
-def _invoke(args: list[str], runs: Path) -> subprocess.CompletedProcess:
-    # COLUMNS: verify's table wide enough that no detail is wrapped across lines.
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT,
-                          env={**os.environ, "MOEPRUNE_RUNS_DIR": str(runs), "COLUMNS": "400"},
-                          capture_output=True, text=True, timeout=1800)
+def _invoke(args: list[str], runs: Path, in_process: bool = False) -> subprocess.CompletedProcess:
+    """``invoke ARGS`` (tests/invoke_cli.py); ``in_process`` for the plans, which load no model.
+    COLUMNS: verify's table wide enough that no detail is wrapped across lines."""
+    return invoke(*args, env={"MOEPRUNE_RUNS_DIR": str(runs), "COLUMNS": "400"}, timeout=1800, in_process=in_process)
 
 
 def _statuses(result: subprocess.CompletedProcess) -> dict[str, str]:
@@ -60,7 +58,7 @@ def test_check_plans_the_deletions(tmp_path):
 
     recipe = tmp_path / "demo.toml"
     recipe.write_text(demo_recipe_text() + ON)
-    result = _invoke(["check", "--recipe", str(recipe)], tmp_path / "runs")
+    result = _invoke(["check", "--recipe", str(recipe)], tmp_path / "runs", in_process=True)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     kld = next(line for line in out.splitlines() if line.startswith("  kld "))
@@ -69,7 +67,7 @@ def test_check_plans_the_deletions(tmp_path):
     total = int(re.search(r"total written: <= [\d.]+ MB \((\d+) bytes", out).group(1))
     peak = int(re.search(r"peak on disk: <= [\d.]+ MB \((\d+) bytes at once", out).group(1))
     assert peak < total
-    plain = _invoke(["check", "--recipe", str(ROOT / "recipes" / "demo.toml")], tmp_path / "runs")
+    plain = _invoke(["check", "--recipe", str(ROOT / "recipes" / "demo.toml")], tmp_path / "runs", in_process=True)
     assert "peak on disk" not in plain.stdout and "deletes" not in plain.stdout  # off by default
 
 
@@ -78,7 +76,7 @@ def test_readme_shows_the_reference_plan_with_deletions(tmp_path):
     recipe = tmp_path / "reference.toml"
     text = (ROOT / "recipes" / "gemma-4-26b-a4b-109e.toml").read_text(encoding="utf-8")
     recipe.write_text(text.replace('"../', f'"{ROOT}/') + ON)
-    result = _invoke(["check", "--recipe", str(recipe)], Path("/nonexistent-runs"))
+    result = _invoke(["check", "--recipe", str(recipe)], Path("/nonexistent-runs"), in_process=True)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith(("  total written:", "  peak on disk:"))]
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

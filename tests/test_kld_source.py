@@ -81,7 +81,7 @@ def test_the_stage_fetches_the_source_and_refuses_until_its_sha256_is_pinned(tmp
 
 def test_check_shows_the_reference_recipe_kld_with_its_pinned_source():
     done = invoke("check", "--recipe", str(ROOT / "recipes" / "gemma-4-26b-a4b-109e.toml"),
-                  env={"MOEPRUNE_RUNS_DIR": "/nonexistent-runs"})
+                  env={"MOEPRUNE_RUNS_DIR": "/nonexistent-runs"}, in_process=True)
     assert done.returncode == 0, done.stderr
     line = next(line for line in done.stdout.splitlines() if line.startswith("kld:"))
     assert line.startswith("kld: enabled; held-out text fetched when the stage runs: "

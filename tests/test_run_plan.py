@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from invoke_cli import invoke
 from moeprune.pipeline.stages import build_pipeline
 from moeprune.plan.disk import StagePlan, Write, first_shortfall
 from moeprune.plan.ggml import GgufTensor, QuantModel, fallback_type, quantized_types
@@ -25,9 +26,10 @@ REFERENCE = ROOT / "recipes" / "gemma-4-26b-a4b-109e.toml"
 SEED_Q4_K_M_GB = {"base": 16.0, "pruned": 14.0}
 
 
-def _invoke(args: list[str], env: dict[str, str], timeout: int = 1800) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=timeout)
+def _invoke(args: list[str], env: dict[str, str], in_process: bool = True) -> subprocess.CompletedProcess:
+    """``invoke ARGS`` (tests/invoke_cli.py): in this process for the plans and refusals, which load
+    no model (transformers is imported once, not per call); in a subprocess for real runs."""
+    return invoke(*args, env=env, timeout=1800, in_process=in_process)
 
 
 def _readme_block(name: str) -> list[str]:
@@ -334,7 +336,7 @@ def test_ignore_disk_plan_runs_anyway(small_tmpfs):
     """--ignore-disk-plan: the profile runs; the prune then meets the full disk and fails in one
     line, leaving no half-written checkpoint."""
     result = _invoke(["reproduce", "--no-live", "--until", "convert-base", "--ignore-disk-plan"],
-                     {"MOEPRUNE_RUNS_DIR": str(small_tmpfs)})
+                     {"MOEPRUNE_RUNS_DIR": str(small_tmpfs)}, in_process=False)
     assert result.returncode != 0
     assert "would not fit" in result.stderr  # still printed, not refused
     assert "refused before any stage ran" not in result.stderr
