@@ -177,7 +177,7 @@ class RunLayout:
 
     @property
     def deleted_path(self) -> Path:
-        """The records of intermediates deleted on purpose (moeprune.pipeline.release)."""
+        """The records of intermediates deleted on purpose (moeprune.deleted)."""
         return self.root / "deleted.json"
 
     @property

@@ -681,7 +681,7 @@ def _recalibration_numbers(card: CardNumbers, inputs: CardInputs) -> None:
     """The router recalibration, from the published checkpoint's ``recalibrate.json`` (nothing when
     the checkpoint was not recalibrated): its settings and, per MoE layer, the held-out loss before
     and after the fit."""
-    from moeprune.recalibrate import RECORD_NAME
+    from moeprune.recalibrate import FIT_SETTINGS, RECORD_NAME
 
     path = inputs.source.model_dir / RECORD_NAME
     if not path.is_file():
@@ -691,7 +691,7 @@ def _recalibration_numbers(card: CardNumbers, inputs: CardInputs) -> None:
         settings, layers, held = record["settings"], record["layers"], record["holdout_sequences"]
         rows = [(int(layer["layer"]), float(layer["holdout_mse_before"]), float(layer["holdout_mse_after"]),
                  int(layer["steps"]), bool(layer["changed"]), int(layer["holdout_tokens"])) for layer in layers]
-        values = {name: settings[name] for name in _RECALIBRATION_SETTINGS}
+        values = {name: settings[name] for name in FIT_SETTINGS}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CardError(f"{path}: not a recalibration record ({exc!r} is missing or malformed); rerun the "
                         "recalibrate stage") from None
@@ -755,9 +755,6 @@ def _side_by_side_numbers(card: CardNumbers, inputs: CardInputs) -> None:
         card.add("recal.kld_gain", gap, f"{gap:+.4f}".replace("-", "−"), f"difference of {keys}")
         card.add("recal.kld_sigmas", sigmas, f"{sigmas:.1f}", "|recal.kld_gain| / combined uncertainty (eval/kld.json)")
     card.tables["side_by_side"] = rows
-
-
-_RECALIBRATION_SETTINGS = ("max_steps", "learning_rate", "patience_steps", "holdout_fraction", "seed")
 
 
 SECTIONS = (_size_numbers, _expert_numbers, _arch_numbers, _retention_numbers, _calibration_numbers,

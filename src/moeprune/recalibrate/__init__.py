@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 RECORD_NAME = "recalibrate.json"  # the record beside the recalibrated weights
+# The ``[recalibrate]`` fields the fit reads: the record's ``settings``, verify's rerun and the card.
+FIT_SETTINGS = ("max_steps", "learning_rate", "patience_steps", "holdout_fraction", "seed")
 
 
 def pruned_side_dir(recipe: Any, layout: Any) -> Path:

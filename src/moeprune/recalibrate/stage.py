@@ -35,7 +35,7 @@ from moeprune.hashing import sha256_bytes, sha256_file
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
 from moeprune.io.writer import ShardedWriter
 from moeprune.patching import Patches
-from moeprune.recalibrate import RECORD_NAME
+from moeprune.recalibrate import FIT_SETTINGS, RECORD_NAME
 from moeprune.recalibrate.fit import FitSettings, combine, expert_outputs, fit_layer
 
 RECORD_FORMAT = "moeprune-recalibrate/1"
@@ -296,9 +296,7 @@ def recalibrate_checkpoint(base_dir: Path, pruned_dir: Path, sequences_path: Pat
 
 def recipe_settings(recipe: Any) -> dict[str, Any]:
     """The ``[recalibrate]`` values the fit reads (what the record and verify's rerun use)."""
-    section = recipe.recalibrate
-    return {"holdout_fraction": section.holdout_fraction, "max_steps": section.max_steps,
-            "learning_rate": section.learning_rate, "patience_steps": section.patience_steps, "seed": section.seed}
+    return {name: getattr(recipe.recalibrate, name) for name in FIT_SETTINGS}
 
 
 def run_recalibrate(recipe: Any, layout: Any) -> dict[str, Any] | None:
