@@ -51,6 +51,13 @@ class Repo:
             raise KeyError(revision)
         return self.commits[matches[0]]
 
+    def add_commit(self, files: dict[str, bytes]) -> str:
+        """A commit on top of the head that adds ``files`` (as a test sets up a dataset); its oid."""
+        oid = hashlib.sha1(repr((self.head, sorted(files.items()))).encode()).hexdigest()
+        self.commits[oid] = {**self.commits[self.head], **files}
+        self.history.append(oid)
+        return oid
+
     def resolve(self, revision: str) -> str:
         if revision in ("main", "HEAD"):
             return self.head
@@ -220,7 +227,8 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             path = unquote(urlparse(self.path).path)
             if head:
                 hub.requests.append(("HEAD", path))
-            m = re.fullmatch(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
+            # Model and dataset repos share one namespace here; datasets resolve under /datasets/.
+            m = re.fullmatch(rf"/(?:datasets/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
             if not m:
                 return self._error(404, f"no route {path}")
             repo = self._repo(m["repo"])

@@ -321,23 +321,28 @@ class EvalSection(_Section):
 
 
 class HeldOutSource(_Section):
-    """A held-out text fetched from a Hub dataset when the kld stage runs, pinned by commit and by the
-    sha256 of the text moeprune builds from it (the split's ``column`` joined as is: each row of
-    wikitext keeps its own newline). The stage refuses a text whose sha256 differs."""
+    """A held-out text fetched from one file of a Hub dataset when the kld stage runs, pinned by the
+    dataset's commit and by the file's sha256 (what the Hub shows as the file's LFS oid, so anyone can
+    check the pin on the Hub). The text is the file's ``column`` rows joined as they are (each row of
+    wikitext keeps its own newline); kld.json records its sha256. The stage refuses a file whose
+    sha256 differs."""
 
-    dataset: str = Field(description="Hub dataset id (e.g. Salesforce/wikitext), read with `datasets`.")
-    config: str = Field(description="Dataset configuration (e.g. wikitext-2-raw-v1).")
-    split: str = Field(description="Split (e.g. test).")
+    dataset: str = Field(description="Hub dataset id (e.g. Salesforce/wikitext); read through the HF cache, so a "
+                         "machine without internet uses a cache filled elsewhere (HF_HUB_OFFLINE=1).")
     revision: str = Field(pattern=r"^[0-9a-f]{40}$", description="The dataset's commit sha (40 hex digits).")
-    sha256: str | None = Field(
+    file: str = Field(
+        pattern=r"^[^/].*\.parquet$",
+        description="The parquet file in the dataset's repository (e.g. wikitext-2-raw-v1/test-00000-of-00001.parquet).",
+    )
+    file_sha256: str | None = Field(
         default=None, pattern=r"^[0-9a-f]{64}$",
-        description="sha256 of the built text; unset: the stage fetches and builds it, then refuses, printing "
-        "the value to pin.",
+        description="sha256 of that file at that commit; unset: the stage downloads it, then refuses, printing the "
+        "value to pin.",
     )
     column: str = Field(default="text", description="The column whose rows are joined into the text.")
 
     def describe(self) -> str:
-        return f"{self.dataset}@{self.revision[:12]} ({self.config}, {self.split} split)"
+        return f"{self.dataset}@{self.revision[:12]} ({self.file})"
 
 
 class KldSection(_Section):

@@ -148,7 +148,7 @@ def _reference_logits(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild, r
 
 def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str, Any]:
     """Measure every GGUF against the reference; write eval/kld.json and its evidence. Returns kld.json."""
-    from moeprune.kld.heldout import heldout_text
+    from moeprune.kld.heldout import heldout_text, source_record
     from moeprune.llamacpp.stages import gguf_path
     from moeprune.schemas import validate
 
@@ -233,7 +233,8 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
         "recipe_name": recipe.name,
         "enabled": True,
         "settings": settings,
-        "text": {"file": text_path.name, "sha256": sha256_file(text_path), "size_bytes": text_path.stat().st_size},
+        "text": {"file": text_path.name, "sha256": sha256_file(text_path), "size_bytes": text_path.stat().st_size,
+                 **({"source": record} if (record := source_record(recipe)) else {})},
         "llamacpp_build": build.key,
         "topology": served_on,
         "reference": {
