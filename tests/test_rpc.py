@@ -1,13 +1,17 @@
 """Serving across machines with llama.cpp's RPC backend (issue 25, item 2).
 
 Fast: the recipe field, its flags and its place outside every cache key, the preflight's lines for
-workers that cannot serve. Slow (the real build): ``invoke rpc-worker`` processes on 127.0.0.1,
-then ``invoke eval`` and ``invoke stage kld`` of the demo with ``serve.rpc`` naming two of them,
-compared with the single-process demo run, and a worker killed mid-eval.
+workers that cannot serve, the build record a worker serves and the rule of what may differ. Slow
+(the real build): ``invoke rpc-worker`` processes on 127.0.0.1; ``invoke check`` refusing a worker
+of another build and a bare ``ggml-rpc-server``; ``invoke profile`` generating phase 1 through
+llama-server on two workers; ``invoke eval`` and ``invoke stage kld`` of the demo with
+``serve.rpc`` naming two of them, compared with the single-process demo run, and a worker killed
+mid-eval.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,7 +27,9 @@ from fakerun import demo_recipe_text
 from invoke_cli import invoke
 
 from moeprune.errors import RecipeError
-from moeprune.llamacpp.rpc import WorkerInfo, rpc_flags, worker_problems
+from moeprune.llamacpp.rpc import (BUILD_FIELDS_MAY_DIFFER, RpcWorkerError, WorkerInfo, build_problem,
+                                   build_record_entry, fetch_build, record_identity, rpc_flags, serving_build,
+                                   worker_problems)
 from moeprune.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +37,15 @@ MiB = 2**20
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now whose next port is free too (a worker's build record is served there)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port < 65535:
+            with socket.socket() as sock, contextlib.suppress(OSError):
+                sock.bind(("127.0.0.1", port + 1))
+                return port
 
 
 def _rpc_recipe(tmp_path: Path, endpoints: list[str], n_gpu_layers: int = 99, name: str = "demo") -> Path:
@@ -110,6 +122,101 @@ def test_worker_problems_name_the_worker_its_protocol_and_the_memory_shortfall()
     assert problems[0].startswith("RPC worker b:2 speaks RPC protocol 6.1.0, the pinned llama.cpp 7.0.0")
     assert "500 MiB free together (a:1 300 MiB, b:2 200 MiB)" in problems[1] and "need 600 MiB" in problems[1]
     assert worker_problems([WorkerInfo("c:3", "7.0.0", ())], "7.0.0", None) == ["RPC worker c:3 reports no device"]
+
+
+HEAD_RECORD = {"key": "k-head", "source": {"llama_cpp_commit": "c" * 40, "pin_sha256": "s" * 64},
+               "flags": {"GGML_RPC": "ON", "GGML_CUDA": "OFF", "GGML_NATIVE": "OFF", "CMAKE_BUILD_TYPE": "Release"},
+               "binaries": {"ggml-rpc-server": {"sha256": "a" * 64}}}
+
+
+def _doctored(record: dict, flags: dict | None = None, **source) -> dict:
+    """``record`` with some flags and source fields replaced (another build, as its record says)."""
+    return {**record, "key": "k-other", "flags": {**record["flags"], **(flags or {})},
+            "source": {**record["source"], **source}}
+
+
+def test_a_worker_build_may_differ_only_in_its_device_backend():
+    """The one rule (BUILD_FIELDS_MAY_DIFFER): a CUDA worker of a CPU head passes and is recorded with
+    what differs; another commit, source archive or CPU-kernel flag is one line naming each field."""
+    head = record_identity(HEAD_RECORD)
+    cuda = record_identity(_doctored(HEAD_RECORD, {"GGML_CUDA": "ON", "CMAKE_CUDA_ARCHITECTURES": "90"}))
+    assert build_problem("w:1", head, head) is None and build_problem("w:1", head, cuda) is None
+    assert build_record_entry(head, cuda) == {"key": "k-other", "llama_cpp_commit": "c" * 40,
+                                              "unlike_head": {"flags.GGML_CUDA": "ON",
+                                                              "flags.CMAKE_CUDA_ARCHITECTURES": "90"}}
+    assert build_record_entry(head, head)["unlike_head"] == {}
+    native = record_identity(_doctored(HEAD_RECORD, {"GGML_NATIVE": "ON"}, llama_cpp_commit="d" * 40))
+    line = build_problem("w:1", head, native)
+    assert line is not None and line.startswith("RPC worker w:1 runs another llama.cpp build than this node (")
+    assert f"flags.GGML_NATIVE = ON there, OFF here; llama_cpp_commit = {'d' * 40} there, {'c' * 40} here" in line
+    assert "invoke rpc-worker" in line
+    assert build_problem("w:1", head, record_identity(_doctored(HEAD_RECORD, pin_sha256="t" * 64))) is not None
+    assert build_problem("w:1", head, {k: v for k, v in head.items() if k != "flags.GGML_RPC"}) is not None
+    # The rule names fields of the identity (flags: only where a build sets them).
+    assert all(name in head or name.startswith("flags.") for name in BUILD_FIELDS_MAY_DIFFER)
+
+
+def test_the_build_port_serves_the_record_and_nothing_answers_when_it_stops():
+    """serving_build (the thread of `invoke rpc-worker`) answers fetch_build with the record; the port
+    is taken while it serves, and nothing answers once the worker stopped."""
+    port = _free_port()
+    with serving_build("127.0.0.1", port, HEAD_RECORD) as served:
+        assert served == port + 1
+        assert fetch_build(f"127.0.0.1:{port}") == record_identity(HEAD_RECORD)
+        with pytest.raises(RpcWorkerError, match=rf"^rpc-worker 127.0.0.1:{port}: could not bind its build port"):
+            with serving_build("127.0.0.1", port, HEAD_RECORD):
+                pass
+    with pytest.raises(RpcWorkerError, match=rf"^RPC worker 127.0.0.1:{port}: no build record on port {port + 1} "
+                                             r".*a bare ggml-rpc-server.*`invoke rpc-worker --host 127.0.0.1"):
+        fetch_build(f"127.0.0.1:{port}", timeout_s=2)
+
+
+@contextlib.contextmanager
+def _http_answering(port: int, body: bytes):
+    """Some other HTTP service on ``port`` that answers ``body`` to every GET."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("document, needle", [
+    (b"<html>hello</html>", "answers, but not with a moeprune rpc-worker build record (moeprune-rpc-build/1)"),
+    (b'{"format": "moeprune-rpc-build/1", "build": []}', "answers, but not with a moeprune rpc-worker build record"),
+    (b'{"format": "moeprune-rpc-build/1", "rpc_port": 7, "build": {}}', "belongs to the worker on port 7, not "),
+])
+def test_a_build_port_that_answers_something_else_is_refused(document: bytes, needle: str):
+    port = _free_port()
+    with _http_answering(port + 1, document):
+        with pytest.raises(RpcWorkerError, match=rf"^RPC worker 127.0.0.1:{port}: ") as caught:
+            fetch_build(f"127.0.0.1:{port}")
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_recorded_topology_has_one_definition_in_every_schema():
+    """results.json, kld.json and profile.json record the same topology (one JSON Schema $def each:
+    a schema cannot $ref another file here, so they are held equal)."""
+    defs = [json.loads((ROOT / "schemas" / f"{name}.schema.json").read_text())["$defs"]["topology"]
+            for name in ("results", "kld", "profile")]
+    assert defs[0] == defs[1] == defs[2]
+    worker = defs[0]["properties"]["rpc_workers"]["items"]
+    assert "build" in worker["required"]
 
 
 # --- real workers ------------------------------------------------------------------------------------
