@@ -157,7 +157,7 @@ def serve(c, recipe: Path | None = None, which: Which = "pruned", type: str | No
 
 @moeprune_task(help={"recipe": RECIPE_HELP,
                      "host": "Address to listen on (default 127.0.0.1; another exposes an unauthenticated port).",
-                     "port": "TCP port (default 50052).",
+                     "port": "TCP port (default 50052); its build record is served on the next port (both must be open).",
                      "mem": "Refuse to serve unless the worker's devices have at least this many MiB free.",
                      "threads": "CPU threads of a CPU worker (default: rpc-server's, half the cores)."})
 def rpc_worker(c, recipe: Path | None = None, host: str | None = None, port: int | None = None,

@@ -34,7 +34,8 @@ Checks (and the stages they guard):
 ``kld-text`` (kld)
     ``kld.text`` is non-empty UTF-8 text.
 ``rpc-workers`` (serve, eval, kld; only with ``serve.rpc``)
-    each worker answers over the wire, speaks the pinned build's RPC protocol, and together they
+    each worker answers over the wire, speaks the pinned build's RPC protocol, serves on its build
+    port a build record whose source and flags agree with this node's, and together they
     have the free memory the offloaded layers of the largest served GGUF need; the one check that
     talks to other machines.
 ``revision`` (the stages that read the base: profile, dropmap, prune, convert-base)
@@ -350,11 +351,13 @@ def check_revision(recipe: Recipe, report: PreflightReport) -> None:
 
 
 def check_rpc_workers(recipe: Recipe, report: PreflightReport) -> None:
-    """Each ``serve.rpc`` worker answers, speaks the pinned build's RPC protocol, and together they
-    have the memory the plan says the offloaded layers need (moeprune.llamacpp.rpc says what the
-    wire can and cannot prove about a worker's build)."""
-    from moeprune.llamacpp.rpc import RpcWorkerError, pinned_protocol, probe, worker_problems
-    from moeprune.llamacpp.source import ensure_source
+    """Each ``serve.rpc`` worker answers, speaks the pinned build's RPC protocol, runs the same
+    llama.cpp build as this node (source and the flags that must agree: the build record it serves on
+    its build port), and together they have the memory the plan says the offloaded layers need
+    (moeprune.llamacpp.rpc says what may differ and why)."""
+    from moeprune.llamacpp.build import resolve_build
+    from moeprune.llamacpp.rpc import (RpcWorkerError, build_identity, build_problem, fetch_build, pinned_protocol,
+                                       probe, worker_problems)
     from moeprune.plan.gather import served_offload_bytes
 
     if not recipe.serve.rpc:
@@ -371,12 +374,21 @@ def check_rpc_workers(recipe: Recipe, report: PreflightReport) -> None:
             report.errors.append(str(exc))
     if not infos:
         return  # nothing answered: each worker has its line already
-    try:
-        protocol = pinned_protocol(ensure_source(recipe.llamacpp).root)
+    try:  # this node's build as it is (or would be) built: nothing is compiled here
+        source, flags, _, key = resolve_build(recipe.llamacpp)
+        protocol = pinned_protocol(source.root)
         need = served_offload_bytes(recipe)
     except MoepruneError as exc:
         report.errors.append(str(exc))
         return
+    head = build_identity(key, source.record.get("llama_cpp_commit"), source.pin_sha256, flags, None)
+    for info in infos:
+        try:
+            problem = build_problem(info.endpoint, head, fetch_build(info.endpoint))
+        except RpcWorkerError as exc:
+            problem = str(exc)
+        if problem is not None:
+            report.errors.append(problem)
     report.errors.extend(worker_problems(infos, protocol, need))
 
 

@@ -555,6 +555,12 @@ def _eval_setting_numbers(card: CardNumbers, inputs: CardInputs) -> None:
     card.facts["llamacpp"] = (src.get("llama_cpp_commit") or src.get("version") or build.get("key") or "unknown")
     workers = (first.get("topology") or {}).get("rpc_workers") or []
     card.facts["rpc_workers"] = len(workers)  # 0: served by one process
+    # Each worker's build key, and what of it differs from this node's (allowed: moeprune.llamacpp.rpc).
+    card.facts["rpc_worker_builds"] = sorted({
+        "`{}`{}".format(w["build"]["key"], "".join(f" {name.removeprefix('flags.')}={value}"
+                                                  for name, value in sorted(w["build"]["unlike_head"].items())
+                                                  if name.startswith("flags.")))
+        for w in workers if w.get("build")})
 
 
 def _eval_score_numbers(card: CardNumbers, inputs: CardInputs) -> None:

@@ -138,7 +138,7 @@ def _evaluate_model(recipe: Recipe, layout: RunLayout, model: str, gguf_path: Pa
     from moeprune.llamacpp.rpc import topology
 
     gguf = gguf_record(gguf_path, recipe.quantize.eval_type, layout)
-    served_on = topology(recipe.serve.rpc)  # asked before the server connects: a worker serves one client
+    served_on = topology(recipe.serve.rpc, build_record)  # asked before the server connects: it serves one client
     log_path = layout.log_path(f"llama-server-{model}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with server_factory(model, gguf_path, log_path) as server:

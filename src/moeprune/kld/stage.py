@@ -168,7 +168,7 @@ def run_kld(recipe: Recipe, layout: RunLayout, build: LlamaCppBuild) -> dict[str
             raise KldError(f"{path}: not found; run the convert and quantize stages first")
     settings = _settings(recipe)
     work = kld_work_dir(recipe, layout)
-    served_on = topology(recipe.serve.rpc)  # asked before llama-perplexity connects: a worker serves one client
+    served_on = topology(recipe.serve.rpc, build.record)  # asked before llama-perplexity connects (one client)
     logits, reference_output, reference_command = _reference_logits(recipe, layout, build, reference, text_path)
 
     # (label, model, quant type, role, file; None: a rival, made in its turn)

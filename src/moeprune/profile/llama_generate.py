@@ -195,9 +195,11 @@ def run_llama_server_generation(
     keys: dict[str, str],
     context_tokens: int | None,
     on_batch: Callable[[int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Start llama-server on the recipe's ``profile.generate_gguf`` and generate every prompt."""
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Start llama-server on the recipe's ``profile.generate_gguf`` and generate every prompt; return
+    the sequence records and where the server ran (its ``serve.rpc`` workers, as eval records them)."""
     from moeprune.llamacpp.build import ensure_llamacpp
+    from moeprune.llamacpp.rpc import topology
     from moeprune.llamacpp.server import LlamaServer
 
     gguf = recipe.generate_gguf_path
@@ -217,6 +219,7 @@ def run_llama_server_generation(
         }
     )
     build = ensure_llamacpp(recipe.llamacpp)
+    served_on = topology(serve.rpc, build.record)  # asked before the server connects: a worker serves one client
     log_path = layout.logs_dir / "profile-phase1-llama-server.log"
     with LlamaServer(build, gguf, serve, log_path) as server:
         records = generate_with_server(
@@ -232,4 +235,4 @@ def run_llama_server_generation(
             on_batch=on_batch,
         )
         server.confirm_serving()  # every sequence came from the server started here
-        return records
+        return records, served_on

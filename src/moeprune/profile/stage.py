@@ -162,6 +162,7 @@ def _phase1(
 
     thinking_supported: bool | None = None
     generated: dict[str, dict[str, Any]] = {}
+    served_on: dict[str, Any] | None = None  # where llama-server generated (None: it did not run here)
     if missing:
         tokenizer = load_tokenizer(model_dir)
         thinking_supported = template_supports_thinking(tokenizer)
@@ -170,10 +171,10 @@ def _phase1(
         with phase_progress(f"phase 1: generate ({generator['name']}){_of_share(world)}", _total(len(missing), world),
                             progress) as advance:
             if generator["name"] == "llama-server":
-                records = run_llama_server_generation(
+                records, served_on = run_llama_server_generation(
                     recipe, layout, model_dir, tokenizer, missing,
                     keys=keys, context_tokens=context_tokens, on_batch=advance,
-                ) if world.is_root else []
+                ) if world.is_root else ([], None)
             else:
                 records = generate_sequences(
                     get_model(),
@@ -209,6 +210,8 @@ def _phase1(
         "thinking_supported": thinking_supported,
         "generator": generator,
         "tokenizer_sha256": tokenizer_hash,
+        # The serve.rpc workers of the sequences generated now, like results.json's topology.
+        **({"topology": served_on} if served_on is not None else {}),
     }
     return sequences, info
 
