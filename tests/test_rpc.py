@@ -113,6 +113,24 @@ def test_workers_without_an_offloaded_layer_are_refused(tmp_path: Path):
                for line in result.stderr.splitlines()), result.stderr
 
 
+def test_phase1_on_llama_server_checks_the_workers_with_its_own_gguf(tmp_path: Path):
+    """Phase 1's llama-server takes serve.rpc too, so the profile stage's preflight checks the
+    workers, and the memory they need counts the offloaded share of profile.generate_gguf."""
+    from moeprune.plan.gather import phase1_offload_bytes
+    from moeprune.preflight import checks_for
+
+    gguf = tmp_path / "base.gguf"
+    gguf.write_bytes(bytes(4 * MiB))
+    path = _rpc_recipe(tmp_path, ["127.0.0.1:50052"])
+    served = load_recipe(path, check_inputs=False)
+    assert "rpc-workers" not in checks_for(served, ["profile"]) and phase1_offload_bytes(served) is None
+    path.write_text(path.read_text().replace("[profile]\n", f'[profile]\ngenerate = "llama-server"\n'
+                                             f'generate_gguf = "{gguf}"\ngenerate_n_gpu_layers = 2\n', 1))
+    phase1 = load_recipe(path, check_inputs=False)
+    assert "rpc-workers" in checks_for(phase1, ["profile"])
+    assert phase1_offload_bytes(phase1) == 2 * MiB  # 2 of the demo's 4 layers
+
+
 def test_worker_problems_name_the_worker_its_protocol_and_the_memory_shortfall():
     good = WorkerInfo("a:1", "7.0.0", ((300 * MiB, 1000 * MiB),))
     old = WorkerInfo("b:2", "6.1.0", ((200 * MiB, 1000 * MiB),))

@@ -33,7 +33,7 @@ Checks (and the stages they guard):
     silently, and the eval then fails hours later calling the task unknown).
 ``kld-text`` (kld)
     ``kld.text`` is non-empty UTF-8 text.
-``rpc-workers`` (serve, eval, kld; only with ``serve.rpc``)
+``rpc-workers`` (serve, eval, kld, and profile when phase 1 runs on llama-server; only with ``serve.rpc``)
     each worker answers over the wire, speaks the pinned build's RPC protocol, serves on its build
     port a build record whose source and flags agree with this node's, and together they
     have the free memory the offloaded layers of the largest served GGUF need; the one check that
@@ -353,12 +353,13 @@ def check_revision(recipe: Recipe, report: PreflightReport) -> None:
 def check_rpc_workers(recipe: Recipe, report: PreflightReport) -> None:
     """Each ``serve.rpc`` worker answers, speaks the pinned build's RPC protocol, runs the same
     llama.cpp build as this node (source and the flags that must agree: the build record it serves on
-    its build port), and together they have the memory the plan says the offloaded layers need
-    (moeprune.llamacpp.rpc says what may differ and why)."""
+    its build port), and together they have the memory the plan says the offloaded layers need: of
+    the largest GGUF the run serves through them, phase 1's included (moeprune.llamacpp.rpc says
+    what may differ and why)."""
     from moeprune.llamacpp.build import resolve_build
     from moeprune.llamacpp.rpc import (RpcWorkerError, build_identity, build_problem, fetch_build, pinned_protocol,
                                        probe, worker_problems)
-    from moeprune.plan.gather import served_offload_bytes
+    from moeprune.plan.gather import phase1_offload_bytes, served_offload_bytes
 
     if not recipe.serve.rpc:
         return
@@ -377,7 +378,8 @@ def check_rpc_workers(recipe: Recipe, report: PreflightReport) -> None:
     try:  # this node's build as it is (or would be) built: nothing is compiled here
         source, flags, _, key = resolve_build(recipe.llamacpp)
         protocol = pinned_protocol(source.root)
-        need = served_offload_bytes(recipe)
+        needs = [need for need in (served_offload_bytes(recipe), phase1_offload_bytes(recipe)) if need is not None]
+        need = max(needs) if needs else None
     except MoepruneError as exc:
         report.errors.append(str(exc))
         return
@@ -408,7 +410,7 @@ CHECKS: dict[str, Check] = {
 }
 # Which checks a stage (or task) needs before its first real work.
 STAGE_CHECKS: dict[str, tuple[str, ...]] = {
-    "profile": ("revision", "moe-model", "expert-shapes", "calibration"),
+    "profile": ("revision", "moe-model", "expert-shapes", "calibration", "rpc-workers-if-phase1-rpc"),
     "dropmap": ("revision", "moe-model", "drop-counts"),
     "prune": ("revision", "moe-model", "expert-shapes"),
     "convert-base": ("revision", "convertible"),
@@ -438,6 +440,9 @@ def checks_for(recipe: Recipe, stages: Iterable[str] | None) -> list[str]:
                     wanted.add("calibration")
             elif name == "rpc-workers-if-rpc":
                 if recipe.serve.rpc:
+                    wanted.add("rpc-workers")
+            elif name == "rpc-workers-if-phase1-rpc":  # phase 1's llama-server takes serve.rpc too
+                if recipe.serve.rpc and recipe.profile.generate == "llama-server":
                     wanted.add("rpc-workers")
             else:
                 wanted.add(name)

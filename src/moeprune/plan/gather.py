@@ -134,6 +134,18 @@ def served_offload_bytes(recipe: Any) -> int | None:
     return offloaded_bytes(max(sizes), recipe.serve.n_gpu_layers, facts.num_layers)
 
 
+def phase1_offload_bytes(recipe: Any) -> int | None:
+    """What phase 1's llama-server (``profile.generate = "llama-server"``) puts on the offload devices:
+    the offloaded layers' share of ``profile.generate_gguf``; None when phase 1 serves nothing or the
+    file or the base's shapes are not there yet."""
+    path = recipe.generate_gguf_path if recipe.profile.generate == "llama-server" else None
+    found = base_shapes(recipe) if path is not None and path.is_file() else None
+    if path is None or found is None:
+        return None
+    num_layers = model_facts(found.shapes.config).num_layers
+    return offloaded_bytes(path.stat().st_size, recipe.profile.generate_n_gpu_layers, num_layers)
+
+
 def _served_memory(gguf: int, n_gpu_layers: int, num_layers: int) -> str:
     """A llama.cpp tool's weights: the GGUF, memory-mapped; the offloaded layers' share in VRAM."""
     on_gpu = offloaded_bytes(gguf, n_gpu_layers, num_layers)
