@@ -195,3 +195,23 @@ def test_the_card_describes_a_model_kl_recalibration(tmp_path):
     section = text.split("## Router recalibration", 1)[1].split("## Evaluation", 1)[0]
     assert "from 0.5000 to 0.4000 (\u221220.0%)" in section and "1 of 2 layers changed" in section
     assert "abababababab" in section and "Held-out MSE" not in section
+
+
+def test_the_plan_counts_both_models_for_model_kl(tmp_path):
+    """invoke check's plan gives model-kl's memory from the shapes: the base and the pruned model
+    whole, at 4 bytes a parameter (the per-layer objective's line says one layer at a time)."""
+    from moeprune.plan.disk import human
+    from moeprune.plan.shapes import pruned_shapes, read_shapes
+
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "a b c"}\n', encoding="utf-8")
+    base = read_shapes(DEMO_MODEL)
+    config = base.config.get("text_config", base.config)
+    pruned = pruned_shapes(base, config["num_experts"], {layer: 8 for layer in range(config["num_hidden_layers"])})
+    expected = human((base.num_params + pruned.num_params) * 4)
+    out = invoke_ok("check", "--recipe", str(model_kl_recipe(tmp_path, str(text))), in_process=True).stdout
+    line = next(line for line in out.splitlines() if "objective 'model-kl'" in line)
+    assert f"RAM ~{expected}" in line
+    layer_mse = bench.bench_recipe(8, tmp_path, "layer-mse", 0, 0)
+    out = invoke_ok("check", "--recipe", str(layer_mse), in_process=True).stdout
+    assert "objective 'layer-mse', streamed replay" in out and "objective 'model-kl'" not in out
