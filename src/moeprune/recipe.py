@@ -167,8 +167,8 @@ class PruneSection(_Section):
 
 
 class RecalibrateSection(_Section):
-    """Router recalibration after pruning (off by default): fit the kept router tensors so each
-    pruned MoE block's output matches the base block's on the calibration hidden states."""
+    """Router recalibration after pruning (off by default): fit the kept router tensors so the
+    pruned model matches the base, by one of two objectives (``objective``)."""
 
     enabled: bool = Field(
         default=False,
@@ -185,7 +185,41 @@ class RecalibrateSection(_Section):
     patience_steps: int = Field(
         default=20, ge=1, description="Stop a layer after this many steps without a better held-out loss."
     )
-    seed: int = Field(default=0, description="Seed of the held-out split.")
+    seed: int = Field(default=0, description="Seed of the held-out split (and, for 'model-kl', of the batch order).")
+    objective: Literal["layer-mse", "model-kl"] = Field(
+        default="layer-mse",
+        description="'layer-mse': per MoE layer, one layer in memory, the decoder layer's output with the pruned "
+        "block against the base's on the profile's calibration hidden states (max_steps, patience_steps). "
+        "'model-kl': all router tensors together, KL of the pruned model's next-token distribution to the "
+        "base's on recalibrate.text, with a relaxed top-k while training so the fit can change which experts "
+        "a token goes to; needs the base and the pruned model in memory at once (float32, CPU). On the demo at "
+        "8 of 16 experts only 'model-kl' lowers the held-out KLD (bench/recalibration.py).",
+    )
+    text: str | None = Field(
+        default=None,
+        description="objective = 'model-kl': JSONL of {\"text\": ...} documents in the format the model is "
+        "scored on (plain text, chat-template conversations), relative to the recipe file; never the KLD "
+        "stage's held-out text. Its sha256 and resolved path are recorded, and verify-prune's rerun reads it.",
+    )
+    context_tokens: int = Field(default=128, ge=2, description="objective = 'model-kl': tokens per training window.")
+    batch_sequences: int = Field(default=16, ge=1, description="objective = 'model-kl': windows per Adam step.")
+    epochs: int = Field(default=10, ge=1, description="objective = 'model-kl': passes over the training windows.")
+    relax_tau_start: float = Field(
+        default=0.3, gt=0.0, description="objective = 'model-kl': temperature of the relaxed top-k at the first step."
+    )
+    relax_tau_end: float = Field(
+        default=0.01, gt=0.0,
+        description="objective = 'model-kl': temperature at the last step (annealed geometrically; small is the hard top-k).",
+    )
+    validate_every_steps: int = Field(
+        default=15, ge=1, description="objective = 'model-kl': steps between held-out measurements (best values kept)."
+    )
+
+    @model_validator(mode="after")
+    def _model_kl_needs_text(self) -> RecalibrateSection:
+        if self.enabled and self.objective == "model-kl" and not self.text:
+            raise ValueError("objective = 'model-kl' needs recalibrate.text (a JSONL of documents in the scored format)")
+        return self
 
 
 class LlamaCppSection(_Section):
@@ -507,6 +541,10 @@ class Recipe(_Section):
         return self.resolve(self.kld.text) if self.kld.enabled and self.kld.text else None
 
     @property
+    def recalibrate_text_path(self) -> Path | None:
+        return self.resolve(self.recalibrate.text) if self.recalibrate.text else None
+
+    @property
     def generate_gguf_path(self) -> Path | None:
         return self.resolve(self.profile.generate_gguf) if self.profile.generate_gguf else None
 
@@ -616,6 +654,12 @@ def check_recipe_inputs(recipe: Recipe) -> None:
         raise RecipeError(
             f"{where}: field 'kld.text' = {json.dumps(recipe.kld.text)}: file not found "
             f"({recipe.kld_text_path}); point it at a held-out plain-text file or set kld.enabled = false"
+        )
+    text = recipe.recalibrate_text_path
+    if recipe.recalibrate.enabled and recipe.recalibrate.objective == "model-kl" and text is not None and not text.is_file():
+        raise RecipeError(
+            f"{where}: field 'recalibrate.text' = {json.dumps(recipe.recalibrate.text)}: file not found ({text}); "
+            "point it at a JSONL of documents or set recalibrate.objective = 'layer-mse'"
         )
     gguf = recipe.generate_gguf_path
     if recipe.profile.generate == "llama-server" and gguf is not None and not gguf.is_file():

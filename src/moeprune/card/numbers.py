@@ -694,6 +694,9 @@ def _recalibration_numbers(card: CardNumbers, inputs: CardInputs) -> None:
         return
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
+        if "model_fit" in record:
+            _model_kl_numbers(card, record, path)
+            return
         settings, layers, held = record["settings"], record["layers"], record["holdout_sequences"]
         rows = [(int(layer["layer"]), float(layer["holdout_mse_before"]), float(layer["holdout_mse_after"]),
                  int(layer["steps"]), bool(layer["changed"]), int(layer["holdout_tokens"])) for layer in layers]
@@ -727,6 +730,41 @@ def _recalibration_numbers(card: CardNumbers, inputs: CardInputs) -> None:
     card.add("recal.total_change", total_change, fmt_signed_pct(total_change, 1),
              "sum of recal.layer.*.after / sum of recal.layer.*.before - 1")
     card.tables["recalibration"] = table
+
+
+def _model_kl_numbers(card: CardNumbers, record: dict[str, Any], path: Path) -> None:
+    """The ``model-kl`` recalibration (one fit of every router tensor against the base's logits):
+    its settings, the held-out KL before and after, and which layers changed."""
+    from moeprune.recalibrate import MODEL_KL_SETTINGS, RECORD_NAME
+
+    try:
+        settings, fitted, layers = record["settings"], record["model_fit"], record["layers"]
+        values = {name: settings[name] for name in ("learning_rate", "holdout_fraction", "seed",
+                                                    *MODEL_KL_SETTINGS) if name != "objective"}
+        before, after = float(fitted["holdout_kl_before"]), float(fitted["holdout_kl_after"])
+        counts = {name: int(fitted[name]) for name in ("train_tokens", "holdout_tokens", "steps", "best_step")}
+        rows = [(int(layer["layer"]), bool(layer["changed"])) for layer in layers]
+        text_sha256 = str(settings["text_sha256"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CardError(f"{path}: not a model-kl recalibration record ({exc!r} is missing or malformed); rerun the "
+                        "recalibrate stage") from None
+    if not rows:
+        raise CardError(f"{path}: records no layer; rerun the recalibrate stage")
+    src = RECORD_NAME
+    for name, value in values.items():
+        shown = fmt_pct(value, 0) if name == "holdout_fraction" else f"{value:g}"
+        card.add(f"recal.{name}", value, shown, f"{src}: settings.{name}")
+    card.facts["recal_text_sha256"] = text_sha256
+    card.add("recal.kl_before", before, f"{before:.4f}", f"{src}: model_fit.holdout_kl_before")
+    card.add("recal.kl_after", after, f"{after:.4f}", f"{src}: model_fit.holdout_kl_after")
+    change = after / before - 1 if before > 0 else 0.0
+    card.add("recal.kl_change", change, fmt_signed_pct(change, 1), "recal.kl_after / recal.kl_before - 1")
+    for name, value in counts.items():
+        card.add(f"recal.{name}", value, fmt_int(value), f"{src}: model_fit.{name}")
+    card.add("recal.layers", len(rows), fmt_int(len(rows)), f"{src}: layers")
+    changed = sum(row[1] for row in rows)
+    card.add("recal.layers_changed", changed, fmt_int(changed), f"{src}: layers[].changed")
+    card.tables["recalibration"] = [{"layer": layer, "changed": was} for layer, was in rows]
 
 
 _SIDE_BY_SIDE = (("base", "base-eval"), ("plain", "plain-eval"), ("pruned", "pruned-eval"))

@@ -118,7 +118,8 @@ def _recalibrate_outs(ctx: Context) -> list[Path]:
 def _recalibrate_deps(ctx: Context) -> list[Path]:
     if not ctx.recipe.recalibrate.enabled:
         return []
-    return [base_dir(ctx), ctx.layout.pruned_dir, ctx.layout.sequences_path]
+    text = [ctx.recipe.recalibrate_text_path] if ctx.recipe.recalibrate.objective == "model-kl" else []
+    return [base_dir(ctx), ctx.layout.pruned_dir, ctx.layout.sequences_path, *text]
 
 
 def _recalibrate_params(recipe: Recipe) -> dict[str, Any]:

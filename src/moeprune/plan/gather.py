@@ -200,6 +200,16 @@ def profile_memory(recipe: Any, base: ModelShapes) -> str:
     return "; ".join(f"{p.name} {p.peak_bytes / GIB:.2f} GiB on {p.device}" for p in plan.phases)
 
 
+def _recalibrate_memory(recipe: Any, base: ModelShapes, pruned: ModelShapes) -> str:
+    """``layer-mse`` replays one decoder layer at a time, as the streamed profile; ``model-kl``
+    holds the base and the pruned model whole, in float32 on the CPU, with the activations of one
+    batch and their gradients on top."""
+    if recipe.recalibrate.objective == "model-kl":
+        return (f"RAM ~{human((base.num_params + pruned.num_params) * 4)} + one batch's activations (objective "
+                f"'model-kl': the base and the pruned model whole, float32, CPU)")
+    return "one decoder layer and its calibration hidden states at a time (objective 'layer-mse', streamed replay)"
+
+
 def _time(entry: dict[str, Any] | None, new_bytes: int, old_bytes: int) -> str:
     """An estimate only from a measured rate: this stage's duration in the run's lock, scaled by
     the bytes it will write against those its last run wrote."""
@@ -241,7 +251,7 @@ def run_plan(recipe: Any, layout: RunLayout, will_run: Collection[str], stage_na
     writes["prune"].append(write("pruned checkpoint", layout.pruned_dir, pruned.total_bytes, bound))
     if recipe.recalibrate.enabled:  # the pruned checkpoint again, its router tensors refitted
         writes["recalibrate"].append(write("recalibrated checkpoint", layout.recalibrated_dir, pruned.total_bytes, bound))
-        memory["recalibrate"] = _STREAMED
+        memory["recalibrate"] = _recalibrate_memory(recipe, base, pruned)
         models["plain"] = models["pruned"]  # the pruned checkpoint before recalibration, measured beside it
     else:
         memory["recalibrate"] = "none ([recalibrate] is off: the stage writes nothing)"

@@ -1,5 +1,7 @@
 """Router recalibration after pruning: fit the kept router parameters so each pruned MoE block's
-output matches the base block's on the calibration hidden states (issue 24, item 1).
+output matches the base block's on the calibration hidden states (``layer-mse``), or so the pruned
+model's next-token distribution matches the base's on text in the scored format (``model-kl``)
+(issue 24, item 1).
 
 This module stays free of torch: verify-prune and the stage graph import it."""
 
@@ -11,6 +13,12 @@ from typing import Any
 RECORD_NAME = "recalibrate.json"  # the record beside the recalibrated weights
 # The ``[recalibrate]`` fields the fit reads: the record's ``settings``, verify's rerun and the card.
 FIT_SETTINGS = ("max_steps", "learning_rate", "patience_steps", "holdout_fraction", "seed")
+# What the ``model-kl`` objective reads besides FIT_SETTINGS (recorded only for that objective, so a
+# ``layer-mse`` record is byte for byte what it was before the objective existed); the record also
+# holds the text's resolved path and sha256.
+MODEL_KL_SETTINGS = ("objective", "context_tokens", "batch_sequences", "epochs", "relax_tau_start", "relax_tau_end",
+                     "validate_every_steps")
+MODEL_KL = "model-kl"
 
 
 def pruned_side_dir(recipe: Any, layout: Any) -> Path:

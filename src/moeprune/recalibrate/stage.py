@@ -10,6 +10,11 @@ map's kept experts (the base's kept rows: what verify-prune proves the pruned ch
 layer's output on the base layer's inputs. The hidden states then go on through the base layer, so
 every layer sees the base model's inputs, as in the profile.
 
+That is the ``layer-mse`` objective (the default). With ``recalibrate.objective = "model-kl"``
+(:func:`fit_routers_model_kl`, :mod:`moeprune.recalibrate.model_fit`) every router tensor is
+fitted at once against the base's logits on ``recalibrate.text``, the base and the pruned model in
+memory together; the record then holds the text's path and sha256 and the fit's held-out KL.
+
 The output is the pruned checkpoint's shards copied byte for byte except the refitted router
 tensors, written atomically with ``recalibrate.json`` (per layer each new tensor's sha256, the
 held-out loss before and after, the steps, the settings). It is deterministic: fixed held-out
@@ -35,7 +40,7 @@ from moeprune.hashing import sha256_bytes, sha256_file
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
 from moeprune.io.writer import ShardedWriter
 from moeprune.patching import Patches
-from moeprune.recalibrate import FIT_SETTINGS, RECORD_NAME
+from moeprune.recalibrate import FIT_SETTINGS, MODEL_KL, MODEL_KL_SETTINGS, RECORD_NAME
 from moeprune.recalibrate.fit import FitSettings, combine, expert_outputs, fit_layer
 
 RECORD_FORMAT = "moeprune-recalibrate/1"
@@ -177,8 +182,11 @@ def recalibrate(base_dir: Path, drop_map_path: Path, sequences_path: Path, domai
     from moeprune.dropmap.io import load_drop_map
 
     keep_by_layer = load_drop_map(drop_map_path).keep_by_layer
-    values, fitted = fit_routers(base_dir, keep_by_layer, sequences_path, domains, batch_size, settings,
-                                 str(drop_map_path))
+    if settings.get("objective") == MODEL_KL:
+        values, fitted = fit_routers_model_kl(base_dir, keep_by_layer, settings, str(drop_map_path))
+    else:
+        values, fitted = fit_routers(base_dir, keep_by_layer, sequences_path, domains, batch_size, settings,
+                                     str(drop_map_path))
     new_bytes = {name: tensor_bytes(value) for name, value in values.items()}
     for layer in fitted["layers"]:
         layer["tensors"] = {name: sha256_bytes(new_bytes[name]) for name in layer.pop("tensor_names")}
@@ -252,6 +260,57 @@ def fit_routers(base_dir: Path, keep_by_layer: dict[int, Sequence[int]], sequenc
     return values, {"holdout_sequences": sorted(held), "layers": layers}
 
 
+def fit_routers_model_kl(base_dir: Path, keep_by_layer: dict[int, Sequence[int]], settings: dict[str, Any],
+                         keep_source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`fit_routers` for ``objective = 'model-kl'`` (:mod:`moeprune.recalibrate.model_fit`):
+    the base and the pruned-in-memory model loaded whole, every router tensor fitted together on
+    the recorded text (its sha256 checked first, so a rerun never fits other text)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moeprune.profile.streamed import family_adapter
+    from moeprune.recalibrate.model_fit import ModelFitSettings, fit_model, pruned_in_memory, read_documents
+
+    text = Path(settings["text"])
+    if not text.is_file():
+        raise RecalibrateError(f"{text}: the recalibration text is missing; recalibrate.text must name it (rerun needs "
+                               "the same file)")
+    if sha256_file(text) != settings["text_sha256"]:
+        raise RecalibrateError(f"{text}: not the recalibration text recorded (sha256 differs from "
+                               f"{settings['text_sha256'][:12]}...); pass the same file")
+    fit = ModelFitSettings(settings["learning_rate"], settings["epochs"], settings["batch_sequences"],
+                           settings["context_tokens"], settings["relax_tau_start"], settings["relax_tau_end"],
+                           settings["validate_every_steps"], settings["holdout_fraction"], settings["seed"])
+    documents = read_documents(text)
+    with deterministic_cpu(), Checkpoint.open(base_dir) as checkpoint:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        arch = family_adapter(base)
+        moe_layers = sorted(m.layer_index for m in arch.moe_modules(base))
+        if moe_layers != sorted(keep_by_layer):
+            raise RecalibrateError(f"{keep_source}: the drop map covers layers {sorted(keep_by_layer)}, the base "
+                                   f"model's MoE layers are {moe_layers}")
+        pruned = pruned_in_memory(base, arch, keep_by_layer).eval()
+        names = {index: arch.recalibrated_tensors(checkpoint.names(), index) for index in moe_layers}
+        module_names = _module_names(pruned)
+        routers = [m.router for m in arch.moe_modules(pruned)]
+        parameters, dtypes = {}, {}
+        for modules in arch.moe_modules(pruned):
+            if not names[modules.layer_index]:
+                raise RecalibrateError(f"{base_dir}: MoE layer {modules.layer_index} has no router tensor a "
+                                       "recalibration can fit")
+            found, found_dtypes = _router_parameters(modules.router, module_names[id(modules.router)],
+                                                     names[modules.layer_index], checkpoint)
+            parameters.update(found)
+            dtypes.update(found_dtypes)
+        token_lists = [tokenizer(document, add_special_tokens=False)["input_ids"] for document in documents]
+        result = fit_model(base, pruned, parameters, routers, token_lists, tokenizer.bos_token_id, fit, dtypes)
+    values, initial = result.pop("values"), result.pop("initial")
+    layers = [{"layer": index, "tensor_names": list(names[index]),
+               "changed": any(not torch.equal(values[name], initial[name]) for name in names[index])}
+              for index in moe_layers]
+    return values, {"holdout_sequences": [], "model_fit": result, "layers": layers}
+
+
 def write_recalibrated(pruned_dir: Path, out_dir: Path, new_bytes: dict[str, bytes], record: dict[str, Any],
                        max_shard_bytes: int) -> None:
     """``out_dir``: the pruned checkpoint with ``new_bytes`` in place of those tensors (every other
@@ -295,8 +354,14 @@ def recalibrate_checkpoint(base_dir: Path, pruned_dir: Path, sequences_path: Pat
 
 
 def recipe_settings(recipe: Any) -> dict[str, Any]:
-    """The ``[recalibrate]`` values the fit reads (what the record and verify's rerun use)."""
-    return {name: getattr(recipe.recalibrate, name) for name in FIT_SETTINGS}
+    """The ``[recalibrate]`` values the fit reads (what the record and verify's rerun use): for
+    ``model-kl`` also its own settings and the text's resolved path and sha256."""
+    settings = {name: getattr(recipe.recalibrate, name) for name in FIT_SETTINGS}
+    if recipe.recalibrate.objective == MODEL_KL:
+        settings.update({name: getattr(recipe.recalibrate, name) for name in MODEL_KL_SETTINGS})
+        text = recipe.recalibrate_text_path
+        settings.update(text=str(text), text_sha256=sha256_file(text))
+    return settings
 
 
 def run_recalibrate(recipe: Any, layout: Any) -> dict[str, Any] | None:
