@@ -158,7 +158,7 @@ def test_the_relaxed_top_k_becomes_the_hard_top_k_as_tau_falls():
     router = next(m for m in model.modules() if type(m).__name__ == "Gemma4TextRouter")
     hidden = torch.randn(32, router.hidden_size, generator=torch.Generator().manual_seed(0))
     _, hard_weights, hard_index = router(hidden)
-    relaxed = RelaxedTopK([router])
+    relaxed = RelaxedTopK([router], hard_index.shape[1])
     relaxed.active = True
     relaxed.tau = 1e-6
     _, weights, index = router(hidden)

@@ -110,11 +110,11 @@ class RelaxedTopK:
     """While :attr:`active`, every Gemma 4 router routes each token to all kept experts with the
     relaxed top-k weights (module docstring); otherwise the router's own forward (hard top-k)."""
 
-    def __init__(self, routers: Sequence[torch.nn.Module]) -> None:
-        self.active, self.tau = False, 1.0
+    def __init__(self, routers: Sequence[torch.nn.Module], top_k: int) -> None:
+        self.active, self.tau, self.top_k = False, 1.0, top_k
         self.routers = list(routers)
         for router in self.routers:
-            missing = [name for name in ("norm", "scale", "scalar_root_size", "proj", "per_expert_scale", "config")
+            missing = [name for name in ("norm", "scale", "scalar_root_size", "proj", "per_expert_scale")
                        if not hasattr(router, name)]
             if missing:
                 raise ModelFitError(f"recalibrate.objective = 'model-kl' supports Gemma 4 routers only; "
@@ -133,7 +133,7 @@ class RelaxedTopK:
                 return original(hidden)
             scores = router.proj(router.norm(hidden) * router.scale * router.scalar_root_size)
             probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32)
-            k = int(router.config.top_k_experts)
+            k = self.top_k
             top = torch.topk(scores, min(k + 1, scores.shape[-1]), dim=-1).values
             threshold = ((top[:, k - 1] + top[:, -1]) / 2).detach()
             weights = probabilities * torch.sigmoid((scores - threshold[:, None]) / self.tau)
@@ -177,7 +177,7 @@ def _mean_kl(model: Any, base: Any, rows: Sequence[Sequence[int]], batch: int) -
 
 
 def fit_model(base: Any, pruned: Any, parameters: Mapping[str, torch.nn.Parameter], routers: Sequence[Any],
-              token_lists: Sequence[Sequence[int]], bos_id: int | None, settings: ModelFitSettings,
+              top_k: int, token_lists: Sequence[Sequence[int]], bos_id: int | None, settings: ModelFitSettings,
               storage_dtype: Mapping[str, torch.dtype]) -> dict[str, Any]:
     """Fit ``parameters`` of ``pruned`` (float32, in place) to ``base``'s next-token distribution on
     the documents ``token_lists``; leaves them at the chosen values. Returns those values in their
@@ -190,7 +190,7 @@ def fit_model(base: Any, pruned: Any, parameters: Mapping[str, torch.nn.Paramete
     for p in base.parameters():
         p.requires_grad_(False)
     initial = {name: p.detach().clone() for name, p in parameters.items()}
-    relaxed = RelaxedTopK(routers)
+    relaxed = RelaxedTopK(routers, top_k)
     try:
         held_before = _mean_kl(pruned, base, held, settings.batch_sequences)
         best, best_loss, best_step = initial, held_before, 0

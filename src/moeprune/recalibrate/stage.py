@@ -267,6 +267,7 @@ def fit_routers_model_kl(base_dir: Path, keep_by_layer: dict[int, Sequence[int]]
     the recorded text (its sha256 checked first, so a rerun never fits other text)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from moeprune.arch import inspect
     from moeprune.profile.streamed import family_adapter
     from moeprune.recalibrate.model_fit import ModelFitSettings, fit_model, pruned_in_memory, read_documents
 
@@ -303,7 +304,11 @@ def fit_routers_model_kl(base_dir: Path, keep_by_layer: dict[int, Sequence[int]]
             parameters.update(found)
             dtypes.update(found_dtypes)
         token_lists = [tokenizer(document, add_special_tokens=False)["input_ids"] for document in documents]
-        result = fit_model(base, pruned, parameters, routers, token_lists, tokenizer.bos_token_id, fit, dtypes)
+        top_k = inspect(base_dir, "base model's config.json").top_k
+        if not top_k:
+            raise RecalibrateError(f"{base_dir}: config.json states no top-k; the model-kl fit needs it")
+        result = fit_model(base, pruned, parameters, routers, int(top_k), token_lists, tokenizer.bos_token_id, fit,
+                           dtypes)
     values, initial = result.pop("values"), result.pop("initial")
     layers = [{"layer": index, "tensor_names": list(names[index]),
                "changed": any(not torch.equal(values[name], initial[name]) for name in names[index])}
