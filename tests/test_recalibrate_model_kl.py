@@ -152,23 +152,25 @@ def test_the_relaxed_top_k_becomes_the_hard_top_k_as_tau_falls():
     import torch
     from transformers import AutoModelForCausalLM
 
+    from moeprune.patching import Patches
     from moeprune.recalibrate.model_fit import RelaxedTopK
 
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32)
     router = next(m for m in model.modules() if type(m).__name__ == "Gemma4TextRouter")
     hidden = torch.randn(32, router.hidden_size, generator=torch.Generator().manual_seed(0))
     _, hard_weights, hard_index = router(hidden)
-    relaxed = RelaxedTopK([router], hard_index.shape[1])
-    relaxed.active = True
-    relaxed.tau = 1e-6
-    _, weights, index = router(hidden)
-    dense = torch.zeros_like(weights).scatter(1, hard_index, hard_weights)
-    assert index.shape[1] == weights.shape[1] == dense.shape[1]
-    assert torch.allclose(weights, dense, atol=1e-5)
-    relaxed.tau = 1.0
-    _, soft, _ = router(hidden)
-    assert bool((soft[dense == 0] > 0).all())
-    relaxed.restore()
+    with Patches() as patches:
+        relaxed = RelaxedTopK([router], hard_index.shape[1], patches)
+        relaxed.active = True
+        relaxed.tau = 1e-6
+        _, weights, index = router(hidden)
+        dense = torch.zeros_like(weights).scatter(1, hard_index, hard_weights)
+        assert index.shape[1] == weights.shape[1] == dense.shape[1]
+        assert torch.allclose(weights, dense, atol=1e-5)
+        relaxed.tau = 1.0
+        _, soft, _ = router(hidden)
+        assert bool((soft[dense == 0] > 0).all())
+    assert "forward" not in vars(router)
     assert torch.equal(router(hidden)[1], hard_weights)
 
 
@@ -212,6 +214,7 @@ def test_the_plan_counts_both_models_for_model_kl(tmp_path):
     out = invoke_ok("check", "--recipe", str(model_kl_recipe(tmp_path, str(text))), in_process=True).stdout
     line = next(line for line in out.splitlines() if "objective 'model-kl'" in line)
     assert f"RAM ~{expected}" in line
-    layer_mse = bench.bench_recipe(8, tmp_path, "layer-mse", 0, 0)
+    layer_mse = model_kl_recipe(tmp_path, str(text))
+    layer_mse.write_text(layer_mse.read_text(encoding="utf-8").replace('"model-kl"', '"layer-mse"'), encoding="utf-8")
     out = invoke_ok("check", "--recipe", str(layer_mse), in_process=True).stdout
     assert "objective 'layer-mse', streamed replay" in out and "objective 'model-kl'" not in out

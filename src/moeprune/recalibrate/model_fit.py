@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from moeprune.errors import MoepruneError
+from moeprune.patching import Patches
 
 class ModelFitError(MoepruneError):
     """The end-to-end recalibration cannot run on these inputs."""
@@ -110,22 +111,16 @@ class RelaxedTopK:
     """While :attr:`active`, every Gemma 4 router routes each token to all kept experts with the
     relaxed top-k weights (module docstring); otherwise the router's own forward (hard top-k)."""
 
-    def __init__(self, routers: Sequence[torch.nn.Module], top_k: int) -> None:
+    def __init__(self, routers: Sequence[torch.nn.Module], top_k: int, patches: Patches) -> None:
+        """Wrap each router's forward in ``patches`` (undone when its ``with`` block ends)."""
         self.active, self.tau, self.top_k = False, 1.0, top_k
-        self.routers = list(routers)
-        for router in self.routers:
+        for router in routers:
             missing = [name for name in ("norm", "scale", "scalar_root_size", "proj", "per_expert_scale")
                        if not hasattr(router, name)]
             if missing:
                 raise ModelFitError(f"recalibrate.objective = 'model-kl' supports Gemma 4 routers only; "
                                     f"{type(router).__name__} has no {', '.join(missing)}: use objective = 'layer-mse'")
-        self._originals = [router.forward for router in self.routers]
-        for router, original in zip(self.routers, self._originals, strict=True):
-            router.forward = self._relaxed(router, original)
-
-    def restore(self) -> None:
-        for router, original in zip(self.routers, self._originals, strict=True):
-            router.forward = original
+            patches.wrap_forward(router, lambda original, router=router: self._relaxed(router, original))
 
     def _relaxed(self, router: Any, original: Any) -> Any:
         def forward(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,8 +185,8 @@ def fit_model(base: Any, pruned: Any, parameters: Mapping[str, torch.nn.Paramete
     for p in base.parameters():
         p.requires_grad_(False)
     initial = {name: p.detach().clone() for name, p in parameters.items()}
-    relaxed = RelaxedTopK(routers, top_k)
-    try:
+    with Patches() as patches:
+        relaxed = RelaxedTopK(routers, top_k, patches)
         held_before = _mean_kl(pruned, base, held, settings.batch_sequences)
         best, best_loss, best_step = initial, held_before, 0
         for p in parameters.values():
@@ -217,10 +212,8 @@ def fit_model(base: Any, pruned: Any, parameters: Mapping[str, torch.nn.Paramete
                     loss = _mean_kl(pruned, base, held, settings.batch_sequences)
                     if loss < best_loss:
                         best, best_loss, best_step = {n: p.detach().clone() for n, p in parameters.items()}, loss, step
-    finally:
-        relaxed.restore()
-        for p in parameters.values():
-            p.requires_grad_(False)
+    for p in parameters.values():
+        p.requires_grad_(False)
     rounded = {name: value.to(storage_dtype[name]) for name, value in best.items()}
     _assign(parameters, rounded)
     held_after = _mean_kl(pruned, base, held, settings.batch_sequences)
