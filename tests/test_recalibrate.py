@@ -45,6 +45,20 @@ def _digests(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
+def forge_router_tensor(recalibrated: Path, tensor: str, layer: int) -> None:
+    """Change one byte of router ``tensor`` and write its new sha256 into the record, as a forger
+    would: the hash check passes, only a rerun of the fit can tell."""
+    from moeprune.hashing import sha256_bytes
+    from moeprune.io.checkpoint import Checkpoint
+
+    _flip_byte(recalibrated, tensor)
+    with Checkpoint.open(recalibrated) as opened:
+        digest = sha256_bytes(opened.read(opened[tensor]))
+    record = json.loads((recalibrated / RECORD_NAME).read_text(encoding="utf-8"))
+    next(entry for entry in record["layers"] if entry["layer"] == layer)["tensors"][tensor] = digest
+    (recalibrated / RECORD_NAME).write_text(json.dumps(record), encoding="utf-8")
+
+
 def _flip_byte(checkpoint: Path, tensor: str) -> None:
     """Flip one byte in the middle of ``tensor``'s data in its shard."""
     from moeprune.io.checkpoint import Checkpoint
@@ -106,19 +120,11 @@ def test_verify_prune_names_a_flipped_byte(recalibrated_run, tmp_path, tensor):
 def test_verify_prune_reruns_the_recalibration(recalibrated_run, tmp_path):
     """A router tensor changed with its hash updated in the record passes the hash check; the rerun
     of the recalibration from the base catches it, naming the tensor."""
-    from moeprune.hashing import sha256_bytes
-    from moeprune.io.checkpoint import Checkpoint
-
     recipe, run, env = recalibrated_run
     copy = tmp_path / "recalibrated"
     shutil.copytree(run / "recalibrated", copy)
     tensor = "model.language_model.layers.3.router.per_expert_scale"
-    _flip_byte(copy, tensor)
-    with Checkpoint.open(copy) as opened:
-        digest = sha256_bytes(opened.read(opened[tensor]))
-    record = json.loads((copy / RECORD_NAME).read_text(encoding="utf-8"))
-    next(layer for layer in record["layers"] if layer["layer"] == 3)["tensors"][tensor] = digest
-    (copy / RECORD_NAME).write_text(json.dumps(record), encoding="utf-8")
+    forge_router_tensor(copy, tensor, 3)
     result = invoke("verify-prune", "--recipe", str(recipe), "--pruned", str(copy), env=env, timeout=1800)
     assert result.returncode != 0
     assert f"tensor '{tensor}' differs from what the recalibration recomputes" in result.stdout

@@ -88,25 +88,13 @@ def test_model_kl_is_deterministic(model_kl_run):
 def test_verify_prune_reruns_the_model_kl_fit(model_kl_run, tmp_path):
     """A router tensor changed with its hash updated in the record passes the hash check; the rerun
     of the model-kl fit from the base catches it, naming the tensor."""
-    from moeprune.hashing import sha256_bytes
-    from moeprune.io.checkpoint import Checkpoint
+    from test_recalibrate import forge_router_tensor
 
     recipe, run, env = model_kl_run
     copy = tmp_path / "recalibrated"
     shutil.copytree(run / "recalibrated", copy)
     tensor = "model.language_model.layers.2.router.proj.weight"
-    with Checkpoint.open(copy) as opened:
-        info = opened[tensor]
-    with open(info.shard, "r+b") as handle:
-        handle.seek(info.data_offset + 2)
-        byte = handle.read(1)[0]
-        handle.seek(info.data_offset + 2)
-        handle.write(bytes([byte ^ 0x01]))
-    with Checkpoint.open(copy) as opened:
-        digest = sha256_bytes(opened.read(opened[tensor]))
-    record = json.loads((copy / RECORD_NAME).read_text(encoding="utf-8"))
-    next(layer for layer in record["layers"] if layer["layer"] == 2)["tensors"][tensor] = digest
-    (copy / RECORD_NAME).write_text(json.dumps(record), encoding="utf-8")
+    forge_router_tensor(copy, tensor, 2)
     result = invoke("verify-prune", "--recipe", str(recipe), "--pruned", str(copy), env=env, timeout=1800)
     assert result.returncode != 0
     assert f"tensor '{tensor}' differs from what the recalibration recomputes" in result.stdout

@@ -707,9 +707,7 @@ def _recalibration_numbers(card: CardNumbers, inputs: CardInputs) -> None:
     if not rows:
         raise CardError(f"{path}: records no layer; rerun the recalibrate stage")
     src = RECORD_NAME
-    for name, value in values.items():
-        shown = fmt_pct(value, 0) if name == "holdout_fraction" else f"{value:g}"
-        card.add(f"recal.{name}", value, shown, f"{src}: settings.{name}")
+    _recalibration_settings(card, values)
     card.add("recal.holdout_sequences", len(held), fmt_int(len(held)), f"{src}: holdout_sequences")
     card.add("recal.holdout_tokens", rows[0][5], fmt_int(rows[0][5]), f"{src}: layers[].holdout_tokens")
     card.add("recal.layers", len(rows), fmt_int(len(rows)), f"{src}: layers")
@@ -732,6 +730,15 @@ def _recalibration_numbers(card: CardNumbers, inputs: CardInputs) -> None:
     card.tables["recalibration"] = table
 
 
+def _recalibration_settings(card: CardNumbers, values: dict[str, Any]) -> None:
+    """``recal.<setting>`` for each recorded fit setting (the held-out fraction as a percentage)."""
+    from moeprune.recalibrate import RECORD_NAME
+
+    for name, value in values.items():
+        shown = fmt_pct(value, 0) if name == "holdout_fraction" else f"{value:g}"
+        card.add(f"recal.{name}", value, shown, f"{RECORD_NAME}: settings.{name}")
+
+
 def _model_kl_numbers(card: CardNumbers, record: dict[str, Any], path: Path) -> None:
     """The ``model-kl`` recalibration (one fit of every router tensor against the base's logits):
     its settings, the held-out KL before and after, and which layers changed."""
@@ -751,9 +758,7 @@ def _model_kl_numbers(card: CardNumbers, record: dict[str, Any], path: Path) -> 
     if not rows:
         raise CardError(f"{path}: records no layer; rerun the recalibrate stage")
     src = RECORD_NAME
-    for name, value in values.items():
-        shown = fmt_pct(value, 0) if name == "holdout_fraction" else f"{value:g}"
-        card.add(f"recal.{name}", value, shown, f"{src}: settings.{name}")
+    _recalibration_settings(card, values)
     card.facts["recal_text_sha256"] = text_sha256
     card.add("recal.kl_before", before, f"{before:.4f}", f"{src}: model_fit.holdout_kl_before")
     card.add("recal.kl_after", after, f"{after:.4f}", f"{src}: model_fit.holdout_kl_after")
