@@ -54,7 +54,7 @@ def test_demo_recipe_passes_every_check():
     recipe = load_recipe(ROOT / "recipes" / "demo.toml")
     report = preflight(recipe)
     assert report.ok, report.errors
-    assert report.checked == len(CHECKS) == 11 and report.warnings == []
+    assert report.checked == len(CHECKS) == 12 and report.warnings == []
 
 
 def test_gpu_layers_slots_and_budget_refused_together_naming_each_field(tmp_path: Path):
@@ -176,7 +176,9 @@ def test_each_stage_checks_only_what_concerns_it():
     assert checks_for(recipe, ["kld"]) == ["kld-text"]
     assert checks_for(recipe, ["card", "manifest"]) == []
     assert checks_for(recipe, None) == ["gpu-build", "slots", "moe-model", "expert-shapes", "drop-counts", "convertible",
-                                        "calibration", "eval-tasks", "kld-text", "revision", "rpc-workers"]
+                                        "calibration", "eval-tasks", "kld-text", "revision", "recalibrate-objective",
+                                        "rpc-workers"]
+    assert checks_for(recipe, ["recalibrate"]) == ["moe-model", "recalibrate-objective"]
 
 
 def test_a_stage_task_refuses_before_any_work(tmp_path: Path):
@@ -301,3 +303,21 @@ def test_server_no_usable_gpu_warning_is_an_error_with_gpu_layers(tmp_path: Path
     assert process_group_members(server.process.pid) == []
     with LlamaServer(build, gguf, serve.model_copy(update={"n_gpu_layers": 0}), tmp_path / "cpu.log") as cpu:
         assert cpu.port is not None  # healthy: the CPU was asked for
+
+
+def test_model_kl_recalibration_on_a_family_without_a_relaxed_router_is_refused(tmp_path: Path):
+    """objective = "model-kl" rewrites the router's forward for Gemma 4's router only: another
+    family is refused by invoke check (and so before reproduce's profile), naming the field."""
+    base = tmp_path / "qwen"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 8,
+        "num_experts_per_tok": 2, "num_hidden_layers": 2, "hidden_size": 32, "moe_intermediate_size": 16,
+        "vocab_size": 64}))
+    (tmp_path / "text.jsonl").write_text('{"text": "a b c"}\n')
+    text = re.sub(r'(?m)^base = ".*"$', f'base = "{base}"', demo_recipe_text(), count=1)
+    section = f'[recalibrate]\nenabled = true\nobjective = "model-kl"\ntext = "{tmp_path / "text.jsonl"}"\n'
+    stderr = refused(check(write_recipe(tmp_path, text + "\n" + section)))
+    assert "field 'recalibrate.objective' = \"model-kl\": the Qwen3-MoE router has no relaxed top-k" in stderr
+    gemma = write_recipe(tmp_path, demo_recipe_text() + "\n" + section, "gemma.toml")
+    assert "recalibrate.objective" not in check(gemma).stderr

@@ -336,6 +336,26 @@ def check_kld_text(recipe: Recipe, report: PreflightReport) -> None:
         report.errors.append(f"{field}: {path} is empty; point it at a held-out plain-text file")
 
 
+def check_recalibrate_objective(recipe: Recipe, report: PreflightReport) -> None:
+    """``recalibrate.objective = "model-kl"`` runs only on a family whose router the relaxed top-k
+    reproduces (the adapter's ``relaxed_top_k_router``): refused here, not after the profile."""
+    from moeprune.arch import arch_for_config
+
+    if not (recipe.recalibrate.enabled and recipe.recalibrate.objective == "model-kl"):
+        return
+    found = _moe_base(recipe, report)
+    if found is None:
+        return
+    config, base_dir, _, _ = found
+    try:
+        arch = arch_for_config(config, base_dir / "config.json")
+    except MoepruneError:
+        return  # check_moe_model says why
+    if not arch.relaxed_top_k_router:
+        _add(report, f"field 'recalibrate.objective' = \"model-kl\": the {arch.family} router has no relaxed top-k "
+                     "in moeprune (Gemma 4 only); use objective = \"layer-mse\"")
+
+
 def check_revision(recipe: Recipe, report: PreflightReport) -> None:
     """A Hub base pinned by a branch or tag name (which moves) instead of a commit sha."""
     from moeprune.base_model import is_commit
@@ -406,6 +426,7 @@ CHECKS: dict[str, Check] = {
     "eval-tasks": check_eval_tasks,
     "kld-text": check_kld_text,
     "revision": check_revision,
+    "recalibrate-objective": check_recalibrate_objective,
     "rpc-workers": check_rpc_workers,
 }
 # Which checks a stage (or task) needs before its first real work.
@@ -413,6 +434,7 @@ STAGE_CHECKS: dict[str, tuple[str, ...]] = {
     "profile": ("revision", "moe-model", "expert-shapes", "calibration", "rpc-workers-if-phase1-rpc"),
     "dropmap": ("revision", "moe-model", "drop-counts"),
     "prune": ("revision", "moe-model", "expert-shapes"),
+    "recalibrate": ("moe-model", "recalibrate-objective"),
     "convert-base": ("revision", "convertible"),
     "convert-pruned": ("convertible",),
     "convert-plain": ("convertible",),

@@ -108,6 +108,9 @@ class MoeArch:
     # names of the router's parameters/buffers indexed by expert (sliced in memory), with the axis 0
     router_expert_params: ClassVar[tuple[str, ...]] = ("weight",)
     expert_params: ClassVar[tuple[str, ...]] = ("gate_up_proj", "down_proj")
+    # recalibrate.objective = "model-kl" replaces the router's forward with a relaxed top-k written for
+    # this family's router (moeprune.recalibrate.model_fit.RelaxedTopK); False: only "layer-mse"
+    relaxed_top_k_router: ClassVar[bool] = False
 
     # GGUF (pinned convert_hf_to_gguf.py)
     gguf_arch: ClassVar[str]

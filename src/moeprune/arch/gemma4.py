@@ -45,6 +45,7 @@ class Gemma4(MoeArch):
     router_attribute = "router"
     block_attribute = None
     router_expert_params = ("per_expert_scale",)
+    relaxed_top_k_router = True
 
     gguf_arch = "gemma4"
     gguf_required_tensors = (
