@@ -28,7 +28,7 @@ import copy
 import json
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,9 +215,7 @@ def fit_routers(base_dir: Path, keep_by_layer: dict[int, Sequence[int]], sequenc
     names = _module_names(model)
     layers_path = arch.decoder_layers_path(model)
     moe_by_layer = {m.layer_index: m for m in arch.moe_modules(model)}
-    if sorted(moe_by_layer) != sorted(keep_by_layer):
-        raise RecalibrateError(f"{keep_source}: the drop map covers layers {sorted(keep_by_layer)}, the base model's "
-                               f"MoE layers are {sorted(moe_by_layer)}")
+    _check_drop_map_layers(keep_by_layer, moe_by_layer, keep_source)
     values: dict[str, torch.Tensor] = {}
     layers: list[dict[str, Any]] = []
     cpu = torch.device("cpu")
@@ -260,6 +258,14 @@ def fit_routers(base_dir: Path, keep_by_layer: dict[int, Sequence[int]], sequenc
     return values, {"holdout_sequences": sorted(held), "layers": layers}
 
 
+def _check_drop_map_layers(keep_by_layer: dict[int, Sequence[int]], moe_layers: Iterable[int],
+                           keep_source: str) -> None:
+    """The drop map covers exactly the base model's MoE layers (both objectives refit each of them)."""
+    if sorted(moe_layers) != sorted(keep_by_layer):
+        raise RecalibrateError(f"{keep_source}: the drop map covers layers {sorted(keep_by_layer)}, the base model's "
+                               f"MoE layers are {sorted(moe_layers)}")
+
+
 def fit_routers_model_kl(base_dir: Path, keep_by_layer: dict[int, Sequence[int]], settings: dict[str, Any],
                          keep_source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """:func:`fit_routers` for ``objective = 'model-kl'`` (:mod:`moeprune.recalibrate.model_fit`):
@@ -287,9 +293,7 @@ def fit_routers_model_kl(base_dir: Path, keep_by_layer: dict[int, Sequence[int]]
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
         arch = family_adapter(base)
         moe_layers = sorted(m.layer_index for m in arch.moe_modules(base))
-        if moe_layers != sorted(keep_by_layer):
-            raise RecalibrateError(f"{keep_source}: the drop map covers layers {sorted(keep_by_layer)}, the base "
-                                   f"model's MoE layers are {moe_layers}")
+        _check_drop_map_layers(keep_by_layer, moe_layers, keep_source)
         pruned = pruned_in_memory(base, arch, keep_by_layer).eval()
         names = {index: arch.recalibrated_tensors(checkpoint.names(), index) for index in moe_layers}
         module_names = _module_names(pruned)
