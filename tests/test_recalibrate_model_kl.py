@@ -100,6 +100,30 @@ def test_verify_prune_reruns_the_model_kl_fit(model_kl_run, tmp_path):
     assert f"tensor '{tensor}' differs from what the recalibration recomputes" in result.stdout
 
 
+@pytest.mark.slow
+def test_compare_criteria_fits_by_the_recipes_objective(model_kl_run, tmp_path):
+    """compare-criteria's recovery table runs the recipe's objective, not the default one: its
+    contribution-sum row at 8 of 16 holds the very router bytes the model-kl stage wrote for the
+    same drop map (sha256 per tensor), and the page names the fit and the text."""
+    from moeprune.hashing import sha256_file
+
+    recipe, run, env = model_kl_run
+    docs = tmp_path / "docs"
+    invoke_ok("compare-criteria", "--recipe", str(recipe), "--docs-dir", str(docs), "--no-accuracy", "--limit", "4",
+              env=env, timeout=3600)
+    result = json.loads((docs / "criteria.json").read_text(encoding="utf-8"))
+    source = result["source"]["recalibrate"]
+    text = json.loads((run / "recalibrated" / RECORD_NAME).read_text(encoding="utf-8"))["settings"]["text"]
+    assert source["fit"] == "moeprune.recalibrate.stage.fit_routers_model_kl"
+    assert source["settings"]["objective"] == "model-kl" and source["text_sha256"] == sha256_file(Path(text))
+    row = next(r for r in result["rows"] if r["criterion"] == "contribution-sum" and r["keep_count"] == 8)
+    stage = json.loads((run / "recalibrated" / RECORD_NAME).read_text(encoding="utf-8"))
+    assert row["recalibrated"]["tensors"] == {name: digest for layer in stage["layers"]
+                                              for name, digest in layer["tensors"].items()}
+    assert row["recalibrated"]["kld"] != row["kld"]
+    assert "(`moeprune.recalibrate.stage.fit_routers_model_kl`" in (docs / "criteria.md").read_text(encoding="utf-8")
+
+
 # --- fast: recipe, pure parts ----------------------------------------------------------------------
 
 

@@ -280,8 +280,9 @@ def compare_criteria(
                     "min_retained_fraction": float(selection.retained_fraction.min()),
                 }
                 if recalibrate_fn is not None:
-                    set_parameters(candidate, recalibrate_fn(keep_by_layer))
-                    row["recalibrated"] = measure(candidate)
+                    values = recalibrate_fn(keep_by_layer)
+                    set_parameters(candidate, values)
+                    row["recalibrated"] = measure(candidate) | {"tensors": _value_hashes(values)}
                 del candidate
                 rows.append(row)
                 log(
@@ -360,6 +361,15 @@ def summarize(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     return table
 
 
+def _value_hashes(values: Mapping[str, Any]) -> dict[str, str]:
+    """sha256 of each refitted router tensor's bytes (as the recalibrate stage's record hashes them),
+    so a row's fit can be matched against a run's ``recalibrate.json``."""
+    from moeprune.hashing import sha256_bytes
+    from moeprune.recalibrate.stage import tensor_bytes
+
+    return {name: sha256_bytes(tensor_bytes(value.detach())) for name, value in sorted(values.items())}
+
+
 def _recalibrated_summary(measured: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The recalibrated copies' means (standard error as in :func:`summarize`); None if not measured."""
     if not measured:
@@ -386,8 +396,8 @@ def recovery_markdown(result: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Criteria and recovery: without and with router recalibration", "",
         "Each pruned copy above, measured again after the recalibrate stage's router fit "
-        f"(`moeprune.recalibrate.stage.fit_routers`, settings {json.dumps(recal.get('settings'), sort_keys=True)}, "
-        f"on `{recal.get('sequences', '?')}`). Ratio = recalibrated KLD / plain KLD (below 1: recovered); "
+        f"(`{recal.get('fit', 'moeprune.recalibrate.stage.fit_routers')}`, settings "
+        f"{json.dumps(recal.get('settings'), sort_keys=True)}, on `{recal.get('text') or recal.get('sequences', '?')}`). Ratio = recalibrated KLD / plain KLD (below 1: recovered); "
         "Δ/SE = (plain - recalibrated) KLD over the combined standard error.", "",
     ]
     header = "| Keep | Criterion | KLD plain | KLD recalibrated | Ratio | Δ/SE | Top-1 plain | Top-1 recalibrated |"
@@ -661,8 +671,10 @@ def run_compare_criteria(
     """Compare the criteria on the recipe's (local) base model with its profile; write the docs.
 
     With ``recalibrate``, every pruned copy is also measured after the recalibrate stage's router
-    fit (:func:`moeprune.recalibrate.stage.fit_routers`, the recipe's ``[recalibrate]`` settings,
-    on the profile's calibration sequences): the criteria-and-recovery table.
+    fit (:func:`moeprune.recalibrate.stage.fit_by_objective`: the recipe's ``[recalibrate]``
+    objective and settings, on the profile's calibration sequences or ``recalibrate.text``): the
+    criteria-and-recovery table. Each row records its refitted tensors' sha256, the hashes the
+    stage's ``recalibrate.json`` holds for the same kept experts.
 
     Loss is measured on the eval task's held-out questions (reference thought + answer);
     accuracy (``accuracy=True``) with the demo build's greedy held-out evaluation (flexible
@@ -706,13 +718,14 @@ def run_compare_criteria(
     recalibrate_fn = None
     settings: dict[str, Any] | None = None
     if recalibrate:
-        from moeprune.recalibrate.stage import fit_routers, recipe_settings
+        from moeprune.recalibrate.stage import fit_by_objective, recipe_settings
 
         settings = recipe_settings(recipe)
 
         def recalibrate_fn(keep_by_layer: dict[int, list[int]]) -> Mapping[str, Any]:
-            values, _ = fit_routers(recipe.base_dir, keep_by_layer, layout.sequences_path, recipe.calibration.domains,
-                                    recipe.calibration.batch_size, settings, "compare-criteria's selection")
+            values, _ = fit_by_objective(recipe.base_dir, keep_by_layer, layout.sequences_path,
+                                         recipe.calibration.domains, recipe.calibration.batch_size, settings,
+                                         "compare-criteria's selection")
             return values
 
     result = compare_criteria(
@@ -731,9 +744,7 @@ def run_compare_criteria(
                     "evaluate_heldout`, up to 96 new tokens), answer = last `(X)` in the visible reply "
                     "(lm-eval's flexible-extract)" if accuracy else None,
         "torch_threads": threads,
-        "recalibrate": None if settings is None else {
-            "settings": settings, "sequences": _display_path(layout.sequences_path, root),
-            "sequences_sha256": sha256_file(layout.sequences_path)},
+        "recalibrate": None if settings is None else _recalibration_source(settings, layout.sequences_path, root),
         "profile_stats_sha256": sha256_file(layout.profile_stats_path),
         "calibration": (_calibration_note(recipe.prompts_path, root)
                         + f" in domains {', '.join(f'`{d}`' for d in stats.domains)}, {stats.num_tokens} profiled tokens"),
@@ -741,6 +752,18 @@ def run_compare_criteria(
     paths = write_criteria_docs(result, Path(docs_dir))
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return result
+
+
+def _recalibration_source(settings: dict[str, Any], sequences_path: Path, root: Path) -> dict[str, Any]:
+    """What the recovery table's fit ran: the function, its settings, and the data it fitted on
+    (the profile's sequences for ``layer-mse``, ``recalibrate.text`` for ``model-kl``), with sha256."""
+    from moeprune.recalibrate.stage import fitter_name
+
+    if "text" in settings:
+        return {"fit": fitter_name(settings), "settings": {**settings, "text": _display_path(settings["text"], root)},
+                "text": _display_path(settings["text"], root), "text_sha256": settings["text_sha256"]}
+    return {"fit": fitter_name(settings), "settings": settings, "sequences": _display_path(sequences_path, root),
+            "sequences_sha256": sha256_file(sequences_path)}
 
 
 def _calibration_note(path: Path, root: Path) -> str:

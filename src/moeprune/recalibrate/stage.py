@@ -182,15 +182,29 @@ def recalibrate(base_dir: Path, drop_map_path: Path, sequences_path: Path, domai
     from moeprune.dropmap.io import load_drop_map
 
     keep_by_layer = load_drop_map(drop_map_path).keep_by_layer
-    if settings.get("objective") == MODEL_KL:
-        values, fitted = fit_routers_model_kl(base_dir, keep_by_layer, settings, str(drop_map_path))
-    else:
-        values, fitted = fit_routers(base_dir, keep_by_layer, sequences_path, domains, batch_size, settings,
-                                     str(drop_map_path))
+    values, fitted = fit_by_objective(base_dir, keep_by_layer, sequences_path, domains, batch_size, settings,
+                                      str(drop_map_path))
     new_bytes = {name: tensor_bytes(value) for name, value in values.items()}
     for layer in fitted["layers"]:
         layer["tensors"] = {name: sha256_bytes(new_bytes[name]) for name in layer.pop("tensor_names")}
     return new_bytes, fitted
+
+
+def fit_by_objective(base_dir: Path, keep_by_layer: dict[int, Sequence[int]], sequences_path: Path,
+                     domains: Sequence[str], batch_size: int, settings: dict[str, Any], keep_source: str
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The fit ``settings['objective']`` names (:func:`fit_routers_model_kl` for ``model-kl``,
+    :func:`fit_routers` otherwise): the one dispatch the stage and ``compare-criteria`` share, so
+    a table never shows one objective's numbers under the other's settings."""
+    if settings.get("objective") == MODEL_KL:
+        return fit_routers_model_kl(base_dir, keep_by_layer, settings, keep_source)
+    return fit_routers(base_dir, keep_by_layer, sequences_path, domains, batch_size, settings, keep_source)
+
+
+def fitter_name(settings: dict[str, Any]) -> str:
+    """The function :func:`fit_by_objective` runs for ``settings``, as the docs name it."""
+    name = "fit_routers_model_kl" if settings.get("objective") == MODEL_KL else "fit_routers"
+    return f"moeprune.recalibrate.stage.{name}"
 
 
 def fit_routers(base_dir: Path, keep_by_layer: dict[int, Sequence[int]], sequences_path: Path, domains: Sequence[str],
