@@ -150,6 +150,27 @@ def test_a_bad_document_row_is_named(tmp_path):
         read_documents(path)
 
 
+def test_the_bench_scores_on_questions_and_text_no_fit_or_eval_used():
+    """bench/recalibration.py's second accuracy set and second scoring text hold no eval question
+    and nothing of the texts the run used (here: the held-out file and a recalibration text)."""
+    from transformers import AutoTokenizer
+
+    from moeprune.demo.calibration import heldout_keys
+
+    documents = bench.recalibration_documents(AutoTokenizer.from_pretrained(DEMO_MODEL), 200, 40)
+    used = [bench.HELDOUT.read_text(encoding="utf-8"), *documents]
+    taken = bench.question_keys(used)
+    assert len(taken) > 200  # the regex finds the questions in both the plain and the chat format
+    questions = bench.fresh_questions(400, used)
+    keys = [q.key for q in questions]
+    assert len(set(keys)) == 400 and not set(keys) & heldout_keys(0)
+    assert not {(q.question, q.key[1]) for q in questions} & taken
+    text = bench.fresh_text(used)
+    assert bench.question_keys([text]) and not bench.question_keys([text]) & taken
+    held_blocks = set(bench.HELDOUT.read_text(encoding="utf-8").strip().split("\n\n"))
+    assert not held_blocks & set(text.strip().split("\n\n"))
+
+
 def test_windows_start_with_bos_and_cover_every_token():
     from moeprune.recalibrate.model_fit import windows
 
