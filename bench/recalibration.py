@@ -118,14 +118,20 @@ HELDOUT = ROOT / "src" / "moeprune" / "demo" / "kld_heldout.txt"
 QUESTIONS = ROOT / "src" / "moeprune" / "demo" / "tasks" / "demo_mcq" / "demo_mcq.jsonl"
 
 
-def _block_key(block: str) -> tuple[str, ...]:
-    """A text block's identity: an MCQ by its question line and sorted choices (any order), other
-    text by itself."""
-    lines = block.splitlines()
-    if lines and lines[0].startswith("What is the correct answer"):
-        choices = sorted(line.split(") ", 1)[1] for line in lines if re.fullmatch(r"\([A-Z]\) \d+", line))
-        return ("mcq", lines[0], *choices)
-    return ("text", block)
+QUESTION_RE = re.compile(r"What is the correct answer to this question:(.*?)\nChoices:\n\(A\) (\d+)\n\(B\) (\d+)\n"
+                         r"\(C\) (\d+)\n\(D\) (\d+)\n")
+
+
+def question_keys(texts: list[str]) -> set[tuple[str, tuple[int, ...]]]:
+    """(question, sorted choices) of every multiple-choice question rendered in ``texts``."""
+    return {(m.group(1), tuple(sorted(int(v) for v in m.groups()[1:]))) for text in texts for m in QUESTION_RE.finditer(text)}
+
+
+def _block_key(block: str) -> tuple:
+    """A text block's identity: an MCQ by its question and sorted choices (any order, as
+    :func:`question_keys` reads them), other text by itself."""
+    keys = question_keys([block])
+    return ("mcq", *sorted(keys)) if keys else ("text", block)
 
 
 def recalibration_documents(tokenizer, mcq: int, chat: int, seed: int = 1) -> list[str]:
@@ -203,10 +209,10 @@ def fresh_text(exclude_texts: list[str], seed: int = 2) -> str:
     held-out file (the yardstick of every variant) holds on text no choice looked at."""
     from moeprune.demo.calibration import KLD_TEXT_GENERAL, KLD_TEXT_MCQS, kld_text
 
-    taken = question_keys(exclude_texts)
-    seen = {_block_key(block) for text in exclude_texts for block in text.strip().split("\n\n")}
-    blocks = [block for block in kld_text(seed=seed, num_mcq=KLD_TEXT_MCQS, num_general=KLD_TEXT_GENERAL).strip().split("\n\n")
-              if _block_key(block) not in seen and not question_keys([block + "\n"]) & taken]
+    taken = {("mcq", key) for key in question_keys(exclude_texts)}
+    taken |= {_block_key(block) for text in exclude_texts for block in text.strip().split("\n\n")}
+    text = kld_text(seed=seed, num_mcq=KLD_TEXT_MCQS, num_general=KLD_TEXT_GENERAL)
+    blocks = [block for block in text.strip().split("\n\n") if _block_key(block) not in taken]
     return "\n\n".join(blocks) + "\n"
 
 
@@ -241,15 +247,6 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-QUESTION_RE = re.compile(r"What is the correct answer to this question:(.*?)\nChoices:\n\(A\) (\d+)\n\(B\) (\d+)\n"
-                         r"\(C\) (\d+)\n\(D\) (\d+)\n")
-
-
-def question_keys(texts: list[str]) -> set[tuple[str, tuple[int, ...]]]:
-    """(question, sorted choices) of every multiple-choice question rendered in ``texts``."""
-    return {(m.group(1), tuple(sorted(int(v) for v in m.groups()[1:]))) for text in texts for m in QUESTION_RE.finditer(text)}
-
-
 def fresh_questions(count: int, exclude_texts: list[str], seed: int = 1) -> list:
     """``count`` questions (the four kinds in turn) that are neither eval questions nor in any of
     ``exclude_texts`` (the scoring text, the calibration prompts, the recalibration text), nor
@@ -274,8 +271,10 @@ def fresh_questions(count: int, exclude_texts: list[str], seed: int = 1) -> list
 def calibration_texts(workdir: Path) -> list[str]:
     """Every text the run profiled or fitted on, and the scoring text: what fresh questions avoid."""
     texts = [HELDOUT.read_text(encoding="utf-8")]
-    calibration = ROOT / "calibration" / "demo.jsonl"
-    texts += [json.loads(line)["prompt"] for line in calibration.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from moeprune.demo.calibration import CALIBRATION_PATH
+
+    texts += [json.loads(line)["prompt"] for line in CALIBRATION_PATH.read_text(encoding="utf-8").splitlines()
+              if line.strip()]
     corpus = workdir / "recalibration_text.jsonl"
     if corpus.is_file():
         texts += [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -113,11 +113,11 @@ def test_compare_criteria_fits_by_the_recipes_objective(model_kl_run, tmp_path):
               env=env, timeout=3600)
     result = json.loads((docs / "criteria.json").read_text(encoding="utf-8"))
     source = result["source"]["recalibrate"]
-    text = json.loads((run / "recalibrated" / RECORD_NAME).read_text(encoding="utf-8"))["settings"]["text"]
+    stage = json.loads((run / "recalibrated" / RECORD_NAME).read_text(encoding="utf-8"))
+    text = stage["settings"]["text"]
     assert source["fit"] == "moeprune.recalibrate.stage.fit_routers_model_kl"
     assert source["settings"]["objective"] == "model-kl" and source["text_sha256"] == sha256_file(Path(text))
     row = next(r for r in result["rows"] if r["criterion"] == "contribution-sum" and r["keep_count"] == 8)
-    stage = json.loads((run / "recalibrated" / RECORD_NAME).read_text(encoding="utf-8"))
     assert row["recalibrated"]["tensors"] == {name: digest for layer in stage["layers"]
                                               for name, digest in layer["tensors"].items()}
     assert row["recalibrated"]["kld"] != row["kld"]

@@ -760,8 +760,9 @@ def _recalibration_source(settings: dict[str, Any], sequences_path: Path, root: 
     from moeprune.recalibrate.stage import fitter_name
 
     if "text" in settings:
-        return {"fit": fitter_name(settings), "settings": {**settings, "text": _display_path(settings["text"], root)},
-                "text": _display_path(settings["text"], root), "text_sha256": settings["text_sha256"]}
+        text = _display_path(settings["text"], root)
+        return {"fit": fitter_name(settings), "settings": {**settings, "text": text}, "text": text,
+                "text_sha256": settings["text_sha256"]}
     return {"fit": fitter_name(settings), "settings": settings, "sequences": _display_path(sequences_path, root),
             "sequences_sha256": sha256_file(sequences_path)}
 

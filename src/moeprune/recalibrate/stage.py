@@ -203,8 +203,8 @@ def fit_by_objective(base_dir: Path, keep_by_layer: dict[int, Sequence[int]], se
 
 def fitter_name(settings: dict[str, Any]) -> str:
     """The function :func:`fit_by_objective` runs for ``settings``, as the docs name it."""
-    name = "fit_routers_model_kl" if settings.get("objective") == MODEL_KL else "fit_routers"
-    return f"moeprune.recalibrate.stage.{name}"
+    fit = fit_routers_model_kl if settings.get("objective") == MODEL_KL else fit_routers
+    return f"{fit.__module__}.{fit.__name__}"
 
 
 def fit_routers(base_dir: Path, keep_by_layer: dict[int, Sequence[int]], sequences_path: Path, domains: Sequence[str],
